@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The project's one entry point. Every command installs what it needs on first use.
+#
+#   ./run_pipeline.sh demo                       the main job on embedded defaults
+#   ./run_pipeline.sh test [pytest args]         the whole test suite, set-up included
+#   ./run_pipeline.sh broker start|stop|status   the local Kafka broker (127.0.0.1:$KAFKA_PORT, default 9092)
+#   ./run_pipeline.sh produce [--count N] [--rate R] [--bad-ratio F]
+#   ./run_pipeline.sh local  [pipeline options]  streaming until drained (Ctrl-C / SIGTERM / drain)
+#   ./run_pipeline.sh batch  [pipeline options]  committed offsets -> end offsets seen at start, then exit
+#   ./run_pipeline.sh flink  [pipeline options]
+#   ./run_pipeline.sh dataflow [pipeline options]
+#   ./run_pipeline.sh drain [local|flink|dataflow] [job]
+#   ./run_pipeline.sh bench [reader|pipeline] [--events N]
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+
+die() { echo "error: $*" >&2; exit 1; }
+
+find_python() {
+  # Beam 2.77 supports Python 3.10-3.13; prefer the machine's python3, then pyenv's.
+  local c
+  for c in "${PYTHON:-}" python3 python3.11 python3.12 python3.10 python3.13 \
+           "$HOME"/.pyenv/versions/3.11*/bin/python3 "$HOME"/.pyenv/versions/3.12*/bin/python3; do
+    [[ -n "$c" ]] || continue
+    command -v "$c" >/dev/null 2>&1 || [[ -x "$c" ]] || continue
+    if "$c" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 13) else 1)' 2>/dev/null; then
+      echo "$c"; return 0
+    fi
+  done
+  return 1
+}
+
+ensure_venv() {
+  local stamp="$VENV/.requirements.sha256" want
+  want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+  if [[ -x "$PY" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return 0; fi
+  local base; base="$(find_python)" || die "no Python 3.10-3.13 found (set PYTHON=/path/to/python3.11)"
+  if [[ ! -x "$PY" ]]; then
+    echo "Creating the virtualenv in .venv with $base ..." >&2
+    "$base" -m venv "$VENV" || die "could not create .venv (on Debian: apt-get install python3-venv)"
+  fi
+  echo "Installing the pinned requirements into .venv (first run only) ..." >&2
+  "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
+  "$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt >&2 \
+    || die "pip could not install requirements.txt"
+  echo "$want" > "$stamp"
+}
+
+py() { ensure_venv; PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" "$@"; }
+
+cmd="${1:-help}"; shift || true
+case "$cmd" in
+  test)
+    ensure_venv
+    PYTHONPATH="$ROOT" "$PY" -m broker.kafka_broker fetch >/dev/null
+    set +e
+    PYTHONPATH="$ROOT" "$PY" -m pytest "$@"
+    rc=$?
+    set -e
+    exit $rc
+    ;;
+  broker)   py -m broker.kafka_broker "$@" ;;
+  produce)  py -m pipelines.produce "$@" ;;
+  local)    py -m pipelines.main --mode=local "$@" ;;
+  batch)    py -m pipelines.main --mode=batch "$@" ;;
+  flink)    py -m pipelines.main --mode=flink "$@" ;;
+  dataflow) py -m pipelines.main --mode=dataflow "$@" ;;
+  drain)    py -m pipelines.drain "$@" ;;
+  demo)     py -m pipelines.demo "$@" ;;
+  bench)    py -m benchmarks.run "$@" ;;
+  help|-h|--help)
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    ;;
+  *) die "unknown command '$cmd' (try ./run_pipeline.sh help)" ;;
+esac
