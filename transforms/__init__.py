@@ -1,0 +1,1 @@
+"""Beam transforms of the smart-grid pipeline: Kafka source, parsing, batching, sinks, commits."""

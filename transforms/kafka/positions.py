@@ -1,0 +1,139 @@
+"""Where a read starts and stops: option parsing (pure) and resolution against the broker.
+
+Start: ``'committed'`` (the group's committed offset, else the earliest), ``'earliest'``,
+``'latest'``, a timestamp (``datetime``, ISO-8601 text or epoch milliseconds; the first
+offset stamped at or after it), or ``{(topic, partition): offset}`` (partitions not
+listed start from ``'committed'``).
+
+Stop: ``None`` (unbounded), ``'end'`` (the end offsets seen when the read starts: batch),
+or a timestamp (the first record stamped at or after it is not read).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional
+
+from transforms.kafka.records import PartitionRead
+
+_LOGGER = logging.getLogger(__name__)
+
+START_KEYWORDS = ("committed", "earliest", "latest")
+
+
+@dataclass(frozen=True)
+class StartPosition:
+  kind: str  # committed | earliest | latest | timestamp | offsets
+  timestamp_ms: Optional[int] = None
+  offsets: tuple = ()  # ((topic, partition, offset), ...)
+
+
+@dataclass(frozen=True)
+class StopPosition:
+  kind: str  # never | end | timestamp
+  timestamp_ms: Optional[int] = None
+
+
+def to_epoch_ms(value: Any, what: str) -> int:
+  """datetime, ISO-8601 text (naive means UTC) or epoch milliseconds -> epoch ms."""
+  if isinstance(value, bool):
+    raise ValueError(f"{what}: not a timestamp: {value!r}")
+  if isinstance(value, (int, float)):
+    return int(value)
+  if isinstance(value, str):
+    text = value.strip()
+    if text.lstrip("-").isdigit():
+      return int(text)
+    try:
+      value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+      raise ValueError(f"{what}: {value!r} is neither a keyword, ISO-8601 time nor epoch ms") from None
+  if isinstance(value, dt.datetime):
+    if value.tzinfo is None:
+      value = value.replace(tzinfo=dt.timezone.utc)
+    return int(value.timestamp() * 1000)
+  raise ValueError(f"{what}: unsupported value {value!r}")
+
+
+def parse_start(start: Any) -> StartPosition:
+  if isinstance(start, StartPosition):
+    return start
+  if isinstance(start, str) and start.strip().lower() in START_KEYWORDS:
+    return StartPosition(start.strip().lower())
+  if isinstance(start, Mapping):
+    offsets = []
+    for key, offset in start.items():
+      try:
+        topic, partition = key
+        offsets.append((str(topic), int(partition), int(offset)))
+      except (TypeError, ValueError):
+        raise ValueError(f"start: expected {{(topic, partition): offset}}, got {key!r}: {offset!r}") from None
+      if int(offset) < 0:
+        raise ValueError(f"start: negative offset {offset} for {key}")
+    return StartPosition("offsets", offsets=tuple(sorted(offsets)))
+  return StartPosition("timestamp", timestamp_ms=to_epoch_ms(
+      start, "start (committed|earliest|latest|timestamp|{(topic, partition): offset})"))
+
+
+def parse_stop(stop: Any) -> StopPosition:
+  if isinstance(stop, StopPosition):
+    return stop
+  if stop is None or (isinstance(stop, str) and stop.strip().lower() in ("", "never", "none")):
+    return StopPosition("never")
+  if isinstance(stop, str) and stop.strip().lower() == "end":
+    return StopPosition("end")
+  return StopPosition("timestamp", timestamp_ms=to_epoch_ms(stop, "stop (end|never|timestamp)"))
+
+
+def resolve(consumer, partitions: Iterable[tuple[str, int]], start: StartPosition,
+            stop: StopPosition) -> list[PartitionRead]:
+  """Turns positions into concrete offsets with a live kafka-python consumer."""
+  from kafka import TopicPartition
+
+  tps = [TopicPartition(t, p) for t, p in partitions]
+  if not tps:
+    return []
+  beginning = consumer.beginning_offsets(tps)
+  end = consumer.end_offsets(tps)
+
+  if start.kind == "earliest":
+    starts = dict(beginning)
+  elif start.kind == "latest":
+    starts = dict(end)
+  elif start.kind == "timestamp":
+    found = consumer.offsets_for_times({tp: start.timestamp_ms for tp in tps})
+    starts = {tp: (found[tp].offset if found.get(tp) else end[tp]) for tp in tps}
+  else:  # committed, or explicit offsets with 'committed' for the partitions not listed
+    explicit = {TopicPartition(t, p): o for t, p, o in start.offsets}
+    starts = {}
+    for tp in tps:
+      if tp in explicit:
+        starts[tp] = explicit[tp]
+      else:
+        committed = consumer.committed(tp)
+        starts[tp] = beginning[tp] if committed is None else committed
+
+  reads = []
+  for tp in tps:
+    offset = starts[tp]
+    if offset < beginning[tp]:
+      _LOGGER.warning("%s-%d: start offset %d is before the log start %d (deleted by retention); "
+                      "reading from %d", tp.topic, tp.partition, offset, beginning[tp], beginning[tp])
+      offset = beginning[tp]
+    elif offset > end[tp]:
+      _LOGGER.warning("%s-%d: start offset %d is past the end offset %d; reading from %d",
+                      tp.topic, tp.partition, offset, end[tp], end[tp])
+      offset = end[tp]
+    stop_offset = stop_ts = None
+    if stop.kind == "end":
+      stop_offset = max(end[tp], offset)
+    elif stop.kind == "timestamp":
+      found = consumer.offsets_for_times({tp: stop.timestamp_ms}).get(tp)
+      if found is not None:
+        stop_offset = max(found.offset, offset)
+      else:
+        stop_ts = stop.timestamp_ms  # not written yet: stop when a record reaches it
+    reads.append(PartitionRead(tp.topic, tp.partition, offset, stop_offset, stop_ts))
+  return reads

@@ -1,0 +1,302 @@
+"""ReadFromKafka: a splittable DoFn over kafka-python, one restriction per topic-partition.
+
+    records = p | ReadFromKafka("127.0.0.1:9092", ["sensors"], group_id="g", stop="end")
+
+Pipeline shape: ``Create(partitions) | ResolvePartitions | ReadPartitions``.
+Partitions are listed from the broker when the pipeline is built (an unknown topic
+fails there); start and stop offsets are resolved when the pipeline runs. Partitions
+added to a topic after the pipeline was built are not read until it is rebuilt.
+``ResolvePartitions`` and ``ReadPartitions`` are public so that a pipeline can also
+hand the resolved starts to ``CommitOffsets``.
+
+The reader commits nothing. Its output records carry ``covers_from`` (see
+``KafkaRecord``), their Kafka timestamp as element timestamp, and a watermark
+(see ``watermark.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import TimestampedValue
+
+from transforms.kafka import config as kafka_config
+from transforms.kafka.drain import DrainSignal
+from transforms.kafka.positions import (StartPosition, StopPosition, parse_start, parse_stop,
+                                        resolve)
+from transforms.kafka.records import KafkaRecord, PartitionRead
+from transforms.kafka.tracking import EndOffsets, KafkaRestrictionProvider
+from transforms.kafka.watermark import DEFAULT_IDLE_LAG_MS, KafkaWatermarkEstimatorProvider
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class KafkaUnavailableError(RuntimeError):
+  """The brokers could not be reached, or a topic does not exist."""
+
+
+def _new_consumer(config: Mapping[str, Any]):
+  from kafka import KafkaConsumer
+  from kafka.errors import KafkaError
+  try:
+    return KafkaConsumer(**config)
+  except KafkaError as e:
+    raise KafkaUnavailableError(
+        f"cannot reach Kafka at {','.join(config['bootstrap_servers'])} within "
+        f"{config.get('bootstrap_timeout_ms', 30000) / 1000:.0f}s: {type(e).__name__}: {e}") from None
+
+
+def discover_partitions(config: Mapping[str, Any], topics: Sequence[str]) -> list[tuple[str, int]]:
+  """[(topic, partition)] of the given topics; a clear error for a missing topic."""
+  consumer = _new_consumer(config)
+  try:
+    existing = consumer.topics()
+    missing = [t for t in topics if t not in existing]
+    if missing:
+      raise KafkaUnavailableError(
+          f"topic(s) not found on {','.join(config['bootstrap_servers'])}: {', '.join(missing)}")
+    return [(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+  finally:
+    consumer.close()
+
+
+class _ResolvePartitionsFn(beam.DoFn):
+  def __init__(self, config, start: StartPosition, stop: StopPosition):
+    self._config = config
+    self._start = start
+    self._stop = stop
+
+  def process(self, partitions: Sequence[tuple[str, int]]) -> Iterable[PartitionRead]:
+    consumer = _new_consumer(self._config)
+    try:
+      reads = resolve(consumer, partitions, self._start, self._stop)
+    finally:
+      consumer.close()
+    for read in reads:
+      _LOGGER.info("Kafka %s-%d: reading offsets [%d, %s)", read.topic, read.partition,
+                   read.start_offset, "end" if read.stop_offset is None else read.stop_offset)
+      yield read
+
+
+class ResolvePartitions(beam.PTransform):
+  """(topic, partition) pairs -> ``PartitionRead`` with concrete start/stop offsets."""
+
+  def __init__(self, partitions: Sequence[tuple[str, int]], config: Mapping[str, Any],
+               start: StartPosition, stop: StopPosition):
+    super().__init__()
+    self._partitions = list(partitions)
+    self._config = dict(config)
+    self._start = start
+    self._stop = stop
+
+  def expand(self, pbegin):
+    return (pbegin
+            | "ListPartitions" >> beam.Create([tuple(self._partitions)])
+            | "ResolveOffsets" >> beam.ParDo(_ResolvePartitionsFn(self._config, self._start, self._stop)))
+
+
+def _finish(tracker) -> None:
+  """Ends the restriction at the current position (see KafkaOffsetTracker.finish)."""
+  tracker.try_claim(tracker.current_restriction().stop)
+
+
+class _ReadPartitionFn(beam.DoFn):
+  """Reads one partition's restriction; checkpoints when idle or after a budget of work."""
+
+  def __init__(self, config: Mapping[str, Any], poll_timeout_ms: int, max_records_per_call: int,
+               max_seconds_per_call: float, drain_file: Optional[str]):
+    self._config = dict(config)
+    self._poll_timeout_ms = poll_timeout_ms
+    self._max_records = max_records_per_call
+    self._max_seconds = max_seconds_per_call
+    self._drain_file = drain_file
+    self._records = Metrics.counter(self.__class__, "records_read")
+    self._consumer = None
+    self._assigned = None  # the TopicPartition the consumer is assigned to
+    self._next_offset = None  # where the consumer will read next, if known
+
+  def setup(self):
+    self._drain = DrainSignal(self._drain_file)
+
+  def teardown(self):
+    if self._consumer is not None:
+      self._consumer.close()
+      self._consumer = None
+
+  def _position(self, tp, offset: int):
+    """The shared consumer, assigned to tp and positioned at offset."""
+    if self._consumer is None:
+      self._consumer = _new_consumer(self._config)
+    if self._assigned != tp:
+      self._consumer.assign([tp])
+      self._assigned = tp
+      self._next_offset = None
+    if self._next_offset != offset:
+      self._consumer.seek(tp, offset)
+      self._next_offset = offset
+    return self._consumer
+
+  def process(self, element: PartitionRead,
+              tracker=beam.DoFn.RestrictionParam(KafkaRestrictionProvider()),
+              watermark=beam.DoFn.WatermarkEstimatorParam(
+                  KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS))):
+    return self._read(element, tracker, watermark)
+
+  def _read(self, element: PartitionRead, tracker, watermark):
+    from kafka import TopicPartition
+
+    restriction = tracker.current_restriction()
+    tp = TopicPartition(element.topic, element.partition)
+    stop = restriction.stop
+    stop_ts = element.stop_timestamp_ms
+    covers_from = restriction.start
+    if covers_from >= stop:
+      _finish(tracker)
+      return
+    consumer = self._position(tp, covers_from)
+    topic, partition = element.topic, element.partition
+    emitted = 0
+    deadline = time.monotonic() + self._max_seconds
+
+    while True:
+      if self._drain.requested():
+        _finish(tracker)
+        return
+      records = consumer.poll(timeout_ms=self._poll_timeout_ms).get(tp)
+      if not records:
+        position = consumer.position(tp)
+        self._next_offset = position
+        if position >= stop:
+          # What is left of a bounded range holds no returnable record (markers, aborts).
+          _finish(tracker)
+          return
+        highwater = consumer.highwater(tp)
+        EndOffsets.record(topic, partition, highwater)
+        now_ms = int(time.time() * 1000)
+        if highwater is not None and position >= highwater:
+          watermark.observe_idle(now_ms)
+          if stop_ts is not None and now_ms >= stop_ts + DEFAULT_IDLE_LAG_MS:
+            _finish(tracker)
+            return
+        tracker.defer_remainder()
+        return
+
+      max_ts = None
+      for rec in records:
+        offset = rec.offset
+        if offset >= stop or (stop_ts is not None and rec.timestamp >= stop_ts):
+          self._next_offset = None
+          _finish(tracker)
+          if max_ts is not None:
+            watermark.observe_record(max_ts)
+          return
+        if not tracker.try_claim(offset):
+          self._next_offset = None  # the runner split the range: our buffered records are not ours
+          return
+        ts = rec.timestamp
+        yield TimestampedValue(
+            KafkaRecord(topic, partition, offset, covers_from, rec.key, rec.value, ts,
+                        tuple(rec.headers) if rec.headers else ()),
+            ts / 1000.0)
+        covers_from = offset + 1
+        if max_ts is None or ts > max_ts:
+          max_ts = ts
+      self._next_offset = covers_from
+      emitted += len(records)
+      self._records.inc(len(records))
+      watermark.observe_record(max_ts)
+      EndOffsets.record(topic, partition, consumer.highwater(tp))
+      if covers_from >= stop:
+        _finish(tracker)
+        return
+      if emitted >= self._max_records or time.monotonic() >= deadline:
+        tracker.defer_remainder()
+        return
+
+
+class _ReadUnboundedPartitionFn(_ReadPartitionFn):
+  """The same reader; its output PCollection is unbounded (streaming on Dataflow)."""
+
+  @beam.DoFn.unbounded_per_element()
+  def process(self, element: PartitionRead,
+              tracker=beam.DoFn.RestrictionParam(KafkaRestrictionProvider()),
+              watermark=beam.DoFn.WatermarkEstimatorParam(
+                  KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS))):
+    return self._read(element, tracker, watermark)
+
+
+class ReadPartitions(beam.PTransform):
+  """PCollection[PartitionRead] -> PCollection[KafkaRecord].
+
+  ``bounded=True`` when every read has a stop offset (``stop='end'``): the output is
+  then a bounded PCollection (batch); otherwise it is unbounded (streaming).
+  """
+
+  def __init__(self, config: Mapping[str, Any], *, poll_timeout_ms: int = 1000,
+               max_records_per_call: int = 50_000, max_seconds_per_call: float = 5.0,
+               drain_file: Optional[str] = None, bounded: bool = False):
+    super().__init__()
+    if poll_timeout_ms <= 0 or max_records_per_call <= 0 or max_seconds_per_call <= 0:
+      raise ValueError("poll_timeout_ms, max_records_per_call and max_seconds_per_call must be > 0")
+    fn_class = _ReadPartitionFn if bounded else _ReadUnboundedPartitionFn
+    self._fn = fn_class(config, poll_timeout_ms, max_records_per_call,
+                                max_seconds_per_call, drain_file)
+
+  def expand(self, reads):
+    return reads | "ReadRecords" >> beam.ParDo(self._fn)
+
+
+class ReadFromKafka(beam.PTransform):
+  """Reads Kafka topics into a PCollection of ``KafkaRecord``.
+
+  Args:
+    bootstrap_servers: 'host:port[,host:port...]'.
+    topics: a topic name or a list of them.
+    group_id: the consumer group whose committed offsets ``start='committed'`` reads
+      (the reader itself never commits; see ``CommitOffsets``). Without a group,
+      'committed' means 'earliest'.
+    start: 'committed' | 'earliest' | 'latest' | timestamp | {(topic, partition): offset}.
+    stop: None (unbounded) | 'end' (end offsets when the read starts) | timestamp.
+    consumer_config: extra kafka-python KafkaConsumer settings (security and the rest).
+    poll_timeout_ms: how long an idle read blocks in poll before it checkpoints.
+    max_records_per_call, max_seconds_per_call: the work one call does before it
+      checkpoints, so downstream stages and other partitions get their turn.
+    drain_file: local drain signal (see ``drain.py``).
+  """
+
+  def __init__(self, bootstrap_servers: str, topics: str | Sequence[str], *,
+               group_id: Optional[str] = None, start: Any = "committed", stop: Any = None,
+               consumer_config: Optional[Mapping[str, Any]] = None,
+               poll_timeout_ms: int = 1000, max_records_per_call: int = 50_000,
+               max_seconds_per_call: float = 5.0, drain_file: Optional[str] = None):
+    super().__init__()
+    self.topics = [topics] if isinstance(topics, str) else list(topics)
+    if not self.topics or not all(isinstance(t, str) and t for t in self.topics):
+      raise ValueError(f"topics must be one or more topic names, got {topics!r}")
+    self.config = kafka_config.consumer_config(bootstrap_servers, group_id, consumer_config)
+    self.start = parse_start(start)
+    if self.start.kind == "committed" and group_id is None:
+      _LOGGER.info("ReadFromKafka: no group_id, so start='committed' reads from the earliest offsets")
+      self.start = StartPosition("earliest")
+    self.stop = parse_stop(stop)
+    self._read = ReadPartitions(self.config, poll_timeout_ms=poll_timeout_ms,
+                                max_records_per_call=max_records_per_call,
+                                max_seconds_per_call=max_seconds_per_call, drain_file=drain_file,
+                                bounded=self.stop.kind == "end")
+
+  def partitions(self) -> list[tuple[str, int]]:
+    return discover_partitions(self.config, self.topics)
+
+  def expand(self, pbegin):
+    return (pbegin
+            | "ResolvePartitions" >> ResolvePartitions(self.partitions(), self.config, self.start, self.stop)
+            | "ReadPartitions" >> self._read)
+
+  def display_data(self):
+    return {"topics": ",".join(self.topics), "start": self.start.kind, "stop": self.stop.kind,
+            "consumer_config": str(kafka_config.redact(self.config))}
+

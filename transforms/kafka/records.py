@@ -1,0 +1,44 @@
+"""The values the Kafka source emits and works on: frozen, hashable, picklable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True)
+class KafkaRecord:
+  """One Kafka record, with the offset range it accounts for.
+
+  ``covers_from`` is the offset right after the previous record that the same
+  restriction emitted (the restriction's start for its first record). So the
+  ranges ``[covers_from, offset]`` of all records tile every offset of a
+  partition, the gaps left by transaction markers, aborted records and
+  compaction included: acknowledging a record acknowledges its whole range.
+  """
+  topic: str
+  partition: int
+  offset: int
+  covers_from: int
+  key: Optional[bytes]
+  value: Optional[bytes]
+  timestamp_ms: int
+  headers: Tuple[Tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
+class PartitionRead:
+  """A unit of work for the source: read ``topic``/``partition`` from ``start_offset``.
+
+  ``stop_offset`` is exclusive; None means unbounded (streaming). ``stop_timestamp_ms``
+  ends an unbounded read at the first record stamped at or after it.
+  """
+  topic: str
+  partition: int
+  start_offset: int
+  stop_offset: Optional[int] = None
+  stop_timestamp_ms: Optional[int] = None
+
+  @property
+  def is_bounded(self) -> bool:
+    return self.stop_offset is not None
