@@ -107,12 +107,14 @@ def resolve(consumer, partitions: Iterable[tuple[str, int]], start: StartPositio
     starts = {tp: (found[tp].offset if found.get(tp) else end[tp]) for tp in tps}
   else:  # committed, or explicit offsets with 'committed' for the partitions not listed
     explicit = {TopicPartition(t, p): o for t, p, o in start.offsets}
+    # Without a group nothing is committed (and kafka-python's committed() raises).
+    has_group = getattr(consumer, "config", {}).get("group_id") is not None
     starts = {}
     for tp in tps:
       if tp in explicit:
         starts[tp] = explicit[tp]
       else:
-        committed = consumer.committed(tp)
+        committed = consumer.committed(tp) if has_group else None
         starts[tp] = beginning[tp] if committed is None else committed
 
   reads = []

@@ -23,7 +23,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
 
+from transforms import progress
 from transforms.kafka import config as kafka_config
 from transforms.kafka.drain import DrainSignal
 from transforms.kafka.positions import (StartPosition, StopPosition, parse_start, parse_stop,
@@ -201,13 +203,15 @@ class _ReadPartitionFn(beam.DoFn):
         yield TimestampedValue(
             KafkaRecord(topic, partition, offset, covers_from, rec.key, rec.value, ts,
                         tuple(rec.headers) if rec.headers else ()),
-            ts / 1000.0)
+            # Exact: float seconds (ts / 1000.0) can land 1 µs early (e.g. 1001 ms).
+            Timestamp(micros=ts * 1000))
         covers_from = offset + 1
         if max_ts is None or ts > max_ts:
           max_ts = ts
       self._next_offset = covers_from
       emitted += len(records)
       self._records.inc(len(records))
+      progress.add_read(topic, len(records))
       watermark.observe_record(max_ts)
       EndOffsets.record(topic, partition, consumer.highwater(tp))
       if covers_from >= stop:

@@ -1,0 +1,1 @@
+"""The smart-grid pipeline: options, assembly, runner selection and entry points."""

@@ -1,0 +1,194 @@
+"""Local runs: the pipeline on Beam's FnApiRunner, with drain, progress and a summary.
+
+Why FnApiRunner: ``--runner=DirectRunner`` would pick the BundleBasedDirectRunner
+for this pipeline (GroupIntoBatches declares a processing-time timer), and that
+engine silently drops the reader's checkpointed residuals (../shared/facts.md).
+
+Stopping: the first SIGINT/SIGTERM (or ``run_pipeline.sh drain local``, which
+sends SIGTERM to the pid in ``.run/<mode>-pipeline.pid``) creates the drain file;
+readers end their restrictions, the watermark reaches +inf, windows, batches and
+the sink flush, the last offsets are committed, and the process exits 0 with a
+summary. A second signal aborts at once (exit 130): nothing unwritten was
+committed, so the next run replays it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_handlers
+
+from pipelines import smartgrid
+from pipelines.options import SmartGridOptions
+from transforms import progress
+from transforms.kafka import KafkaUnavailableError
+from transforms.kafka.drain import DrainSignal
+
+_LOGGER = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent
+RUN_DIR = REPO / ".run"
+
+
+def pid_file(mode: str) -> Path:
+  return RUN_DIR / f"{mode}-pipeline.pid"
+
+
+def default_drain_file(mode: str) -> Path:
+  return RUN_DIR / f"{mode}-pipeline.drain"
+
+
+class _KafkaView:
+  """The launcher's own read-only view of the topics: end and committed offsets."""
+
+  def __init__(self, o: SmartGridOptions):
+    from kafka import KafkaConsumer, TopicPartition
+    config = smartgrid.kafka_client_config(o)
+    config.update(bootstrap_timeout_ms=10000)
+    self._consumer = KafkaConsumer(**config)
+    self.tps = [TopicPartition(t, p) for t in (o.sensor_topic, o.meter_topic)
+                for p in sorted(self._consumer.partitions_for_topic(t) or ())]
+
+  def offsets(self) -> tuple[dict, dict]:
+    end = self._consumer.end_offsets(self.tps)
+    committed = {tp: self._consumer.committed(tp) for tp in self.tps}
+    return end, committed
+
+  def close(self):
+    self._consumer.close(autocommit=False)
+
+
+def _lag_by_topic(end: dict, committed: dict) -> dict:
+  lag: dict = {}
+  for tp, e in end.items():
+    lag[tp.topic] = lag.get(tp.topic, 0) + e - (committed.get(tp) or 0)
+  return lag
+
+
+def progress_line(view: Optional[_KafkaView], started: float) -> str:
+  s = progress.snapshot()
+  read = sum(s["read"].values())
+  written = sum(s["written"].values())
+  elapsed = max(time.monotonic() - started, 1e-9)
+  parts = [f"[{elapsed:6.0f}s] read {read}", f"written {written} ({written / elapsed:,.0f}/s)",
+           f"dead letters {sum(s['dead_letters'].values())}"]
+  if view is not None:
+    try:
+      lag = _lag_by_topic(*view.offsets())
+      parts.append("lag " + ", ".join(f"{t}={n}" for t, n in sorted(lag.items())))
+    except Exception as e:  # noqa: BLE001 - the progress line must never stop the pipeline
+      parts.append(f"lag unknown ({type(e).__name__})")
+  return " | ".join(parts)
+
+
+def summary(view: Optional[_KafkaView], elapsed: float, state: str) -> str:
+  s = progress.snapshot()
+  lines = [f"Pipeline {state} after {elapsed:.1f}s."]
+  lines.append("  records read:   " + (", ".join(f"{t}={n}" for t, n in sorted(s["read"].items())) or "0"))
+  lines.append("  rows written:   " + (", ".join(f"{t}={n}" for t, n in sorted(s["written"].items())) or "0"))
+  if s["dead_letters"]:
+    lines.append("  dead letters:   " + ", ".join(f"{r}={n}" for r, n in sorted(s["dead_letters"].items())))
+  if s["rejected"]:
+    lines.append("  sink rejected:  " + ", ".join(f"{t}={n}" for t, n in sorted(s["rejected"].items())))
+  b = s["batches"]
+  if b.get("all"):
+    lines.append(f"  batches:        {b['all']} ({100.0 * b.get('full', 0) / b['all']:.0f}% full)")
+  if view is not None:
+    try:
+      end, committed = view.offsets()
+      lines.append("  committed/end offsets per partition:")
+      for tp in sorted(end, key=lambda t: (t.topic, t.partition)):
+        c = committed.get(tp)
+        mark = "" if c == end[tp] else f"  (lag {end[tp] - (c or 0)})"
+        lines.append(f"    {tp.topic}-{tp.partition}: {c}/{end[tp]}{mark}")
+    except Exception as e:  # noqa: BLE001
+      lines.append(f"  committed offsets unknown: {type(e).__name__}: {e}")
+  return "\n".join(lines)
+
+
+def make_runner() -> FnApiRunner:
+  # The embedded SDK worker weighs every cached state value with objsize; for
+  # GroupIntoBatches' per-element bag appends that is ~40% of the pipeline's
+  # time (facts.md). Its state lives in this process either way: no cache.
+  worker_handlers.STATE_CACHE_SIZE_MB = 0
+  return FnApiRunner()
+
+
+def run(options: PipelineOptions, mode: str) -> int:
+  o = options.view_as(SmartGridOptions)
+  RUN_DIR.mkdir(parents=True, exist_ok=True)
+  drain_file = Path(o.drain_file) if o.drain_file else default_drain_file(mode)
+  drain_file.parent.mkdir(parents=True, exist_ok=True)
+  drain_file.unlink(missing_ok=True)
+  pidf = pid_file(mode) if not o.drain_file else drain_file.with_suffix(".pid")
+  pidf.write_text(str(os.getpid()))
+  progress.reset()
+
+  signals = {"count": 0}
+
+  def on_signal(signum, _frame):
+    signals["count"] += 1
+    if signals["count"] == 1:
+      print(f"\n{signal.Signals(signum).name}: draining (stop reading, flush windows, batches and "
+            f"sink, commit). Signal again to abort.", file=sys.stderr, flush=True)
+      DrainSignal.request(str(drain_file))
+    else:
+      print("Second signal: aborting now. Nothing unwritten was committed; the next run "
+            "replays it.", file=sys.stderr, flush=True)
+      os._exit(130)
+
+  signal.signal(signal.SIGINT, on_signal)
+  signal.signal(signal.SIGTERM, on_signal)
+
+  p = beam.Pipeline(runner=make_runner(), options=options)
+  try:
+    smartgrid.build(p, o, drain_file=str(drain_file))
+  except (KafkaUnavailableError, ValueError) as e:
+    pidf.unlink(missing_ok=True)
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  started = time.monotonic()
+  outcome: dict = {}
+  view = None
+  try:
+    view = _KafkaView(o)
+  except Exception as e:  # noqa: BLE001 - progress only; the pipeline reports real errors
+    _LOGGER.warning("no progress view of Kafka: %s", e)
+
+  def target():
+    try:
+      p.run().wait_until_finish()
+      outcome["state"] = "DONE"
+    except BaseException as e:  # noqa: BLE001 - reported by the main thread
+      outcome["error"] = e
+
+  worker = threading.Thread(target=target, name="pipeline", daemon=True)
+  worker.start()
+  try:
+    while worker.is_alive():
+      worker.join(timeout=o.progress_secs or 1.0)
+      if worker.is_alive() and o.progress_secs:
+        print(progress_line(view, started), file=sys.stderr, flush=True)
+    elapsed = time.monotonic() - started
+    error = outcome.get("error")
+    state = "drained" if signals["count"] else "finished"
+    if error is not None:
+      state = "FAILED"
+    print(summary(view, elapsed, state), file=sys.stderr, flush=True)
+    if error is not None:
+      print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+      return 1
+    return 0
+  finally:
+    if view is not None:
+      view.close()
+    pidf.unlink(missing_ok=True)
+    drain_file.unlink(missing_ok=True)

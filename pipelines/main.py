@@ -1,0 +1,68 @@
+"""Entry point: ``python -m pipelines.main --mode=local|batch|flink|dataflow [options]``.
+
+``--help`` lists every option (SmartGridOptions, then Beam's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipelines.options import OptionError, SmartGridOptions, validate
+
+_LOGGER = logging.getLogger("pipelines")
+MODES = ("local", "batch", "flink", "dataflow")
+
+
+def parse(argv: list[str]) -> tuple[str, PipelineOptions]:
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--mode", choices=MODES, default="local")
+  parser.add_argument("-h", "--help", action="store_true")
+  known, rest = parser.parse_known_args(argv)
+  if known.help:
+    print(__doc__)
+    print(f"--mode {{{','.join(MODES)}}}: local = streaming until drained; batch = committed "
+          "offsets to the end offsets seen at start, then exit.\n")
+    SmartGridOptions(["--help"])  # argparse prints the options and exits
+  options = PipelineOptions(rest)
+  unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+  if unknown:
+    raise OptionError("unknown option(s): " + ", ".join(f"--{u}" for u in sorted(unknown)) +
+                      " (see --help)")
+  o = options.view_as(SmartGridOptions)
+  if known.mode == "batch" and o.stop is None:
+    o.stop = "end"
+  validate(o)
+  return known.mode, options
+
+
+def main(argv: list[str] | None = None) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for noisy in ("kafka", "apache_beam.runners.portability", "apache_beam.runners.worker"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    mode, options = parse(sys.argv[1:] if argv is None else argv)
+  except OptionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if mode in ("local", "batch"):
+    runner = options.view_as(StandardOptions).runner
+    if runner not in (None, "DirectRunner", "FnApiRunner"):
+      print(f"error: --runner={runner} is not a local runner; use ./run_pipeline.sh flink|dataflow",
+            file=sys.stderr)
+      return 2
+    if runner == "DirectRunner":
+      _LOGGER.info("--runner=DirectRunner: running on Beam's FnApiRunner engine, because the "
+                   "DirectRunner would pick its BundleBasedDirectRunner for this pipeline, which "
+                   "drops the Kafka reader's checkpointed residuals (see README, Runners)")
+    from pipelines import local
+    return local.run(options, mode)
+  from pipelines import remote
+  return remote.run(options, mode)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

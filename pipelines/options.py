@@ -1,0 +1,137 @@
+"""SmartGridOptions: every setting of the pipeline, validated before anything starts.
+
+``python -m pipelines.main --help`` lists them. A bad value fails at start with a
+message naming the option (``OptionError``), never deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms.kafka.positions import parse_start, parse_stop
+
+DEFAULT_SINK = "sqlite:///output/smartgrid.db"
+
+
+class OptionError(ValueError):
+  """A pipeline option has a bad value; the message names the option."""
+
+
+class SmartGridOptions(PipelineOptions):
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    g = parser.add_argument_group("smart-grid pipeline")
+    try:
+      g.add_argument("--bootstrap_servers", default="127.0.0.1:9092",
+                     help="Kafka brokers, host:port[,host:port]. Default: 127.0.0.1:9092")
+    except argparse.ArgumentError:
+      # Beam's KafkaStreamsRunnerOptions declares the same flag (default localhost:9092);
+      # when every options class shares one parser, theirs stands and the value is the same.
+      pass
+    g.add_argument("--sensor_topic", default="smartgrid-sensor-data",
+                   help="topic of sensor readings. Default: smartgrid-sensor-data")
+    g.add_argument("--meter_topic", default="smartgrid-meter-readings",
+                   help="topic of meter readings. Default: smartgrid-meter-readings")
+    g.add_argument("--group_id", default="smartgrid-pipeline",
+                   help="consumer group whose offsets are read at start and committed after "
+                        "the sink. Default: smartgrid-pipeline")
+    g.add_argument("--start", default="committed",
+                   help="where to start: committed (default; earliest when the group has no "
+                        "offset), earliest, latest, or a timestamp (ISO-8601 or epoch ms)")
+    g.add_argument("--stop", default=None,
+                   help="where to stop: unset = never (streaming), 'end' = the end offsets "
+                        "seen at start (batch), or a timestamp")
+    g.add_argument("--window_size_secs", type=float, default=60.0,
+                   help="fixed event-time window length in seconds. Default: 60")
+    g.add_argument("--allowed_lateness_secs", type=float, default=300.0,
+                   help="events arriving later than this after their window closed are "
+                        "written with is_late=1 (never dropped). Default: 300")
+    g.add_argument("--batch_size", type=int, default=100,
+                   help="GroupIntoBatches size. Default: 100")
+    g.add_argument("--max_buffering_secs", type=float, default=5.0,
+                   help="longest time a partial batch waits before it is written. Default: 5")
+    g.add_argument("--num_shards", type=int, default=4,
+                   help="batching keys per table; few keys fill batches. Default: 4")
+    g.add_argument("--shard_by", default="partition", choices=["partition", "id"],
+                   help="shard batching keys by Kafka partition (default) or by sensor/meter id")
+    g.add_argument("--sink", default=DEFAULT_SINK,
+                   help=f"sqlite:///path.db or bigquery://PROJECT/DATASET. Default: {DEFAULT_SINK}")
+    g.add_argument("--bigquery_api_endpoint", default=None,
+                   help="BigQuery API endpoint (e.g. a local emulator: http://127.0.0.1:9050); "
+                        "anonymous credentials are used then, else Application Default Credentials")
+    g.add_argument("--sink_flush_rows", type=int, default=1000,
+                   help="rows the sink buffers before a write (also flushed at bundle end). Default: 1000")
+    g.add_argument("--sink_retry_deadline_secs", type=float, default=60.0,
+                   help="how long transient sink errors are retried before the bundle fails. Default: 60")
+    g.add_argument("--commit_interval_secs", type=float, default=5.0,
+                   help="least time between two offset commits of a partition. Default: 5")
+    g.add_argument("--poll_timeout_ms", type=int, default=1000,
+                   help="how long an idle reader blocks in poll before it checkpoints. Default: 1000")
+    g.add_argument("--kafka_security_protocol", default=None,
+                   help="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL; SASL credentials come from "
+                        "KAFKA_SASL_USERNAME / KAFKA_SASL_PASSWORD (never on the command line)")
+    g.add_argument("--kafka_sasl_mechanism", default=None, help="e.g. PLAIN, SCRAM-SHA-512")
+    g.add_argument("--drain_file", default=None,
+                   help="local runs: a file whose creation drains the pipeline "
+                        "(default .run/<mode>-pipeline.drain)")
+    g.add_argument("--progress_secs", type=float, default=5.0,
+                   help="local runs: seconds between progress lines (0 = none). Default: 5")
+
+
+_BQ_URL = re.compile(r"^bigquery://([a-z][a-z0-9\-]{4,61}[a-z0-9])/([A-Za-z0-9_]{1,1024})$")
+
+
+def validate(o: SmartGridOptions) -> None:
+  """Raises OptionError naming the first bad option."""
+  def fail(name: str, message: str):
+    raise OptionError(f"--{name}: {message}")
+
+  if not o.bootstrap_servers or not all(re.match(r"^[^\s:,]+:\d{1,5}$", s)
+                                         for s in o.bootstrap_servers.split(",")):
+    fail("bootstrap_servers", f"expected host:port[,host:port], got {o.bootstrap_servers!r}")
+  for name in ("sensor_topic", "meter_topic"):
+    value = getattr(o, name)
+    if not value or not re.match(r"^[A-Za-z0-9._\-]{1,249}$", value):
+      fail(name, f"not a valid Kafka topic name: {value!r}")
+  if o.sensor_topic == o.meter_topic:
+    fail("meter_topic", "must differ from --sensor_topic")
+  if not o.group_id:
+    fail("group_id", "must not be empty")
+  for name, parse in (("start", parse_start), ("stop", parse_stop)):
+    try:
+      parse(getattr(o, name))
+    except ValueError as e:
+      fail(name, str(e))
+  if o.window_size_secs <= 0:
+    fail("window_size_secs", f"must be > 0, got {o.window_size_secs}")
+  if o.allowed_lateness_secs < 0:
+    fail("allowed_lateness_secs", f"must be >= 0, got {o.allowed_lateness_secs}")
+  if o.batch_size < 1:
+    fail("batch_size", f"must be >= 1, got {o.batch_size}")
+  if o.max_buffering_secs <= 0:
+    fail("max_buffering_secs", f"must be > 0, got {o.max_buffering_secs}")
+  if not 1 <= o.num_shards <= 1024:
+    fail("num_shards", f"must be in 1..1024, got {o.num_shards}")
+  if o.sink_flush_rows < 1:
+    fail("sink_flush_rows", f"must be >= 1, got {o.sink_flush_rows}")
+  if o.sink_retry_deadline_secs <= 0:
+    fail("sink_retry_deadline_secs", f"must be > 0, got {o.sink_retry_deadline_secs}")
+  if o.commit_interval_secs <= 0:
+    fail("commit_interval_secs", f"must be > 0, got {o.commit_interval_secs}")
+  if o.poll_timeout_ms <= 0:
+    fail("poll_timeout_ms", f"must be > 0, got {o.poll_timeout_ms}")
+  if o.progress_secs < 0:
+    fail("progress_secs", f"must be >= 0, got {o.progress_secs}")
+  if o.sink.startswith("sqlite:"):
+    if not o.sink.startswith("sqlite:///") or len(o.sink) == len("sqlite:///"):
+      fail("sink", f"expected sqlite:///relative/path.db or sqlite:////absolute/path.db, got {o.sink!r}")
+  elif o.sink.startswith("bigquery:"):
+    if not _BQ_URL.match(o.sink):
+      fail("sink", f"expected bigquery://PROJECT/DATASET, got {o.sink!r}")
+  else:
+    fail("sink", f"unknown sink {o.sink!r}: use sqlite:///path.db or bigquery://PROJECT/DATASET")
+  if o.kafka_security_protocol not in (None, "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+    fail("kafka_security_protocol", f"unknown protocol {o.kafka_security_protocol!r}")

@@ -1,0 +1,87 @@
+"""The pipeline graph, built from injectable parts.
+
+    Kafka (both topics) -> ParseEvents -> rows + dead letters -> FixedWindows
+      -> GroupIntoBatches(batch_size, max_buffering) -> WriteBatches(store) -> Acks
+      -> CommitOffsets (with the resolved starts) -> Committed
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.transforms.window import FixedWindows
+from apache_beam.utils.timestamp import Duration
+
+from pipelines.options import SmartGridOptions
+from transforms.commit import CommitOffsets
+from transforms.kafka import ReadPartitions, ResolvePartitions, discover_partitions
+from transforms.kafka.config import consumer_config
+from transforms.kafka.positions import parse_start, parse_stop
+from transforms.parse import METER, SENSOR, ParseEvents, key_dead_letters
+from transforms.sinks.base import Store, WriteBatches
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def kafka_client_config(o: SmartGridOptions) -> dict:
+  """kafka-python settings from the options; SASL secrets only from the environment."""
+  extra: dict[str, Any] = {}
+  if o.kafka_security_protocol:
+    extra["security_protocol"] = o.kafka_security_protocol
+  if o.kafka_sasl_mechanism:
+    extra["sasl_mechanism"] = o.kafka_sasl_mechanism
+    extra["sasl_plain_username"] = os.environ.get("KAFKA_SASL_USERNAME")
+    extra["sasl_plain_password"] = os.environ.get("KAFKA_SASL_PASSWORD")
+  return consumer_config(o.bootstrap_servers, o.group_id, extra)
+
+
+def make_store(o: SmartGridOptions) -> Store:
+  if o.sink.startswith("sqlite:"):
+    from transforms.sinks.sqlite import SqliteStore, sqlite_path_from_url
+    return SqliteStore(sqlite_path_from_url(o.sink))
+  from transforms.sinks.bigquery import BigQueryStore  # pylint: disable=import-outside-toplevel
+  project, dataset = o.sink[len("bigquery://"):].split("/", 1)
+  return BigQueryStore(project, dataset, api_endpoint=o.bigquery_api_endpoint)
+
+
+@dataclass
+class Outputs:
+  records: beam.PCollection
+  dead_letters: beam.PCollection
+  acks: beam.PCollection
+  committed: beam.PCollection
+
+
+def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = None,
+          drain_file: Optional[str] = None) -> Outputs:
+  config = kafka_client_config(o)
+  topics = {o.sensor_topic: SENSOR, o.meter_topic: METER}
+  stop = parse_stop(o.stop)
+  store = store if store is not None else make_store(o)
+
+  reads = p | "ResolveKafkaPartitions" >> ResolvePartitions(
+      discover_partitions(config, list(topics)), config, parse_start(o.start), stop)
+  records = reads | "ReadFromKafka" >> ReadPartitions(
+      config, poll_timeout_ms=o.poll_timeout_ms, drain_file=drain_file,
+      bounded=stop.kind == "end")
+  rows, dead_letters = records | "ParseEvents" >> ParseEvents(
+      topics, window_size_secs=o.window_size_secs, allowed_lateness_secs=o.allowed_lateness_secs,
+      num_shards=o.num_shards, shard_by=o.shard_by)
+  dead_rows = dead_letters | "KeyDeadLetters" >> beam.Map(
+      key_dead_letters, o.num_shards).with_output_types(Tuple[str, Any])
+  batches = ((rows, dead_rows)
+             | "AllRows" >> beam.Flatten()
+             | "FixedWindows" >> beam.WindowInto(
+                 FixedWindows(o.window_size_secs),
+                 allowed_lateness=Duration.of(o.allowed_lateness_secs))
+             | "GroupIntoBatches" >> beam.GroupIntoBatches(o.batch_size, o.max_buffering_secs))
+  acks = batches | "WriteBatches" >> WriteBatches(
+      store, flush_rows=o.sink_flush_rows, retry_deadline_s=o.sink_retry_deadline_secs,
+      batch_size=o.batch_size)
+  committed = (reads, acks) | "CommitOffsets" >> CommitOffsets(
+      config, interval_s=o.commit_interval_secs, retry_deadline_s=o.sink_retry_deadline_secs)
+  return Outputs(records, dead_letters, acks, committed)

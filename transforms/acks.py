@@ -1,0 +1,39 @@
+"""Acknowledgements: which offsets a sink has made durable.
+
+A sink acks the rows it wrote as ``Ack(topic, partition, start, end)``: every
+offset in ``[start, end)`` is accounted for (written, dead-lettered, or a gap
+that the next record's ``covers_from`` spans). ``CommitOffsets`` merges them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class Ack:
+  topic: str
+  partition: int
+  start: int  # inclusive
+  end: int  # exclusive
+
+
+def acks_for_rows(rows: Iterable[tuple]) -> list[Ack]:
+  """Merges rows ending in (topic, partition, offset, covers_from) into the fewest Acks."""
+  spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+  for row in rows:
+    topic, partition, offset, covers_from = row[-4:]
+    spans.setdefault((topic, partition), []).append((covers_from, offset + 1))
+  acks = []
+  for (topic, partition), ranges in spans.items():
+    ranges.sort()
+    start, end = ranges[0]
+    for s, e in ranges[1:]:
+      if s <= end:
+        end = max(end, e)
+      else:
+        acks.append(Ack(topic, partition, start, end))
+        start, end = s, e
+    acks.append(Ack(topic, partition, start, end))
+  return acks

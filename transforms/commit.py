@@ -1,0 +1,193 @@
+"""CommitOffsets: commit to the consumer group only what the sink has made durable.
+
+Per topic-partition (the key), it keeps the resolved start offset of the read
+(the base, from ``PartitionRead``) and the acked ranges, merges them, and commits
+the first offset not yet covered by a contiguous run from the base. A range that
+arrives ahead of a hole waits for the hole to be acked. Commits happen at most
+every ``interval_s`` per partition (a processing-time timer catches the last acks
+of a quiet stream) and once more when the input ends: at the end of a bounded
+run or a drain, when the watermark reaches the end of the global window.
+
+It emits ``Committed`` records. A commit that keeps failing fails the bundle:
+offsets are never committed ahead of the sink, and a failed commit only means a
+replay that the idempotent sink absorbs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms import progress
+from transforms.acks import Ack
+from transforms.kafka.records import PartitionRead
+from transforms.sinks.base import with_retries
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Committed:
+  topic: str
+  partition: int
+  offset: int  # the next offset the group will read
+
+
+@dataclass
+class PartitionProgress:
+  """Merge state of one partition. ``frontier``: every offset below it is durable."""
+  base: Optional[int] = None
+  frontier: Optional[int] = None
+  committed: Optional[int] = None
+  pending: list = field(default_factory=list)  # sorted, disjoint [start, end) above frontier
+
+  def add_start(self, start: int) -> None:
+    if self.base is None:
+      self.base = self.frontier = start
+      self._advance()
+
+  def add_ack(self, start: int, end: int) -> None:
+    if self.frontier is not None and end <= self.frontier:
+      return  # a replay of what is already covered
+    self.pending.append((start, end))
+    self.pending.sort()
+    merged = []
+    for s, e in self.pending:
+      if merged and s <= merged[-1][1]:
+        merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+      else:
+        merged.append((s, e))
+    self.pending = merged
+    self._advance()
+
+  def _advance(self) -> None:
+    if self.frontier is None:
+      return
+    while self.pending and self.pending[0][0] <= self.frontier:
+      self.frontier = max(self.frontier, self.pending.pop(0)[1])
+
+  def to_commit(self) -> Optional[int]:
+    """The offset to commit now, if the frontier moved past the last commit."""
+    if self.frontier is None or (self.frontier == self.base and self.committed is None):
+      return None
+    if self.committed is None or self.frontier > self.committed:
+      return self.frontier
+    return None
+
+
+PROGRESS = ReadModifyWriteStateSpec("progress", PickleCoder())
+FINAL = TimerSpec("final", TimeDomain.WATERMARK)
+FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
+
+
+class _CommitOffsetsFn(beam.DoFn):
+  def __init__(self, consumer_config: Mapping[str, Any], interval_s: float,
+               retry_deadline_s: float):
+    self._config = dict(consumer_config)
+    self._interval_s = interval_s
+    self._retry_deadline_s = retry_deadline_s
+    self._commits = Metrics.counter(self.__class__, "commits")
+    self._consumer = None
+    self._last_commit: dict = {}
+
+  def _get_consumer(self):
+    if self._consumer is None:
+      from transforms.kafka.read import _new_consumer
+      self._consumer = _new_consumer(self._config)
+    return self._consumer
+
+  def teardown(self):
+    if self._consumer is not None:
+      self._consumer.close(autocommit=False)
+      self._consumer = None
+
+  def process(self, element, state=beam.DoFn.StateParam(PROGRESS),
+              final=beam.DoFn.TimerParam(FINAL), flush=beam.DoFn.TimerParam(FLUSH)):
+    key, value = element
+    p = state.read() or PartitionProgress()
+    if p.base is None and p.committed is None and not p.pending:
+      final.set(GlobalWindow().max_timestamp())
+    if isinstance(value, PartitionRead):
+      p.add_start(value.start_offset)
+    else:
+      p.add_ack(value.start, value.end)
+    now = time.monotonic()
+    offset = p.to_commit()
+    if offset is not None:
+      if now - self._last_commit.get(key, 0.0) >= self._interval_s:
+        yield self._commit(key, p, offset)
+        self._last_commit[key] = now
+      else:
+        flush.set(Timestamp.of(time.time() + self._interval_s))
+    state.write(p)
+
+  @on_timer(FLUSH)
+  def on_flush(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS)):
+    yield from self._commit_pending(key, state)
+
+  @on_timer(FINAL)
+  def on_final(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS),
+               flush=beam.DoFn.TimerParam(FLUSH)):
+    flush.clear()  # the input has ended: commit now, leave no timer behind
+    yield from self._commit_pending(key, state)
+
+  def _commit_pending(self, key, state):
+    p = state.read()
+    if p is None:
+      return
+    offset = p.to_commit()
+    if offset is not None:
+      yield self._commit(key, p, offset)
+      self._last_commit[key] = time.monotonic()
+      state.write(p)
+
+  def _commit(self, key: str, p: PartitionProgress, offset: int) -> Committed:
+    from kafka import TopicPartition
+    from kafka.errors import KafkaError
+    from kafka.structs import OffsetAndMetadata
+
+    topic, partition = key.rsplit("|", 1)
+    tp = TopicPartition(topic, int(partition))
+    consumer = self._get_consumer()
+    with_retries(lambda: consumer.commit(offsets={tp: OffsetAndMetadata(offset, "", -1)}),
+                 lambda e: isinstance(e, KafkaError), deadline_s=self._retry_deadline_s,
+                 what=f"committing {topic}-{partition}@{offset}")
+    p.committed = offset
+    self._commits.inc()
+    progress.set_committed(topic, int(partition), offset)
+    _LOGGER.debug("committed %s-%s at %d", topic, partition, offset)
+    return Committed(topic, int(partition), offset)
+
+
+def _keyed(value) -> tuple:
+  return (f"{value.topic}|{value.partition}", value)
+
+
+class CommitOffsets(beam.PTransform):
+  """(PCollection[PartitionRead], PCollection[Ack]) -> PCollection[Committed]."""
+
+  def __init__(self, consumer_config: Mapping[str, Any], *, interval_s: float = 5.0,
+               retry_deadline_s: float = 60.0):
+    super().__init__()
+    if not consumer_config.get("group_id"):
+      raise ValueError("CommitOffsets needs a consumer group: set --group_id")
+    if interval_s <= 0:
+      raise ValueError(f"--commit_interval_secs must be > 0, got {interval_s}")
+    self._fn = _CommitOffsetsFn(consumer_config, interval_s, retry_deadline_s)
+
+  def expand(self, inputs):
+    starts, acks = inputs
+    return ((starts, acks | "AcksToGlobalWindow" >> beam.WindowInto(GlobalWindows()))
+            | "StartsAndAcks" >> beam.Flatten()
+            | "KeyByPartition" >> beam.Map(_keyed).with_output_types(Tuple[str, Any])
+            | "Commit" >> beam.ParDo(self._fn))

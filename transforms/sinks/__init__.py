@@ -1,0 +1,1 @@
+"""Sinks: one contract (``base.WriteBatches`` over a ``Store``), SQLite and BigQuery stores."""

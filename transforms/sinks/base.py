@@ -1,0 +1,160 @@
+"""WriteBatches: the sink contract shared by every store.
+
+Takes ``(key, [row, ...])`` batches (key ``'table|shard'``), buffers rows per
+table, writes them idempotently (unique on topic, partition, offset) when the
+buffer is full and in ``finish_bundle``, and only then emits ``Ack``s for them.
+Transient store errors are retried with exponential backoff and jitter up to a
+deadline; after that the bundle fails, so nothing unwritten is acked and the
+runner (or a restart) replays it. Rows the store rejects for good are written to
+``dead_letters`` with the store's error, and acked once that write is durable.
+
+A ``Store`` is a picklable, unopened connection description with ``open()``,
+``close()``, ``is_transient(exc)`` and ``write(table, rows, written_at) -> [(row,
+error)]`` returning the rows it rejected for good; ``write`` must be idempotent.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import time
+from typing import Callable, Iterable, Protocol
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
+
+from transforms import progress
+from transforms.acks import acks_for_rows
+from transforms.events import iso_us
+from transforms.sinks.schema import DEAD_LETTERS
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class Store(Protocol):
+  def open(self) -> None: ...
+  def close(self) -> None: ...
+  def is_transient(self, exc: BaseException) -> bool: ...
+  def write(self, table: str, rows: list, written_at: str) -> list: ...
+
+
+class SinkWriteError(RuntimeError):
+  """A write kept failing past the retry deadline: the bundle fails, nothing is acked."""
+
+
+def with_retries(fn: Callable[[], object], is_transient: Callable[[BaseException], bool], *,
+                 deadline_s: float, initial_backoff_s: float = 0.1, max_backoff_s: float = 5.0,
+                 what: str = "write", sleep=time.sleep, clock=time.monotonic):
+  """Calls fn until it succeeds; retries transient errors with backoff and full jitter."""
+  give_up_at = clock() + deadline_s
+  backoff = initial_backoff_s
+  attempt = 0
+  while True:
+    attempt += 1
+    try:
+      return fn()
+    except Exception as e:  # noqa: BLE001 - classified just below; non-transient re-raised
+      if not is_transient(e):
+        raise
+      if clock() + backoff > give_up_at:
+        raise SinkWriteError(f"{what} still failing after {attempt} attempts over "
+                             f"{deadline_s:.0f}s: {type(e).__name__}: {e}") from e
+      _LOGGER.warning("%s failed (attempt %d, transient: %s); retrying", what, attempt, e)
+      sleep(random.uniform(0, backoff) + backoff / 2)
+      backoff = min(backoff * 2, max_backoff_s)
+
+
+def rejected_dead_letter_row(table: str, row: tuple, error: str) -> tuple:
+  """A row the store refused for good -> a dead_letters row for the same offset."""
+  topic, partition, offset, covers_from = row[-4:]
+  raw = repr(row[:-4]).encode()
+  return (None, base64.b64encode(raw).decode("ascii"), f"sink_rejected: {table}: {error}"[:2000],
+          "sink", iso_us(int(time.time() * 1_000_000)), topic, partition, offset, covers_from)
+
+
+class _WriteBatchesFn(beam.DoFn):
+  def __init__(self, store: Store, flush_rows: int, retry_deadline_s: float, batch_size: int):
+    self._store_template = store
+    self._batch_size = batch_size
+    self._flush_rows = flush_rows
+    self._retry_deadline_s = retry_deadline_s
+    self._rows_written = Metrics.counter(self.__class__, "rows_written")
+    self._rejected = Metrics.counter(self.__class__, "rows_rejected")
+    self._batches = Metrics.counter(self.__class__, "batches")
+    self._full_batches = Metrics.counter(self.__class__, "full_batches")
+    self._store = None
+
+  def setup(self):
+    self._store = self._store_template  # each worker unpickles its own, unopened copy
+    with_retries(self._store.open, self._store.is_transient, deadline_s=self._retry_deadline_s,
+                 what="opening the sink")
+
+  def start_bundle(self):
+    self._by_table: dict[str, list] = {}
+    self._by_window: dict = {}  # window -> its rows, acked in that window
+    self._buffered = 0
+
+  def process(self, batch, window=beam.DoFn.WindowParam):
+    key, rows = batch
+    table = key.split("|", 1)[0]
+    self._by_table.setdefault(table, []).extend(rows)
+    self._by_window.setdefault(window, []).extend(rows)
+    self._buffered += len(rows)
+    self._batches.inc()
+    full = len(rows) >= self._batch_size
+    if full:
+      self._full_batches.inc()
+    progress.add_batch(full)
+    if self._buffered >= self._flush_rows:
+      yield from self._flush()
+
+  def finish_bundle(self):
+    yield from self._flush()
+
+  def _write(self, table: str, rows: list, written_at: str) -> list:
+    return with_retries(lambda: self._store.write(table, rows, written_at), self._store.is_transient,
+                        deadline_s=self._retry_deadline_s, what=f"writing {len(rows)} rows to {table}")
+
+  def _flush(self) -> Iterable[WindowedValue]:
+    if not self._buffered:
+      return
+    written_at = iso_us(int(time.time() * 1_000_000))
+    for table, rows in self._by_table.items():
+      rejected = self._write(table, rows, written_at)
+      if rejected:
+        self._rejected.inc(len(rejected))
+        _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected), rejected[0][1])
+        dead = [rejected_dead_letter_row(table, row, error) for row, error in rejected]
+        still = self._write(DEAD_LETTERS.name, dead, written_at)
+        if still:
+          raise SinkWriteError(f"the store refused even the dead letters for {table}: {still[0][1]}")
+      self._rows_written.inc(len(rows) - len(rejected))
+      progress.add_written(table, len(rows) - len(rejected), len(rejected))
+    # Every row is durable now (written, or dead-lettered): ack them.
+    by_window = self._by_window
+    self._by_table, self._by_window, self._buffered = {}, {}, 0
+    for window, rows in by_window.items():
+      timestamp = window.max_timestamp()
+      for ack in acks_for_rows(rows):
+        yield WindowedValue(ack, timestamp, (window,))
+
+  def teardown(self):
+    if self._store is not None:
+      self._store.close()
+      self._store = None
+
+
+class WriteBatches(beam.PTransform):
+  """PCollection[(key 'table|shard', [row])] -> PCollection[Ack] (in the global window)."""
+
+  def __init__(self, store: Store, *, flush_rows: int = 1000,
+               retry_deadline_s: float = 60.0, batch_size: int = 100):
+    super().__init__()
+    if flush_rows < 1:
+      raise ValueError(f"flush_rows must be >= 1, got {flush_rows}")
+    self._fn = _WriteBatchesFn(store, flush_rows, retry_deadline_s, batch_size)
+
+  def expand(self, batches):
+    return batches | "WriteRows" >> beam.ParDo(self._fn)

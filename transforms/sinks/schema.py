@@ -1,0 +1,69 @@
+"""The three tables every sink writes, with the same names and columns everywhere.
+
+A row travels through the pipeline as a tuple of ``columns`` in order without
+``written_at`` (the sink stamps it), ending with (kafka_topic, kafka_partition,
+kafka_offset, covers_from); ``covers_from`` is not stored, the sink acks it.
+Every table is unique on (kafka_topic, kafka_partition, kafka_offset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Column:
+  name: str
+  sqlite_type: str
+  bq_type: str
+  required: bool = True
+
+
+@dataclass(frozen=True)
+class Table:
+  name: str
+  columns: tuple  # of Column, in row order, written_at last
+  partition_column: str  # BigQuery day partitioning
+  cluster_columns: tuple
+
+  @property
+  def names(self) -> tuple:
+    return tuple(c.name for c in self.columns)
+
+  def row_dict(self, row: tuple, written_at: Optional[str] = None) -> dict:
+    """A row tuple (with its trailing covers_from) -> {column: value}."""
+    values = dict(zip(self.names[:-1], row[:-1]))
+    values["written_at"] = written_at
+    return values
+
+
+_KAFKA = (Column("kafka_topic", "TEXT", "STRING"), Column("kafka_partition", "INTEGER", "INT64"),
+          Column("kafka_offset", "INTEGER", "INT64"))
+_WRITTEN_AT = Column("written_at", "TEXT", "TIMESTAMP")
+
+SENSOR_READINGS = Table("sensor_readings", (
+    Column("event_id", "TEXT", "STRING"), Column("sensor_id", "TEXT", "STRING"),
+    Column("sensor_type", "TEXT", "STRING"), Column("value", "REAL", "FLOAT64"),
+    Column("latitude", "REAL", "FLOAT64"), Column("longitude", "REAL", "FLOAT64"),
+    Column("event_time", "TEXT", "TIMESTAMP"), Column("metadata", "TEXT", "JSON", required=False),
+    Column("window_start", "TEXT", "TIMESTAMP"), Column("window_end", "TEXT", "TIMESTAMP"),
+    Column("is_late", "INTEGER", "BOOL"), *_KAFKA, _WRITTEN_AT),
+    partition_column="event_time", cluster_columns=("sensor_id",))
+
+METER_READINGS = Table("meter_readings", (
+    Column("event_id", "TEXT", "STRING"), Column("meter_id", "TEXT", "STRING"),
+    Column("customer_id", "TEXT", "STRING"), Column("reading", "REAL", "FLOAT64"),
+    Column("unit", "TEXT", "STRING"), Column("event_time", "TEXT", "TIMESTAMP"),
+    Column("window_start", "TEXT", "TIMESTAMP"), Column("window_end", "TEXT", "TIMESTAMP"),
+    Column("is_late", "INTEGER", "BOOL"), *_KAFKA, _WRITTEN_AT),
+    partition_column="event_time", cluster_columns=("meter_id",))
+
+DEAD_LETTERS = Table("dead_letters", (
+    Column("raw_key", "TEXT", "STRING", required=False),
+    Column("raw_value", "TEXT", "STRING", required=False),
+    Column("error", "TEXT", "STRING"), Column("stage", "TEXT", "STRING"),
+    Column("failed_at", "TEXT", "TIMESTAMP"), *_KAFKA, _WRITTEN_AT),
+    partition_column="failed_at", cluster_columns=("kafka_topic",))
+
+TABLES = {t.name: t for t in (SENSOR_READINGS, METER_READINGS, DEAD_LETTERS)}
