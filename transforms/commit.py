@@ -4,9 +4,12 @@ Per topic-partition (the key), it keeps the resolved start offset of the read
 (the base, from ``PartitionRead``) and the acked ranges, merges them, and commits
 the first offset not yet covered by a contiguous run from the base. A range that
 arrives ahead of a hole waits for the hole to be acked. Commits happen at most
-every ``interval_s`` per partition (a processing-time timer catches the last acks
-of a quiet stream) and once more when the input ends: at the end of a bounded
-run or a drain, when the watermark reaches the end of the global window.
+every ``interval_s`` per partition, when acks arrive, and once more when the
+input ends: at the end of a bounded run or a drain, when the watermark reaches
+the end of the global window. (No processing-time timer: the local FnApiRunner
+fails a pipeline that ends with one pending. Acks of a stream that goes quiet
+within ``interval_s`` of the last commit are committed by the next ack or the
+drain; if the process dies first they are replayed, and the sink absorbs them.)
 
 It emits ``Committed`` records. A commit that keeps failing fails the bundle:
 offsets are never committed ahead of the sink, and a failed commit only means a
@@ -26,7 +29,6 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
-from apache_beam.utils.timestamp import Timestamp
 
 from transforms import progress
 from transforms.acks import Ack
@@ -87,7 +89,6 @@ class PartitionProgress:
 
 PROGRESS = ReadModifyWriteStateSpec("progress", PickleCoder())
 FINAL = TimerSpec("final", TimeDomain.WATERMARK)
-FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
 
 class _CommitOffsetsFn(beam.DoFn):
@@ -112,7 +113,7 @@ class _CommitOffsetsFn(beam.DoFn):
       self._consumer = None
 
   def process(self, element, state=beam.DoFn.StateParam(PROGRESS),
-              final=beam.DoFn.TimerParam(FINAL), flush=beam.DoFn.TimerParam(FLUSH)):
+              final=beam.DoFn.TimerParam(FINAL)):
     key, value = element
     p = state.read() or PartitionProgress()
     if p.base is None and p.committed is None and not p.pending:
@@ -123,22 +124,13 @@ class _CommitOffsetsFn(beam.DoFn):
       p.add_ack(value.start, value.end)
     now = time.monotonic()
     offset = p.to_commit()
-    if offset is not None:
-      if now - self._last_commit.get(key, 0.0) >= self._interval_s:
-        yield self._commit(key, p, offset)
-        self._last_commit[key] = now
-      else:
-        flush.set(Timestamp.of(time.time() + self._interval_s))
+    if offset is not None and now - self._last_commit.get(key, 0.0) >= self._interval_s:
+      yield self._commit(key, p, offset)
+      self._last_commit[key] = now
     state.write(p)
 
-  @on_timer(FLUSH)
-  def on_flush(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS)):
-    yield from self._commit_pending(key, state)
-
   @on_timer(FINAL)
-  def on_final(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS),
-               flush=beam.DoFn.TimerParam(FLUSH)):
-    flush.clear()  # the input has ended: commit now, leave no timer behind
+  def on_final(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS)):
     yield from self._commit_pending(key, state)
 
   def _commit_pending(self, key, state):
