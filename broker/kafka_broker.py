@@ -7,6 +7,7 @@ metadata requests, and stopping it by PID.
 
 Each broker instance lives in ``.run/kafka-<port>/`` (config, data, log, pid),
 so the user's broker on 9092 and a test broker on a free port never collide.
+Its data is kept across stop/start; delete that folder to start from nothing.
 
 Command line (what ``./run_pipeline.sh broker ...`` calls)::
 
@@ -232,17 +233,26 @@ class Broker:
           f"port {self.port} on 127.0.0.1 is already in use by another program; "
           "stop it or choose another port with KAFKA_PORT=...")
     fetch_jars()
-    if self.run_dir.exists():
-      shutil.rmtree(self.run_dir)  # a stopped broker's data is not kept: fresh KRaft storage
-    self.run_dir.mkdir(parents=True)
-    self._write_config(free_port())
-
-    fmt = subprocess.run(
-        self._java_cmd("kafka.tools.StorageTool", "format", "-t", _kraft_cluster_id(),
-                       "-c", str(self.config_file), "-g"),
-        capture_output=True, text=True)
-    if fmt.returncode != 0:
-      raise BrokerError("formatting KRaft storage failed:\n" + fmt.stdout + fmt.stderr)
+    # The log is kept across stop/start like a real broker's: topics, offsets and
+    # committed group offsets survive (a recreated topic would reuse offsets, which
+    # the sinks' unique keys would take for replays).
+    formatted = (self.run_dir / "data" / "meta.properties").exists() and self.config_file.exists()
+    if formatted:
+      controller_port = int(self.config_file.read_text().split("CONTROLLER://127.0.0.1:")[1].split()[0])
+      if port_in_use(controller_port):
+        raise BrokerError(f"the broker's controller port {controller_port} on 127.0.0.1 is in use "
+                          f"by another program")
+    else:
+      if self.run_dir.exists():
+        shutil.rmtree(self.run_dir)
+      self.run_dir.mkdir(parents=True)
+      self._write_config(free_port())
+      fmt = subprocess.run(
+          self._java_cmd("kafka.tools.StorageTool", "format", "-t", _kraft_cluster_id(),
+                         "-c", str(self.config_file), "-g"),
+          capture_output=True, text=True)
+      if fmt.returncode != 0:
+        raise BrokerError("formatting KRaft storage failed:\n" + fmt.stdout + fmt.stderr)
 
     with open(self.run_dir / "broker.out", "wb") as out:
       proc = subprocess.Popen(
