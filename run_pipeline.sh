@@ -71,7 +71,11 @@ case "$cmd" in
   dataflow) py -m pipelines.main --mode=dataflow "$@" ;;
   drain)    py -m pipelines.drain "$@" ;;
   demo)     py -m pipelines.demo "$@" ;;
-  bench)    py -m benchmarks.run "$@" ;;
+  bench)    case "${1:-pipeline}" in
+              reader)   shift; py -m benchmarks.reader_bench "$@" ;;
+              pipeline) [[ $# -gt 0 ]] && shift; py -m benchmarks.pipeline_bench "$@" ;;
+              *) die "bench: expected reader or pipeline, got $1" ;;
+            esac ;;
   help|-h|--help)
     sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     ;;

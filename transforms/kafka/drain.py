@@ -3,7 +3,8 @@
 Runners with a drain of their own (Dataflow, Flink) call ``truncate()``; the local
 FnApiRunner has none, so a local drain is a file: the launcher creates it on the
 first SIGTERM/Ctrl-C (or ``run_pipeline.sh drain local``), readers see it within
-``check_interval_s``, end their restrictions at the current position, and the
+``check_interval_s``, read on up to the end offsets they see at that moment (so
+everything written before the drain is read), end their restrictions there, and the
 pipeline then finishes like a bounded one (watermark to +inf: windows, batches
 and sinks flush, the last offsets are committed).
 """

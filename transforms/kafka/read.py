@@ -31,10 +31,13 @@ from transforms.kafka.drain import DrainSignal
 from transforms.kafka.positions import (StartPosition, StopPosition, parse_start, parse_stop,
                                         resolve)
 from transforms.kafka.records import KafkaRecord, PartitionRead
-from transforms.kafka.tracking import EndOffsets, KafkaRestrictionProvider
+from transforms.kafka.tracking import UNBOUNDED, EndOffsets, KafkaRestrictionProvider
 from transforms.kafka.watermark import DEFAULT_IDLE_LAG_MS, KafkaWatermarkEstimatorProvider
 
 _LOGGER = logging.getLogger(__name__)
+
+
+SHORT_POLL_MS = 50
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -120,6 +123,8 @@ class _ReadPartitionFn(beam.DoFn):
     self._consumer = None
     self._assigned = None  # the TopicPartition the consumer is assigned to
     self._next_offset = None  # where the consumer will read next, if known
+    self._last_block = 0.0  # when an unbounded read last blocked in poll
+    self._drain_stops: dict = {}  # (topic, partition) -> end offset seen when the drain was noticed
 
   def setup(self):
     self._drain = DrainSignal(self._drain_file)
@@ -148,6 +153,23 @@ class _ReadPartitionFn(beam.DoFn):
                   KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS))):
     return self._read(element, tracker, watermark)
 
+  def _poll_wait_ms(self, *, bounded: bool, first: bool) -> int:
+    """How long a poll may block.
+
+    A bounded read knows records are there: the full timeout. An unbounded read
+    blocks only on its first poll and only if no other restriction of this worker
+    blocked within the last timeout: restrictions run one after another, so an
+    idle worker waits about one timeout per round (little CPU) instead of one per
+    partition, and a busy one hardly waits at all.
+    """
+    if bounded:
+      return self._poll_timeout_ms
+    now = time.monotonic()
+    if first and now - self._last_block >= self._poll_timeout_ms / 1000.0:
+      self._last_block = now
+      return self._poll_timeout_ms
+    return min(SHORT_POLL_MS, self._poll_timeout_ms)
+
   def _read(self, element: PartitionRead, tracker, watermark):
     from kafka import TopicPartition
 
@@ -166,9 +188,17 @@ class _ReadPartitionFn(beam.DoFn):
 
     while True:
       if self._drain.requested():
-        _finish(tracker)
-        return
-      records = consumer.poll(timeout_ms=self._poll_timeout_ms).get(tp)
+        # A local drain reads what was written before it (up to the end offsets seen when
+        # it is noticed: the last stable offset under read_committed), then ends.
+        key = (topic, partition)
+        if key not in self._drain_stops:
+          self._drain_stops[key] = consumer.end_offsets([tp])[tp]
+        stop = min(stop, self._drain_stops[key])
+        if covers_from >= stop:
+          _finish(tracker)
+          return
+      records = consumer.poll(timeout_ms=self._poll_wait_ms(bounded=stop != UNBOUNDED,
+                                                           first=emitted == 0)).get(tp)
       if not records:
         position = consumer.position(tp)
         self._next_offset = position
@@ -213,11 +243,15 @@ class _ReadPartitionFn(beam.DoFn):
       self._records.inc(len(records))
       progress.add_read(topic, len(records))
       watermark.observe_record(max_ts)
-      EndOffsets.record(topic, partition, consumer.highwater(tp))
+      highwater = consumer.highwater(tp)
+      EndOffsets.record(topic, partition, highwater)
       if covers_from >= stop:
         _finish(tracker)
         return
-      if emitted >= self._max_records or time.monotonic() >= deadline:
+      # Caught up: checkpoint rather than wait in poll for a trickle of new records, which
+      # would hold this worker (and the partitions queued behind it) for max_seconds_per_call.
+      caught_up = highwater is not None and covers_from >= highwater
+      if caught_up or emitted >= self._max_records or time.monotonic() >= deadline:
         tracker.defer_remainder()
         return
 

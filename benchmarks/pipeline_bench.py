@@ -1,0 +1,198 @@
+"""The pipeline end to end against hand-written loops: same topics, same run.
+
+    ./run_pipeline.sh bench pipeline [--events 200000] [--bootstrap host:port]
+    (or: python -m benchmarks.pipeline_bench ...)
+
+Produces N realistic events (pipelines.produce.EventFactory; sensor and meter
+topics, 4 partitions each), then measures, each from the beginning of the topics:
+  (a) raw:      kafka-python, assign all partitions, poll(500) + json.loads;
+  (b) loop:     kafka-python -> SQLite in batches of 100 (executemany + one commit,
+                unique (topic, partition, offset)): the system being replaced, minus its loss;
+  (c) pipeline: ``--mode=batch`` in a subprocess (FnApiRunner, GroupIntoBatches(100), SQLite
+                sink, commit after the sink), with its share of full batches;
+  (d) drain:    ``--mode=local`` on a further 20,000 events: time from SIGTERM to exit once
+                caught up.
+Prints events/s, CPU seconds, peak RSS and the ratios. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from broker.kafka_broker import Broker, free_port
+from pipelines.produce import EventFactory, ensure_topics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _self_cpu() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def produce(bootstrap: str, sensor: str, meter: str, n: int, seed: int) -> None:
+  ensure_topics(bootstrap, [sensor, meter])
+  producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20, batch_size=256 * 1024)
+  for ev in EventFactory(seed).events(n, bad_ratio=0.0):
+    producer.send(sensor if ev.topic_kind == "sensor" else meter, key=ev.key, value=ev.value)
+  producer.flush()
+  producer.close()
+
+
+def _consumer(bootstrap: str, topics: list[str]) -> tuple[KafkaConsumer, dict]:
+  c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=2000)
+  tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t))]
+  c.assign(tps)
+  c.seek_to_beginning()
+  return c, c.end_offsets(tps)
+
+
+def bench_raw(bootstrap: str, topics: list[str], n: int) -> int:
+  c, _ = _consumer(bootstrap, topics)
+  seen = 0
+  while seen < n:
+    for records in c.poll(timeout_ms=500).values():
+      for r in records:
+        json.loads(r.value)
+      seen += len(records)
+  c.close()
+  return seen
+
+
+def bench_loop(bootstrap: str, topics: list[str], n: int, db: str) -> int:
+  conn = sqlite3.connect(db, isolation_level=None)
+  conn.execute("PRAGMA journal_mode=WAL")
+  conn.execute("PRAGMA synchronous=NORMAL")
+  conn.execute("CREATE TABLE IF NOT EXISTS events (topic TEXT, partition INTEGER, offset INTEGER, "
+               "event_id TEXT, entity TEXT, value REAL, ts TEXT, UNIQUE (topic, partition, offset))")
+  c, _ = _consumer(bootstrap, topics)
+  batch, seen = [], 0
+  sql = "INSERT INTO events VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
+
+  def flush():
+    conn.execute("BEGIN")
+    conn.executemany(sql, batch)
+    conn.execute("COMMIT")
+    batch.clear()
+
+  while seen < n:
+    for records in c.poll(timeout_ms=500).values():
+      for r in records:
+        e = json.loads(r.value)
+        batch.append((r.topic, r.partition, r.offset, e["event_id"], e.get("sensor_id") or e.get("meter_id"),
+                      e.get("value", e.get("reading")), e["timestamp"]))
+        if len(batch) == 100:
+          flush()
+      seen += len(records)
+  if batch:
+    flush()
+  c.close()
+  conn.close()
+  return seen
+
+
+def run_pipeline(args: list[str], drain_after_catch_up: bool = False) -> dict:
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  t0 = time.monotonic()
+  proc = subprocess.Popen([sys.executable, "-m", "pipelines.main", *args, "--progress_secs=0"],
+                          cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+  drain_latency = None
+  if drain_after_catch_up:
+    bootstrap = next(a.split("=", 1)[1] for a in args if a.startswith("--bootstrap_servers="))
+    group = next(a.split("=", 1)[1] for a in args if a.startswith("--group_id="))
+    topics = [a.split("=", 1)[1] for a in args if a.startswith(("--sensor_topic=", "--meter_topic="))]
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t))]
+    end = c.end_offsets(tps)
+    while any((c.committed(tp) or 0) < end[tp] for tp in tps):
+      time.sleep(0.2)
+    c.close(autocommit=False)
+    t1 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    drain_latency = time.monotonic() - t1
+  else:
+    _, err = proc.communicate()
+  wall = time.monotonic() - t0
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  if proc.returncode != 0:
+    raise RuntimeError(f"pipeline exited {proc.returncode}:\n{err[-3000:]}")
+  m = re.search(r"batches:\s+(\d+) \((\d+)% full\)", err)
+  return {"wall": wall, "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+          "rss_mb": after.ru_maxrss / 1024.0, "batches": m.group(0) if m else "?",
+          "drain_s": drain_latency}
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="benchmarks.pipeline_bench", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--events", type=int, default=200_000)
+  ap.add_argument("--bootstrap", default=None, help="an existing broker (default: start one)")
+  a = ap.parse_args(argv)
+  work = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
+  broker = None
+  if a.bootstrap is None:
+    broker = Broker(port=free_port(), run_dir=work / "kafka")
+    broker.start()
+  bootstrap = a.bootstrap or broker.bootstrap_servers
+  try:
+    tag = uuid.uuid4().hex[:6]
+    sensor, meter = f"bench-sensor-{tag}", f"bench-meter-{tag}"
+    n = a.events
+    print(f"Producing {n} events to {sensor} / {meter} ...", flush=True)
+    produce(bootstrap, sensor, meter, n, seed=11)
+    results = {}
+    for name, fn in (("raw consumer + json.loads", lambda: bench_raw(bootstrap, [sensor, meter], n)),
+                     ("kafka-python -> SQLite, batches of 100",
+                      lambda: bench_loop(bootstrap, [sensor, meter], n, str(work / "loop.db")))):
+      cpu, t = _self_cpu(), time.monotonic()
+      seen = fn()
+      wall = time.monotonic() - t
+      results[name] = {"wall": wall, "cpu": _self_cpu() - cpu,
+                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+      print(f"  {name:42s} {seen / wall:>9,.0f} events/s  cpu {results[name]['cpu']:.1f}s  "
+            f"peak RSS {results[name]['rss_mb']:.0f} MB (this process)", flush=True)
+    common = [f"--bootstrap_servers={bootstrap}", f"--sensor_topic={sensor}", f"--meter_topic={meter}"]
+    r = run_pipeline(["--mode=batch", *common, "--group_id=bench", "--start=earliest",
+                      f"--sink=sqlite:///{work / 'pipeline.db'}"])
+    conn = sqlite3.connect(work / "pipeline.db")
+    rows = sum(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+               for t in ("sensor_readings", "meter_readings", "dead_letters"))
+    conn.close()
+    print(f"  {'pipeline --mode=batch (end to end)':42s} {n / r['wall']:>9,.0f} events/s  cpu {r['cpu']:.1f}s  "
+          f"peak RSS {r['rss_mb']:.0f} MB  rows {rows}  {r['batches']}", flush=True)
+    raw = n / results["raw consumer + json.loads"]["wall"]
+    loop = n / results["kafka-python -> SQLite, batches of 100"]["wall"]
+    pipe = n / r["wall"]
+    print(f"  ratios: pipeline/raw {pipe / raw:.2f}, pipeline/loop {pipe / loop:.2f}")
+
+    produce(bootstrap, sensor, meter, 20_000, seed=12)
+    d = run_pipeline(["--mode=local", *common, "--group_id=bench",
+                      f"--sink=sqlite:///{work / 'pipeline.db'}",
+                      f"--drain_file={work / 'drain'}"], drain_after_catch_up=True)
+    print(f"  drain latency (SIGTERM -> exit, caught up): {d['drain_s']:.2f}s", flush=True)
+  finally:
+    if broker is not None:
+      broker.stop()
+    shutil.rmtree(work, ignore_errors=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

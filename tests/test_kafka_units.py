@@ -1,0 +1,629 @@
+"""Unit tests of transforms/kafka without a broker.
+
+Positions parsing and resolution (with a fake consumer), configuration validation and
+redaction, the offset tracker (claims, splits, boundedness, finishing a restriction by
+claiming its stop), the watermark estimator's invariants, backlog arithmetic, the drain
+signal, and the reader's ``process()`` driven by a fake consumer and a real tracker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+from collections import namedtuple
+from types import SimpleNamespace
+
+import pytest
+from apache_beam.io.restriction_trackers import OffsetRange
+from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
+from apache_beam.transforms.display import DisplayData
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+from kafka import TopicPartition
+
+from broker.kafka_broker import free_port
+from transforms.kafka import KafkaRecord, KafkaUnavailableError, PartitionRead, ReadFromKafka
+from transforms.kafka import config as kafka_config
+from transforms.kafka import read as kafka_read
+from transforms.kafka.drain import DrainSignal
+from transforms.kafka.positions import (StartPosition, StopPosition, parse_start, parse_stop,
+                                        resolve, to_epoch_ms)
+from transforms.kafka.tracking import (UNBOUNDED, EndOffsets, KafkaOffsetTracker,
+                                       KafkaRestrictionProvider, backlog)
+from transforms.kafka.watermark import (KafkaWatermarkEstimator,
+                                        KafkaWatermarkEstimatorProvider)
+
+SECRET = "hunter2-DO-NOT-LOG"
+BOOT = "127.0.0.1:1"
+
+
+def ts_ms(micros_timestamp: Timestamp) -> int:
+  return micros_timestamp.micros // 1000
+
+
+# --------------------------------------------------------------------------
+# positions: parsing
+
+
+@pytest.mark.parametrize("text,kind", [("committed", "committed"), (" Earliest ", "earliest"),
+                                       ("LATEST", "latest")])
+def test_parse_start_keywords(text, kind):
+  assert parse_start(text) == StartPosition(kind)
+
+
+def test_parse_start_explicit_offsets_sorted():
+  start = parse_start({("b", 1): 7, ("a", "2"): "3"})
+  assert start == StartPosition("offsets", offsets=(("a", 2, 3), ("b", 1, 7)))
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({("a", 0): -1}, "negative offset"),
+    ({"abc": 1}, "expected {(topic, partition): offset}"),
+    ({("a", "x"): 1}, "expected {(topic, partition): offset}"),
+    ("yesterday", "start"),
+    (True, "not a timestamp"),
+    (object(), "unsupported value"),
+])
+def test_parse_start_refuses_bad_values_naming_the_option(bad, needle):
+  with pytest.raises(ValueError) as err:
+    parse_start(bad)
+  assert needle in str(err.value)
+
+
+def test_timestamps_all_forms_agree():
+  expected = 1_700_000_000_000
+  forms = [expected, float(expected), str(expected),
+           dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=dt.timezone.utc),
+           dt.datetime(2023, 11, 14, 22, 13, 20),  # naive means UTC
+           "2023-11-14T22:13:20Z", "2023-11-14T22:13:20+00:00", "2023-11-15T00:13:20+02:00"]
+  for form in forms:
+    assert to_epoch_ms(form, "start") == expected, form
+  assert parse_start("2023-11-14T22:13:20Z") == StartPosition("timestamp", timestamp_ms=expected)
+  assert parse_stop(expected) == StopPosition("timestamp", timestamp_ms=expected)
+
+
+@pytest.mark.parametrize("stop,kind", [(None, "never"), ("", "never"), ("never", "never"),
+                                       ("None", "never"), ("end", "end"), (" END ", "end")])
+def test_parse_stop_keywords(stop, kind):
+  assert parse_stop(stop).kind == kind
+
+
+def test_parse_stop_refuses_garbage_naming_the_option():
+  with pytest.raises(ValueError, match=r"stop \(end\|never\|timestamp\)"):
+    parse_stop("tomorrow")
+
+
+# --------------------------------------------------------------------------
+# positions: resolution against a fake consumer
+
+Found = namedtuple("Found", "offset timestamp")
+
+
+class FakeOffsetsConsumer:
+  """beginning/end/committed/offsets_for_times as a kafka-python consumer answers them."""
+
+  def __init__(self, beginning, end, committed=None, times=None, group_id="g"):
+    self.config = {"group_id": group_id}
+    self._beginning, self._end = beginning, end
+    self._committed = committed or {}
+    self._times = times or {}  # partition -> [(timestamp_ms, offset)] ascending
+
+  def beginning_offsets(self, tps):
+    return {tp: self._beginning[tp.partition] for tp in tps}
+
+  def end_offsets(self, tps):
+    return {tp: self._end[tp.partition] for tp in tps}
+
+  def committed(self, tp):
+    if self.config["group_id"] is None:
+      raise AssertionError("kafka-python raises IllegalStateError: Requires group_id")
+    return self._committed.get(tp.partition)
+
+  def offsets_for_times(self, query):
+    out = {}
+    for tp, ts in query.items():
+      hits = [Found(o, t) for t, o in self._times.get(tp.partition, []) if t >= ts]
+      out[tp] = hits[0] if hits else None
+    return out
+
+
+PARTS = [("t", 0), ("t", 1), ("t", 2)]
+
+
+def _starts(reads):
+  return {r.partition: r.start_offset for r in reads}
+
+
+def test_resolve_earliest_latest_and_stop_end():
+  c = FakeOffsetsConsumer(beginning={0: 0, 1: 5, 2: 0}, end={0: 10, 1: 9, 2: 0})
+  earliest = resolve(c, PARTS, StartPosition("earliest"), StopPosition("end"))
+  assert earliest == [PartitionRead("t", 0, 0, 10), PartitionRead("t", 1, 5, 9),
+                      PartitionRead("t", 2, 0, 0)]
+  latest = resolve(c, PARTS, StartPosition("latest"), StopPosition("never"))
+  assert latest == [PartitionRead("t", 0, 10), PartitionRead("t", 1, 9), PartitionRead("t", 2, 0)]
+  assert all(not r.is_bounded for r in latest) and all(r.is_bounded for r in earliest)
+  assert resolve(c, [], StartPosition("earliest"), StopPosition("end")) == []
+
+
+def test_resolve_committed_falls_back_to_beginning_and_clamps_to_the_log():
+  c = FakeOffsetsConsumer(beginning={0: 3, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10},
+                          committed={0: 1, 1: 4, 2: 99})
+  reads = resolve(c, PARTS, StartPosition("committed"), StopPosition("end"))
+  # 0: committed before the log start (retention) -> log start; 2: past the end -> end.
+  assert _starts(reads) == {0: 3, 1: 4, 2: 10}
+  c2 = FakeOffsetsConsumer(beginning={0: 2, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10})
+  assert _starts(resolve(c2, PARTS, StartPosition("committed"), StopPosition("end"))) == {0: 2, 1: 0, 2: 0}
+
+
+def test_resolve_explicit_offsets_others_from_committed():
+  c = FakeOffsetsConsumer(beginning={0: 0, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10}, committed={2: 6})
+  start = parse_start({("t", 0): 7})
+  assert _starts(resolve(c, PARTS, start, StopPosition("end"))) == {0: 7, 1: 0, 2: 6}
+
+
+def test_resolve_explicit_offsets_without_a_group_start_the_others_at_the_beginning():
+  c = FakeOffsetsConsumer(beginning={0: 0, 1: 2, 2: 0}, end={0: 10, 1: 10, 2: 10}, group_id=None)
+  start = parse_start({("t", 0): 7})
+  assert _starts(resolve(c, PARTS, start, StopPosition("end"))) == {0: 7, 1: 2, 2: 0}
+
+
+def test_resolve_timestamps_for_start_and_stop():
+  times = {0: [(100, 0), (200, 1), (300, 2)], 1: [(100, 0)], 2: []}
+  c = FakeOffsetsConsumer(beginning={0: 0, 1: 0, 2: 0}, end={0: 3, 1: 1, 2: 0}, times=times)
+  reads = resolve(c, PARTS, StartPosition("timestamp", timestamp_ms=150),
+                  StopPosition("timestamp", timestamp_ms=250))
+  by_p = {r.partition: r for r in reads}
+  assert by_p[0] == PartitionRead("t", 0, 1, 2)          # read offset 1 only
+  # No record at or after the start time: start at the end. No record at or after the
+  # stop time yet: the read stays open and stops on the first record stamped >= 250.
+  assert by_p[1] == PartitionRead("t", 1, 1, None, 250)
+  assert by_p[2] == PartitionRead("t", 2, 0, None, 250)
+
+
+# --------------------------------------------------------------------------
+# config: defaults, validation, redaction
+
+
+def test_consumer_config_safe_defaults_and_overrides():
+  cfg = kafka_config.consumer_config("a:1,b:2", "g", {"max_poll_records": 5, "client_id": "x"})
+  assert cfg["bootstrap_servers"] == ["a:1", "b:2"] and cfg["group_id"] == "g"
+  assert cfg["enable_auto_commit"] is False
+  assert cfg["isolation_level"] == "read_committed"
+  assert cfg["auto_offset_reset"] == "earliest"
+  assert cfg["max_poll_records"] == 5 and cfg["client_id"] == "x"
+  assert kafka_config.consumer_config("a:1", None, {"enable_auto_commit": False})["enable_auto_commit"] is False
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"bootstrap_servers": "x:1"}, "'bootstrap_servers'"),
+    ({"group_id": "g"}, "'group_id'"),
+    ({"enable_auto_commit": True}, "enable_auto_commit"),
+])
+def test_consumer_config_refusals_name_the_option(overrides, needle):
+  with pytest.raises(ValueError) as err:
+    kafka_config.consumer_config("a:1", None, overrides)
+  assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["", None, ["a:1"]])
+def test_consumer_config_refuses_bad_bootstrap(bad):
+  with pytest.raises(ValueError, match="bootstrap_servers"):
+    kafka_config.consumer_config(bad, None, None)
+
+
+def test_redact_masks_every_secret_key_and_keeps_the_rest():
+  cfg = {"sasl_plain_password": SECRET, "ssl_password": SECRET, "sasl_oauth_token_provider": SECRET,
+         "ssl_keyfile": "/k.pem", "sasl_plain_username": "alice", "security_protocol": "SASL_SSL"}
+  red = kafka_config.redact(cfg)
+  assert SECRET not in str(red)
+  assert red["sasl_plain_password"] == red["ssl_password"] == "***"
+  assert red["sasl_plain_username"] == "alice" and red["security_protocol"] == "SASL_SSL"
+  assert cfg["sasl_plain_password"] == SECRET  # a copy: the input is untouched
+
+
+def test_secrets_never_in_display_data_repr_or_construction_errors():
+  secret_cfg = {"sasl_plain_password": SECRET, "security_protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "PLAIN", "sasl_plain_username": "alice"}
+  t = ReadFromKafka(BOOT, "topic", consumer_config=secret_cfg)
+  shown = DisplayData.create_from(t)
+  text = " ".join(f"{i.key}={i.value}" for i in shown.items) + repr(t) + str(t.display_data())
+  assert SECRET not in text
+  assert "***" in text and "alice" in text
+  for bad in ({**secret_cfg, "enable_auto_commit": True}, {**secret_cfg, "group_id": "g"}):
+    with pytest.raises(ValueError) as err:
+      ReadFromKafka(BOOT, "topic", consumer_config=bad)
+    assert SECRET not in str(err.value)
+
+
+def test_secret_not_in_unreachable_broker_error():
+  """Needs no broker: the address is a port nobody listens on."""
+  port = free_port()
+  t = ReadFromKafka(f"127.0.0.1:{port}", "topic",
+                    consumer_config={"sasl_plain_password": SECRET, "bootstrap_timeout_ms": 1000})
+  begun = time.monotonic()
+  with pytest.raises(KafkaUnavailableError) as err:
+    t.partitions()
+  assert time.monotonic() - begun < 10
+  assert f"127.0.0.1:{port}" in str(err.value)
+  assert SECRET not in str(err.value) and SECRET not in repr(err.value)
+
+
+def test_read_from_kafka_validates_arguments_at_construction():
+  with pytest.raises(ValueError, match="topics"):
+    ReadFromKafka(BOOT, [])
+  with pytest.raises(ValueError, match="topics"):
+    ReadFromKafka(BOOT, ["ok", ""])
+  with pytest.raises(ValueError, match="start"):
+    ReadFromKafka(BOOT, "t", start="soon")
+  with pytest.raises(ValueError, match="stop"):
+    ReadFromKafka(BOOT, "t", stop="later")
+  with pytest.raises(ValueError, match="poll_timeout_ms"):
+    ReadFromKafka(BOOT, "t", poll_timeout_ms=0)
+  # Construction needs no broker; 'committed' without a group means 'earliest'.
+  assert ReadFromKafka(BOOT, "t").start == StartPosition("earliest")
+  assert ReadFromKafka(BOOT, "t", group_id="g").start == StartPosition("committed")
+  # stop='end' is batch: the bounded DoFn; anything else is the unbounded one.
+  assert type(ReadFromKafka(BOOT, "t", stop="end")._read._fn) is kafka_read._ReadPartitionFn
+  assert type(ReadFromKafka(BOOT, "t")._read._fn) is kafka_read._ReadUnboundedPartitionFn
+
+
+# --------------------------------------------------------------------------
+# tracker and restriction provider
+
+
+def test_tracker_claims_and_boundedness():
+  t = KafkaOffsetTracker(OffsetRange(5, 8))
+  assert t.is_bounded()
+  assert t.try_claim(5) and t.try_claim(7)
+  assert not t.try_claim(8)
+  t.check_done()
+  with pytest.raises(ValueError, match="strictly increase"):
+    t.try_claim(8)
+  assert not KafkaOffsetTracker(OffsetRange(5, UNBOUNDED)).is_bounded()
+  with pytest.raises(ValueError, match="smaller than the start"):
+    KafkaOffsetTracker(OffsetRange(5, 8)).try_claim(4)
+
+
+@pytest.mark.parametrize("restriction", [OffsetRange(0, 10), OffsetRange(3, UNBOUNDED),
+                                         OffsetRange(4, 4)])
+@pytest.mark.parametrize("claimed", [[], [0], [3, 4, 6]])
+def test_finish_by_claiming_stop_satisfies_check_done(restriction, claimed):
+  """The reader ends a restriction early (drain, trailing markers) by claiming its stop."""
+  t = KafkaOffsetTracker(restriction)
+  for o in claimed:
+    if restriction.start <= o < restriction.stop:
+      t.try_claim(o)
+  if restriction.start != restriction.stop and not claimed:
+    with pytest.raises(ValueError, match="not done"):
+      t.check_done()
+  assert t.try_claim(t.current_restriction().stop) is False
+  t.check_done()
+
+
+def test_unclaimed_tail_without_finishing_fails_check_done():
+  t = KafkaOffsetTracker(OffsetRange(0, 10))
+  t.try_claim(7)  # offsets 8 and 9 were commit markers: no record to claim
+  with pytest.raises(ValueError, match="not done"):
+    t.check_done()
+  kafka_read._finish(t)
+  t.check_done()
+
+
+def test_checkpoint_of_unbounded_range():
+  t = KafkaOffsetTracker(OffsetRange(10, UNBOUNDED))
+  assert t.try_claim(10) and t.try_claim(11)
+  primary, residual = t.try_split(0)
+  assert primary == OffsetRange(10, 12) and residual == OffsetRange(12, UNBOUNDED)
+  assert t.is_bounded()  # the primary is now bounded: [10, 12)
+  t.check_done()
+  assert not KafkaOffsetTracker(residual).is_bounded()
+  assert t.try_split(0) is None  # one checkpoint per call
+
+
+def test_checkpoint_before_any_claim_and_split_in_half():
+  t = KafkaOffsetTracker(OffsetRange(10, UNBOUNDED))
+  primary, residual = t.try_split(0)
+  assert primary == OffsetRange(10, 10) and residual == OffsetRange(10, UNBOUNDED)
+  t.check_done()
+  b = KafkaOffsetTracker(OffsetRange(0, 100))
+  b.try_claim(9)
+  primary, residual = b.try_split(0.5)
+  assert primary == OffsetRange(0, 54) and residual == OffsetRange(54, 100)
+  assert not b.try_claim(54)  # the residual's offsets are not ours any more
+
+
+def test_restriction_provider():
+  provider = KafkaRestrictionProvider()
+  bounded, unbounded = PartitionRead("u1", 0, 4, 9), PartitionRead("u1", 1, 4)
+  assert provider.initial_restriction(bounded) == OffsetRange(4, 9)
+  assert provider.initial_restriction(unbounded) == OffsetRange(4, UNBOUNDED)
+  assert isinstance(provider.create_tracker(OffsetRange(4, 9)), KafkaOffsetTracker)
+  # Drain: every restriction, bounded or not, is truncated to nothing.
+  assert provider.truncate(bounded, OffsetRange(4, 9)) is None
+  assert provider.truncate(unbounded, OffsetRange(4, UNBOUNDED)) is None
+  # Sizes: backlog in records; an unfinished unbounded read never reports 0.
+  topic = f"provider-{time.monotonic_ns()}"
+  assert provider.restriction_size(PartitionRead(topic, 0, 4, 9), OffsetRange(4, 9)) == 5
+  assert provider.restriction_size(PartitionRead(topic, 0, 4), OffsetRange(4, UNBOUNDED)) == 1
+  EndOffsets.record(topic, 0, 104)
+  assert provider.restriction_size(PartitionRead(topic, 0, 4), OffsetRange(4, UNBOUNDED)) == 100
+  assert provider.restriction_size(PartitionRead(topic, 0, 4, 9), OffsetRange(4, 9)) == 5
+  assert provider.restriction_size(PartitionRead(topic, 0, 200), OffsetRange(200, 300)) == 0
+
+
+# --------------------------------------------------------------------------
+# backlog arithmetic and the end offsets registry
+
+
+@pytest.mark.parametrize("restriction,end,expected", [
+    (OffsetRange(0, 10), None, 10),          # bounded, end unknown: all of it
+    (OffsetRange(0, 10), 4, 4),              # the log ends inside the range
+    (OffsetRange(0, 10), 50, 10),            # the range ends first
+    (OffsetRange(6, 10), 4, 0),              # end behind the start (stale end offset)
+    (OffsetRange(7, 7), 50, 0),              # empty
+    (OffsetRange(5, UNBOUNDED), None, 0),    # unbounded, end unknown
+    (OffsetRange(5, UNBOUNDED), 5, 0),       # caught up
+    (OffsetRange(5, UNBOUNDED), 3, 0),       # stale end offset: never negative
+    (OffsetRange(5, UNBOUNDED), 1_005, 1_000),
+])
+def test_backlog(restriction, end, expected):
+  assert backlog(restriction, end) == expected
+
+
+def test_end_offsets_only_move_forward():
+  topic = f"eo-{time.monotonic_ns()}"
+  assert EndOffsets.get(topic, 0) is None
+  EndOffsets.record(topic, 0, None)
+  assert EndOffsets.get(topic, 0) is None
+  EndOffsets.record(topic, 0, 50)
+  EndOffsets.record(topic, 0, 40)  # an older answer arriving late
+  EndOffsets.record(topic, 1, 7)
+  assert EndOffsets.get(topic, 0) == 50 and EndOffsets.get(topic, 1) == 7
+
+
+# --------------------------------------------------------------------------
+# watermark estimator
+
+
+def test_watermark_starts_at_min_and_follows_the_newest_emitted_record():
+  w = KafkaWatermarkEstimatorProvider(1000).create_watermark_estimator(
+      KafkaWatermarkEstimatorProvider().initial_estimator_state(None, None))
+  assert w.current_watermark() == MIN_TIMESTAMP
+  w.observe_record(5_000)
+  assert ts_ms(w.current_watermark()) == 5_000
+  w.observe_record(3_000)  # out of order: never moves back
+  assert ts_ms(w.current_watermark()) == 5_000
+  w.observe_timestamp(Timestamp(10**6))  # the runner's per-output call is ignored
+  assert ts_ms(w.current_watermark()) == 5_000
+
+
+def test_watermark_idle_advance_is_now_minus_lag_and_monotonic():
+  w = KafkaWatermarkEstimator(None, idle_lag_ms=2_000)
+  w.observe_idle(10_000)
+  assert ts_ms(w.current_watermark()) == 8_000
+  w.observe_record(9_000)
+  assert ts_ms(w.current_watermark()) == 9_000
+  w.observe_idle(10_500)  # now - lag = 8_500 is behind: no regression
+  assert ts_ms(w.current_watermark()) == 9_000
+  w.observe_idle(20_000)
+  assert ts_ms(w.current_watermark()) == 18_000
+
+
+def test_watermark_state_round_trips_through_checkpoints():
+  provider = KafkaWatermarkEstimatorProvider(2_000)
+  w = provider.create_watermark_estimator(None)
+  w.observe_record(42_000)
+  resumed = provider.create_watermark_estimator(w.get_estimator_state())
+  assert resumed.current_watermark() == w.current_watermark()
+  resumed.observe_record(1_000)
+  assert ts_ms(resumed.current_watermark()) == 42_000
+
+
+# --------------------------------------------------------------------------
+# drain signal
+
+
+def test_drain_signal(tmp_path):
+  assert DrainSignal(None).requested() is False
+  path = str(tmp_path / "drain")
+  eager = DrainSignal(path, check_interval_s=0)
+  lazy = DrainSignal(path, check_interval_s=3600)
+  assert not eager.requested() and not lazy.requested()
+  DrainSignal.request(path)
+  assert eager.requested()
+  assert not lazy.requested()  # looked less than an interval ago: still cached
+  assert DrainSignal(path, check_interval_s=3600).requested()  # a fresh reader sees it at once
+  (tmp_path / "drain").unlink()
+  assert eager.requested()  # latched: a drain is never taken back
+
+
+# --------------------------------------------------------------------------
+# the reader's process() with a fake consumer and a real tracker
+
+Rec = namedtuple("Rec", "offset timestamp key value headers")
+
+
+class FakeConsumer:
+  """A one-partition log: offsets -> records; offsets missing from it are markers/aborts."""
+
+  def __init__(self, tp, records: dict[int, Rec], end: int, batch: int = 3):
+    self.tp, self.records, self.end, self.batch = tp, records, end, batch
+    self.pos = None
+    self.polls = self.seeks = 0
+
+  def assign(self, tps):
+    assert tps == [self.tp]
+
+  def seek(self, tp, offset):
+    self.seeks += 1
+    self.pos = offset
+
+  def poll(self, timeout_ms):
+    self.polls += 1
+    out = []
+    while self.pos < self.end and len(out) < self.batch:
+      if self.pos in self.records:
+        out.append(self.records[self.pos])
+      self.pos += 1
+    return {self.tp: out} if out else {}
+
+  def position(self, tp):
+    return self.pos
+
+  def highwater(self, tp):
+    return self.end
+
+  def end_offsets(self, tps):
+    return {tp: self.end for tp in tps}
+
+  def close(self):
+    pass
+
+
+def _reader(consumer, drain_path=None, bounded=True, max_records=1_000):
+  cls = kafka_read._ReadPartitionFn if bounded else kafka_read._ReadUnboundedPartitionFn
+  fn = cls({"bootstrap_servers": [BOOT]}, 10, max_records, 60.0, drain_path)
+  fn.setup()
+  fn._consumer = consumer
+  return fn
+
+
+def _run(fn, read: PartitionRead, restriction: OffsetRange, watermark=None):
+  safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(restriction))
+  watermark = watermark or KafkaWatermarkEstimator(None)
+  out = list(fn.process(read, tracker=RestrictionTrackerView(safe), watermark=watermark))
+  safe.check_done()
+  residual = safe.deferred_status()
+  return out, (residual[0] if residual else None), watermark
+
+
+def _rec(o, ts=None):
+  return Rec(o, 1_000 + o if ts is None else ts, f"k{o}".encode(), f"v{o}".encode(),
+             [("h", b"x")] if o % 2 else [])
+
+
+def test_process_bounded_read_with_trailing_markers_finishes_and_tiles():
+  tp = TopicPartition("t", 0)
+  # Offsets 3, 4 aborted, 5 a marker; 8, 9 trailing commit markers: the stop is 10.
+  recs = {o: _rec(o) for o in (0, 1, 2, 6, 7)}
+  fn = _reader(FakeConsumer(tp, recs, end=10))
+  out, residual, w = _run(fn, PartitionRead("t", 0, 0, 10), OffsetRange(0, 10))
+  assert residual is None
+  records = [tv.value for tv in out]
+  assert all(isinstance(tv, TimestampedValue) for tv in out)
+  assert [r.offset for r in records] == [0, 1, 2, 6, 7]
+  assert [(r.covers_from, r.offset) for r in records] == [(0, 0), (1, 1), (2, 2), (3, 6), (7, 7)]
+  assert records[1] == KafkaRecord("t", 0, 1, 1, b"k1", b"v1", 1_001, (("h", b"x"),))
+  assert records[0].headers == ()
+  assert [tv.timestamp for tv in out] == [Timestamp(micros=(1_000 + r.offset) * 1000) for r in records]
+  assert ts_ms(w.current_watermark()) == 1_007
+
+
+def test_process_bounded_read_whose_range_holds_no_record():
+  tp = TopicPartition("t", 0)
+  fn = _reader(FakeConsumer(tp, {}, end=4))
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 2, 4), OffsetRange(2, 4))
+  assert out == [] and residual is None
+  fn = _reader(FakeConsumer(tp, {}, end=4))
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 4, 4), OffsetRange(4, 4))
+  assert out == [] and residual is None and fn._consumer.polls == 0
+
+
+def test_process_unbounded_checkpoints_when_caught_up_and_resumes_without_seeking():
+  tp = TopicPartition("t", 0)
+  consumer = FakeConsumer(tp, {o: _rec(o) for o in range(5)}, end=5)
+  fn = _reader(consumer, bounded=False)
+  out, residual, w = _run(fn, PartitionRead("t", 0, 0), OffsetRange(0, UNBOUNDED))
+  assert [tv.value.offset for tv in out] == [0, 1, 2, 3, 4]
+  # Caught up with the end: it checkpoints at once instead of waiting in poll for more.
+  assert residual == OffsetRange(5, UNBOUNDED) and consumer.polls == 2
+  assert ts_ms(w.current_watermark()) == 1_004
+  # Nothing new: one poll finds nothing, the watermark moves to about now - idle lag.
+  now_ms = int(time.time() * 1000)
+  out_idle, residual, w = _run(fn, PartitionRead("t", 0, 0), residual, watermark=w)
+  assert out_idle == [] and residual == OffsetRange(5, UNBOUNDED) and consumer.polls == 3
+  assert ts_ms(w.current_watermark()) >= now_ms - 2_000
+  consumer.records.update({o: _rec(o) for o in (5, 6)})
+  consumer.end = 7
+  out2, residual2, _ = _run(fn, PartitionRead("t", 0, 0), residual, watermark=w)
+  assert [(tv.value.covers_from, tv.value.offset) for tv in out2] == [(5, 5), (6, 6)]
+  assert residual2 == OffsetRange(7, UNBOUNDED)
+  assert consumer.seeks == 1  # the consumer's position was reused
+
+
+def test_process_checkpoints_after_its_record_budget():
+  tp = TopicPartition("t", 0)
+  fn = _reader(FakeConsumer(tp, {o: _rec(o) for o in range(20)}, end=20), max_records=6)
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0, 20), OffsetRange(0, 20))
+  assert [tv.value.offset for tv in out] == list(range(6))
+  assert residual == OffsetRange(6, 20)
+
+
+def test_process_watermark_waits_for_backlog():
+  """Records still to be read keep the watermark at the newest emitted record."""
+  tp = TopicPartition("t", 0)
+  fn = _reader(FakeConsumer(tp, {o: _rec(o, ts=10_000 + o) for o in range(20)}, end=20),
+               bounded=False, max_records=3)
+  out, residual, w = _run(fn, PartitionRead("t", 0, 0), OffsetRange(0, UNBOUNDED))
+  assert len(out) == 3 and residual == OffsetRange(3, UNBOUNDED)
+  assert ts_ms(w.current_watermark()) == 10_002
+
+
+def test_process_drain_finishes_an_unbounded_restriction(tmp_path):
+  tp = TopicPartition("t", 0)
+  drain = str(tmp_path / "drain")
+  consumer = FakeConsumer(tp, {o: _rec(o) for o in range(3)}, end=3)
+  fn = _reader(consumer, drain_path=drain, bounded=False)
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0), OffsetRange(0, UNBOUNDED))
+  assert len(out) == 3 and residual == OffsetRange(3, UNBOUNDED)
+  DrainSignal.request(drain)
+  fn._drain = DrainSignal(drain)
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0), residual)
+  assert out == [] and residual is None  # done: check_done passed, nothing deferred
+
+
+def test_process_drain_reads_what_was_written_before_it_then_ends(tmp_path):
+  """Records written before the drain (offsets 2..7) are read; later ones (8, 9) are not."""
+  tp = TopicPartition("t", 0)
+  drain = str(tmp_path / "drain")
+  consumer = FakeConsumer(tp, {o: _rec(o) for o in range(8)}, end=8, batch=2)
+  fn = _reader(consumer, drain_path=drain, bounded=False, max_records=2)
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0), OffsetRange(0, UNBOUNDED))
+  assert [tv.value.offset for tv in out] == [0, 1] and residual == OffsetRange(2, UNBOUNDED)
+  DrainSignal.request(drain)
+  fn._drain = DrainSignal(drain)
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0), residual)  # notices: end is 8
+  assert [tv.value.offset for tv in out] == [2, 3] and residual == OffsetRange(4, UNBOUNDED)
+  consumer.records.update({8: _rec(8), 9: _rec(9)})
+  consumer.end = 10
+  drained = []
+  while residual is not None:
+    out, residual, _ = _run(fn, PartitionRead("t", 0, 0), residual)
+    drained += [tv.value.offset for tv in out]
+  assert drained == [4, 5, 6, 7]
+
+
+def test_process_stop_timestamp_ends_before_the_first_late_record():
+  tp = TopicPartition("t", 0)
+  recs = {o: _rec(o, ts=100 * o) for o in range(10)}
+  fn = _reader(FakeConsumer(tp, recs, end=10), bounded=False)
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0, None, 450), OffsetRange(0, UNBOUNDED))
+  assert [tv.value.offset for tv in out] == [0, 1, 2, 3, 4]
+  assert residual is None
+
+
+def test_process_stops_when_the_runner_split_the_range():
+  tp = TopicPartition("t", 0)
+  consumer = FakeConsumer(tp, {o: _rec(o) for o in range(10)}, end=10, batch=10)
+  fn = _reader(consumer)
+  safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(OffsetRange(0, 10)))
+  gen = fn.process(PartitionRead("t", 0, 0, 10), tracker=RestrictionTrackerView(safe),
+                   watermark=KafkaWatermarkEstimator(None))
+  first = [next(gen), next(gen)]
+  _, residual = safe.try_split(0.5)  # the runner takes [6, 10) away mid-batch
+  rest = list(gen)
+  safe.check_done()
+  offsets = [tv.value.offset for tv in first + rest]
+  assert offsets == list(range(residual.start))
+  assert fn._next_offset is None  # its buffered records beyond the split are not reused
