@@ -627,3 +627,17 @@ def test_process_stops_when_the_runner_split_the_range():
   offsets = [tv.value.offset for tv in first + rest]
   assert offsets == list(range(residual.start))
   assert fn._next_offset is None  # its buffered records beyond the split are not reused
+
+
+def test_unbounded_range_refuses_fractional_splits_but_checkpoints():
+  from transforms.kafka.tracking import UNBOUNDED, KafkaOffsetTracker
+  from apache_beam.io.restriction_trackers import OffsetRange
+  t = KafkaOffsetTracker(OffsetRange(462, UNBOUNDED))
+  assert t.try_claim(462)
+  assert t.try_split(0.5) is None  # Prism's busy-bundle split would land near sys.maxsize/2
+  primary, residual = t.try_split(0)
+  assert (primary.start, primary.stop) == (462, 463)
+  assert (residual.start, residual.stop) == (463, UNBOUNDED)
+  bounded = KafkaOffsetTracker(OffsetRange(0, 100))
+  assert bounded.try_claim(0)
+  assert bounded.try_split(0.5) is not None

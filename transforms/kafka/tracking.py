@@ -31,6 +31,14 @@ class KafkaOffsetTracker(OffsetRestrictionTracker):
   def is_bounded(self) -> bool:
     return self.current_restriction().stop != UNBOUNDED
 
+  def try_split(self, fraction_of_remainder):
+    # Splitting [x, UNBOUNDED) by a fraction cuts at about sys.maxsize/2: an offset that
+    # will never exist (Prism asks for 0.5 splits of busy bundles; the residual then
+    # seeks out of range). Only checkpoints (fraction 0) make sense for an endless range.
+    if fraction_of_remainder > 0 and self.current_restriction().stop == UNBOUNDED:
+      return None
+    return super().try_split(fraction_of_remainder)
+
 
 class EndOffsets:
   """The latest end offset each reader in this process has seen, per partition.
