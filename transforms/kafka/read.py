@@ -153,6 +153,14 @@ class _ReadPartitionFn(beam.DoFn):
                   KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS))):
     return self._read(element, tracker, watermark)
 
+  def _count(self, topic: str, records, batch_start: int, next_offset: int) -> None:
+    """Counts the records of a poll batch emitted so far (those with offset < next_offset)."""
+    n = len(records) if next_offset > records[-1].offset else sum(
+        1 for r in records if batch_start <= r.offset < next_offset)
+    if n:
+      self._records.inc(n)
+      progress.add_read(topic, n)
+
   def _poll_wait_ms(self, *, bounded: bool, first: bool) -> int:
     """How long a poll may block.
 
@@ -218,6 +226,7 @@ class _ReadPartitionFn(beam.DoFn):
         return
 
       max_ts = None
+      batch_start = covers_from
       for rec in records:
         offset = rec.offset
         if offset >= stop or (stop_ts is not None and rec.timestamp >= stop_ts):
@@ -225,9 +234,11 @@ class _ReadPartitionFn(beam.DoFn):
           _finish(tracker)
           if max_ts is not None:
             watermark.observe_record(max_ts)
+          self._count(topic, records, batch_start, covers_from)
           return
         if not tracker.try_claim(offset):
           self._next_offset = None  # the runner split the range: our buffered records are not ours
+          self._count(topic, records, batch_start, covers_from)
           return
         ts = rec.timestamp
         yield TimestampedValue(
@@ -240,8 +251,7 @@ class _ReadPartitionFn(beam.DoFn):
           max_ts = ts
       self._next_offset = covers_from
       emitted += len(records)
-      self._records.inc(len(records))
-      progress.add_read(topic, len(records))
+      self._count(topic, records, batch_start, covers_from)
       watermark.observe_record(max_ts)
       highwater = consumer.highwater(tp)
       EndOffsets.record(topic, partition, highwater)
