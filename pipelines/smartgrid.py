@@ -78,7 +78,12 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
              | "FixedWindows" >> beam.WindowInto(
                  FixedWindows(o.window_size_secs),
                  allowed_lateness=Duration.of(o.allowed_lateness_secs))
-             | "GroupIntoBatches" >> beam.GroupIntoBatches(o.batch_size, o.max_buffering_secs))
+             | "GroupIntoBatches" >> beam.GroupIntoBatches(
+                 o.batch_size,
+                 # A bounded read ends with the watermark at +inf, which flushes every partial
+                 # batch; a buffering timer adds nothing there, and FnApiRunner fails a run that
+                 # ends with one still pending (even a cleared one).
+                 None if stop.kind == "end" else o.max_buffering_secs))
   acks = batches | "WriteBatches" >> WriteBatches(
       store, flush_rows=o.sink_flush_rows, retry_deadline_s=o.sink_retry_deadline_secs,
       batch_size=o.batch_size)
