@@ -138,7 +138,9 @@ def test_kill_while_processing_then_restart_writes_all_75_once(env):
 def test_130_events_make_a_full_batch_and_a_flushed_rest(env, make_topic):
   env.sensor = make_topic(1, "sensor1")
   env.meter = make_topic(1, "meter1")
-  window_mid = math.floor(time.time() / 60) * 60 + 30.0  # all 130 in one 60 s window
+  # all 130 in the middle of the last whole 60 s window: one window, never ahead of the
+  # clock (see test_events_ahead_of_the_clock_do_not_fail_the_run), never late (300 s)
+  window_mid = math.floor(time.time() / 60) * 60 - 30.0
   events = list(EventFactory(4).events(130, meter_ratio=0.0, start=window_mid, spacing_s=0.0))
   produced = env.produce(events)
   assert {(t, p) for t, p, _ in produced} == {(env.sensor, 0)}
@@ -149,6 +151,20 @@ def test_130_events_make_a_full_batch_and_a_flushed_rest(env, make_topic):
   assert p.summary_batches() == 2, p.tail()
   assert "batches:        2 (50% full)" in p.output
   _assert_committed_equals_end(env)
+
+
+# FnApiRunner (Beam 2.77) keeps a processing-time timer scheduled even after it was
+# cleared, and fails a run that ends with one pending; GroupIntoBatches' buffering timer,
+# set by events stamped ahead of the wall clock, triggered it. Bounded reads (batch and
+# local rounds) therefore run GroupIntoBatches without a buffering timer.
+def test_events_ahead_of_the_clock_do_not_fail_the_run(env):
+  ahead = time.time() + 120.0  # a sensor whose clock runs two minutes fast
+  produced = env.produce(EventFactory(9).events(30, meter_ratio=0.0, start=ahead, spacing_s=0.0))
+  p = env.batch()
+  assert_exactly_once(env.db, produced)  # everything is written and committed anyway...
+  _assert_committed_equals_end(env)
+  assert "time-pending" not in p.output, p.tail()  # ...but the run fails
+  _assert_clean_exit(p)
 
 
 # ---------------------------------------------------------------------------
