@@ -118,9 +118,24 @@ def parse_timestamp_us(value: Any) -> int:
   return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+_MINUTE_PREFIXES: dict[int, str] = {}
+
+
 def iso_us(us: int) -> str:
-  """Epoch microseconds -> 'YYYY-MM-DDTHH:MM:SS.ffffffZ' (UTC), the stored time format."""
-  return (_EPOCH + dt.timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+  """Epoch microseconds -> 'YYYY-MM-DDTHH:MM:SS.ffffffZ' (UTC), the stored time format.
+
+  Three calls per row: the 'YYYY-MM-DDTHH:MM:' prefix is cached per minute (strftime
+  costs about 6 µs; this about 0.5 µs).
+  """
+  seconds, micros = divmod(us, 1_000_000)
+  minute, second = divmod(seconds, 60)
+  prefix = _MINUTE_PREFIXES.get(minute)
+  if prefix is None:
+    if len(_MINUTE_PREFIXES) > 100_000:
+      _MINUTE_PREFIXES.clear()
+    prefix = (_EPOCH + dt.timedelta(minutes=minute)).strftime("%Y-%m-%dT%H:%M:")
+    _MINUTE_PREFIXES[minute] = prefix
+  return f"{prefix}{second:02d}.{micros:06d}Z"
 
 
 def _load_object(value: Optional[bytes]) -> dict:
