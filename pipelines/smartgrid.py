@@ -1,7 +1,8 @@
 """The pipeline graph, built from injectable parts.
 
-    Kafka (both topics) -> ParseEvents -> rows + dead letters -> FixedWindows
-      -> GroupIntoBatches(batch_size, max_buffering) -> WriteBatches(store) -> Acks
+    Kafka (both topics) -> ParseEvents (rows; batches that fill within a bundle; dead letters)
+      -> BatchRows (fixed event-time windows; the rest of the rows through
+         GroupIntoBatches(batch_size, max_buffering)) -> WriteBatches(store) -> Acks
       -> CommitOffsets (with the resolved starts) -> Committed
 """
 
@@ -13,16 +14,16 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 import apache_beam as beam
-from apache_beam.transforms.window import FixedWindows
-from apache_beam.utils.timestamp import Duration
 
 from pipelines.options import SmartGridOptions
+from transforms.batching import BatchRows
 from transforms.commit import CommitOffsets
 from transforms.kafka import ReadPartitions, ResolvePartitions, discover_partitions
 from transforms.kafka.config import consumer_config
 from transforms.kafka.positions import parse_start, parse_stop
 from transforms.parse import METER, SENSOR, ParseEvents, key_dead_letters
 from transforms.sinks.base import Store, WriteBatches
+from transforms.windows import FixedEventWindows
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -68,22 +69,18 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
   records = reads | "ReadFromKafka" >> ReadPartitions(
       config, poll_timeout_ms=o.poll_timeout_ms, drain_file=drain_file,
       bounded=stop.kind == "end")
-  rows, dead_letters = records | "ParseEvents" >> ParseEvents(
+  rows, dead_letters, full_batches = records | "ParseEvents" >> ParseEvents(
       topics, window_size_secs=o.window_size_secs, allowed_lateness_secs=o.allowed_lateness_secs,
-      num_shards=o.num_shards, shard_by=o.shard_by)
+      num_shards=o.num_shards, shard_by=o.shard_by, batch_size=o.batch_size)
   dead_rows = dead_letters | "KeyDeadLetters" >> beam.Map(
       key_dead_letters, o.num_shards).with_output_types(Tuple[str, Any])
-  batches = ((rows, dead_rows)
-             | "AllRows" >> beam.Flatten()
-             | "FixedWindows" >> beam.WindowInto(
-                 FixedWindows(o.window_size_secs),
-                 allowed_lateness=Duration.of(o.allowed_lateness_secs))
-             | "GroupIntoBatches" >> beam.GroupIntoBatches(
-                 o.batch_size,
-                 # A bounded read ends with the watermark at +inf, which flushes every partial
-                 # batch; a buffering timer adds nothing there, and FnApiRunner fails a run that
-                 # ends with one still pending (even a cleared one).
-                 None if stop.kind == "end" else o.max_buffering_secs))
+  batches = (full_batches, (rows, dead_rows) | "OtherRows" >> beam.Flatten()) | "BatchRows" >> BatchRows(
+      o.batch_size, FixedEventWindows(o.window_size_secs),
+      allowed_lateness_secs=o.allowed_lateness_secs,
+      # A bounded read ends with the watermark at +inf, which flushes every partial batch; a
+      # buffering timer adds nothing there, and FnApiRunner fails a run that ends with one
+      # still pending (even a cleared one).
+      max_buffering_secs=None if stop.kind == "end" else o.max_buffering_secs)
   acks = batches | "WriteBatches" >> WriteBatches(
       store, flush_rows=o.sink_flush_rows, retry_deadline_s=o.sink_retry_deadline_secs,
       batch_size=o.batch_size)

@@ -18,7 +18,8 @@ import pytest
 from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
 from apache_beam.transforms.display import DisplayData
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 from kafka import TopicPartition
 
@@ -492,7 +493,8 @@ def _reader(consumer, drain_path=None, bounded=True, max_records=1_000):
 def _run(fn, read: PartitionRead, restriction: OffsetRange, watermark=None):
   safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(restriction))
   watermark = watermark or KafkaWatermarkEstimator(None)
-  out = list(fn.process(read, tracker=RestrictionTrackerView(safe), watermark=watermark))
+  out = list(fn.process(read, window=GlobalWindow(), tracker=RestrictionTrackerView(safe),
+                        watermark=watermark))
   safe.check_done()
   residual = safe.deferred_status()
   return out, (residual[0] if residual else None), watermark
@@ -511,7 +513,7 @@ def test_process_bounded_read_with_trailing_markers_finishes_and_tiles():
   out, residual, w = _run(fn, PartitionRead("t", 0, 0, 10), OffsetRange(0, 10))
   assert residual is None
   records = [tv.value for tv in out]
-  assert all(isinstance(tv, TimestampedValue) for tv in out)
+  assert all(isinstance(tv, WindowedValue) and tv.windows == (GlobalWindow(),) for tv in out)
   assert [r.offset for r in records] == [0, 1, 2, 6, 7]
   assert [(r.covers_from, r.offset) for r in records] == [(0, 0), (1, 1), (2, 2), (3, 6), (7, 7)]
   assert records[1] == KafkaRecord("t", 0, 1, 1, b"k1", b"v1", 1_001, (("h", b"x"),))

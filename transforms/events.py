@@ -86,6 +86,11 @@ def _str(obj: Mapping[str, Any], name: str, default: Optional[str] = None) -> st
     raise InvalidEvent("wrong_type", f"'{name}' must be a string, got {type(value).__name__}")
   if not value.strip():
     raise InvalidEvent("missing_field", f"'{name}' is empty")
+  if not value.isascii():
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\\udc00" escape
+      raise InvalidEvent("not_utf8", f"'{name}' holds a lone UTF-16 surrogate") from None
   return value
 
 

@@ -13,27 +13,35 @@ from __future__ import annotations
 
 import time
 import zlib
-from typing import Any, Iterable, Mapping, Tuple
+from typing import Any, Iterable, Mapping, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms import progress
+from transforms.batching import BundleBatcher
 from transforms.events import (InvalidEvent, DeadLetter, dead_letter_row, meter_row, parse_meter,
                                parse_sensor, sensor_row)
 from transforms.kafka.records import KafkaRecord
 from transforms.sinks.schema import DEAD_LETTERS, METER_READINGS, SENSOR_READINGS
+from transforms.windows import FixedEventWindows
 
 SENSOR, METER = "sensor", "meter"
+_GLOBAL = (GlobalWindow(),)
 SHARD_BY = ("partition", "id")
 DEAD_LETTER_TAG = "dead_letters"
+FULL_BATCHES_TAG = "full_batches"
 
 
 class _ParseEventsFn(beam.DoFn):
   def __init__(self, topic_kinds: Mapping[str, str], window_size_secs: float,
-               allowed_lateness_secs: float, num_shards: int, shard_by: str):
+               allowed_lateness_secs: float, num_shards: int, shard_by: str,
+               batch_size: Optional[int] = None):
+    self._batch_size = batch_size
+    self._window_size_secs = window_size_secs
     self._kinds = dict(topic_kinds)
     self._size_us = int(window_size_secs * 1_000_000)
     self._lateness_us = int(allowed_lateness_secs * 1_000_000)
@@ -41,6 +49,13 @@ class _ParseEventsFn(beam.DoFn):
     self._by_id = shard_by == "id"
     self._counters = {name: Metrics.counter(self.__class__, name)
                       for name in ("sensor_readings", "meter_readings", "late_events", "dead_letters")}
+
+  def setup(self):
+    self._batcher = (None if self._batch_size is None else
+                     BundleBatcher(self._batch_size, FixedEventWindows(self._window_size_secs)))
+
+  def start_bundle(self):
+    self._counts = dict.fromkeys(self._counters, 0)  # Beam counters are bumped per bundle
 
   def _shard(self, record: KafkaRecord, entity_id: str) -> int:
     if self._by_id:
@@ -59,12 +74,12 @@ class _ParseEventsFn(beam.DoFn):
       else:
         raise InvalidEvent("unknown_topic", f"no event type is configured for topic {record.topic!r}")
     except InvalidEvent as e:
-      self._counters["dead_letters"].inc()
+      self._counts["dead_letters"] += 1
       progress.add_dead_letter(e.reason)
-      yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, TimestampedValue(
+      yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, WindowedValue(
           DeadLetter(record.topic, record.partition, record.offset, record.covers_from,
                      record.key, record.value, str(e), "parse", int(time.time() * 1_000_000)),
-          Timestamp(micros=record.timestamp_ms * 1000)))
+          Timestamp(micros=record.timestamp_ms * 1000), _GLOBAL))
       return
 
     event_us = event.event_time_us
@@ -72,24 +87,43 @@ class _ParseEventsFn(beam.DoFn):
     window_end = window_start + self._size_us
     arrival_us = record.timestamp_ms * 1000
     is_late = arrival_us > window_end + self._lateness_us
-    self._counters[table].inc()
+    self._counts[table] += 1
     if is_late:
-      self._counters["late_events"].inc()
+      self._counts["late_events"] += 1
     row = to_row(event, window_start, window_end, is_late, record.topic, record.partition,
                  record.offset, record.covers_from)
-    yield TimestampedValue((f"{table}|{self._shard(record, entity_id)}", row),
-                           Timestamp(micros=arrival_us if is_late else event_us))
+    # A WindowedValue, not a TimestampedValue: the runner would re-assign the (global)
+    # window per element; the event-time window comes next, in one step for all outputs.
+    key = f"{table}|{self._shard(record, entity_id)}"
+    timestamp = Timestamp(micros=arrival_us if is_late else event_us)
+    if self._batcher is None:
+      yield WindowedValue((key, row), timestamp, _GLOBAL)
+    else:
+      batch = self._batcher.add(key, row, timestamp)
+      if batch is not None:
+        yield beam.pvalue.TaggedOutput(FULL_BATCHES_TAG, batch)
+
+  def finish_bundle(self):
+    for name, n in self._counts.items():
+      if n:
+        self._counters[name].inc(n)
+    self._counts = dict.fromkeys(self._counters, 0)
+    if self._batcher is not None:
+      yield from self._batcher.drain()
 
 
 class ParseEvents(beam.PTransform):
-  """PCollection[KafkaRecord] -> (rows keyed 'table|shard', dead letters).
+  """PCollection[KafkaRecord] -> (rows keyed 'table|shard', dead letters[, full batches]).
 
-  Returns a pair: the main output of ``(key, row)`` and the ``DeadLetter`` output.
+  Returns the main output of ``(key, row)`` and the ``DeadLetter`` output. With
+  ``batch_size``, rows are first collected per key and event-time window within the
+  bundle (``transforms.batching.BundleBatcher``): every batch that fills leaves as a
+  third output of ``(key, [rows])`` in its window, and only the rest leave as rows.
   """
 
   def __init__(self, topic_kinds: Mapping[str, str], *, window_size_secs: float = 60.0,
                allowed_lateness_secs: float = 0.0, num_shards: int = 4,
-               shard_by: str = "partition"):
+               shard_by: str = "partition", batch_size: Optional[int] = None):
     super().__init__()
     bad = {t: k for t, k in topic_kinds.items() if k not in (SENSOR, METER)}
     if bad:
@@ -102,14 +136,21 @@ class ParseEvents(beam.PTransform):
       raise ValueError(f"--num_shards must be >= 1, got {num_shards}")
     if shard_by not in SHARD_BY:
       raise ValueError(f"--shard_by must be one of {SHARD_BY}, got {shard_by!r}")
+    if batch_size is not None and batch_size < 1:
+      raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    self._batching = batch_size is not None
     self._fn = _ParseEventsFn(topic_kinds, window_size_secs, allowed_lateness_secs, num_shards,
-                              shard_by)
+                              shard_by, batch_size)
 
   def expand(self, records):
+    if not isinstance(records.windowing.windowfn, GlobalWindows):
+      raise ValueError("ParseEvents expects records in the global window (straight from Kafka)")
     results = records | "Parse" >> beam.ParDo(self._fn).with_outputs(
-        DEAD_LETTER_TAG, main="rows")
+        DEAD_LETTER_TAG, FULL_BATCHES_TAG, main="rows")
     rows = results.rows
     rows.element_type = Tuple[str, Any]
+    if self._batching:
+      return rows, results[DEAD_LETTER_TAG], results[FULL_BATCHES_TAG]
     return rows, results[DEAD_LETTER_TAG]
 
 

@@ -22,7 +22,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms import progress
@@ -147,11 +148,11 @@ class _ReadPartitionFn(beam.DoFn):
       self._next_offset = offset
     return self._consumer
 
-  def process(self, element: PartitionRead,
+  def process(self, element: PartitionRead, window=beam.DoFn.WindowParam,
               tracker=beam.DoFn.RestrictionParam(KafkaRestrictionProvider()),
               watermark=beam.DoFn.WatermarkEstimatorParam(
                   KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS))):
-    return self._read(element, tracker, watermark)
+    return self._read(element, tracker, watermark, window)
 
   def _count(self, topic: str, records, batch_start: int, next_offset: int) -> None:
     """Counts the records of a poll batch emitted so far (those with offset < next_offset)."""
@@ -178,7 +179,7 @@ class _ReadPartitionFn(beam.DoFn):
       return self._poll_timeout_ms
     return min(SHORT_POLL_MS, self._poll_timeout_ms)
 
-  def _read(self, element: PartitionRead, tracker, watermark):
+  def _read(self, element: PartitionRead, tracker, watermark, window=None):
     from kafka import TopicPartition
 
     restriction = tracker.current_restriction()
@@ -191,6 +192,7 @@ class _ReadPartitionFn(beam.DoFn):
       return
     consumer = self._position(tp, covers_from)
     topic, partition = element.topic, element.partition
+    windows = (GlobalWindow() if window is None else window,)
     emitted = 0
     deadline = time.monotonic() + self._max_seconds
 
@@ -241,11 +243,12 @@ class _ReadPartitionFn(beam.DoFn):
           self._count(topic, records, batch_start, covers_from)
           return
         ts = rec.timestamp
-        yield TimestampedValue(
+        # A WindowedValue in the input's window: a TimestampedValue would make the runner
+        # re-run the window assignment per record. Exact micros: float seconds can be 1 µs early.
+        yield WindowedValue(
             KafkaRecord(topic, partition, offset, covers_from, rec.key, rec.value, ts,
                         tuple(rec.headers) if rec.headers else ()),
-            # Exact: float seconds (ts / 1000.0) can land 1 µs early (e.g. 1001 ms).
-            Timestamp(micros=ts * 1000))
+            Timestamp(micros=ts * 1000), windows)
         covers_from = offset + 1
         if max_ts is None or ts > max_ts:
           max_ts = ts
@@ -270,11 +273,11 @@ class _ReadUnboundedPartitionFn(_ReadPartitionFn):
   """The same reader; its output PCollection is unbounded (streaming on Dataflow)."""
 
   @beam.DoFn.unbounded_per_element()
-  def process(self, element: PartitionRead,
+  def process(self, element: PartitionRead, window=beam.DoFn.WindowParam,
               tracker=beam.DoFn.RestrictionParam(KafkaRestrictionProvider()),
               watermark=beam.DoFn.WatermarkEstimatorParam(
                   KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS))):
-    return self._read(element, tracker, watermark)
+    return self._read(element, tracker, watermark, window)
 
 
 class ReadPartitions(beam.PTransform):
