@@ -11,6 +11,7 @@
 #   ./run_pipeline.sh dataflow [pipeline options]
 #   ./run_pipeline.sh drain [local|flink|dataflow] [job]
 #   ./run_pipeline.sh bench [reader|pipeline] [--events N]
+#   ./run_pipeline.sh prism build|path           Prism (Go, same version as apache-beam) for local --runner=PrismRunner
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -57,6 +58,8 @@ case "$cmd" in
   test)
     ensure_venv
     PYTHONPATH="$ROOT" "$PY" -m broker.kafka_broker fetch >/dev/null
+    bash "$ROOT/bigquery_emulator/emulator.sh" install \
+      || echo "warning: the BigQuery emulator could not be installed; its tests will fail" >&2
     set +e
     PYTHONPATH="$ROOT" "$PY" -m pytest "$@"
     rc=$?
@@ -71,13 +74,14 @@ case "$cmd" in
   dataflow) py -m pipelines.main --mode=dataflow "$@" ;;
   drain)    py -m pipelines.drain "$@" ;;
   demo)     py -m pipelines.demo "$@" ;;
+  prism)    ensure_venv; exec bash "$ROOT/runners/prism.sh" "$@" ;;
   bench)    case "${1:-pipeline}" in
               reader)   shift; py -m benchmarks.reader_bench "$@" ;;
               pipeline) [[ $# -gt 0 ]] && shift; py -m benchmarks.pipeline_bench "$@" ;;
               *) die "bench: expected reader or pipeline, got $1" ;;
             esac ;;
   help|-h|--help)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *) die "unknown command '$cmd' (try ./run_pipeline.sh help)" ;;
 esac

@@ -36,3 +36,29 @@ def make_topic(kafka_bootstrap):
   def _make(partitions: int = 1, prefix: str = "t") -> str:
     return support.create_topic(kafka_bootstrap, support.unique_topic(prefix), partitions)
   return _make
+
+
+@pytest.fixture(scope="session")
+def bq_emulator():
+  """A running BigQuery emulator (bigquery_emulator/): ``.endpoint``, ``.project``, ``.client()``.
+
+  $BIGQUERY_EMULATOR_ENDPOINT (with $BIGQUERY_EMULATOR_PROJECT, default test-project) reuses
+  one already running; else one is started here on free ports and stopped after the session.
+  """
+  from bigquery_emulator.control import make_client, start_emulator
+
+  given = os.environ.get("BIGQUERY_EMULATOR_ENDPOINT")
+  if given:
+    class _Given:
+      endpoint = given
+      project = os.environ.get("BIGQUERY_EMULATOR_PROJECT", "test-project")
+
+      def client(self):
+        return make_client(self.endpoint, self.project)
+    yield _Given()
+    return
+  emulator = start_emulator(project="test-project")
+  try:
+    yield emulator
+  finally:
+    emulator.stop()
