@@ -24,6 +24,8 @@ DEAD_LETTER_REASONS = (
 )
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+# One encoder: json.dumps with non-default arguments builds a new one per call (~3 µs).
+_METADATA_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False, sort_keys=True)
 
 
 class InvalidEvent(ValueError):
@@ -181,8 +183,7 @@ def parse_sensor(value: Optional[bytes]) -> SensorReading:
       latitude=_number(location, "lat", -90.0, 90.0),
       longitude=_number(location, "lon", -180.0, 180.0),
       event_time_us=parse_timestamp_us(obj["timestamp"]),
-      metadata=None if metadata is None else json.dumps(metadata, separators=(",", ":"),
-                                                         allow_nan=False, sort_keys=True),
+      metadata=None if metadata is None else _METADATA_JSON.encode(metadata),
   )
 
 
