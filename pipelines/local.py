@@ -36,7 +36,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_handlers
 
-from pipelines import smartgrid
+from pipelines import prism, smartgrid
 from pipelines.options import SmartGridOptions
 from transforms import progress
 from transforms.kafka import KafkaUnavailableError
@@ -127,7 +127,8 @@ def _build(options: PipelineOptions, drain_file: Path, **overrides) -> beam.Pipe
   if overrides:
     options = PipelineOptions.from_dictionary({**options.get_all_options(drop_default=True),
                                                **overrides})
-  p = beam.Pipeline(runner=make_runner(), options=options)
+  # Prism options (pipelines/prism.py) name their runner; everything else runs on FnApiRunner.
+  p = beam.Pipeline(runner=None if prism.is_prism(options) else make_runner(), options=options)
   smartgrid.build(p, options.view_as(SmartGridOptions), drain_file=str(drain_file))
   return p
 
@@ -179,8 +180,12 @@ def run(options: PipelineOptions, mode: str) -> int:
   signal.signal(signal.SIGINT, on_signal)
   signal.signal(signal.SIGTERM, on_signal)
 
-  rounds = mode == "local" and o.stop is None
+  # Prism streams for real (pipelines/prism.py): one unbounded pipeline, no rounds.
+  on_prism = prism.is_prism(options)
+  rounds = mode == "local" and o.stop is None and not on_prism
   try:
+    if on_prism:
+      options = prism.prism_options(options)  # PrismNotBuilt (a ValueError) names the fix
     first = _build(options, drain_file, **({"stop": "end"} if rounds else {}))
   except (KafkaUnavailableError, ValueError) as e:
     pidf.unlink(missing_ok=True)

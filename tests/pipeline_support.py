@@ -25,11 +25,22 @@ REPO = Path(__file__).resolve().parent.parent
 TABLES = ("sensor_readings", "meter_readings", "dead_letters")
 
 
+def prism_binary() -> Optional[Path]:
+  """The Prism binary pipelines/prism.py would use ($PRISM_BIN or .cache/prism/bin/prism),
+  or None when it is not built (``./run_pipeline.sh prism build``)."""
+  path = Path(os.environ.get("PRISM_BIN") or REPO / ".cache" / "prism" / "bin" / "prism")
+  return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
 class Pipeline:
-  """``python -m pipelines.main`` in a subprocess; stderr goes to a file (never a full pipe)."""
+  """``python -m pipelines.main`` in a subprocess; stderr goes to a file (never a full pipe).
+
+  runner: None or "FnApiRunner" = the default local engine (no --runner flag), else
+  passed as --runner (e.g. "PrismRunner")."""
 
   def __init__(self, bootstrap: str, sensor_topic: str, meter_topic: str, group: str,
-               work_dir: Path, *extra: str, mode: str = "local", log_name: Optional[str] = None):
+               work_dir: Path, *extra: str, mode: str = "local", log_name: Optional[str] = None,
+               runner: Optional[str] = None):
     self.db = work_dir / "out.db"
     self.drain_file = work_dir / "drain"
     self.pid_file = self.drain_file.with_suffix(".pid")
@@ -39,7 +50,8 @@ class Pipeline:
                  "--bootstrap_servers", bootstrap, "--sensor_topic", sensor_topic,
                  "--meter_topic", meter_topic, "--group_id", group,
                  "--sink", f"sqlite:///{self.db}", "--drain_file", str(self.drain_file),
-                 "--progress_secs", "1", *extra]
+                 "--progress_secs", "1",
+                 *([f"--runner={runner}"] if runner not in (None, "FnApiRunner") else []), *extra]
     self._log_handle = open(self.log, "w")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     self.proc = subprocess.Popen(self.args, cwd=str(REPO), env=env, stdout=self._log_handle,

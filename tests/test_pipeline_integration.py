@@ -6,6 +6,12 @@ pipeline promises to survive (SIGTERM drain, SIGKILL, a locked sink, a second ru
 and compares the sink with the topic offset by offset: every produced
 (topic, partition, offset) in exactly one table exactly once, committed offsets never
 past what is written, and equal to the end offsets after a clean stop.
+
+The streaming tests (``@both_runners``) run on FnApiRunner (the default local engine,
+streaming in rounds) and on Prism (``--runner=PrismRunner``: one unbounded pipeline); the
+Prism cases skip when the binary is not built (``./run_pipeline.sh prism build`` or
+$PRISM_BIN). Batch runs always use FnApiRunner: Prism refuses bounded runs, because it
+drops rows buffered in GroupIntoBatches when a bounded input ends (pipelines/prism.py).
 """
 
 from __future__ import annotations
@@ -25,15 +31,29 @@ from pipelines.produce import BAD_KINDS, EventFactory
 from tests import support
 from tests.pipeline_support import (BackgroundProducer, Pipeline, assert_commits_not_past_sink,
                                     assert_exactly_once, committed, contiguous_frontier, ends,
-                                    produce_events, query, row_count, run_to_end)
+                                    prism_binary, produce_events, query, row_count, run_to_end)
 from transforms.sinks.sqlite import SqliteStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
+both_runners = pytest.mark.parametrize("runner", [
+    "FnApiRunner",
+    pytest.param("PrismRunner", marks=pytest.mark.skipif(
+        prism_binary() is None,
+        reason="Prism is not built: ./run_pipeline.sh prism build (or set PRISM_BIN)")),
+])
+
 
 @pytest.fixture
-def env(kafka_bootstrap, make_topic, tmp_path):
-  """Fresh sensor and meter topics (2 partitions each), a fresh group, a work dir."""
+def runner():
+  """The local engine of a test not marked @both_runners: the default, FnApiRunner."""
+  return "FnApiRunner"
+
+
+@pytest.fixture
+def env(kafka_bootstrap, make_topic, tmp_path, runner):
+  """Fresh sensor and meter topics (2 partitions each), a fresh group, a work dir; the
+  test's streaming runs on `runner`."""
   class Env:
     bs = kafka_bootstrap
     sensor = make_topic(2, "sensor")
@@ -43,9 +63,11 @@ def env(kafka_bootstrap, make_topic, tmp_path):
     db = tmp_path / "out.db"
 
     def pipeline(self, *extra, mode="local"):
-      return Pipeline(self.bs, self.sensor, self.meter, self.group, self.dir, *extra, mode=mode)
+      return Pipeline(self.bs, self.sensor, self.meter, self.group, self.dir, *extra, mode=mode,
+                      runner=runner)
 
     def batch(self, *extra, timeout=120.0):
+      # Batch (restarts included) is FnApiRunner's: Prism refuses bounded runs.
       return run_to_end(self.bs, self.sensor, self.meter, self.group, self.dir, *extra,
                         timeout=timeout)
 
@@ -83,6 +105,7 @@ def _assert_committed_equals_end(env):
 # (1) 50 events, streaming, SIGTERM
 
 
+@both_runners
 def test_sigterm_drains_50_events_and_commits_the_end(env):
   produced = env.produce(_events(50))
   with env.pipeline() as p:
@@ -102,6 +125,7 @@ def test_sigterm_drains_50_events_and_commits_the_end(env):
 
 
 @pytest.mark.timeout(150)
+@both_runners
 def test_kill_while_processing_then_restart_writes_all_75_once(env):
   first = env.produce(_events(40, seed=2))
   with env.pipeline() as p:
@@ -201,6 +225,7 @@ def test_sink_failing_in_the_final_flush_commits_nothing_past_it(env):
 
 
 @pytest.mark.timeout(150)
+@both_runners
 def test_sigkill_at_random_moments_while_producing_loses_nothing(env):
   rng = random.Random()
   # Each run is killed a random time after it has started writing: early in its first
@@ -242,6 +267,7 @@ def test_sigkill_at_random_moments_while_producing_loses_nothing(env):
 
 
 @pytest.mark.timeout(150)
+@both_runners
 def test_drain_while_producing_commits_only_what_is_written(env):
   producer = BackgroundProducer(env.bs, env.sensor, env.meter, rate=500, bad_ratio=0.02,
                                 seed=17).start()
@@ -344,3 +370,16 @@ def test_malformed_events_are_dead_lettered_and_late_events_kept(env):
                           "kafka_partition=? AND kafka_offset=?", good_offsets[0])
   assert on_time == [(0,)]
   _assert_committed_equals_end(env)
+
+
+# ---------------------------------------------------------------------------
+# (9) Prism refuses bounded runs
+
+
+def test_prism_refuses_a_batch_run(env):
+  produced = env.produce(_events(10, seed=10))
+  p = run_to_end(env.bs, env.sensor, env.meter, env.group, env.dir, runner="PrismRunner")
+  assert p.proc.returncode == 2, p.tail()
+  assert "runs only unbounded streaming" in p.output, p.tail()
+  assert row_count(env.db) == 0 and all(v is None for v in env.committed().values())
+  assert produced
