@@ -7,7 +7,9 @@ FnApiRunner hands a stage's output to the next stage only when the stage has
 finished (fn_runner.py schedules every output buffer at MAX_TIMESTAMP), so one
 endless pipeline there would hold every record in memory and write nothing until
 a drain. Rounds keep memory flat and commit continuously; the latency is a
-round's length (a few seconds). ``batch`` is a single round.
+round's length (a few seconds). ``batch`` runs rounds too, towards the end offsets
+seen when it started. A round reads at most ``--round_records_per_partition`` per
+partition: the whole output of a stage waits in memory until the stage ends.
 
 Why FnApiRunner: ``--runner=DirectRunner`` would pick the BundleBasedDirectRunner
 for this pipeline (GroupIntoBatches declares a processing-time timer), and that
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 import apache_beam as beam
+from kafka.errors import KafkaError
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_handlers
 
@@ -41,6 +44,7 @@ from pipelines.options import SmartGridOptions
 from transforms import progress
 from transforms.kafka import KafkaUnavailableError
 from transforms.kafka.drain import DrainSignal
+from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop
 
 _LOGGER = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -123,14 +127,51 @@ def summary(view: Optional[_KafkaView], elapsed: float, state: str) -> str:
   return "\n".join(lines)
 
 
-def _build(options: PipelineOptions, drain_file: Path, **overrides) -> beam.Pipeline:
-  if overrides:
-    options = PipelineOptions.from_dictionary({**options.get_all_options(drop_default=True),
-                                               **overrides})
+def _build(options: PipelineOptions, drain_file: Path, *, start: Optional[StartPosition] = None,
+           stop: Optional[StopPosition] = None) -> beam.Pipeline:
   # Prism options (pipelines/prism.py) name their runner; everything else runs on FnApiRunner.
   p = beam.Pipeline(runner=None if prism.is_prism(options) else make_runner(), options=options)
-  smartgrid.build(p, options.view_as(SmartGridOptions), drain_file=str(drain_file))
+  smartgrid.build(p, options.view_as(SmartGridOptions), drain_file=str(drain_file), start=start,
+                  stop=stop)
   return p
+
+
+class _Rounds:
+  """The FnApiRunner plan: one bounded pipeline after another (see the module doc).
+
+  Streaming: each round reads from the committed offsets to the end offsets it sees.
+  Batch: each round reads from the committed offsets towards the end offsets seen when
+  the run started, and the run ends when it reaches them (or a round finds nothing
+  left: offsets that hold no record, such as trailing transaction markers, are never
+  committed). Either way a round reads at most ``--round_records_per_partition`` per
+  partition, because FnApiRunner keeps a stage's whole output in memory until the stage
+  ends: rounds keep memory flat however large the backlog.
+  """
+
+  def __init__(self, o: SmartGridOptions, view: "_KafkaView", batch: bool):
+    self._o = o
+    self._view = view
+    self._cap = o.round_records_per_partition
+    self.target = None
+    if batch:
+      end, _ = view.offsets()
+      self.target = tuple(sorted((tp.topic, tp.partition, e) for tp, e in end.items()))
+    self.count = 0
+
+  def stop(self) -> StopPosition:
+    if self.target is None:
+      return StopPosition("end", max_records=self._cap)
+    return StopPosition("offsets", offsets=self.target, max_records=self._cap)
+
+  def start(self) -> StartPosition:
+    # The first round starts where --start says; later ones where the last one committed.
+    return parse_start(self._o.start if self.count == 0 else "committed")
+
+  def batch_done(self) -> bool:
+    _, committed = self._view.offsets()
+    targets = {(t, p): offset for t, p, offset in self.target}
+    return all((committed.get(tp) or 0) >= targets.get((tp.topic, tp.partition), 0)
+               for tp in committed)
 
 
 def _wait_for_new_data(view: "_KafkaView", drain_file: Path, poll_ms: int) -> bool:
@@ -182,32 +223,44 @@ def run(options: PipelineOptions, mode: str) -> int:
 
   # Prism streams for real (pipelines/prism.py): one unbounded pipeline, no rounds.
   on_prism = prism.is_prism(options)
-  rounds = mode == "local" and o.stop is None and not on_prism
+  stop = parse_stop(o.stop)
+  use_rounds = not on_prism and (stop.kind == "never" or stop.kind == "end")
+  view = None
   try:
     if on_prism:
       options = prism.prism_options(options)  # PrismNotBuilt (a ValueError) names the fix
-    first = _build(options, drain_file, **({"stop": "end"} if rounds else {}))
-  except (KafkaUnavailableError, ValueError) as e:
+    view = _KafkaView(o)
+    plan = _Rounds(o, view, batch=stop.kind == "end") if use_rounds else None
+    first = (_build(options, drain_file, start=plan.start(), stop=plan.stop()) if plan
+             else _build(options, drain_file))
+  except (KafkaUnavailableError, KafkaError, ValueError) as e:
     pidf.unlink(missing_ok=True)
+    if view is not None:
+      view.close()
     print(f"error: {e}", file=sys.stderr)
     return 2
   started = time.monotonic()
   outcome: dict = {}
-  view = None
-  try:
-    view = _KafkaView(o)
-  except Exception as e:  # noqa: BLE001 - progress only; the pipeline reports real errors
-    _LOGGER.warning("no progress view of Kafka: %s", e)
 
   def target():
     try:
-      first.run().wait_until_finish()
-      while rounds and not drain_file.exists():
-        # Streaming on FnApiRunner runs in rounds: each round reads from the committed
-        # offsets to the end offsets it sees, writes, commits, and ends (see module doc).
-        if view is not None and not _wait_for_new_data(view, drain_file, o.poll_timeout_ms):
-          continue
-        _build(options, drain_file, stop="end", start="committed").run().wait_until_finish()
+      pipeline = first
+      while True:
+        read_before = sum(progress.snapshot()["read"].values())
+        pipeline.run().wait_until_finish()
+        if plan is None or drain_file.exists():
+          break
+        plan.count += 1
+        if plan.target is not None:  # batch
+          if plan.batch_done() or sum(progress.snapshot()["read"].values()) == read_before:
+            break
+        else:  # streaming: the next round starts when there is something to read
+          while not _wait_for_new_data(view, drain_file, o.poll_timeout_ms):
+            if drain_file.exists():
+              break
+          if drain_file.exists():
+            break
+        pipeline = _build(options, drain_file, start=plan.start(), stop=plan.stop())
       outcome["state"] = "DONE"
     except BaseException as e:  # noqa: BLE001 - reported by the main thread
       outcome["error"] = e

@@ -68,6 +68,9 @@ class SmartGridOptions(PipelineOptions):
                    help="how long transient sink errors are retried before the bundle fails. Default: 60")
     g.add_argument("--commit_interval_secs", type=float, default=5.0,
                    help="least time between two offset commits of a partition. Default: 5")
+    g.add_argument("--round_records_per_partition", type=int, default=25_000,
+                   help="local and batch runs on FnApiRunner go in rounds of at most this many "
+                        "records per partition, to keep memory flat. Default: 25000")
     g.add_argument("--poll_timeout_ms", type=int, default=1000,
                    help="how long an idle reader blocks in poll before it checkpoints. Default: 1000")
     g.add_argument("--kafka_security_protocol", default=None,
@@ -121,6 +124,8 @@ def validate(o: SmartGridOptions) -> None:
     fail("sink_retry_deadline_secs", f"must be > 0, got {o.sink_retry_deadline_secs}")
   if o.commit_interval_secs <= 0:
     fail("commit_interval_secs", f"must be > 0, got {o.commit_interval_secs}")
+  if o.round_records_per_partition < 1:
+    fail("round_records_per_partition", f"must be >= 1, got {o.round_records_per_partition}")
   if o.poll_timeout_ms <= 0:
     fail("poll_timeout_ms", f"must be > 0, got {o.poll_timeout_ms}")
   if o.progress_secs < 0:

@@ -20,7 +20,7 @@ from transforms.batching import BatchRows
 from transforms.commit import CommitOffsets
 from transforms.kafka import ReadPartitions, ResolvePartitions, discover_partitions
 from transforms.kafka.config import consumer_config
-from transforms.kafka.positions import parse_start, parse_stop
+from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop
 from transforms.parse import METER, SENSOR, ParseEvents, key_dead_letters
 from transforms.sinks.base import Store, WriteBatches
 from transforms.windows import FixedEventWindows
@@ -58,17 +58,20 @@ class Outputs:
 
 
 def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = None,
-          drain_file: Optional[str] = None) -> Outputs:
+          drain_file: Optional[str] = None, start: Optional[StartPosition] = None,
+          stop: Optional[StopPosition] = None) -> Outputs:
+  """The pipeline on p; ``start``/``stop`` override --start/--stop (the launcher's rounds)."""
   config = kafka_client_config(o)
   topics = {o.sensor_topic: SENSOR, o.meter_topic: METER}
-  stop = parse_stop(o.stop)
+  start = start if start is not None else parse_start(o.start)
+  stop = stop if stop is not None else parse_stop(o.stop)
   store = store if store is not None else make_store(o)
 
   reads = p | "ResolveKafkaPartitions" >> ResolvePartitions(
-      discover_partitions(config, list(topics)), config, parse_start(o.start), stop)
+      discover_partitions(config, list(topics)), config, start, stop)
   records = reads | "ReadFromKafka" >> ReadPartitions(
       config, poll_timeout_ms=o.poll_timeout_ms, drain_file=drain_file,
-      bounded=stop.kind == "end")
+      bounded=stop.is_bounded)
   rows, dead_letters, full_batches = records | "ParseEvents" >> ParseEvents(
       topics, window_size_secs=o.window_size_secs, allowed_lateness_secs=o.allowed_lateness_secs,
       num_shards=o.num_shards, shard_by=o.shard_by, batch_size=o.batch_size)
@@ -80,7 +83,7 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
       # A bounded read ends with the watermark at +inf, which flushes every partial batch; a
       # buffering timer adds nothing there, and FnApiRunner fails a run that ends with one
       # still pending (even a cleared one).
-      max_buffering_secs=None if stop.kind == "end" else o.max_buffering_secs)
+      max_buffering_secs=None if stop.is_bounded else o.max_buffering_secs)
   acks = batches | "WriteBatches" >> WriteBatches(
       store, flush_rows=o.sink_flush_rows, retry_deadline_s=o.sink_retry_deadline_secs,
       batch_size=o.batch_size)

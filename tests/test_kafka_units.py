@@ -147,6 +147,20 @@ def test_resolve_earliest_latest_and_stop_end():
   assert resolve(c, [], StartPosition("earliest"), StopPosition("end")) == []
 
 
+def test_resolve_explicit_stop_offsets_and_a_per_partition_cap():
+  c = FakeOffsetsConsumer(beginning={0: 0, 1: 0, 2: 0}, end={0: 100, 1: 50, 2: 3},
+                          committed={0: 20, 1: 45})
+  # a batch round: towards the end offsets seen when the run started, at most 10 a partition
+  stop = StopPosition("offsets", offsets=(("t", 0, 60), ("t", 1, 48)), max_records=10)
+  assert stop.is_bounded
+  reads = resolve(c, PARTS, StartPosition("committed"), stop)
+  assert [(r.start_offset, r.stop_offset) for r in reads] == [(20, 30), (45, 48), (0, 3)]
+  # a streaming round: to the end offsets now, capped
+  capped = resolve(c, PARTS, StartPosition("committed"), StopPosition("end", max_records=10))
+  assert [(r.start_offset, r.stop_offset) for r in capped] == [(20, 30), (45, 50), (0, 3)]
+  assert not StopPosition("never").is_bounded and not StopPosition("timestamp", 5).is_bounded
+
+
 def test_resolve_committed_falls_back_to_beginning_and_clamps_to_the_log():
   c = FakeOffsetsConsumer(beginning={0: 3, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10},
                           committed={0: 1, 1: 4, 2: 99})

@@ -326,6 +326,27 @@ def test_batch_twice_second_run_writes_nothing(env):
   _assert_committed_equals_end(env)
 
 
+def test_batch_in_small_rounds_stops_at_the_end_offsets_of_its_start(env):
+  """Rounds of at most 7 records per partition while a producer keeps writing: many rounds,
+  each committing; the run ends at the end offsets it saw when it started instead of
+  chasing the producer, and what it wrote is exactly the offsets below its commits."""
+  initial = env.produce(_events(90, seed=21))
+  late = BackgroundProducer(env.bs, env.sensor, env.meter, rate=100.0).start()
+  try:
+    p = env.batch("--round_records_per_partition=7")
+  finally:
+    later = late.stop()
+  _assert_clean_exit(p)
+  assert p.output.count("Pipeline finished") == 1
+  committed = env.committed()
+  assert sum(committed.values()) >= len(initial)  # at least what was there before it started
+  assert row_count(env.db) < len(initial) + len(later)  # it stopped; the producer went on
+  produced = list(initial) + list(later)
+  below = [(t, q, o) for t, q, o in produced if o < (committed[(t, q)] or 0)]
+  assert_exactly_once(env.db, below)  # every offset below the commits, once; nothing else
+  assert p.summary_read() == len(below)
+
+
 # ---------------------------------------------------------------------------
 # (8) malformed input and late events
 

@@ -32,8 +32,20 @@ class StartPosition:
 
 @dataclass(frozen=True)
 class StopPosition:
-  kind: str  # never | end | timestamp
+  """never | end | timestamp | offsets ({(topic, partition): stop}, the rest: end).
+
+  ``max_records`` caps every partition's read at that many offsets past its start
+  (a bounded slice of a larger read: the launcher's rounds).
+  """
+  kind: str
   timestamp_ms: Optional[int] = None
+  offsets: tuple = ()  # ((topic, partition, stop offset), ...)
+  max_records: Optional[int] = None
+
+  @property
+  def is_bounded(self) -> bool:
+    """Every partition gets a stop offset when the read starts (a batch read)."""
+    return self.kind in ("end", "offsets")
 
 
 def to_epoch_ms(value: Any, what: str) -> int:
@@ -131,11 +143,17 @@ def resolve(consumer, partitions: Iterable[tuple[str, int]], start: StartPositio
     stop_offset = stop_ts = None
     if stop.kind == "end":
       stop_offset = max(end[tp], offset)
+    elif stop.kind == "offsets":
+      stop_offset = max(dict(((t, p), o) for t, p, o in stop.offsets).get(
+          (tp.topic, tp.partition), end[tp]), offset)
     elif stop.kind == "timestamp":
       found = consumer.offsets_for_times({tp: stop.timestamp_ms}).get(tp)
       if found is not None:
         stop_offset = max(found.offset, offset)
       else:
         stop_ts = stop.timestamp_ms  # not written yet: stop when a record reaches it
+    if stop.max_records is not None:
+      capped = offset + stop.max_records
+      stop_offset = capped if stop_offset is None else min(stop_offset, capped)
     reads.append(PartitionRead(tp.topic, tp.partition, offset, stop_offset, stop_ts))
   return reads

@@ -288,7 +288,7 @@ class ReadPartitions(beam.PTransform):
   """
 
   def __init__(self, config: Mapping[str, Any], *, poll_timeout_ms: int = 1000,
-               max_records_per_call: int = 50_000, max_seconds_per_call: float = 5.0,
+               max_records_per_call: int = 20_000, max_seconds_per_call: float = 5.0,
                drain_file: Optional[str] = None, bounded: bool = False):
     super().__init__()
     if poll_timeout_ms <= 0 or max_records_per_call <= 0 or max_seconds_per_call <= 0:
@@ -322,7 +322,7 @@ class ReadFromKafka(beam.PTransform):
   def __init__(self, bootstrap_servers: str, topics: str | Sequence[str], *,
                group_id: Optional[str] = None, start: Any = "committed", stop: Any = None,
                consumer_config: Optional[Mapping[str, Any]] = None,
-               poll_timeout_ms: int = 1000, max_records_per_call: int = 50_000,
+               poll_timeout_ms: int = 1000, max_records_per_call: int = 20_000,
                max_seconds_per_call: float = 5.0, drain_file: Optional[str] = None):
     super().__init__()
     self.topics = [topics] if isinstance(topics, str) else list(topics)
@@ -337,7 +337,7 @@ class ReadFromKafka(beam.PTransform):
     self._read = ReadPartitions(self.config, poll_timeout_ms=poll_timeout_ms,
                                 max_records_per_call=max_records_per_call,
                                 max_seconds_per_call=max_seconds_per_call, drain_file=drain_file,
-                                bounded=self.stop.kind == "end")
+                                bounded=self.stop.is_bounded)
 
   def partitions(self) -> list[tuple[str, int]]:
     return discover_partitions(self.config, self.topics)
