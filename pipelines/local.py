@@ -8,8 +8,8 @@ finished (fn_runner.py schedules every output buffer at MAX_TIMESTAMP), so one
 endless pipeline there would hold every record in memory and write nothing until
 a drain. Rounds keep memory flat and commit continuously; the latency is a
 round's length (a few seconds). ``batch`` runs rounds too, towards the end offsets
-seen when it started. A round reads at most ``--round_records_per_partition`` per
-partition: the whole output of a stage waits in memory until the stage ends.
+seen when it started. A round reads at most ``--round_max_records`` (shared out
+over the partitions): the whole output of a stage waits in memory until the stage ends.
 
 Why FnApiRunner: ``--runner=DirectRunner`` would pick the BundleBasedDirectRunner
 for this pipeline (GroupIntoBatches declares a processing-time timer), and that
@@ -39,7 +39,7 @@ from kafka.errors import KafkaError
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_handlers
 
-from pipelines import prism, smartgrid
+from pipelines import prism, smartgrid, workers
 from pipelines.options import SmartGridOptions
 from transforms import progress
 from transforms.kafka import KafkaUnavailableError
@@ -67,8 +67,10 @@ class _KafkaView:
     config = smartgrid.kafka_client_config(o)
     config.update(bootstrap_timeout_ms=10000)
     self._consumer = KafkaConsumer(**config)
-    self.tps = [TopicPartition(t, p) for t in (o.sensor_topic, o.meter_topic)
-                for p in sorted(self._consumer.partitions_for_topic(t) or ())]
+    # A worker of --local_workers sees only its own share of the partitions.
+    self.tps = [TopicPartition(t, p) for t, p in smartgrid.shard_partitions(
+        [(t, p) for t in (o.sensor_topic, o.meter_topic)
+         for p in sorted(self._consumer.partitions_for_topic(t) or ())], o.partition_shard)]
 
   def offsets(self) -> tuple[dict, dict]:
     end = self._consumer.end_offsets(self.tps)
@@ -143,15 +145,16 @@ class _Rounds:
   Batch: each round reads from the committed offsets towards the end offsets seen when
   the run started, and the run ends when it reaches them (or a round finds nothing
   left: offsets that hold no record, such as trailing transaction markers, are never
-  committed). Either way a round reads at most ``--round_records_per_partition`` per
-  partition, because FnApiRunner keeps a stage's whole output in memory until the stage
-  ends: rounds keep memory flat however large the backlog.
+  committed). Either way a round reads at most ``--round_max_records`` records (an
+  equal share per partition), because FnApiRunner keeps a stage's whole output in
+  memory until the stage ends: rounds keep memory flat however large the backlog.
   """
 
   def __init__(self, o: SmartGridOptions, view: "_KafkaView", batch: bool):
     self._o = o
     self._view = view
-    self._cap = o.round_records_per_partition
+    partitions = len(view.tps) or 1
+    self._cap = max(1, -(-o.round_max_records // partitions))  # ceil: a share per partition
     self.target = None
     if batch:
       end, _ = view.offsets()
@@ -195,7 +198,7 @@ def make_runner() -> FnApiRunner:
   return FnApiRunner()
 
 
-def run(options: PipelineOptions, mode: str) -> int:
+def run(options: PipelineOptions, mode: str, argv: Optional[list] = None) -> int:
   o = options.view_as(SmartGridOptions)
   RUN_DIR.mkdir(parents=True, exist_ok=True)
   drain_file = Path(o.drain_file) if o.drain_file else default_drain_file(mode)
@@ -204,6 +207,18 @@ def run(options: PipelineOptions, mode: str) -> int:
   pidf = pid_file(mode) if not o.drain_file else drain_file.with_suffix(".pid")
   pidf.write_text(str(os.getpid()))
   progress.reset()
+  if o.local_workers > 1 and not prism.is_prism(options):
+    try:
+      view = _KafkaView(o)
+    except KafkaError as e:
+      pidf.unlink(missing_ok=True)
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    try:
+      return workers.supervise(argv or [], o, mode, drain_file, view)
+    finally:
+      view.close()
+      pidf.unlink(missing_ok=True)
 
   signals = {"count": 0}
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                    "DirectRunner would pick its BundleBasedDirectRunner for this pipeline, which "
                    "drops the Kafka reader's checkpointed residuals (see README, Runners)")
     from pipelines import local
-    return local.run(options, mode)
+    return local.run(options, mode, sys.argv[1:] if argv is None else argv)
   from pipelines import remote
   return remote.run(options, mode)
 

@@ -68,9 +68,17 @@ class SmartGridOptions(PipelineOptions):
                    help="how long transient sink errors are retried before the bundle fails. Default: 60")
     g.add_argument("--commit_interval_secs", type=float, default=5.0,
                    help="least time between two offset commits of a partition. Default: 5")
-    g.add_argument("--round_records_per_partition", type=int, default=25_000,
+    g.add_argument("--local_workers", type=int, default=1,
+                   help="local and batch runs: worker processes, each running the pipeline on its "
+                        "share of the partitions (they commit disjoint partitions and share the "
+                        "sink). 2 uses both cores of a 2-core machine. Default: 1")
+    g.add_argument("--partition_shard", default=None,
+                   help="I/N: read only every N-th of the topics' partitions, starting at the I-th "
+                        "(set by --local_workers for its workers)")
+    g.add_argument("--round_max_records", type=int, default=200_000,
                    help="local and batch runs on FnApiRunner go in rounds of at most this many "
-                        "records per partition, to keep memory flat. Default: 25000")
+                        "records (shared out over the partitions), to keep memory flat "
+                        "(about 1 KB a record). Default: 200000")
     g.add_argument("--poll_timeout_ms", type=int, default=1000,
                    help="how long an idle reader blocks in poll before it checkpoints. Default: 1000")
     g.add_argument("--kafka_security_protocol", default=None,
@@ -124,8 +132,14 @@ def validate(o: SmartGridOptions) -> None:
     fail("sink_retry_deadline_secs", f"must be > 0, got {o.sink_retry_deadline_secs}")
   if o.commit_interval_secs <= 0:
     fail("commit_interval_secs", f"must be > 0, got {o.commit_interval_secs}")
-  if o.round_records_per_partition < 1:
-    fail("round_records_per_partition", f"must be >= 1, got {o.round_records_per_partition}")
+  if not 1 <= o.local_workers <= 64:
+    fail("local_workers", f"must be in 1..64, got {o.local_workers}")
+  if o.partition_shard is not None:
+    m = re.match(r"^(\d+)/(\d+)$", o.partition_shard)
+    if not m or not int(m.group(1)) < int(m.group(2)):
+      fail("partition_shard", f"expected I/N with 0 <= I < N, got {o.partition_shard!r}")
+  if o.round_max_records < 1:
+    fail("round_max_records", f"must be >= 1, got {o.round_max_records}")
   if o.poll_timeout_ms <= 0:
     fail("poll_timeout_ms", f"must be > 0, got {o.poll_timeout_ms}")
   if o.progress_secs < 0:

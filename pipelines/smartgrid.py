@@ -49,6 +49,14 @@ def make_store(o: SmartGridOptions) -> Store:
   return BigQueryStore(project, dataset, api_endpoint=o.bigquery_api_endpoint)
 
 
+def shard_partitions(partitions: list, shard: Optional[str]) -> list:
+  """Every N-th of the sorted (topic, partition) pairs from the I-th on, for shard 'I/N'."""
+  if not shard:
+    return partitions
+  index, count = (int(x) for x in shard.split("/"))
+  return sorted(partitions)[index::count]
+
+
 @dataclass
 class Outputs:
   records: beam.PCollection
@@ -68,7 +76,8 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
   store = store if store is not None else make_store(o)
 
   reads = p | "ResolveKafkaPartitions" >> ResolvePartitions(
-      discover_partitions(config, list(topics)), config, start, stop)
+      shard_partitions(discover_partitions(config, list(topics)), o.partition_shard),
+      config, start, stop)
   records = reads | "ReadFromKafka" >> ReadPartitions(
       config, poll_timeout_ms=o.poll_timeout_ms, drain_file=drain_file,
       bounded=stop.is_bounded)

@@ -29,6 +29,7 @@ import pytest
 
 from pipelines.produce import BAD_KINDS, EventFactory
 from tests import support
+from tests.support import wait_for
 from tests.pipeline_support import (BackgroundProducer, Pipeline, assert_commits_not_past_sink,
                                     assert_exactly_once, committed, contiguous_frontier, ends,
                                     prism_binary, produce_events, query, row_count, run_to_end)
@@ -327,13 +328,13 @@ def test_batch_twice_second_run_writes_nothing(env):
 
 
 def test_batch_in_small_rounds_stops_at_the_end_offsets_of_its_start(env):
-  """Rounds of at most 7 records per partition while a producer keeps writing: many rounds,
+  """Rounds of at most 28 records (7 per partition) while a producer keeps writing: many rounds,
   each committing; the run ends at the end offsets it saw when it started instead of
   chasing the producer, and what it wrote is exactly the offsets below its commits."""
   initial = env.produce(_events(90, seed=21))
   late = BackgroundProducer(env.bs, env.sensor, env.meter, rate=100.0).start()
   try:
-    p = env.batch("--round_records_per_partition=7")
+    p = env.batch("--round_max_records=28")  # 7 per partition
   finally:
     later = late.stop()
   _assert_clean_exit(p)
@@ -345,6 +346,34 @@ def test_batch_in_small_rounds_stops_at_the_end_offsets_of_its_start(env):
   below = [(t, q, o) for t, q, o in produced if o < (committed[(t, q)] or 0)]
   assert_exactly_once(env.db, below)  # every offset below the commits, once; nothing else
   assert p.summary_read() == len(below)
+
+
+def test_two_local_workers_share_the_partitions_and_lose_nothing(env):
+  """--local_workers=2: a batch run, then a streaming run drained with SIGTERM while a
+  producer writes; every offset written once, committed never past the sink, = end."""
+  first = env.produce(_events(120, seed=31))
+  p = env.batch("--local_workers=2")
+  _assert_clean_exit(p)
+  assert "All 2 workers finished" in p.output, p.tail()
+  assert_exactly_once(env.db, first)
+  _assert_committed_equals_end(env)
+
+  producer = BackgroundProducer(env.bs, env.sensor, env.meter, rate=300.0).start()
+  try:
+    with Pipeline(env.bs, env.sensor, env.meter, env.group, env.dir, "--local_workers=2",
+                  mode="local") as s:
+      wait_for(lambda: row_count(env.db) > len(first) + 50, timeout=60, what="rows while streaming")
+      later = producer.stop()
+      wait_for(lambda: row_count(env.db) >= len(first) + len(later), timeout=60,
+               what="the workers to catch up")
+      assert_commits_not_past_sink(env.bs, env.group, env.db, env.sensor, env.meter)
+      s.terminate()
+      assert s.wait(timeout=60) == 0, s.tail()
+  finally:
+    producer.stop()
+  assert "All 2 workers drained" in s.output, s.tail()
+  assert_exactly_once(env.db, list(first) + list(later))
+  _assert_committed_equals_end(env)
 
 
 # ---------------------------------------------------------------------------

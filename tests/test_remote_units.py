@@ -99,3 +99,34 @@ def test_flink_options_use_loopback_the_embedded_cluster_and_an_explicit_jar(mon
   o = remote.configure_flink(PipelineOptions(["--flink_master=127.0.0.1:8081", "--stop=end"]))
   assert o.get_all_options()["flink_master"] == "127.0.0.1:8081"
   assert o.get_all_options()["streaming"] is False
+
+
+# ---------------------------------------------------------------------------
+# --local_workers: partition shards and the workers' command lines
+
+
+def test_partition_shards_cover_every_partition_once_and_balance_topics():
+  from pipelines.smartgrid import shard_partitions
+  parts = [("s", p) for p in range(4)] + [("m", p) for p in range(3)]
+  shards = [shard_partitions(parts, f"{i}/3") for i in range(3)]
+  assert sorted(x for s in shards for x in s) == sorted(parts)
+  assert [len(s) for s in shards] == [3, 2, 2]
+  assert shard_partitions(parts, None) == parts
+
+
+def test_worker_command_line_replaces_the_supervisors_own_flags(tmp_path):
+  from pipelines.workers import worker_argv
+  argv = ["--local_workers=2", "--sink", "sqlite:///x.db", "--drain_file", "/tmp/d",
+          "--progress_secs=5", "--group_id=g", "--mode=batch"]
+  cmd = worker_argv(argv, "batch", 1, 2, tmp_path / "drain")
+  assert cmd[1:4] == ["-m", "pipelines.main", "--mode=batch"]
+  assert cmd[4:] == ["--sink", "sqlite:///x.db", "--group_id=g", "--local_workers=1",
+                     "--partition_shard=1/2", f"--drain_file={tmp_path / 'drain'}.1",
+                     "--progress_secs=0"]
+
+
+@pytest.mark.parametrize("bad", ["2", "2/2", "-1/2", "a/b"])
+def test_partition_shard_must_be_i_of_n(bad):
+  from pipelines import main
+  with pytest.raises(OptionError, match="^--partition_shard:"):
+    main.parse([f"--partition_shard={bad}"])

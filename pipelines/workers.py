@@ -1,0 +1,111 @@
+"""``--local_workers=N``: the local pipeline in N processes, each on its share of the partitions.
+
+One FnApiRunner process runs on one core. With N workers, each runs the same
+pipeline (``--partition_shard=i/N``: every N-th topic-partition), so each commits
+only its own partitions and they share nothing but the sink, whose writes are
+idempotent and retried when the store is busy. The guarantees are those of one
+worker, per partition.
+
+The supervisor starts the workers in their own sessions (a terminal's Ctrl-C
+reaches only the supervisor) with a parent-death signal (they die with it),
+forwards the first SIGINT/SIGTERM to each as one SIGTERM (each drains), and on a
+second signal kills them and exits 130. It prints a progress line from the
+group's committed offsets and, at the end, the committed/end offsets; each
+worker prints its own summary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipelines.options import SmartGridOptions
+
+REPO = Path(__file__).resolve().parent.parent
+_OWN_FLAGS = ("--local_workers", "--partition_shard", "--drain_file", "--progress_secs", "--mode")
+
+
+def _die_with_parent() -> None:  # runs in the worker between fork and exec
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def worker_argv(argv: list[str], mode: str, index: int, count: int, drain_file: Path) -> list[str]:
+  """The supervisor's arguments for worker index/count (its own flags replaced)."""
+  out, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+      continue
+    name = arg.split("=", 1)[0]
+    if name in _OWN_FLAGS:
+      skip = "=" not in arg
+      continue
+    out.append(arg)
+  return [sys.executable, "-m", "pipelines.main", f"--mode={mode}", *out, "--local_workers=1",
+          f"--partition_shard={index}/{count}", f"--drain_file={drain_file}.{index}",
+          "--progress_secs=0"]
+
+
+def _committed_line(view, started: float, baseline: int) -> str:
+  end, committed = view.offsets()
+  done = sum(c or 0 for c in committed.values())
+  elapsed = max(time.monotonic() - started, 1e-9)
+  lag = sum(e - (committed.get(tp) or 0) for tp, e in end.items())
+  return (f"[{elapsed:6.0f}s] committed {done - baseline} this run "
+          f"({(done - baseline) / elapsed:,.0f}/s) | lag {lag}")
+
+
+def supervise(argv: list[str], o: SmartGridOptions, mode: str, drain_file: Path, view) -> int:
+  n = o.local_workers
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  workers = [subprocess.Popen(worker_argv(argv, mode, i, n, drain_file), cwd=REPO, env=env,
+                              start_new_session=True, preexec_fn=_die_with_parent)
+             for i in range(n)]
+  signals = {"count": 0}
+  baseline = sum(c or 0 for c in view.offsets()[1].values())
+
+  def on_signal(signum, _frame):
+    signals["count"] += 1
+    if signals["count"] == 1:
+      print(f"\n{signal.Signals(signum).name}: draining {n} workers. Signal again to abort.",
+            file=sys.stderr, flush=True)
+      for w in workers:
+        if w.poll() is None:
+          w.send_signal(signal.SIGTERM)
+    else:
+      print("Second signal: aborting now. Nothing unwritten was committed; the next run "
+            "replays it.", file=sys.stderr, flush=True)
+      for w in workers:
+        if w.poll() is None:
+          w.kill()
+      os._exit(130)
+
+  signal.signal(signal.SIGINT, on_signal)
+  signal.signal(signal.SIGTERM, on_signal)
+  started = time.monotonic()
+  next_line = started + (o.progress_secs or 0)
+  while any(w.poll() is None for w in workers):
+    time.sleep(0.2)
+    if o.progress_secs and time.monotonic() >= next_line:
+      next_line += o.progress_secs
+      print(_committed_line(view, started, baseline), file=sys.stderr, flush=True)
+  codes = [w.returncode for w in workers]
+  state = "drained" if signals["count"] else "finished"
+  if any(codes):
+    state = "FAILED"
+  end, committed = view.offsets()
+  lines = [f"All {n} workers {state} after {time.monotonic() - started:.1f}s (exit codes {codes}).",
+           "  " + _committed_line(view, started, baseline).split("] ", 1)[1],
+           "  committed/end offsets per partition:"]
+  for tp in sorted(end, key=lambda t: (t.topic, t.partition)):
+    c = committed.get(tp)
+    lines.append(f"    {tp.topic}-{tp.partition}: {c}/{end[tp]}"
+                 + ("" if c == end[tp] else f"  (lag {end[tp] - (c or 0)})"))
+  print("\n".join(lines), file=sys.stderr, flush=True)
+  return 0 if not any(codes) else 1
