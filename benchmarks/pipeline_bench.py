@@ -9,7 +9,8 @@ topics, 4 partitions each), then measures, each from the beginning of the topics
   (b) loop:     kafka-python -> SQLite in batches of 100 (executemany + one commit,
                 unique (topic, partition, offset)): the system being replaced, minus its loss;
   (c) pipeline: ``--mode=batch`` in a subprocess (FnApiRunner, GroupIntoBatches(100), SQLite
-                sink, commit after the sink), with its share of full batches;
+                sink, commit after the sink), with 1 and with 2 ``--local_workers``, and the
+                share of full batches;
   (d) drain:    ``--mode=local`` on a further 20,000 events: time from SIGTERM to exit once
                 caught up.
 Prints events/s, CPU seconds, peak RSS and the ratios. Not a test.
@@ -133,9 +134,12 @@ def run_pipeline(args: list[str], drain_after_catch_up: bool = False) -> dict:
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if proc.returncode != 0:
     raise RuntimeError(f"pipeline exited {proc.returncode}:\n{err[-3000:]}")
-  m = re.search(r"batches:\s+(\d+) \((\d+)% full\)", err)
+  found = re.findall(r"batches:\s+(\d+) \((\d+)% full\)", err)
+  total = sum(int(b) for b, _ in found)
+  full = sum(int(b) * int(pct) / 100 for b, pct in found)
   return {"wall": wall, "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-          "rss_mb": after.ru_maxrss / 1024.0, "batches": m.group(0) if m else "?",
+          "rss_mb": after.ru_maxrss / 1024.0,
+          "batches": f"batches {total} ({100 * full / total:.0f}% full)" if total else "batches ?",
           "drain_s": drain_latency}
 
 
@@ -169,22 +173,25 @@ def main(argv=None) -> int:
       print(f"  {name:42s} {seen / wall:>9,.0f} events/s  cpu {results[name]['cpu']:.1f}s  "
             f"peak RSS {results[name]['rss_mb']:.0f} MB (this process)", flush=True)
     common = [f"--bootstrap_servers={bootstrap}", f"--sensor_topic={sensor}", f"--meter_topic={meter}"]
-    r = run_pipeline(["--mode=batch", *common, "--group_id=bench", "--start=earliest",
-                      f"--sink=sqlite:///{work / 'pipeline.db'}"])
-    conn = sqlite3.connect(work / "pipeline.db")
-    rows = sum(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-               for t in ("sensor_readings", "meter_readings", "dead_letters"))
-    conn.close()
-    print(f"  {'pipeline --mode=batch (end to end)':42s} {n / r['wall']:>9,.0f} events/s  cpu {r['cpu']:.1f}s  "
-          f"peak RSS {r['rss_mb']:.0f} MB  rows {rows}  {r['batches']}", flush=True)
     raw = n / results["raw consumer + json.loads"]["wall"]
     loop = n / results["kafka-python -> SQLite, batches of 100"]["wall"]
-    pipe = n / r["wall"]
-    print(f"  ratios: pipeline/raw {pipe / raw:.2f}, pipeline/loop {pipe / loop:.2f}")
+    for workers in (1, 2):
+      db = work / f"pipeline-{workers}.db"
+      r = run_pipeline(["--mode=batch", *common, f"--group_id=bench-{workers}", "--start=earliest",
+                        f"--sink=sqlite:///{db}", f"--local_workers={workers}"])
+      conn = sqlite3.connect(db)
+      rows = sum(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                 for t in ("sensor_readings", "meter_readings", "dead_letters"))
+      conn.close()
+      pipe = n / r["wall"]
+      label = f"pipeline --mode=batch, {workers} worker{'s' if workers > 1 else ''}"
+      print(f"  {label:42s} {pipe:>9,.0f} events/s  cpu {r['cpu']:.1f}s  "
+            f"peak RSS {r['rss_mb']:.0f} MB/process  rows {rows}  {r['batches']}", flush=True)
+      print(f"    ratios: pipeline/raw {pipe / raw:.2f}, pipeline/loop {pipe / loop:.2f}", flush=True)
 
     produce(bootstrap, sensor, meter, 20_000, seed=12)
-    d = run_pipeline(["--mode=local", *common, "--group_id=bench",
-                      f"--sink=sqlite:///{work / 'pipeline.db'}",
+    d = run_pipeline(["--mode=local", *common, "--group_id=bench-1",
+                      f"--sink=sqlite:///{work / 'pipeline-1.db'}",
                       f"--drain_file={work / 'drain'}"], drain_after_catch_up=True)
     print(f"  drain latency (SIGTERM -> exit, caught up): {d['drain_s']:.2f}s", flush=True)
   finally:

@@ -209,15 +209,11 @@ def run(options: PipelineOptions, mode: str, argv: Optional[list] = None) -> int
   progress.reset()
   if o.local_workers > 1 and not prism.is_prism(options):
     try:
-      view = _KafkaView(o)
+      return workers.supervise(argv or [], o, mode, drain_file, lambda: _KafkaView(o))
     except KafkaError as e:
-      pidf.unlink(missing_ok=True)
       print(f"error: {e}", file=sys.stderr)
       return 2
-    try:
-      return workers.supervise(argv or [], o, mode, drain_file, view)
     finally:
-      view.close()
       pidf.unlink(missing_ok=True)
 
   signals = {"count": 0}
