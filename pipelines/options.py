@@ -7,6 +7,7 @@ message naming the option (``OptionError``), never deep inside a worker.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -68,10 +69,11 @@ class SmartGridOptions(PipelineOptions):
                    help="how long transient sink errors are retried before the bundle fails. Default: 60")
     g.add_argument("--commit_interval_secs", type=float, default=5.0,
                    help="least time between two offset commits of a partition. Default: 5")
-    g.add_argument("--local_workers", type=int, default=1,
+    g.add_argument("--local_workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="local and batch runs: worker processes, each running the pipeline on its "
                         "share of the partitions (they commit disjoint partitions and share the "
-                        "sink). 2 uses both cores of a 2-core machine. Default: 1")
+                        "sink); one FnApiRunner process uses one core. Default: 2 (1 on a "
+                        "one-core machine)")
     g.add_argument("--partition_shard", default=None,
                    help="I/N: read only every N-th of the topics' partitions, starting at the I-th "
                         "(set by --local_workers for its workers)")

@@ -51,7 +51,11 @@ class Pipeline:
                  "--meter_topic", meter_topic, "--group_id", group,
                  "--sink", f"sqlite:///{self.db}", "--drain_file", str(self.drain_file),
                  "--progress_secs", "1",
-                 *([f"--runner={runner}"] if runner not in (None, "FnApiRunner") else []), *extra]
+                 *([f"--runner={runner}"] if runner not in (None, "FnApiRunner") else []),
+                 # One process unless a test asks for workers: the summaries parsed here are a
+                 # single pipeline's (test_two_local_workers_* covers --local_workers=2).
+                 *([] if any(a.startswith("--local_workers") for a in extra) else
+                   ["--local_workers=1"]), *extra]
     self._log_handle = open(self.log, "w")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     self.proc = subprocess.Popen(self.args, cwd=str(REPO), env=env, stdout=self._log_handle,
