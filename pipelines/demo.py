@@ -63,6 +63,16 @@ def main(argv=None) -> int:
   a = ap.parse_args(argv)
   port = int(os.environ.get("KAFKA_PORT", DEFAULT_PORT))
   broker = Broker(port=port)
+  fresh_broker = not (broker.run_dir / "data" / "meta.properties").exists()
+  if fresh_broker and DB.exists():
+    # A new broker's topics start again at offset 0: rows of an older broker's topics in the
+    # same file would take the new events for replays (unique topic, partition, offset).
+    backup = DB.with_name(f"smartgrid-{time.strftime('%Y%m%d-%H%M%S')}.db")
+    for suffix in ("", "-wal", "-shm"):
+      old_file = Path(str(DB) + suffix)
+      if old_file.exists():
+        old_file.rename(Path(str(backup) + suffix))
+    print(f"   (a new broker: the previous {DB.name} was moved to {backup.name})")
   try:
     print("1. Starting the local Kafka broker ...", flush=True)
     print("   " + ("started" if broker.start() else "already running") + f": {broker.status()}")
