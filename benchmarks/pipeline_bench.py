@@ -23,19 +23,17 @@ import json
 import os
 import re
 import resource
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from broker.kafka_broker import Broker, free_port
+from benchmarks.common import bench_broker, sink_rows
 from pipelines.produce import EventFactory, ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,13 +147,7 @@ def main(argv=None) -> int:
   ap.add_argument("--events", type=int, default=200_000)
   ap.add_argument("--bootstrap", default=None, help="an existing broker (default: start one)")
   a = ap.parse_args(argv)
-  work = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
-  broker = None
-  if a.bootstrap is None:
-    broker = Broker(port=free_port(), run_dir=work / "kafka")
-    broker.start()
-  bootstrap = a.bootstrap or broker.bootstrap_servers
-  try:
+  with bench_broker(a.bootstrap, "pipeline-bench") as (bootstrap, work):
     tag = uuid.uuid4().hex[:6]
     sensor, meter = f"bench-sensor-{tag}", f"bench-meter-{tag}"
     n = a.events
@@ -179,10 +171,7 @@ def main(argv=None) -> int:
       db = work / f"pipeline-{workers}.db"
       r = run_pipeline(["--mode=batch", *common, f"--group_id=bench-{workers}", "--start=earliest",
                         f"--sink=sqlite:///{db}", f"--local_workers={workers}"])
-      conn = sqlite3.connect(db)
-      rows = sum(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                 for t in ("sensor_readings", "meter_readings", "dead_letters"))
-      conn.close()
+      rows = sink_rows(db)
       pipe = n / r["wall"]
       label = f"pipeline --mode=batch, {workers} worker{'s' if workers > 1 else ''}"
       print(f"  {label:42s} {pipe:>9,.0f} events/s  cpu {r['cpu']:.1f}s  "
@@ -194,10 +183,6 @@ def main(argv=None) -> int:
                       f"--sink=sqlite:///{work / 'pipeline-1.db'}",
                       f"--drain_file={work / 'drain'}"], drain_after_catch_up=True)
     print(f"  drain latency (SIGTERM -> exit, caught up): {d['drain_s']:.2f}s", flush=True)
-  finally:
-    if broker is not None:
-      broker.stop()
-    shutil.rmtree(work, ignore_errors=True)
   return 0
 
 

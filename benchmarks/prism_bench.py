@@ -23,12 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -36,7 +33,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 
 from benchmarks.pipeline_bench import produce
-from broker.kafka_broker import Broker, free_port
+from benchmarks.common import bench_broker, sink_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,26 +60,12 @@ def _children(pid: int) -> list[int]:
   return out
 
 
-def _rows(db: Path) -> int:
-  if not db.exists():
-    return 0
-  try:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-      return sum(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                 for t in ("sensor_readings", "meter_readings", "dead_letters"))
-    finally:
-      conn.close()
-  except sqlite3.OperationalError:  # tables not created yet
-    return 0
-
-
 def _caught_up(c: KafkaConsumer, tps: list, end: dict, db: Path, n: int) -> bool:
   # Every event in the sink, or every offset committed. (Committed offsets alone are not
   # enough: CommitOffsets has no processing-time timer, so a stream that goes quiet keeps
   # its last acks uncommitted until the next ack or the drain; on Prism, which streams
   # for real, that tail waits for the SIGTERM.)
-  return _rows(db) >= n or all((c.committed(tp) or 0) >= end[tp] for tp in tps)
+  return sink_rows(db) >= n or all((c.committed(tp) or 0) >= end[tp] for tp in tps)
 
 
 def run(name: str, args: list[str], env_extra: dict, streaming: bool, bootstrap: str,
@@ -122,12 +105,7 @@ def run(name: str, args: list[str], env_extra: dict, streaming: bool, bootstrap:
     raise RuntimeError(f"{name} exited {proc.returncode}:\n{output[-3000:]}")
   if caught_up_at is not None:
     drain_s = exited - caught_up_at
-  rows = 0
-  if db.exists():
-    conn = sqlite3.connect(db)
-    rows = sum(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-               for t in ("sensor_readings", "meter_readings", "dead_letters"))
-    conn.close()
+  rows = sink_rows(db)
   return {"wall": (caught_up_at or exited) - t0, "total": exited - t0,
           "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
           "rss_launcher": peak["launcher"], "rss_prism": peak["prism"], "rows": rows,
@@ -141,13 +119,7 @@ def main(argv=None) -> int:
   ap.add_argument("--bootstrap", default=None, help="an existing broker (default: start one)")
   ap.add_argument("--only", default=None, help="comma-separated run names (default: all)")
   a = ap.parse_args(argv)
-  work = Path(tempfile.mkdtemp(prefix="prism-bench-"))
-  broker = None
-  if a.bootstrap is None:
-    broker = Broker(port=free_port(), run_dir=work / "kafka")
-    broker.start()
-  bootstrap = a.bootstrap or broker.bootstrap_servers
-  try:
+  with bench_broker(a.bootstrap, "prism-bench") as (bootstrap, work):
     tag = uuid.uuid4().hex[:6]
     sensor, meter = f"bench-sensor-{tag}", f"bench-meter-{tag}"
     n = a.events
@@ -175,10 +147,6 @@ def main(argv=None) -> int:
       print(f"  {name:15s} {n / r['wall']:>8,.0f} events/s  ({r['wall']:.1f}s)  cpu {r['cpu']:.1f}s  "
             f"peak RSS launcher {r['rss_launcher']:.0f} MB, prism {r['rss_prism']:.0f} MB  "
             f"rows {r['rows']}/{n}{drain}", flush=True)
-  finally:
-    if broker is not None:
-      broker.stop()
-    shutil.rmtree(work, ignore_errors=True)
   return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import pstats
 import random
 import resource
@@ -28,6 +27,8 @@ from pathlib import Path
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+
+from benchmarks.common import bench_broker
 
 PARTITIONS = 4
 
@@ -143,16 +144,7 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("kafka").setLevel(logging.ERROR)
 
-  broker = run_dir = None
-  bootstrap = args.bootstrap
-  if not bootstrap:
-    from broker.kafka_broker import Broker, free_port
-    run_dir = Path(tempfile.mkdtemp(prefix="reader-bench-broker-"))
-    broker = Broker(port=free_port(), run_dir=run_dir)
-    print("starting a broker ...", flush=True)
-    broker.start()
-    bootstrap = broker.bootstrap_servers
-  try:
+  with bench_broker(args.bootstrap, "reader-bench") as (bootstrap, _):
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
     size = produce(bootstrap, topic, args.events)
@@ -174,10 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     if raw:
       print(f"ratio reader/raw: {reader['events_per_s'] / raw['events_per_s']:.2f} "
             f"(CPU per event {reader['cpu_us_per_event'] / raw['cpu_us_per_event']:.2f}x)")
-  finally:
-    if broker is not None:
-      broker.stop()
-      shutil.rmtree(run_dir, ignore_errors=True)
   return 0
 
 

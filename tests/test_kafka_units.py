@@ -9,10 +9,8 @@ signal, and the reader's ``process()`` driven by a fake consumer and a real trac
 from __future__ import annotations
 
 import datetime as dt
-import sys
 import time
 from collections import namedtuple
-from types import SimpleNamespace
 
 import pytest
 from apache_beam.io.restriction_trackers import OffsetRange

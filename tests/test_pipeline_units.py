@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import time
 
 import apache_beam as beam
 import pytest

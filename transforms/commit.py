@@ -31,7 +31,6 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 
 from transforms import progress
-from transforms.acks import Ack
 from transforms.kafka.records import PartitionRead
 from transforms.sinks.base import with_retries
 

@@ -42,7 +42,7 @@ def consumer_config(bootstrap_servers: str, group_id: str | None,
       raise ValueError(f"consumer_config must not set '{forbidden}': pass it as the argument "
                        f"of the same name")
   if overrides.get("enable_auto_commit"):
-    raise ValueError("consumer_config: enable_auto_commit=True is refused: offsets are "
+    raise ValueError("consumer_config: auto-commit must stay off (enable_auto_commit): offsets are "
                      "committed by CommitOffsets only after the sink has the rows")
   if not bootstrap_servers or not isinstance(bootstrap_servers, str):
     raise ValueError(f"bootstrap_servers must be 'host:port[,host:port...]', got {bootstrap_servers!r}")
