@@ -31,6 +31,7 @@ from transforms.windows import FixedEventWindows
 
 _GLOBAL = (GlobalWindow(),)
 
+
 class BundleBatcher:
   """Collects rows per (key, window) within one bundle; hands out every batch that fills.
 
