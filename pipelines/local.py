@@ -204,7 +204,7 @@ def run(options: PipelineOptions, mode: str, argv: Optional[list] = None) -> int
   drain_file = Path(o.drain_file) if o.drain_file else default_drain_file(mode)
   drain_file.parent.mkdir(parents=True, exist_ok=True)
   drain_file.unlink(missing_ok=True)
-  pidf = pid_file(mode) if not o.drain_file else drain_file.with_suffix(".pid")
+  pidf = pid_file(mode) if not o.drain_file else Path(f"{drain_file}.pid")
   pidf.write_text(str(os.getpid()))
   progress.reset()
   if o.local_workers > 1 and not prism.is_prism(options):
