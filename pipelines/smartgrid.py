@@ -97,5 +97,6 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
       store, flush_rows=o.sink_flush_rows, retry_deadline_s=o.sink_retry_deadline_secs,
       batch_size=o.batch_size)
   committed = (reads, acks) | "CommitOffsets" >> CommitOffsets(
-      config, interval_s=o.commit_interval_secs, retry_deadline_s=o.sink_retry_deadline_secs)
+      config, interval_s=o.commit_interval_secs, retry_deadline_s=o.sink_retry_deadline_secs,
+      flush_timer=not stop.is_bounded)
   return Outputs(records, dead_letters, acks, committed)

@@ -6,10 +6,11 @@ the first offset not yet covered by a contiguous run from the base. A range that
 arrives ahead of a hole waits for the hole to be acked. Commits happen at most
 every ``interval_s`` per partition, when acks arrive, and once more when the
 input ends: at the end of a bounded run or a drain, when the watermark reaches
-the end of the global window. (No processing-time timer: the local FnApiRunner
-fails a pipeline that ends with one pending. Acks of a stream that goes quiet
-within ``interval_s`` of the last commit are committed by the next ack or the
-drain; if the process dies first they are replayed, and the sink absorbs them.)
+the end of the global window. With ``flush_timer`` (unbounded reads on runners
+that stream: Prism, Flink, Dataflow) a processing-time timer also commits the
+last acks of a stream that went quiet. Bounded reads go without it: the local
+FnApiRunner fails a pipeline that ends with one pending, and their end commits
+anyway.
 
 It emits ``Committed`` records. A commit that keeps failing fails the bundle:
 offsets are never committed ahead of the sink, and a failed commit only means a
@@ -29,6 +30,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+from apache_beam.utils.timestamp import Timestamp
 
 from transforms import progress
 from transforms.kafka.records import PartitionRead
@@ -88,11 +90,13 @@ class PartitionProgress:
 
 PROGRESS = ReadModifyWriteStateSpec("progress", PickleCoder())
 FINAL = TimerSpec("final", TimeDomain.WATERMARK)
+FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
 
 class _CommitOffsetsFn(beam.DoFn):
   def __init__(self, consumer_config: Mapping[str, Any], interval_s: float,
-               retry_deadline_s: float):
+               retry_deadline_s: float, flush_timer: bool):
+    self._flush_timer = flush_timer
     self._config = dict(consumer_config)
     self._interval_s = interval_s
     self._retry_deadline_s = retry_deadline_s
@@ -112,7 +116,7 @@ class _CommitOffsetsFn(beam.DoFn):
       self._consumer = None
 
   def process(self, element, state=beam.DoFn.StateParam(PROGRESS),
-              final=beam.DoFn.TimerParam(FINAL)):
+              final=beam.DoFn.TimerParam(FINAL), flush=beam.DoFn.TimerParam(FLUSH)):
     key, value = element
     p = state.read() or PartitionProgress()
     if p.base is None and p.committed is None and not p.pending:
@@ -123,10 +127,18 @@ class _CommitOffsetsFn(beam.DoFn):
       p.add_ack(value.start, value.end)
     now = time.monotonic()
     offset = p.to_commit()
-    if offset is not None and now - self._last_commit.get(key, 0.0) >= self._interval_s:
-      yield self._commit(key, p, offset)
-      self._last_commit[key] = now
+    if offset is not None:
+      if now - self._last_commit.get(key, 0.0) >= self._interval_s:
+        yield self._commit(key, p, offset)
+        self._last_commit[key] = now
+      elif self._flush_timer:
+        # A stream that goes quiet: commit what is durable once the interval is over.
+        flush.set(Timestamp.of(time.time() + self._interval_s))
     state.write(p)
+
+  @on_timer(FLUSH)
+  def on_flush(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS)):
+    yield from self._commit_pending(key, state)
 
   @on_timer(FINAL)
   def on_final(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS)):
@@ -168,13 +180,13 @@ class CommitOffsets(beam.PTransform):
   """(PCollection[PartitionRead], PCollection[Ack]) -> PCollection[Committed]."""
 
   def __init__(self, consumer_config: Mapping[str, Any], *, interval_s: float = 5.0,
-               retry_deadline_s: float = 60.0):
+               retry_deadline_s: float = 60.0, flush_timer: bool = False):
     super().__init__()
     if not consumer_config.get("group_id"):
       raise ValueError("CommitOffsets needs a consumer group: set --group_id")
     if interval_s <= 0:
       raise ValueError(f"--commit_interval_secs must be > 0, got {interval_s}")
-    self._fn = _CommitOffsetsFn(consumer_config, interval_s, retry_deadline_s)
+    self._fn = _CommitOffsetsFn(consumer_config, interval_s, retry_deadline_s, flush_timer)
 
   def expand(self, inputs):
     starts, acks = inputs
