@@ -433,3 +433,22 @@ def test_prism_refuses_a_batch_run(env):
   assert "runs only unbounded streaming" in p.output, p.tail()
   assert row_count(env.db) == 0 and all(v is None for v in env.committed().values())
   assert produced
+
+
+@pytest.mark.skipif(prism_binary() is None,
+                    reason="Prism is not built: ./run_pipeline.sh prism build (or set PRISM_BIN)")
+def test_prism_commits_a_quiet_stream_without_waiting_for_a_drain(env):
+  """Streaming on Prism commits from a processing-time timer: once the rows are written,
+  the committed offsets reach the end offsets while the pipeline still runs."""
+  produced = env.produce(_events(40, seed=41))
+  with Pipeline(env.bs, env.sensor, env.meter, env.group, env.dir, "--commit_interval_secs=1",
+                runner="PrismRunner") as p:
+    wait_for(lambda: row_count(env.db) >= len(produced) or not p.alive(), timeout=90,
+             what="the rows")
+    wait_for(lambda: env.committed() == env.ends() or not p.alive(), timeout=30,
+             what="the commit of a quiet stream")
+    assert p.alive(), p.tail()  # committed before any drain
+    p.terminate()
+    assert p.wait(timeout=60) == 0, p.tail()
+  assert_exactly_once(env.db, produced)
+  _assert_committed_equals_end(env)
