@@ -1,7 +1,8 @@
 """ParseEvents: Kafka records -> keyed, event-time-stamped table rows, and dead letters.
 
-One DoFn does parsing, validation, event-time stamping and the batching key, so a
-record costs one step before the window. Every record leaves it exactly once:
+One DoFn does parsing, validation, event-time stamping, the batching key and (with
+``batch_size``) the filling of batches within the bundle, so a record costs one
+step before the window. Every record leaves it exactly once:
 as a sensor or meter row, or as a dead-letter row (reason, raw bytes, Kafka
 coordinates). Late events are kept: an event whose window (plus the allowed
 lateness) had closed when it reached Kafka is flagged ``is_late`` and stamped
