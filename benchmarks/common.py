@@ -1,15 +1,23 @@
-"""What every benchmark here needs: a broker and a scratch folder, and the sink's row count."""
+"""What the benchmarks share: a broker and a scratch folder, the raw-consumer baseline
+(one loop for every benchmark, so their ratios compare), the smart-grid test topics, CPU
+readings and the sink's row count."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import resource
 import shutil
 import sqlite3
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
 from broker.kafka_broker import Broker, free_port
+from pipelines.produce import EventFactory, ensure_topics
 
 SINK_TABLES = ("sensor_readings", "meter_readings", "dead_letters")
 
@@ -45,3 +53,48 @@ def sink_rows(db: Path) -> int:
       conn.close()
   except sqlite3.OperationalError:  # tables not created yet
     return 0
+
+
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+  r = resource.getrusage(who)
+  return r.ru_utime + r.ru_stime
+
+
+def from_beginning(bootstrap: str, topics: list[str]) -> KafkaConsumer:
+  """A consumer assigned to every partition of topics, at their beginning, committing nothing."""
+  c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                    isolation_level="read_committed", max_poll_records=2000)
+  c.assign([TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t))])
+  c.seek_to_beginning()
+  return c
+
+
+def raw_consume(bootstrap: str, topics: list[str], n: int) -> int:
+  """The baseline: kafka-python poll(500) + json.loads until n records are read."""
+  c = from_beginning(bootstrap, topics)
+  try:
+    seen = 0
+    while seen < n:
+      for records in c.poll(timeout_ms=500).values():
+        for r in records:
+          json.loads(r.value)
+        seen += len(records)
+    return seen
+  finally:
+    c.close(autocommit=False)
+
+
+def produce_smartgrid(bootstrap: str, n: int, seed: int = 11,
+                      topics: Optional[tuple[str, str]] = None) -> tuple[str, str]:
+  """n realistic events (pipelines.produce, no malformed ones) to the (sensor, meter) topics,
+  by default fresh ones of 4 partitions each; returns their names."""
+  tag = uuid.uuid4().hex[:6]
+  sensor, meter = topics or (f"bench-sensor-{tag}", f"bench-meter-{tag}")
+  print(f"Producing {n} events to {sensor} / {meter} ...", flush=True)
+  ensure_topics(bootstrap, [sensor, meter])
+  producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20, batch_size=256 * 1024)
+  for ev in EventFactory(seed).events(n, bad_ratio=0.0):
+    producer.send(sensor if ev.topic_kind == "sensor" else meter, key=ev.key, value=ev.value)
+  producer.flush()
+  producer.close()
+  return sensor, meter

@@ -28,49 +28,14 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
-from benchmarks.common import bench_broker, sink_rows
-from pipelines.produce import EventFactory, ensure_topics
+from benchmarks.common import (bench_broker, cpu_seconds, from_beginning, produce_smartgrid,
+                               raw_consume, sink_rows)
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _self_cpu() -> float:
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
-
-
-def produce(bootstrap: str, sensor: str, meter: str, n: int, seed: int) -> None:
-  ensure_topics(bootstrap, [sensor, meter])
-  producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20, batch_size=256 * 1024)
-  for ev in EventFactory(seed).events(n, bad_ratio=0.0):
-    producer.send(sensor if ev.topic_kind == "sensor" else meter, key=ev.key, value=ev.value)
-  producer.flush()
-  producer.close()
-
-
-def _consumer(bootstrap: str, topics: list[str]) -> tuple[KafkaConsumer, dict]:
-  c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=2000)
-  tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t))]
-  c.assign(tps)
-  c.seek_to_beginning()
-  return c, c.end_offsets(tps)
-
-
-def bench_raw(bootstrap: str, topics: list[str], n: int) -> int:
-  c, _ = _consumer(bootstrap, topics)
-  seen = 0
-  while seen < n:
-    for records in c.poll(timeout_ms=500).values():
-      for r in records:
-        json.loads(r.value)
-      seen += len(records)
-  c.close()
-  return seen
 
 
 def bench_loop(bootstrap: str, topics: list[str], n: int, db: str) -> int:
@@ -79,7 +44,7 @@ def bench_loop(bootstrap: str, topics: list[str], n: int, db: str) -> int:
   conn.execute("PRAGMA synchronous=NORMAL")
   conn.execute("CREATE TABLE IF NOT EXISTS events (topic TEXT, partition INTEGER, offset INTEGER, "
                "event_id TEXT, entity TEXT, value REAL, ts TEXT, UNIQUE (topic, partition, offset))")
-  c, _ = _consumer(bootstrap, topics)
+  c = from_beginning(bootstrap, topics)
   batch, seen = [], 0
   sql = "INSERT INTO events VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
 
@@ -107,7 +72,7 @@ def bench_loop(bootstrap: str, topics: list[str], n: int, db: str) -> int:
 
 def run_pipeline(args: list[str], drain_after_catch_up: bool = False) -> dict:
   env = {**os.environ, "PYTHONPATH": str(REPO)}
-  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu_before = cpu_seconds(resource.RUSAGE_CHILDREN)
   t0 = time.monotonic()
   proc = subprocess.Popen([sys.executable, "-m", "pipelines.main", *args, "--progress_secs=0"],
                           cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
@@ -135,7 +100,7 @@ def run_pipeline(args: list[str], drain_after_catch_up: bool = False) -> dict:
   found = re.findall(r"batches:\s+(\d+) \((\d+)% full\)", err)
   total = sum(int(b) for b, _ in found)
   full = sum(int(b) * int(pct) / 100 for b, pct in found)
-  return {"wall": wall, "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+  return {"wall": wall, "cpu": cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_before,
           "rss_mb": after.ru_maxrss / 1024.0,
           "batches": f"batches {total} ({100 * full / total:.0f}% full)" if total else "batches ?",
           "drain_s": drain_latency}
@@ -148,19 +113,16 @@ def main(argv=None) -> int:
   ap.add_argument("--bootstrap", default=None, help="an existing broker (default: start one)")
   a = ap.parse_args(argv)
   with bench_broker(a.bootstrap, "pipeline-bench") as (bootstrap, work):
-    tag = uuid.uuid4().hex[:6]
-    sensor, meter = f"bench-sensor-{tag}", f"bench-meter-{tag}"
     n = a.events
-    print(f"Producing {n} events to {sensor} / {meter} ...", flush=True)
-    produce(bootstrap, sensor, meter, n, seed=11)
+    sensor, meter = produce_smartgrid(bootstrap, n)
     results = {}
-    for name, fn in (("raw consumer + json.loads", lambda: bench_raw(bootstrap, [sensor, meter], n)),
+    for name, fn in (("raw consumer + json.loads", lambda: raw_consume(bootstrap, [sensor, meter], n)),
                      ("kafka-python -> SQLite, batches of 100",
                       lambda: bench_loop(bootstrap, [sensor, meter], n, str(work / "loop.db")))):
-      cpu, t = _self_cpu(), time.monotonic()
+      cpu, t = cpu_seconds(), time.monotonic()
       seen = fn()
       wall = time.monotonic() - t
-      results[name] = {"wall": wall, "cpu": _self_cpu() - cpu,
+      results[name] = {"wall": wall, "cpu": cpu_seconds() - cpu,
                        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
       print(f"  {name:42s} {seen / wall:>9,.0f} events/s  cpu {results[name]['cpu']:.1f}s  "
             f"peak RSS {results[name]['rss_mb']:.0f} MB (this process)", flush=True)
@@ -178,7 +140,7 @@ def main(argv=None) -> int:
             f"peak RSS {r['rss_mb']:.0f} MB/process  rows {rows}  {r['batches']}", flush=True)
       print(f"    ratios: pipeline/raw {pipe / raw:.2f}, pipeline/loop {pipe / loop:.2f}", flush=True)
 
-    produce(bootstrap, sensor, meter, 20_000, seed=12)
+    produce_smartgrid(bootstrap, 20_000, seed=12, topics=(sensor, meter))
     d = run_pipeline(["--mode=local", *common, "--group_id=bench-1",
                       f"--sink=sqlite:///{work / 'pipeline-1.db'}",
                       f"--drain_file={work / 'drain'}"], drain_after_catch_up=True)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.prism_bench [--events 200000] [--bootstrap host:port]
 
-Produces N events (benchmarks.pipeline_bench.produce: sensor and meter topics, 4
+Produces N events (benchmarks.common.produce_smartgrid: sensor and meter topics, 4
 partitions each), then runs the whole pipeline from the beginning of the topics, each
 run with its own consumer group and SQLite file:
   fnapi-batch    --mode=batch (FnApiRunner, bounded)
@@ -27,13 +27,11 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
-from benchmarks.pipeline_bench import produce
-from benchmarks.common import bench_broker, sink_rows
+from benchmarks.common import bench_broker, cpu_seconds, produce_smartgrid, sink_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,7 +69,7 @@ def _caught_up(c: KafkaConsumer, tps: list, end: dict, db: Path, n: int) -> bool
 def run(name: str, args: list[str], env_extra: dict, streaming: bool, bootstrap: str,
         topics: list[str], group: str, db: Path) -> dict:
   env = {**os.environ, "PYTHONPATH": str(REPO), **env_extra}
-  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu_before = cpu_seconds(resource.RUSAGE_CHILDREN)
   t0 = time.monotonic()
   log = open(db.with_suffix(".log"), "w")
   proc = subprocess.Popen([sys.executable, "-m", "pipelines.main", *args, "--progress_secs=0"],
@@ -99,7 +97,6 @@ def run(name: str, args: list[str], env_extra: dict, streaming: bool, bootstrap:
   log.close()
   if consumer is not None:
     consumer.close(autocommit=False)
-  after = resource.getrusage(resource.RUSAGE_CHILDREN)
   output = db.with_suffix(".log").read_text(errors="replace")
   if proc.returncode != 0:
     raise RuntimeError(f"{name} exited {proc.returncode}:\n{output[-3000:]}")
@@ -107,7 +104,7 @@ def run(name: str, args: list[str], env_extra: dict, streaming: bool, bootstrap:
     drain_s = exited - caught_up_at
   rows = sink_rows(db)
   return {"wall": (caught_up_at or exited) - t0, "total": exited - t0,
-          "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+          "cpu": cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_before,
           "rss_launcher": peak["launcher"], "rss_prism": peak["prism"], "rows": rows,
           "drain_s": drain_s}
 
@@ -120,11 +117,8 @@ def main(argv=None) -> int:
   ap.add_argument("--only", default=None, help="comma-separated run names (default: all)")
   a = ap.parse_args(argv)
   with bench_broker(a.bootstrap, "prism-bench") as (bootstrap, work):
-    tag = uuid.uuid4().hex[:6]
-    sensor, meter = f"bench-sensor-{tag}", f"bench-meter-{tag}"
     n = a.events
-    print(f"Producing {n} events to {sensor} / {meter} ...", flush=True)
-    produce(bootstrap, sensor, meter, n, seed=11)
+    sensor, meter = produce_smartgrid(bootstrap, n)
     common = [f"--bootstrap_servers={bootstrap}", f"--sensor_topic={sensor}",
               f"--meter_topic={meter}", "--start=earliest"]
     runs = [
@@ -138,7 +132,7 @@ def main(argv=None) -> int:
     for name, args, env_extra, streaming in runs:
       if only and name not in only:
         continue
-      group = f"bench-{name}-{tag}"
+      group = f"bench-{name}-{sensor}"
       db = work / f"{name}.db"
       extra = [f"--group_id={group}", f"--sink=sqlite:///{db}", f"--drain_file={work / name}.drain"]
       r = run(name, [*args, *common, *extra], env_extra, streaming, bootstrap, [sensor, meter],

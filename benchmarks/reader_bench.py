@@ -28,14 +28,9 @@ from pathlib import Path
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
-from benchmarks.common import bench_broker
+from benchmarks.common import bench_broker, cpu_seconds, raw_consume
 
 PARTITIONS = 4
-
-
-def cpu_s() -> float:
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
 
 
 def peak_rss_mb() -> float:
@@ -80,25 +75,6 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     c.close()
 
 
-def bench_raw(bootstrap: str, topic: str, n: int) -> int:
-  consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                           auto_offset_reset="earliest", isolation_level="read_committed",
-                           max_poll_records=2000)
-  try:
-    tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning()
-    count = 0
-    while count < n:
-      for records in consumer.poll(timeout_ms=500).values():
-        for rec in records:
-          json.loads(rec.value)
-        count += len(records)
-    return count
-  finally:
-    consumer.close()
-
-
 def bench_reader(bootstrap: str, topic: str) -> int:
   import apache_beam as beam
   from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -119,9 +95,9 @@ def bench_reader(bootstrap: str, topic: str) -> int:
 
 
 def measure(name: str, fn, n: int) -> dict:
-  c0, t0 = cpu_s(), time.perf_counter()
+  c0, t0 = cpu_seconds(), time.perf_counter()
   count = fn()
-  wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+  wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
   if count != n:
     raise SystemExit(f"{name}: read {count} events, expected {n}")
   row = {"name": name, "events": count, "wall_s": wall, "events_per_s": count / wall,
@@ -153,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"produced {args.events} events of {size:.0f} bytes to {topic} ({PARTITIONS} partitions: "
           f"{sorted(ends.values())}) in {time.perf_counter() - t0:.1f}s on {bootstrap}", flush=True)
 
-    raw = None if args.skip_raw else measure("raw", lambda: bench_raw(bootstrap, topic, args.events), args.events)
+    raw = None if args.skip_raw else measure("raw", lambda: raw_consume(bootstrap, [topic], args.events), args.events)
     if args.profile:
       prof = cProfile.Profile()
       reader = measure("reader", lambda: prof.runcall(bench_reader, bootstrap, topic), args.events)
