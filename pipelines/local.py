@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -40,6 +39,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_handlers
 
 from pipelines import prism, smartgrid, workers
+from pipelines.stopping import StopSignals, offsets_table
 from pipelines.options import SmartGridOptions
 from transforms import progress
 from transforms.kafka import KafkaUnavailableError
@@ -88,23 +88,22 @@ def _lag_by_topic(end: dict, committed: dict) -> dict:
   return lag
 
 
-def progress_line(view: Optional[_KafkaView], started: float) -> str:
+def progress_line(view: _KafkaView, started: float) -> str:
   s = progress.snapshot()
   read = sum(s["read"].values())
   written = sum(s["written"].values())
   elapsed = max(time.monotonic() - started, 1e-9)
   parts = [f"[{elapsed:6.0f}s] read {read}", f"written {written} ({written / elapsed:,.0f}/s)",
            f"dead letters {sum(s['dead_letters'].values())}"]
-  if view is not None:
-    try:
-      lag = _lag_by_topic(*view.offsets())
-      parts.append("lag " + ", ".join(f"{t}={n}" for t, n in sorted(lag.items())))
-    except Exception as e:  # noqa: BLE001 - the progress line must never stop the pipeline
-      parts.append(f"lag unknown ({type(e).__name__})")
+  try:
+    lag = _lag_by_topic(*view.offsets())
+    parts.append("lag " + ", ".join(f"{t}={n}" for t, n in sorted(lag.items())))
+  except Exception as e:  # noqa: BLE001 - the progress line must never stop the pipeline
+    parts.append(f"lag unknown ({type(e).__name__})")
   return " | ".join(parts)
 
 
-def summary(view: Optional[_KafkaView], elapsed: float, state: str) -> str:
+def summary(view: _KafkaView, elapsed: float, state: str) -> str:
   s = progress.snapshot()
   lines = [f"Pipeline {state} after {elapsed:.1f}s."]
   lines.append("  records read:   " + (", ".join(f"{t}={n}" for t, n in sorted(s["read"].items())) or "0"))
@@ -116,16 +115,10 @@ def summary(view: Optional[_KafkaView], elapsed: float, state: str) -> str:
   b = s["batches"]
   if b.get("all"):
     lines.append(f"  batches:        {b['all']} ({100.0 * b.get('full', 0) / b['all']:.0f}% full)")
-  if view is not None:
-    try:
-      end, committed = view.offsets()
-      lines.append("  committed/end offsets per partition:")
-      for tp in sorted(end, key=lambda t: (t.topic, t.partition)):
-        c = committed.get(tp)
-        mark = "" if c == end[tp] else f"  (lag {end[tp] - (c or 0)})"
-        lines.append(f"    {tp.topic}-{tp.partition}: {c}/{end[tp]}{mark}")
-    except Exception as e:  # noqa: BLE001
-      lines.append(f"  committed offsets unknown: {type(e).__name__}: {e}")
+  try:
+    lines.extend(offsets_table(*view.offsets()))
+  except Exception as e:  # noqa: BLE001 - the summary must be printed whatever Kafka says
+    lines.append(f"  committed offsets unknown: {type(e).__name__}: {e}")
   return "\n".join(lines)
 
 
@@ -216,21 +209,12 @@ def run(options: PipelineOptions, mode: str, argv: Optional[list] = None) -> int
     finally:
       pidf.unlink(missing_ok=True)
 
-  signals = {"count": 0}
+  def drain(signal_name: str) -> None:
+    print(f"\n{signal_name}: draining (stop reading, flush windows, batches and sink, commit). "
+          "Signal again to abort.", file=sys.stderr, flush=True)
+    DrainSignal.request(str(drain_file))
 
-  def on_signal(signum, _frame):
-    signals["count"] += 1
-    if signals["count"] == 1:
-      print(f"\n{signal.Signals(signum).name}: draining (stop reading, flush windows, batches and "
-            f"sink, commit). Signal again to abort.", file=sys.stderr, flush=True)
-      DrainSignal.request(str(drain_file))
-    else:
-      print("Second signal: aborting now. Nothing unwritten was committed; the next run "
-            "replays it.", file=sys.stderr, flush=True)
-      os._exit(130)
-
-  signal.signal(signal.SIGINT, on_signal)
-  signal.signal(signal.SIGTERM, on_signal)
+  signals = StopSignals(drain)
 
   # Prism streams for real (pipelines/prism.py): one unbounded pipeline, no rounds.
   on_prism = prism.is_prism(options)
@@ -285,7 +269,7 @@ def run(options: PipelineOptions, mode: str, argv: Optional[list] = None) -> int
         print(progress_line(view, started), file=sys.stderr, flush=True)
     elapsed = time.monotonic() - started
     error = outcome.get("error")
-    state = "drained" if signals["count"] else "finished"
+    state = "drained" if signals.draining else "finished"
     if error is not None:
       state = "FAILED"
     print(summary(view, elapsed, state), file=sys.stderr, flush=True)
@@ -294,7 +278,6 @@ def run(options: PipelineOptions, mode: str, argv: Optional[list] = None) -> int
       return 1
     return 0
   finally:
-    if view is not None:
-      view.close()
+    view.close()
     pidf.unlink(missing_ok=True)
     drain_file.unlink(missing_ok=True)

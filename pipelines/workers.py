@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from pipelines.options import SmartGridOptions
+from pipelines.stopping import StopSignals, offsets_table
 
 REPO = Path(__file__).resolve().parent.parent
 _OWN_FLAGS = ("--local_workers", "--partition_shard", "--drain_file", "--progress_secs", "--mode")
@@ -54,13 +55,11 @@ def worker_argv(argv: list[str], mode: str, index: int, count: int, drain_file: 
           "--progress_secs=0"]
 
 
-def _committed_line(view, started: float, baseline: int) -> str:
-  end, committed = view.offsets()
+def _committed_line(end: dict, committed: dict, started: float, baseline: int) -> str:
   done = sum(c or 0 for c in committed.values())
   elapsed = max(time.monotonic() - started, 1e-9)
   lag = sum(e - (committed.get(tp) or 0) for tp, e in end.items())
-  return (f"[{elapsed:6.0f}s] committed {done - baseline} this run "
-          f"({(done - baseline) / elapsed:,.0f}/s) | lag {lag}")
+  return f"committed {done - baseline} this run ({(done - baseline) / elapsed:,.0f}/s) | lag {lag}"
 
 
 class _Worker:
@@ -123,45 +122,34 @@ def supervise(argv: list[str], o: SmartGridOptions, mode: str, drain_file: Path,
 
 
 def _watch(workers: list, view, o: SmartGridOptions, n: int) -> int:
-  signals = {"count": 0}
   baseline = sum(c or 0 for c in view.offsets()[1].values())
 
-  def on_signal(signum, _frame):
-    signals["count"] += 1
-    if signals["count"] == 1:
-      print(f"\n{signal.Signals(signum).name}: draining {n} workers. Signal again to abort.",
-            file=sys.stderr, flush=True)
-      for w in workers:
-        if w.poll() is None:
-          w.send_signal(signal.SIGTERM)
-    else:
-      print("Second signal: aborting now. Nothing unwritten was committed; the next run "
-            "replays it.", file=sys.stderr, flush=True)
-      for w in workers:
-        if w.poll() is None:
-          w.kill()
-      os._exit(130)
+  def drain(signal_name: str) -> None:
+    print(f"\n{signal_name}: draining {n} workers. Signal again to abort.", file=sys.stderr,
+          flush=True)
+    for w in workers:
+      w.send_signal(signal.SIGTERM)
 
-  signal.signal(signal.SIGINT, on_signal)
-  signal.signal(signal.SIGTERM, on_signal)
+  def kill_all() -> None:
+    for w in workers:
+      w.kill()
+
+  signals = StopSignals(drain, kill_all)
   started = time.monotonic()
   next_line = started + (o.progress_secs or 0)
   while any(w.poll() is None for w in workers):
     time.sleep(0.2)
     if o.progress_secs and time.monotonic() >= next_line:
       next_line += o.progress_secs
-      print(_committed_line(view, started, baseline), file=sys.stderr, flush=True)
+      elapsed = time.monotonic() - started
+      print(f"[{elapsed:6.0f}s] " + _committed_line(*view.offsets(), started, baseline),
+            file=sys.stderr, flush=True)
   codes = [w.returncode for w in workers]
-  state = "drained" if signals["count"] else "finished"
+  state = "drained" if signals.draining else "finished"
   if any(codes):
     state = "FAILED"
   end, committed = view.offsets()
   lines = [f"All {n} workers {state} after {time.monotonic() - started:.1f}s (exit codes {codes}).",
-           "  " + _committed_line(view, started, baseline).split("] ", 1)[1],
-           "  committed/end offsets per partition:"]
-  for tp in sorted(end, key=lambda t: (t.topic, t.partition)):
-    c = committed.get(tp)
-    lines.append(f"    {tp.topic}-{tp.partition}: {c}/{end[tp]}"
-                 + ("" if c == end[tp] else f"  (lag {end[tp] - (c or 0)})"))
+           "  " + _committed_line(end, committed, started, baseline), *offsets_table(end, committed)]
   print("\n".join(lines), file=sys.stderr, flush=True)
   return 0 if not any(codes) else 1
