@@ -18,7 +18,8 @@ import apache_beam as beam
 from pipelines.options import SmartGridOptions
 from transforms.batching import BatchRows
 from transforms.commit import CommitOffsets
-from transforms.kafka import ReadPartitions, ResolvePartitions, discover_partitions
+from transforms.kafka import ReadFromKafka
+from transforms.kafka.read import shard_of
 from transforms.kafka.config import consumer_config
 from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop
 from transforms.parse import METER, SENSOR, ParseEvents, key_dead_letters
@@ -30,6 +31,10 @@ _LOGGER = logging.getLogger(__name__)
 
 def kafka_client_config(o: SmartGridOptions) -> dict:
   """kafka-python settings from the options; SASL secrets only from the environment."""
+  return consumer_config(o.bootstrap_servers, o.group_id, _kafka_security(o))
+
+
+def _kafka_security(o: SmartGridOptions) -> dict:
   extra: dict[str, Any] = {}
   if o.kafka_security_protocol:
     extra["security_protocol"] = o.kafka_security_protocol
@@ -37,7 +42,7 @@ def kafka_client_config(o: SmartGridOptions) -> dict:
     extra["sasl_mechanism"] = o.kafka_sasl_mechanism
     extra["sasl_plain_username"] = os.environ.get("KAFKA_SASL_USERNAME")
     extra["sasl_plain_password"] = os.environ.get("KAFKA_SASL_PASSWORD")
-  return consumer_config(o.bootstrap_servers, o.group_id, extra)
+  return extra
 
 
 def make_store(o: SmartGridOptions) -> Store:
@@ -49,12 +54,18 @@ def make_store(o: SmartGridOptions) -> Store:
   return BigQueryStore(project, dataset, api_endpoint=o.bigquery_api_endpoint)
 
 
-def shard_partitions(partitions: list, shard: Optional[str]) -> list:
-  """Every N-th of the sorted (topic, partition) pairs from the I-th on, for shard 'I/N'."""
+def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
+  """'I/N' (--partition_shard) -> (I, N)."""
   if not shard:
-    return partitions
+    return None
   index, count = (int(x) for x in shard.split("/"))
-  return sorted(partitions)[index::count]
+  return index, count
+
+
+def shard_partitions(partitions: list, shard: Optional[str]) -> list:
+  """Every N-th of the sorted (topic, partition) pairs from the I-th on, for shard 'I/N'
+  (the partitions ReadFromKafka(shard=...) reads)."""
+  return shard_of(partitions, parse_shard(shard))
 
 
 @dataclass
@@ -75,12 +86,10 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
   stop = stop if stop is not None else parse_stop(o.stop)
   store = store if store is not None else make_store(o)
 
-  reads = p | "ResolveKafkaPartitions" >> ResolvePartitions(
-      shard_partitions(discover_partitions(config, list(topics)), o.partition_shard),
-      config, start, stop)
-  records = reads | "ReadFromKafka" >> ReadPartitions(
-      config, poll_timeout_ms=o.poll_timeout_ms, drain_file=drain_file,
-      bounded=stop.is_bounded)
+  records, reads = p | "ReadFromKafka" >> ReadFromKafka(
+      o.bootstrap_servers, list(topics), group_id=o.group_id, start=start, stop=stop,
+      consumer_config=_kafka_security(o), poll_timeout_ms=o.poll_timeout_ms,
+      drain_file=drain_file, shard=parse_shard(o.partition_shard), with_partition_reads=True)
   rows, dead_letters, full_batches = records | "ParseEvents" >> ParseEvents(
       topics, window_size_secs=o.window_size_secs, allowed_lateness_secs=o.allowed_lateness_secs,
       num_shards=o.num_shards, shard_by=o.shard_by, batch_size=o.batch_size)

@@ -70,6 +70,12 @@ def discover_partitions(config: Mapping[str, Any], topics: Sequence[str]) -> lis
     consumer.close()
 
 
+def shard_of(partitions: Sequence[tuple[str, int]],
+             shard: Optional[tuple[int, int]]) -> list[tuple[str, int]]:
+  """Shard (i, n) of the partitions: every n-th of the sorted pairs from the i-th on."""
+  return list(partitions) if shard is None else sorted(partitions)[shard[0]::shard[1]]
+
+
 class _ResolvePartitionsFn(beam.DoFn):
   def __init__(self, config, start: StartPosition, stop: StopPosition):
     self._config = config
@@ -317,14 +323,23 @@ class ReadFromKafka(beam.PTransform):
     max_records_per_call, max_seconds_per_call: the work one call does before it
       checkpoints, so downstream stages and other partitions get their turn.
     drain_file: local drain signal (see ``drain.py``).
+    shard: (i, n) reads only every n-th of the sorted (topic, partition) pairs from the
+      i-th on: one of n processes that share the topics.
+    with_partition_reads: the output is then the pair (records, the resolved
+      ``PartitionRead`` of every partition), for ``CommitOffsets``' starting points.
   """
 
   def __init__(self, bootstrap_servers: str, topics: str | Sequence[str], *,
                group_id: Optional[str] = None, start: Any = "committed", stop: Any = None,
                consumer_config: Optional[Mapping[str, Any]] = None,
                poll_timeout_ms: int = 1000, max_records_per_call: int = 20_000,
-               max_seconds_per_call: float = 5.0, drain_file: Optional[str] = None):
+               max_seconds_per_call: float = 5.0, drain_file: Optional[str] = None,
+               shard: Optional[tuple[int, int]] = None, with_partition_reads: bool = False):
     super().__init__()
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+      raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
+    self.shard = shard
+    self._with_reads = with_partition_reads
     self.topics = [topics] if isinstance(topics, str) else list(topics)
     if not self.topics or not all(isinstance(t, str) and t for t in self.topics):
       raise ValueError(f"topics must be one or more topic names, got {topics!r}")
@@ -340,12 +355,13 @@ class ReadFromKafka(beam.PTransform):
                                 bounded=self.stop.is_bounded)
 
   def partitions(self) -> list[tuple[str, int]]:
-    return discover_partitions(self.config, self.topics)
+    return shard_of(discover_partitions(self.config, self.topics), self.shard)
 
   def expand(self, pbegin):
-    return (pbegin
-            | "ResolvePartitions" >> ResolvePartitions(self.partitions(), self.config, self.start, self.stop)
-            | "ReadPartitions" >> self._read)
+    reads = pbegin | "ResolvePartitions" >> ResolvePartitions(
+        self.partitions(), self.config, self.start, self.stop)
+    records = reads | "ReadPartitions" >> self._read
+    return (records, reads) if self._with_reads else records
 
   def display_data(self):
     return {"topics": ",".join(self.topics), "start": self.start.kind, "stop": self.stop.kind,
