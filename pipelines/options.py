@@ -13,6 +13,7 @@ import re
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.kafka.positions import parse_start, parse_stop
+from transforms.parse import check_registry_url
 
 DEFAULT_SINK = "sqlite:///output/smartgrid.db"
 
@@ -87,6 +88,12 @@ class SmartGridOptions(PipelineOptions):
                    help="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL; SASL credentials come from "
                         "KAFKA_SASL_USERNAME / KAFKA_SASL_PASSWORD (never on the command line)")
     g.add_argument("--kafka_sasl_mechanism", default=None, help="e.g. PLAIN, SCRAM-SHA-512")
+    g.add_argument("--schema_registry_url", default=None,
+                   help="Confluent-compatible schema registry (e.g. http://127.0.0.1:8081 or "
+                        "Apicurio's http://HOST:PORT/apis/ccompat/v7): values in the Confluent "
+                        "wire format are decoded as Avro with the writer's schema. Basic-auth "
+                        "credentials come from SCHEMA_REGISTRY_USERNAME / SCHEMA_REGISTRY_PASSWORD. "
+                        "Unset: such values are dead letters (avro_needs_registry)")
     g.add_argument("--drain_file", default=None,
                    help="local runs: a file whose creation drains the pipeline "
                         "(default .run/<mode>-pipeline.drain)")
@@ -154,5 +161,9 @@ def validate(o: SmartGridOptions) -> None:
       fail("sink", f"expected bigquery://PROJECT/DATASET, got {o.sink!r}")
   else:
     fail("sink", f"unknown sink {o.sink!r}: use sqlite:///path.db or bigquery://PROJECT/DATASET")
+  try:
+    check_registry_url(o.schema_registry_url)
+  except ValueError as e:
+    fail("schema_registry_url", str(e).split(": ", 1)[1])
   if o.kafka_security_protocol not in (None, "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
     fail("kafka_security_protocol", f"unknown protocol {o.kafka_security_protocol!r}")

@@ -92,7 +92,8 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
       drain_file=drain_file, shard=parse_shard(o.partition_shard), with_partition_reads=True)
   rows, dead_letters, full_batches = records | "ParseEvents" >> ParseEvents(
       topics, window_size_secs=o.window_size_secs, allowed_lateness_secs=o.allowed_lateness_secs,
-      num_shards=o.num_shards, shard_by=o.shard_by, batch_size=o.batch_size)
+      num_shards=o.num_shards, shard_by=o.shard_by, batch_size=o.batch_size,
+      schema_registry_url=o.schema_registry_url)
   dead_rows = dead_letters | "KeyDeadLetters" >> beam.Map(
       key_dead_letters, o.num_shards).with_output_types(Tuple[str, Any])
   batches = (full_batches, (rows, dead_rows) | "OtherRows" >> beam.Flatten()) | "BatchRows" >> BatchRows(

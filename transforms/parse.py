@@ -1,10 +1,13 @@
 """ParseEvents: Kafka records -> keyed, event-time-stamped table rows, and dead letters.
 
-One DoFn does parsing, validation, event-time stamping, the batching key and (with
-``batch_size``) the filling of batches within the bundle, so a record costs one
-step before the window. Every record leaves it exactly once:
-as a sensor or meter row, or as a dead-letter row (reason, raw bytes, Kafka
-coordinates). Late events are kept: an event whose window (plus the allowed
+One DoFn does decoding (JSON, or Confluent-framed Avro with ``schema_registry_url``),
+validation, event-time stamping, the batching key and (with ``batch_size``) the
+filling of batches within the bundle, so a record costs one step before the window.
+Every record leaves it exactly once: as a sensor or meter row, or as a dead letter
+(reason, raw bytes, Kafka coordinates). Parsing is total: whatever a record holds,
+any exception while decoding, validating or building its row becomes a dead letter
+(``unparseable`` with the exception type when nothing more specific applies), so no
+record can fail a bundle and stall its partition. Late events are kept: an event whose window (plus the allowed
 lateness) had closed when it reached Kafka is flagged ``is_late`` and stamped
 with its arrival time, so no runner drops it as late data; its row still
 carries its event time and event-time window.
@@ -13,6 +16,7 @@ carries its event time and event-time window.
 from __future__ import annotations
 
 import time
+import urllib.parse
 import zlib
 from typing import Any, Iterable, Mapping, Optional, Tuple
 
@@ -24,8 +28,9 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import progress
 from transforms.batching import BundleBatcher
-from transforms.events import (InvalidEvent, DeadLetter, dead_letter_row, meter_row, parse_meter,
-                               parse_sensor, sensor_row)
+from transforms.events import (MAX_EVENT_BYTES, DeadLetter, InvalidEvent, dead_letter_row,
+                               describe_exception, load_json_object, meter_from_object, meter_row, sensor_from_object,
+                               sensor_row)
 from transforms.kafka.records import KafkaRecord
 from transforms.sinks.schema import DEAD_LETTERS, METER_READINGS, SENSOR_READINGS
 from transforms.windows import FixedEventWindows
@@ -35,13 +40,17 @@ _GLOBAL = (GlobalWindow(),)
 SHARD_BY = ("partition", "id")
 DEAD_LETTER_TAG = "dead_letters"
 FULL_BATCHES_TAG = "full_batches"
+# Longest window: any accepted event time (before 2200) plus one window stays far from
+# datetime's year 9999, so no window arithmetic or formatting can overflow.
+MAX_WINDOW_SECS = 366 * 86_400
 
 
 class _ParseEventsFn(beam.DoFn):
   def __init__(self, topic_kinds: Mapping[str, str], window_size_secs: float,
                allowed_lateness_secs: float, num_shards: int, shard_by: str,
-               batch_size: Optional[int] = None):
+               batch_size: Optional[int] = None, schema_registry_url: Optional[str] = None):
     self._batch_size = batch_size
+    self._registry_url = schema_registry_url
     self._window_size_secs = window_size_secs
     self._kinds = dict(topic_kinds)
     self._size_us = int(window_size_secs * 1_000_000)
@@ -52,6 +61,10 @@ class _ParseEventsFn(beam.DoFn):
                       for name in ("sensor_readings", "meter_readings", "late_events", "dead_letters")}
 
   def setup(self):
+    self._avro = None
+    if self._registry_url:
+      from transforms.avro import AvroDecoder  # credentials are read here, on the worker
+      self._avro = AvroDecoder(self._registry_url).open()
     self._batcher = (None if self._batch_size is None else
                      BundleBatcher(self._batch_size, FixedEventWindows(self._window_size_secs)))
 
@@ -63,40 +76,61 @@ class _ParseEventsFn(beam.DoFn):
       return zlib.crc32(entity_id.encode()) % self._num_shards
     return record.partition % self._num_shards
 
-  def process(self, record: KafkaRecord) -> Iterable[Any]:
-    kind = self._kinds.get(record.topic)
-    try:
-      if kind == SENSOR:
-        event = parse_sensor(record.value)
-        entity_id, table, to_row = event.sensor_id, SENSOR_READINGS.name, sensor_row
-      elif kind == METER:
-        event = parse_meter(record.value)
-        entity_id, table, to_row = event.meter_id, METER_READINGS.name, meter_row
-      else:
-        raise InvalidEvent("unknown_topic", f"no event type is configured for topic {record.topic!r}")
-    except InvalidEvent as e:
-      self._counts["dead_letters"] += 1
-      progress.add_dead_letter(e.reason)
-      yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, WindowedValue(
-          DeadLetter(record.topic, record.partition, record.offset, record.covers_from,
-                     record.key, record.value, str(e), "parse", int(time.time() * 1_000_000)),
-          Timestamp(micros=record.timestamp_ms * 1000), _GLOBAL))
-      return
+  def _decode(self, value: Optional[bytes]) -> Any:
+    if value and value[0] == 0:  # the Confluent wire format's magic byte; JSON never starts so
+      if self._avro is None:
+        raise InvalidEvent("avro_needs_registry", "a Confluent-framed Avro value (magic byte 0, "
+                           f"schema id {int.from_bytes(value[1:5], 'big')}): run with "
+                           "--schema_registry_url to decode it")
+      if len(value) > MAX_EVENT_BYTES:
+        raise InvalidEvent("oversized", f"{len(value)} bytes > {MAX_EVENT_BYTES}")
+      record = self._avro.decode(value)
+      if not isinstance(record, Mapping):
+        raise InvalidEvent("not_object", f"the Avro value is a {type(record).__name__}, not a record")
+      return record
+    return load_json_object(value)
 
+  def _to_row(self, record: KafkaRecord) -> Tuple[str, str, tuple, Timestamp, bool]:
+    """A record -> (table, key, row, timestamp, is_late); raises for anything that is no row."""
+    kind = self._kinds.get(record.topic)
+    if kind == SENSOR:
+      event = sensor_from_object(self._decode(record.value))
+      entity_id, table, to_row = event.sensor_id, SENSOR_READINGS.name, sensor_row
+    elif kind == METER:
+      event = meter_from_object(self._decode(record.value))
+      entity_id, table, to_row = event.meter_id, METER_READINGS.name, meter_row
+    else:
+      raise InvalidEvent("unknown_topic", f"no event type is configured for topic {record.topic!r}")
     event_us = event.event_time_us
     window_start = event_us - event_us % self._size_us
     window_end = window_start + self._size_us
     arrival_us = record.timestamp_ms * 1000
     is_late = arrival_us > window_end + self._lateness_us
+    row = to_row(event, window_start, window_end, is_late, record.topic, record.partition,
+                 record.offset, record.covers_from)
+    key = f"{table}|{self._shard(record, entity_id)}"
+    return table, key, row, Timestamp(micros=arrival_us if is_late else event_us), is_late
+
+  def _dead_letter(self, record: KafkaRecord, exc: BaseException) -> WindowedValue:
+    e = describe_exception(exc)
+    self._counts["dead_letters"] += 1
+    progress.add_dead_letter(e.reason)
+    return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, WindowedValue(
+        DeadLetter(record.topic, record.partition, record.offset, record.covers_from,
+                   record.key, record.value, e.reason, str(e), "parse", int(time.time() * 1_000_000)),
+        Timestamp(micros=record.timestamp_ms * 1000), _GLOBAL))
+
+  def process(self, record: KafkaRecord) -> Iterable[Any]:
+    try:
+      table, key, row, timestamp, is_late = self._to_row(record)
+    except Exception as e:  # noqa: BLE001 - parsing is total: every failure is a dead letter
+      yield self._dead_letter(record, e)
+      return
     self._counts[table] += 1
     if is_late:
       self._counts["late_events"] += 1
-    row = to_row(event, window_start, window_end, is_late, record.topic, record.partition,
-                 record.offset, record.covers_from)
     # A WindowedValue, not a TimestampedValue: the runner would re-assign the (global)
     # window per element; the event-time window comes next, in one step for all outputs.
-    key = f"{table}|{self._shard(record, entity_id)}"
-    timestamp = Timestamp(micros=arrival_us if is_late else event_us)
     if self._batcher is None:
       yield WindowedValue((key, row), timestamp, _GLOBAL)
     else:
@@ -124,13 +158,14 @@ class ParseEvents(beam.PTransform):
 
   def __init__(self, topic_kinds: Mapping[str, str], *, window_size_secs: float = 60.0,
                allowed_lateness_secs: float = 0.0, num_shards: int = 4,
-               shard_by: str = "partition", batch_size: Optional[int] = None):
+               shard_by: str = "partition", batch_size: Optional[int] = None,
+               schema_registry_url: Optional[str] = None):
     super().__init__()
     bad = {t: k for t, k in topic_kinds.items() if k not in (SENSOR, METER)}
     if bad:
       raise ValueError(f"topic kinds must be '{SENSOR}' or '{METER}', got {bad}")
-    if window_size_secs <= 0:
-      raise ValueError(f"--window_size_secs must be > 0, got {window_size_secs}")
+    if not 0 < window_size_secs <= MAX_WINDOW_SECS:
+      raise ValueError(f"--window_size_secs must be in (0, {MAX_WINDOW_SECS}], got {window_size_secs}")
     if allowed_lateness_secs < 0:
       raise ValueError(f"--allowed_lateness_secs must be >= 0, got {allowed_lateness_secs}")
     if num_shards < 1:
@@ -139,9 +174,10 @@ class ParseEvents(beam.PTransform):
       raise ValueError(f"--shard_by must be one of {SHARD_BY}, got {shard_by!r}")
     if batch_size is not None and batch_size < 1:
       raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    check_registry_url(schema_registry_url)
     self._batching = batch_size is not None
     self._fn = _ParseEventsFn(topic_kinds, window_size_secs, allowed_lateness_secs, num_shards,
-                              shard_by, batch_size)
+                              shard_by, batch_size, schema_registry_url)
 
   def expand(self, records):
     if not isinstance(records.windowing.windowfn, GlobalWindows):
@@ -153,6 +189,22 @@ class ParseEvents(beam.PTransform):
     if self._batching:
       return rows, results[DEAD_LETTER_TAG], results[FULL_BATCHES_TAG]
     return rows, results[DEAD_LETTER_TAG]
+
+
+def check_registry_url(url: Optional[str]) -> None:
+  """Refuses a --schema_registry_url that is not http(s) or carries credentials."""
+  if url is None:
+    return
+  if "@" in url:
+    raise ValueError("--schema_registry_url: must not hold credentials (they would be logged and "
+                     "pickled); set SCHEMA_REGISTRY_USERNAME / SCHEMA_REGISTRY_PASSWORD instead")
+  try:
+    parts = urllib.parse.urlsplit(url)
+    ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+  except ValueError:  # e.g. a port that is not a number
+    ok = False
+  if not ok:
+    raise ValueError(f"--schema_registry_url: expected http(s)://host[:port][/path], got {url!r}")
 
 
 def key_dead_letters(dead_letter: DeadLetter, num_shards: int) -> Tuple[str, tuple]:

@@ -15,7 +15,6 @@ error)]`` returning the rows it rejected for good; ``write`` must be idempotent.
 
 from __future__ import annotations
 
-import base64
 import logging
 import random
 import time
@@ -27,7 +26,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import progress
 from transforms.acks import acks_for_rows
-from transforms.events import iso_us
+from transforms.events import iso_us, rejected_row_dead_letter
 from transforms.sinks.schema import DEAD_LETTERS
 
 _LOGGER = logging.getLogger(__name__)
@@ -68,10 +67,7 @@ def with_retries(fn: Callable[[], object], is_transient: Callable[[BaseException
 
 def rejected_dead_letter_row(table: str, row: tuple, error: str) -> tuple:
   """A row the store refused for good -> a dead_letters row for the same offset."""
-  topic, partition, offset, covers_from = row[-4:]
-  raw = repr(row[:-4]).encode()
-  return (None, base64.b64encode(raw).decode("ascii"), f"sink_rejected: {table}: {error}"[:2000],
-          "sink", iso_us(int(time.time() * 1_000_000)), topic, partition, offset, covers_from)
+  return rejected_row_dead_letter(table, row, error, int(time.time() * 1_000_000))
 
 
 class _WriteBatchesFn(beam.DoFn):

@@ -45,7 +45,9 @@ _WRITTEN_AT = Column("written_at", "TEXT", "TIMESTAMP")
 SENSOR_READINGS = Table("sensor_readings", (
     Column("event_id", "TEXT", "STRING"), Column("sensor_id", "TEXT", "STRING"),
     Column("sensor_type", "TEXT", "STRING"), Column("value", "REAL", "FLOAT64"),
-    Column("latitude", "REAL", "FLOAT64"), Column("longitude", "REAL", "FLOAT64"),
+    # null when the event has no location (the old consumer stored those too)
+    Column("latitude", "REAL", "FLOAT64", required=False),
+    Column("longitude", "REAL", "FLOAT64", required=False),
     Column("event_time", "TEXT", "TIMESTAMP"), Column("metadata", "TEXT", "JSON", required=False),
     Column("window_start", "TEXT", "TIMESTAMP"), Column("window_end", "TEXT", "TIMESTAMP"),
     Column("is_late", "INTEGER", "BOOL"), *_KAFKA, _WRITTEN_AT),
@@ -59,11 +61,19 @@ METER_READINGS = Table("meter_readings", (
     Column("is_late", "INTEGER", "BOOL"), *_KAFKA, _WRITTEN_AT),
     partition_column="event_time", cluster_columns=("meter_id",))
 
+# raw_key/raw_value: text when both are valid UTF-8, else base64 (raw_encoding says which),
+# cut to transforms.events.RAW_TEXT_LIMIT (truncated=1); raw_size and raw_sha256 are the
+# original value's. reason is one of transforms.events.DEAD_LETTER_REASONS.
 DEAD_LETTERS = Table("dead_letters", (
     Column("raw_key", "TEXT", "STRING", required=False),
     Column("raw_value", "TEXT", "STRING", required=False),
-    Column("error", "TEXT", "STRING"), Column("stage", "TEXT", "STRING"),
-    Column("failed_at", "TEXT", "TIMESTAMP"), *_KAFKA, _WRITTEN_AT),
+    Column("raw_encoding", "TEXT", "STRING"),
+    Column("raw_size", "INTEGER", "INT64", required=False),
+    Column("raw_sha256", "TEXT", "STRING", required=False),
+    Column("truncated", "INTEGER", "BOOL"),
+    Column("reason", "TEXT", "STRING"), Column("error", "TEXT", "STRING"),
+    Column("stage", "TEXT", "STRING"), Column("failed_at", "TEXT", "TIMESTAMP"),
+    *_KAFKA, _WRITTEN_AT),
     partition_column="failed_at", cluster_columns=("kafka_topic",))
 
 TABLES = {t.name: t for t in (SENSOR_READINGS, METER_READINGS, DEAD_LETTERS)}

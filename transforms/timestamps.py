@@ -1,0 +1,183 @@
+"""Event timestamps: the one parser of the pipeline, the same on Python 3.10 to 3.13.
+
+Owns the accepted forms, the epoch-number rule and the range of event times. Pure
+standard library with no project import, so a test can run this very file under
+every Python interpreter it finds (``python timestamps.py`` reads JSON values on
+stdin and prints one result per line) and compare them.
+
+It does not use ``datetime.fromisoformat``, whose accepted forms differ between
+versions (3.10 refuses a trailing ``Z``, 3.11 takes far more of ISO-8601); the
+calendar arithmetic is integer arithmetic, so no input can overflow it.
+
+Accepted (anything else raises ``TimestampError('bad_timestamp', ...)``):
+
+==========================================  ==========================================
+form                                        instant
+==========================================  ==========================================
+``2024-01-15T10:30:00Z`` (also ``z``)       UTC
+``2024-01-15T10:30:00+01:00``, ``+0100``,   the offset (up to 23:59 either way)
+``+01``, ``-05:30``
+``2024-01-15T10:30:00`` (no zone)           UTC: the old service writes
+                                            ``datetime.utcnow().isoformat()``
+``2024-01-15 10:30:00``                     a space (or ``t``) instead of ``T``
+``...:00.5``, ``...:00.123456789``          0 to 9 fractional digits (``.`` or ``,``),
+                                            truncated to microseconds
+``2024-01-15T10:30`` and ``2024-01-15``     missing seconds / time are zero
+JSON number ``1705314600`` (or ``.5``)      epoch seconds when ``abs(n) < 1e11``
+JSON number ``1705314600000``               epoch milliseconds when ``abs(n) >= 1e11``
+``datetime`` (from an Avro logical type)    naive means UTC
+==========================================  ==========================================
+
+Epoch rule (``EPOCH_MS_FROM``): 1e11 seconds is the year 5138 and 1e11 milliseconds
+is 1973-03-03, so a magnitude under 1e11 is read as seconds and anything larger as
+milliseconds. Only milliseconds before 1973-03-03 are misread: those after
+1970-03-26 become seconds past 2200 and are refused as out of range; those before it
+(under 7.26e9) would be taken as seconds.
+Numeric *strings* are not epochs: a digit string is ambiguous (``"20240115"`` is a date
+or 8 months of seconds), and the old consumer's Postgres refused them too.
+
+Range: event times must lie in [1970-01-01, 2200-01-01) UTC, else
+``TimestampError('out_of_range', ...)``; window arithmetic and formatting of any
+accepted instant therefore stay far from ``datetime``'s year 9999 limit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import re
+from typing import Any
+
+EPOCH_MS_FROM = 100_000_000_000  # |n| >= 1e11: milliseconds; below: seconds
+MIN_US = 0  # 1970-01-01T00:00:00Z
+MAX_US = 7_258_118_400_000_000  # 2200-01-01T00:00:00Z, exclusive
+
+_ISO = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})"
+    r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
+    r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?)?", re.ASCII)
+_DAYS_IN_MONTH = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_EPOCH_LIMIT = 10 ** 15  # past 2200 in any unit: refused before any arithmetic
+
+
+class TimestampError(ValueError):
+  """A timestamp that gives no usable instant; ``reason`` is bad_timestamp or out_of_range."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(detail)
+    self.reason = reason
+
+
+def _days_from_civil(y: int, m: int, d: int) -> int:
+  """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
+  y -= m <= 2
+  era = y // 400
+  yoe = y - era * 400
+  doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+  doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+  return era * 146_097 + doe - 719_468
+
+
+def _is_leap(y: int) -> bool:
+  return y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)
+
+
+def _show(value: Any) -> str:
+  """A short repr that cannot fail (repr of an int over 4,300 digits raises on 3.11+)."""
+  if isinstance(value, int) and value.bit_length() > 200:
+    return f"<a {value.bit_length()}-bit integer>"
+  return f"{value!r:.60}"
+
+
+def _out_of_range(value: Any) -> TimestampError:
+  return TimestampError("out_of_range",
+                        f"'timestamp' {_show(value)} is outside 1970-01-01 .. 2200-01-01 UTC")
+
+
+def _in_range(us: int, shown: Any) -> int:
+  if not MIN_US <= us < MAX_US:
+    raise _out_of_range(shown)
+  return us
+
+
+def parse_iso_us(text: str) -> int:
+  """ISO-8601 text -> epoch microseconds (see the module's table)."""
+  m = _ISO.fullmatch(text.strip()) if len(text) <= 64 else None
+  if m is None:
+    raise TimestampError("bad_timestamp", f"'timestamp' {_show(text)} is not ISO-8601")
+  year, month, day = int(m[1]), int(m[2]), int(m[3])
+  hour, minute, second = int(m[4] or 0), int(m[5] or 0), int(m[6] or 0)
+  if not 1 <= month <= 12:
+    raise TimestampError("bad_timestamp", f"'timestamp' {_show(text)} has month {month}")
+  days_in_month = 29 if month == 2 and _is_leap(year) else _DAYS_IN_MONTH[month]
+  if not 1 <= day <= days_in_month or hour > 23 or minute > 59 or second > 59:
+    raise TimestampError("bad_timestamp", f"'timestamp' {_show(text)} is not a valid date and time")
+  micros = int((m[7] or "").ljust(6, "0")[:6])
+  offset_s = 0
+  if m[8] is None and m[9] is not None:
+    off_h, off_m = int(m[10]), int(m[11] or 0)
+    if off_h > 23 or off_m > 59:
+      raise TimestampError("bad_timestamp", f"'timestamp' {_show(text)} has a bad UTC offset")
+    offset_s = (off_h * 3600 + off_m * 60) * (-1 if m[9] == "-" else 1)
+  seconds = _days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
+  return _in_range((seconds - offset_s) * 1_000_000 + micros, text)
+
+
+def parse_epoch_us(number: Any) -> int:
+  """An epoch number (int or float, not bool) -> epoch microseconds, by the 1e11 rule."""
+  if isinstance(number, int) and not -_EPOCH_LIMIT < number < _EPOCH_LIMIT:
+    raise _out_of_range(number)
+  try:
+    if isinstance(number, (int, decimal.Decimal)):
+      exact = decimal.Decimal(number)
+    else:  # the float's shortest repr: 1700000000.123456 stays exactly that
+      exact = decimal.Decimal(repr(float(number)))
+  except (ValueError, decimal.InvalidOperation, OverflowError):
+    raise TimestampError("bad_timestamp", f"'timestamp' {_show(number)} is not a number") from None
+  if not exact.is_finite():
+    raise TimestampError("bad_timestamp", f"'timestamp' {_show(number)} is not finite")
+  # Compare before any arithmetic: a huge exponent would overflow the decimal context.
+  if exact.copy_abs() >= _EPOCH_LIMIT:
+    raise _out_of_range(number)
+  scale = 1_000 if exact.copy_abs() >= EPOCH_MS_FROM else 1_000_000
+  return _in_range(int(exact * scale), number)  # int() truncates toward zero, like the fraction
+
+
+def parse_datetime_us(value: dt.datetime) -> int:
+  """A datetime (naive means UTC) -> epoch microseconds, range-checked."""
+  offset = value.utcoffset() if value.tzinfo is not None else None
+  naive = value.replace(tzinfo=None)
+  days = naive.toordinal() - 719_163  # date(1970, 1, 1).toordinal()
+  seconds = days * 86_400 + naive.hour * 3600 + naive.minute * 60 + naive.second
+  if offset is not None:
+    seconds -= offset.days * 86_400 + offset.seconds
+  return _in_range(seconds * 1_000_000 + naive.microsecond, value.isoformat())
+
+
+def parse_timestamp_us(value: Any) -> int:
+  """Any accepted timestamp value -> epoch microseconds; raises ``TimestampError``."""
+  if isinstance(value, str):
+    return parse_iso_us(value)
+  if isinstance(value, bool):
+    raise TimestampError("bad_timestamp", f"'timestamp' must be ISO-8601 text or a number, got {value!r}")
+  if isinstance(value, (int, float, decimal.Decimal)):
+    return parse_epoch_us(value)
+  if isinstance(value, dt.datetime):
+    return parse_datetime_us(value)
+  raise TimestampError("bad_timestamp",
+                       f"'timestamp' must be ISO-8601 text or a number, got {type(value).__name__}")
+
+
+def _main() -> None:
+  """stdin: a JSON list of values; stdout: one JSON [reason_or_null, micros_or_null] per value."""
+  import json
+  import sys
+  for value in json.load(sys.stdin):
+    try:
+      print(json.dumps([None, parse_timestamp_us(value)]))
+    except TimestampError as e:
+      print(json.dumps([e.reason, None]))
+
+
+if __name__ == "__main__":
+  _main()
