@@ -92,6 +92,11 @@ class AvroDecoder:
       self._client = SchemaRegistryClient(registry_client_config(self.url, **self._settings))
     return self
 
+  def remember(self, schema_id: int, schema: Any) -> None:
+    """Caches a writer schema (a dict or JSON text) as if fetched: preloading, and tests."""
+    self._schemas[schema_id] = fastavro.parse_schema(
+        json.loads(schema) if isinstance(schema, str) else schema)
+
   def decode(self, value: bytes) -> Any:
     if len(value) < HEADER_BYTES:
       raise InvalidEvent("bad_avro", f"{len(value)} bytes: too short for the Confluent wire format")
