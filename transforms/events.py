@@ -358,9 +358,13 @@ def meter_row(r: MeterReading, window_start_us: int, window_end_us: int, is_late
           covers_from)
 
 
-def _is_utf8(raw: Optional[bytes]) -> bool:
+def _is_text(raw: Optional[bytes]) -> bool:
+  """Valid UTF-8 without a NUL byte: a NUL marks binary data (Confluent-framed Avro starts with
+  one) and many tools cut text there, so such values are stored as base64."""
   if raw is None:
     return True
+  if b"\x00" in raw:
+    return False
   try:
     raw.decode("utf-8")
     return True
@@ -384,9 +388,10 @@ def raw_columns(raw_key: Optional[bytes], raw_value: Optional[bytes]) -> tuple:
   """(raw_key, raw_value, raw_encoding, raw_size, raw_sha256, truncated) of a dead letter.
 
   One ``raw_encoding`` holds for both key and value: ``utf8`` when both are valid
-  UTF-8 (or absent), else ``base64`` for both. Size and hash are the original value's.
+  UTF-8 without NUL bytes (or absent), else ``base64`` for both. Size and hash are the
+  original value's.
   """
-  encoding = "utf8" if _is_utf8(raw_value) and _is_utf8(raw_key) else "base64"
+  encoding = "utf8" if _is_text(raw_value) and _is_text(raw_key) else "base64"
   key_text, key_cut = _raw_text(raw_key, encoding)
   value_text, value_cut = _raw_text(raw_value, encoding)
   size = None if raw_value is None else len(raw_value)

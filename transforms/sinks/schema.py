@@ -61,9 +61,10 @@ METER_READINGS = Table("meter_readings", (
     Column("is_late", "INTEGER", "BOOL"), *_KAFKA, _WRITTEN_AT),
     partition_column="event_time", cluster_columns=("meter_id",))
 
-# raw_key/raw_value: text when both are valid UTF-8, else base64 (raw_encoding says which),
-# cut to transforms.events.RAW_TEXT_LIMIT (truncated=1); raw_size and raw_sha256 are the
-# original value's. reason is one of transforms.events.DEAD_LETTER_REASONS.
+# raw_key/raw_value: text when both are valid UTF-8 without NUL bytes, else base64
+# (raw_encoding says which), cut to transforms.events.RAW_TEXT_LIMIT (truncated=1);
+# raw_size and raw_sha256 are the original value's. reason is one of
+# transforms.events.DEAD_LETTER_REASONS.
 DEAD_LETTERS = Table("dead_letters", (
     Column("raw_key", "TEXT", "STRING", required=False),
     Column("raw_value", "TEXT", "STRING", required=False),
