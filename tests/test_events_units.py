@@ -22,15 +22,15 @@ from apache_beam.internal import pickler
 from pipelines import main as pipeline_main
 from pipelines.options import OptionError
 from transforms import timestamps
-from transforms.avro import AvroDecoder, frame, registry_client_config
+from transforms.avro import frame, registry_client_config
 from transforms.events import (DEAD_LETTER_REASONS, ERROR_TEXT_LIMIT, RAW_TEXT_LIMIT, DeadLetter,
                                InvalidEvent, dead_letter_row, decode_raw_value, meter_from_object,
                                parse_meter, parse_sensor, raw_columns, sensor_from_object)
-from transforms.parse import MAX_WINDOW_SECS, METER, SENSOR, ParseEvents, check_registry_url
+from transforms.parse import MAX_WINDOW_SECS, SENSOR, ParseEvents, check_registry_url
 from transforms.sinks.base import rejected_dead_letter_row
 from transforms.sinks.schema import DEAD_LETTERS, METER_READINGS, SENSOR_READINGS
 from transforms.sinks.sqlite import SqliteStore
-from tests.parse_support import (CLOSED_REGISTRY, METER_TOPIC, NOW_MS, SENSOR_TOPIC, avro_meter,
+from tests.parse_support import (CLOSED_REGISTRY, METER_TOPIC, SENSOR_TOPIC, avro_meter,
                                  avro_sensor, jbytes, make_fn, old_service_meter,
                                  old_service_sensor, parse_one)
 
@@ -577,3 +577,17 @@ def test_registry_credentials_come_from_the_environment_and_are_never_pickled(mo
       assert needle not in blob
   copy = pickle.loads(pickle.dumps(fn._avro))
   assert copy.url == CLOSED_REGISTRY and copy._client is None and copy._schemas == {}
+
+
+@pytest.mark.parametrize("key, value, encoding", [
+    (b"k", b'{"a": "\xc3\xa9"}', "utf8"),
+    (b"k", b'{"a": 1}\x00', "base64"),  # valid UTF-8, but a NUL marks binary data
+    (b"k\x00", b"{}", "base64"),
+    (None, b"\xff", "base64"),
+    (None, None, "utf8"),
+])
+def test_raw_encoding_rule(key, value, encoding):
+  columns = raw_columns(key, value)
+  assert columns[2] == encoding
+  assert decode_raw_value(columns[1], encoding) == value
+  assert decode_raw_value(columns[0], encoding) == key
