@@ -118,7 +118,8 @@ class _ParseEventsFn(beam.DoFn):
     return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, WindowedValue(
         DeadLetter(record.topic, record.partition, record.offset, record.covers_from,
                    record.key, record.value, e.reason, str(e), "parse", int(time.time() * 1_000_000)),
-        Timestamp(micros=record.timestamp_ms * 1000), _GLOBAL))
+        Timestamp(micros=record.timestamp_ms * 1000 if isinstance(record.timestamp_ms, int) else 0),
+        _GLOBAL))
 
   def process(self, record: KafkaRecord) -> Iterable[Any]:
     try:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import re
-from typing import Any
+from typing import Any, Optional
 
 EPOCH_MS_FROM = 100_000_000_000  # |n| >= 1e11: milliseconds; below: seconds
 MIN_US = 0  # 1970-01-01T00:00:00Z
@@ -100,27 +100,48 @@ def _in_range(us: int, shown: Any) -> int:
   return us
 
 
+_DATE_DAYS: dict = {}  # 'YYYY-MM-DD' -> days since 1970-01-01 (or None: no such date)
+
+
+def _date_days(date: str) -> Optional[int]:
+  days = _DATE_DAYS.get(date, -1)
+  if days != -1:
+    return days
+  year, month, day = int(date[:4]), int(date[5:7]), int(date[8:10])
+  if not 1 <= month <= 12 or not 1 <= day <= (
+      29 if month == 2 and _is_leap(year) else _DAYS_IN_MONTH[month]):
+    days = None
+  else:
+    days = _days_from_civil(year, month, day)
+  if len(_DATE_DAYS) > 100_000:
+    _DATE_DAYS.clear()
+  _DATE_DAYS[date] = days
+  return days
+
+
 def parse_iso_us(text: str) -> int:
   """ISO-8601 text -> epoch microseconds (see the module's table)."""
-  m = _ISO.fullmatch(text.strip()) if len(text) <= 64 else None
+  text = text.strip() if len(text) <= 64 else ""
+  m = _ISO.fullmatch(text)
   if m is None:
     raise TimestampError("bad_timestamp", f"'timestamp' {_show(text)} is not ISO-8601")
-  year, month, day = int(m[1]), int(m[2]), int(m[3])
-  hour, minute, second = int(m[4] or 0), int(m[5] or 0), int(m[6] or 0)
-  if not 1 <= month <= 12:
-    raise TimestampError("bad_timestamp", f"'timestamp' {_show(text)} has month {month}")
-  days_in_month = 29 if month == 2 and _is_leap(year) else _DAYS_IN_MONTH[month]
-  if not 1 <= day <= days_in_month or hour > 23 or minute > 59 or second > 59:
+  _, _, _, hour, minute, second, fraction, _, sign, off_h, off_m = m.groups()
+  days = _date_days(text[:10])  # the pattern starts with exactly 'YYYY-MM-DD'
+  seconds = 0
+  if hour is not None:
+    h, mi, sec = int(hour), int(minute), int(second or 0)
+    if h > 23 or mi > 59 or sec > 59:
+      days = None
+    seconds = h * 3600 + mi * 60 + sec
+  if days is None:
     raise TimestampError("bad_timestamp", f"'timestamp' {_show(text)} is not a valid date and time")
-  micros = int((m[7] or "").ljust(6, "0")[:6])
-  offset_s = 0
-  if m[8] is None and m[9] is not None:
-    off_h, off_m = int(m[10]), int(m[11] or 0)
-    if off_h > 23 or off_m > 59:
+  if sign is not None:
+    oh, om = int(off_h), int(off_m or 0)
+    if oh > 23 or om > 59:
       raise TimestampError("bad_timestamp", f"'timestamp' {_show(text)} has a bad UTC offset")
-    offset_s = (off_h * 3600 + off_m * 60) * (-1 if m[9] == "-" else 1)
-  seconds = _days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
-  return _in_range((seconds - offset_s) * 1_000_000 + micros, text)
+    seconds -= (oh * 3600 + om * 60) * (-1 if sign == "-" else 1)
+  micros = int(fraction[:6].ljust(6, "0")) if fraction else 0
+  return _in_range((days * 86_400 + seconds) * 1_000_000 + micros, text)
 
 
 def parse_epoch_us(number: Any) -> int:
