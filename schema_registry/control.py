@@ -96,7 +96,7 @@ def start_registry(port: Optional[int] = None, management_port: Optional[int] = 
   removed by ``stop()``, when None. Raises RegistryError with the reason (no Java 21, port in use...).
   """
   own_state_dir = state_dir is None
-  attempts = 3 if port is None or management_port is None else 1  # a free port may be taken meanwhile
+  attempts = 3 if port is None and management_port is None else 1  # a picked port may be taken meanwhile
   for attempt in range(attempts):
     http_port = port or _free_port()
     mgmt_port = management_port or _free_port(exclude=http_port)

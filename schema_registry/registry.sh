@@ -14,6 +14,7 @@
 #                                  http://127.0.0.1:PORT/apis/ccompat/v7
 #   SCHEMA_REGISTRY_MGMT_PORT      management port, /health/ready (default 9081)
 #   SCHEMA_REGISTRY_STATE_DIR      log and pid file (default <repo>/.run/schema-registry-PORT)
+#   SCHEMA_REGISTRY_CACHE          where the app is installed (default <repo>/.cache/apicurio)
 #   SCHEMA_REGISTRY_JAVA           java binary to use (must be Java 21 or newer); else $JAVA_HOME,
 #                                  java on PATH, then the newest under /usr/lib/jvm
 #   SCHEMA_REGISTRY_START_TIMEOUT  seconds to wait for readiness (default 90)
@@ -28,7 +29,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(dirname "$HERE")"
 VERSION=3.3.3
 ARTIFACT="io.apicurio:apicurio-registry-app:$VERSION:tar.gz:all"
-CACHE="$REPO_ROOT/.cache/apicurio"
+CACHE="${SCHEMA_REGISTRY_CACHE:-$REPO_ROOT/.cache/apicurio}"
 APP_DIR="$CACHE/$VERSION"
 PORT="${SCHEMA_REGISTRY_PORT:-8081}"
 MGMT_PORT="${SCHEMA_REGISTRY_MGMT_PORT:-9081}"

@@ -191,3 +191,42 @@ def test_an_unreachable_registry_gives_dead_letters_not_a_crash(avro_topics, tmp
       assert (table, got) == ("dead_letters", "registry_unavailable"), s
     else:
       assert (table, got) == (s.table, s.expect), s
+
+
+# ---------------------------------------------------------------------------
+# The registry the scripts start
+
+
+def _listening_addresses(port: int) -> set[str]:
+  """Local addresses of the sockets listening on port (from /proc/net/tcp and tcp6)."""
+  found = set()
+  for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+    with open(path) as f:
+      for line in f.readlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+          found.add(address)
+  return found
+
+
+def test_the_registry_listens_on_127_0_0_1_only(schema_registry):  # noqa: F811
+  if not hasattr(schema_registry, "management_port"):
+    pytest.fail("SCHEMA_REGISTRY_URL points at a registry these tests did not start")
+  loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, ::ffff:127.0.0.1
+  for port in (schema_registry.port, schema_registry.management_port):
+    addresses = _listening_addresses(port)
+    assert addresses and addresses <= loopback, (port, addresses)
+
+
+def test_start_on_a_taken_port_fails_naming_it(tmp_path):
+  import socket
+
+  from schema_registry.control import RegistryError, start_registry
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with pytest.raises(RegistryError) as e:
+      start_registry(port, state_dir=tmp_path)
+  assert f"port {port}" in str(e.value) and "SCHEMA_REGISTRY_PORT" in str(e.value)
