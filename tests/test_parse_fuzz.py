@@ -224,3 +224,40 @@ def test_mutated_avro_events_give_one_row_or_dead_letter_each(tmp_path):
 def test_non_finite_float_sanity():
   # the generator above can produce these; make sure the JSON writer really emits the tokens
   assert _dumps({"v": math.nan}) == b'{"v": NaN}'
+
+
+def test_with_in_bundle_batching_every_row_leaves_once():
+  """The pipeline's own configuration (batch_size=100): every good record leaves in exactly one
+  full batch or as a leftover row at bundle end, every bad one as one dead letter."""
+  from apache_beam.pvalue import TaggedOutput
+
+  from transforms.parse import DEAD_LETTER_TAG, FULL_BATCHES_TAG, METER, SENSOR, _ParseEventsFn
+  fn = _ParseEventsFn({SENSOR_TOPIC: SENSOR, METER_TOPIC: METER}, 60.0, 300.0, 2, "partition", 100,
+                      None)
+  fn.setup()
+  records, good = [], set()
+  for i in range(1500):
+    sensor = i % 3 != 0
+    body = dict(SENSOR_BASE if sensor else METER_BASE, event_id=f"e{i}")
+    if i % 7 == 0:
+      body["timestamp"] = "9999-12-31T23:59:30Z"  # a dead letter
+    else:
+      good.add(i)
+      if i % 11 == 0:
+        body["timestamp"] = f"2199-12-31T23:59:{i % 60:02d}Z"  # the last accepted minute
+    records.append(KafkaRecord(SENSOR_TOPIC if sensor else METER_TOPIC, i % 4, i, i, None,
+                               _dumps(body), 1_705_314_600_000))
+  fn.start_bundle()
+  seen, dead = [], []
+  for record in records:
+    for out in fn.process(record):
+      assert isinstance(out, TaggedOutput)
+      if out.tag == DEAD_LETTER_TAG:
+        dead.append(out.value.value.kafka_offset)
+      else:
+        assert out.tag == FULL_BATCHES_TAG and len(out.value.value[1]) == 100
+        seen += [row[-2] for row in out.value.value[1]]
+  for leftover in fn.finish_bundle():
+    seen.append(leftover.value[1][-2])
+  assert sorted(seen) == sorted(good) and len(seen) == len(set(seen))
+  assert sorted(dead) == [i for i in range(1500) if i % 7 == 0]
