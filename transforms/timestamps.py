@@ -33,8 +33,9 @@ is 1973-03-03, so a magnitude under 1e11 is read as seconds and anything larger 
 milliseconds. Only milliseconds before 1973-03-03 are misread: those after
 1970-03-26 become seconds past 2200 and are refused as out of range; those before it
 (under 7.26e9) would be taken as seconds.
-Numeric *strings* are not epochs: a digit string is ambiguous (``"20240115"`` is a date
-or 8 months of seconds), and the old consumer's Postgres refused them too.
+Numeric *strings* are not epochs (``bad_timestamp``): a digit string is ambiguous
+(``"20240115"`` is a basic-format date, or 234 days of seconds), and neither the old
+service nor its documentation sends one.
 
 Range: event times must lie in [1970-01-01, 2200-01-01) UTC, else
 ``TimestampError('out_of_range', ...)``; window arithmetic and formatting of any
