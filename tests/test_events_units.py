@@ -221,6 +221,7 @@ SENSOR_ACCEPTED = [
     ("absent metadata -> NULL", {"metadata": _DROP}, {"metadata": None}),
     ("null metadata -> NULL", {"metadata": None}, {"metadata": None}),
     ("extra fields ignored", {"firmware": {"x": [1]}}, {"sensor_type": "voltage"}),
+    ("NaN in an ignored field does no harm", {"calibration": math.nan}, {"value": 231.4}),
     ("epoch seconds timestamp", {"timestamp": 1705314600}, {"event_time_us": T0}),
     ("epoch milliseconds timestamp", {"timestamp": 1705314600000}, {"event_time_us": T0}),
     ("Z timestamp", {"timestamp": "2024-01-15T10:30:00Z"}, {"event_time_us": T0}),
