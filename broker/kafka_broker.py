@@ -107,7 +107,7 @@ def default_bootstrap() -> str:
   return f"127.0.0.1:{default_port()}"
 
 
-def test_versions() -> list[str]:
+def versions_under_test() -> list[str]:
   """The broker versions the integration tests run against: $KAFKA_TEST_VERSIONS
   (comma-separated), default every tested version, oldest first."""
   text = os.environ.get("KAFKA_TEST_VERSIONS") or ",".join(TESTED_VERSIONS)
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.action == "fetch":
-      versions = (test_versions() if args.tested else
+      versions = (versions_under_test() if args.tested else
                   (args.kafka_version or default_version()).split(","))
       for v in versions:
         print(fetch_jars(parse_version(v, "--kafka_version")))
