@@ -3,7 +3,9 @@
 #
 #   ./run_pipeline.sh demo                       the main job on embedded defaults
 #   ./run_pipeline.sh test [pytest args]         the whole test suite, set-up included
-#   ./run_pipeline.sh broker start|stop|status   the local Kafka broker (127.0.0.1:$KAFKA_PORT, default 9092)
+#   ./run_pipeline.sh broker start|stop|status   the local Kafka broker (127.0.0.1:$KAFKA_PORT, default 9092;
+#                                                Kafka $KAFKA_VERSION, default 3.9.1; also 4.1.1)
+#   ./run_pipeline.sh topics create|describe [--partitions N] [topic ...]   (default: the smart-grid topics)
 #   ./run_pipeline.sh produce [--count N] [--rate R] [--bad-ratio F]
 #   ./run_pipeline.sh local  [pipeline options]  streaming until drained (Ctrl-C / SIGTERM / drain)
 #   ./run_pipeline.sh batch  [pipeline options]  committed offsets -> end offsets seen at start, then exit
@@ -57,7 +59,8 @@ cmd="${1:-help}"; shift || true
 case "$cmd" in
   test)
     ensure_venv
-    PYTHONPATH="$ROOT" "$PY" -m broker.kafka_broker fetch >/dev/null
+    # Every broker version the integration tests run against ($KAFKA_TEST_VERSIONS, default 3.9.1,4.1.1).
+    PYTHONPATH="$ROOT" "$PY" -m broker.kafka_broker fetch --tested >/dev/null
     bash "$ROOT/schema_registry/registry.sh" install || echo "warning: the schema registry could not be installed; its tests will fail" >&2
     bash "$ROOT/bigquery_emulator/emulator.sh" install \
       || echo "warning: the BigQuery emulator could not be installed; its tests will fail" >&2
@@ -68,6 +71,7 @@ case "$cmd" in
     exit $rc
     ;;
   broker)   py -m broker.kafka_broker "$@" ;;
+  topics)   py -m broker.topics "$@" ;;
   produce)  py -m pipelines.produce "$@" ;;
   local)    py -m pipelines.main --mode=local "$@" ;;
   batch)    py -m pipelines.main --mode=batch "$@" ;;
@@ -82,7 +86,8 @@ case "$cmd" in
               *) die "bench: expected reader or pipeline, got $1" ;;
             esac ;;
   help|-h|--help)
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    # The comment block at the top, however many commands it lists.
+    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"
     ;;
   *) die "unknown command '$cmd' (try ./run_pipeline.sh help)" ;;
 esac

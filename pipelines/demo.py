@@ -1,6 +1,7 @@
 """``./run_pipeline.sh demo``: the main job on embedded defaults.
 
-Starts the local broker (127.0.0.1:$KAFKA_PORT, default 9092), writes about
+Starts the local broker (127.0.0.1:$KAFKA_PORT, default 9092; Kafka
+$KAFKA_VERSION, default 3.9.1), writes about
 20,000 events to both topics, runs the streaming pipeline into
 ``output/smartgrid.db``, drains it once it has caught up, and shows its summary
 and two queries over the result.
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from broker.kafka_broker import Broker, BrokerError, DEFAULT_PORT
+from broker.kafka_broker import Broker, BrokerError, default_port
 from pipelines import produce
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,8 +62,11 @@ def main(argv=None) -> int:
   ap.add_argument("--count", type=int, default=20_000, help="events to produce (default 20000)")
   ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the pipeline")
   a = ap.parse_args(argv)
-  port = int(os.environ.get("KAFKA_PORT", DEFAULT_PORT))
-  broker = Broker(port=port)
+  try:
+    broker = Broker(port=default_port())
+  except BrokerError as e:  # a bad KAFKA_PORT, KAFKA_VERSION or KAFKA_PARTITIONS
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   fresh_broker = not (broker.run_dir / "data" / "meta.properties").exists()
   if fresh_broker and DB.exists():
     # A new broker's topics start again at offset 0: rows of an older broker's topics in the

@@ -2,7 +2,9 @@
 
 A thousand sensors of the four types at fixed places, five hundred meters with
 their customers, realistic values, and a share of malformed events of every kind
-the parser rejects. Topics that do not exist are created (4 partitions).
+the parser rejects. Topics that do not exist are created first, with
+``$KAFKA_PARTITIONS`` partitions (default 4: the local broker's auto-creation
+count too). The default broker is 127.0.0.1:$KAFKA_PORT (default 9092).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator, Optional
+
+from broker.kafka_broker import BrokerError, default_bootstrap
 
 SENSOR_TYPES = {"voltage": (230.0, 6.0), "current": (16.0, 5.0), "power": (3.5, 1.5),
                 "frequency": (50.0, 0.05)}
@@ -104,22 +108,11 @@ class EventFactory:
         yield self.sensor(t)
 
 
-def ensure_topics(bootstrap: str, topics: list[str], partitions: int = 4) -> None:
-  from kafka import KafkaAdminClient
-  from kafka.admin import NewTopic
-  from kafka.errors import TopicAlreadyExistsError
-  admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-  try:
-    existing = set(admin.list_topics())
-    missing = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics
-               if t not in existing]
-    if missing:
-      try:
-        admin.create_topics(missing)
-      except TopicAlreadyExistsError:
-        pass
-  finally:
-    admin.close()
+def ensure_topics(bootstrap: str, topics: list[str], partitions: Optional[int] = None) -> None:
+  """Creates the missing topics (partitions: default $KAFKA_PARTITIONS or 4)."""
+  from broker.kafka_broker import default_partitions
+  from broker.topics import create_topics
+  create_topics(bootstrap, topics, partitions if partitions is not None else default_partitions())
 
 
 def produce(bootstrap: str, sensor_topic: str, meter_topic: str, count: int, *, rate: float = 0.0,
@@ -153,7 +146,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   ap.add_argument("--count", type=int, default=1000, help="events to write (default 1000)")
   ap.add_argument("--rate", type=float, default=0.0, help="events per second (default: as fast as possible)")
   ap.add_argument("--bad-ratio", type=float, default=0.01, help="share of malformed events (default 0.01)")
-  ap.add_argument("--bootstrap_servers", default="127.0.0.1:9092")
+  ap.add_argument("--bootstrap_servers", default=None,
+                  help="Kafka brokers (default: 127.0.0.1:$KAFKA_PORT, i.e. 127.0.0.1:9092)")
   ap.add_argument("--sensor_topic", default="smartgrid-sensor-data")
   ap.add_argument("--meter_topic", default="smartgrid-meter-readings")
   ap.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock)")
@@ -164,9 +158,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.error(f"--rate must be >= 0, got {a.rate}")
   if not 0.0 <= a.bad_ratio <= 1.0 or math.isnan(a.bad_ratio):
     ap.error(f"--bad-ratio must be within [0, 1], got {a.bad_ratio}")
+  try:
+    bootstrap = a.bootstrap_servers or default_bootstrap()
+  except BrokerError as e:
+    ap.error(str(e))
   seed = a.seed if a.seed is not None else int(time.time())
   t = time.monotonic()
-  counts = produce(a.bootstrap_servers, a.sensor_topic, a.meter_topic, a.count, rate=a.rate,
+  counts = produce(bootstrap, a.sensor_topic, a.meter_topic, a.count, rate=a.rate,
                    bad_ratio=a.bad_ratio, seed=seed, progress=True)
   print(f"Produced {a.count} events in {time.monotonic() - t:.1f}s: {counts['sensor']} sensor, "
         f"{counts['meter']} meter, {counts['bad']} malformed (to {a.sensor_topic}).")
