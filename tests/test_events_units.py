@@ -592,3 +592,22 @@ def test_raw_encoding_rule(key, value, encoding):
   assert columns[2] == encoding
   assert decode_raw_value(columns[1], encoding) == value
   assert decode_raw_value(columns[0], encoding) == key
+
+
+def test_every_dead_letter_reason_has_its_own_counter():
+  import apache_beam as beam
+  from apache_beam.metrics.metric import MetricsFilter
+  from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+
+  from transforms.kafka.records import KafkaRecord
+  values = [b"{", jbytes(_with(SENSOR_EVENT, value="high")), b"[", jbytes(SENSOR_EVENT)]
+  records = [KafkaRecord(SENSOR_TOPIC, 0, i, i, None, v, 1_705_314_600_000)
+             for i, v in enumerate(values)]
+  p = BeamTestPipeline()
+  _ = p | beam.Create(records) | ParseEvents({SENSOR_TOPIC: SENSOR})
+  result = p.run()
+  result.wait_until_finish()
+  counters = {r.key.metric.name: r.committed
+              for r in result.metrics().query(MetricsFilter())["counters"] if r.committed}
+  assert counters == {"dead_letters": 3, "dead_letters_not_json": 2, "dead_letters_wrong_type": 1,
+                      "sensor_readings": 1}

@@ -76,10 +76,14 @@ MAX_EVENT_BYTES = 64 * 1024
 RAW_TEXT_LIMIT = 64 * 1024
 ERROR_TEXT_LIMIT = 2000
 
+# The closed list of dead_letters.reason. The parse stage writes all but the last two; the
+# sinks write sink_rejected, and duplicate_event is reserved for a sink that keeps a later
+# copy of an event_id as a dead letter (the shared design counts and acks it instead).
 DEAD_LETTER_REASONS = (
     "oversized", "not_utf8", "not_json", "not_object", "missing_field", "wrong_type",
     "non_finite", "out_of_range", "bad_timestamp", "unknown_topic", "unparseable",
-    "avro_needs_registry", "bad_avro", "unknown_schema", "registry_unavailable", "sink_rejected",
+    "avro_needs_registry", "bad_avro", "unknown_schema", "registry_unavailable",
+    "sink_rejected", "duplicate_event",
 )
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)

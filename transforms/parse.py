@@ -28,9 +28,9 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import progress
 from transforms.batching import BundleBatcher
-from transforms.events import (MAX_EVENT_BYTES, DeadLetter, InvalidEvent, dead_letter_row,
-                               describe_exception, load_json_object, meter_from_object, meter_row, sensor_from_object,
-                               sensor_row)
+from transforms.events import (DEAD_LETTER_REASONS, MAX_EVENT_BYTES, DeadLetter, InvalidEvent,
+                               dead_letter_row, describe_exception, load_json_object,
+                               meter_from_object, meter_row, sensor_from_object, sensor_row)
 from transforms.kafka.records import KafkaRecord
 from transforms.sinks.schema import DEAD_LETTERS, METER_READINGS, SENSOR_READINGS
 from transforms.windows import FixedEventWindows
@@ -57,8 +57,10 @@ class _ParseEventsFn(beam.DoFn):
     self._lateness_us = int(allowed_lateness_secs * 1_000_000)
     self._num_shards = num_shards
     self._by_id = shard_by == "id"
-    self._counters = {name: Metrics.counter(self.__class__, name)
-                      for name in ("sensor_readings", "meter_readings", "late_events", "dead_letters")}
+    # One counter per dead-letter reason too ('dead_letters_<reason>'): every path is counted.
+    self._counters = {name: Metrics.counter(self.__class__, name) for name in (
+        "sensor_readings", "meter_readings", "late_events", "dead_letters",
+        *(f"dead_letters_{reason}" for reason in DEAD_LETTER_REASONS))}
 
   def setup(self):
     self._avro = None
@@ -114,6 +116,7 @@ class _ParseEventsFn(beam.DoFn):
   def _dead_letter(self, record: KafkaRecord, exc: BaseException) -> WindowedValue:
     e = describe_exception(exc)
     self._counts["dead_letters"] += 1
+    self._counts[f"dead_letters_{e.reason}"] += 1
     progress.add_dead_letter(e.reason)
     return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, WindowedValue(
         DeadLetter(record.topic, record.partition, record.offset, record.covers_from,
