@@ -106,7 +106,7 @@ class EventFactory:
         yield self.sensor(t)
 
 
-def ensure_topics(bootstrap: str, topics: list[str], partitions: Optional[int] = None) -> None:
+def ensure_topics(bootstrap: str, topics: list[str], partitions: int | None = None) -> None:
   """Creates the missing topics (partitions: default $KAFKA_PARTITIONS or 4)."""
   from broker.kafka_broker import default_partitions
   from broker.topics import create_topics
