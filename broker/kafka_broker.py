@@ -245,8 +245,8 @@ def fetch_jars(version: str | None = None, quiet: bool = True) -> Path:
 class Broker:
   """A local broker of Kafka `version` on 127.0.0.1:port whose files live in run_dir.
 
-  version and partitions default to $KAFKA_VERSION (3.9.1) and $KAFKA_PARTITIONS (4): the
-  partition count of topics the broker creates on first use."""
+  version defaults to $KAFKA_VERSION, else to the version that formatted run_dir, else 3.9.1;
+  partitions to $KAFKA_PARTITIONS (4): the partition count of topics it creates on first use."""
 
   port: int = DEFAULT_PORT
   run_dir: Path | None = None
@@ -258,7 +258,14 @@ class Broker:
     if self.run_dir is None:
       self.run_dir = RUN_ROOT / f"kafka-{self.port}"
     self.run_dir = Path(self.run_dir)
-    self.version = parse_version(self.version) if self.version else default_version()
+    if self.version:
+      self.version = parse_version(self.version)
+    elif os.environ.get("KAFKA_VERSION"):
+      self.version = default_version()
+    else:
+      # Unasked, an existing broker keeps the version that formatted its data (e.g. one made
+      # by 4.1.1 before 3.9.1 became the default); a new one gets the default.
+      self.version = self.formatted_version() or DEFAULT_VERSION
     if self.partitions is None:
       self.partitions = default_partitions()
     elif self.partitions < 1:

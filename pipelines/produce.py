@@ -20,8 +20,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from broker.kafka_broker import BrokerError, default_bootstrap
-
 SENSOR_TYPES = {"voltage": (230.0, 6.0), "current": (16.0, 5.0), "power": (3.5, 1.5),
                 "frequency": (50.0, 0.05)}
 BAD_KINDS = ("not_json", "not_utf8", "missing_field", "wrong_type", "non_finite", "bad_timestamp",
@@ -108,7 +106,7 @@ class EventFactory:
         yield self.sensor(t)
 
 
-def ensure_topics(bootstrap: str, topics: list[str], partitions: Optional[int] = None) -> None:
+def ensure_topics(bootstrap: str, topics: list[str], partitions: int | None = None) -> None:
   """Creates the missing topics (partitions: default $KAFKA_PARTITIONS or 4)."""
   from broker.kafka_broker import default_partitions
   from broker.topics import create_topics
@@ -158,6 +156,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.error(f"--rate must be >= 0, got {a.rate}")
   if not 0.0 <= a.bad_ratio <= 1.0 or math.isnan(a.bad_ratio):
     ap.error(f"--bad-ratio must be within [0, 1], got {a.bad_ratio}")
+  # Imported here: the pipelines package ships to workers (setup.py) without broker/.
+  from broker.kafka_broker import BrokerError, default_bootstrap
   try:
     bootstrap = a.bootstrap_servers or default_bootstrap()
   except BrokerError as e:

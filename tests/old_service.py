@@ -57,12 +57,14 @@ def ensure_installed() -> Path:
 
 
 def run(bootstrap: str, sensor_topic: str, meter_topic: str, *, sensors: int, meters: int,
-        twice_every: int, seed: int = 1, timeout: float = 180.0) -> list[dict]:
+        twice_every: int, seed: int = 1, compression: str = "none",
+        timeout: float = 180.0) -> list[dict]:
   """Sends the events with kafka-python 2.0.2 in a subprocess; one dict per acked send:
-  topic, partition, offset, key, event (the value sent)."""
+  topic, partition, offset, key, event (the value sent). compression: none or gzip (the
+  codecs it can use with only the standard library)."""
   target = ensure_installed()
   args = [sys.executable, "-S", str(Path(__file__).resolve()), bootstrap, sensor_topic,
-          meter_topic, str(sensors), str(meters), str(twice_every), str(seed)]
+          meter_topic, str(sensors), str(meters), str(twice_every), str(seed), compression]
   env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
   env["PYTHONPATH"] = str(target)
   proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout,
@@ -126,6 +128,7 @@ def _events(rng: random.Random, sensor_topic: str, meter_topic: str, sensors: in
 def _main(argv: list[str]) -> int:
   bootstrap, sensor_topic, meter_topic = argv[:3]
   sensors, meters, twice_every, seed = (int(a) for a in argv[3:7])
+  compression = None if argv[7] == "none" else argv[7]
   if sys.version_info >= (3, 12):
     import six  # installed beside kafka-python 2.0.2: its vendored copy fails on 3.12+
     sys.modules["kafka.vendor.six"] = six
@@ -138,7 +141,8 @@ def _main(argv: list[str]) -> int:
       bootstrap_servers=[bootstrap],
       value_serializer=lambda v: json.dumps(v).encode("utf-8"),
       key_serializer=lambda k: k.encode("utf-8") if k else None,
-      api_version=(0, 10, 1), acks="all", retries=3, max_in_flight_requests_per_connection=1)
+      api_version=(0, 10, 1), acks="all", retries=3, max_in_flight_requests_per_connection=1,
+      compression_type=compression)
   sent = []
   rng = random.Random(seed)
   for i, (topic, key, event) in enumerate(_events(rng, sensor_topic, meter_topic, sensors, meters)):

@@ -104,3 +104,15 @@ def test_topic_names():
   for bad in (["bad name"], ["x" * 250], [""], [".."], ["ok", "é"]):
     with pytest.raises(TopicError, match="invalid topic name"):
       check_topic_names(bad)
+
+
+def test_without_kafka_version_an_existing_broker_keeps_its_version(tmp_path, monkeypatch):
+  monkeypatch.delenv("KAFKA_VERSION", raising=False)
+  assert kb.Broker(port=29092, run_dir=tmp_path).version == "3.9.1"  # nothing formatted yet
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "meta.properties").write_text("x")
+  kb.Broker(port=29092, run_dir=tmp_path, version="4.1.1")._write_config(29093)
+  (tmp_path / "kafka.version").write_text("4.1.1\n")
+  assert kb.Broker(port=29092, run_dir=tmp_path).version == "4.1.1"
+  monkeypatch.setenv("KAFKA_VERSION", "3.9.1")  # asked for: then refused at start, see above
+  assert kb.Broker(port=29092, run_dir=tmp_path).version == "3.9.1"

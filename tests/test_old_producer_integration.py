@@ -18,6 +18,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from tests import old_service, support
 from tests.pipeline_support import committed, ends, query, run_to_end
+from tests.test_codecs_integration import CODECS, batch_codecs, read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420), pytest.mark.kafka_versions("3")]
 
@@ -105,3 +106,23 @@ def test_one_batch_run_stores_every_event_id_once_and_commits_to_the_end(old_cli
   assert set(got) == set(end)
   assert {tp: o for tp, o in got.items() if end[tp]} == {tp: o for tp, o in end.items() if o}
   assert all(got[tp] in (None, 0) for tp, o in end.items() if not o)
+
+
+def test_old_client_gzip_message_sets_are_read_back_exactly(kafka_bootstrap, kafka_broker):
+  """Its compressed sends are old-format (magic 1) gzip message sets; the broker stores them
+  as record batches. ReadFromKafka reads every offset once, with its content."""
+  sensor, meter = support.unique_topic("old-gzip-s"), support.unique_topic("old-gzip-m")
+  sent = old_service.run(kafka_bootstrap, sensor, meter, sensors=150, meters=50, twice_every=0,
+                         compression="gzip")
+  assert len(sent) == 200
+  if kafka_broker is not None:
+    for topic in (sensor, meter):
+      assert set(batch_codecs(kafka_broker, topic)) == {CODECS["gzip"]}
+  for topic in (sensor, meter):
+    want = {(s["partition"], s["offset"]): s for s in sent if s["topic"] == topic}
+    records = read_all(kafka_bootstrap, topic)
+    got = Counter((r.partition, r.offset) for r in records)
+    assert set(got) == set(want) and set(got.values()) == {1}, (topic, len(got), len(want))
+    for r in records:
+      s = want[(r.partition, r.offset)]
+      assert r.key == s["key"].encode() and json.loads(r.value) == s["event"]
