@@ -9,13 +9,23 @@ runner (or a restart) replays it. Rows the store rejects for good are written to
 ``dead_letters`` with the store's error, and acked once that write is durable.
 
 A ``Store`` is a picklable, unopened connection description with ``open()``,
-``close()``, ``is_transient(exc)`` and ``write(table, rows, written_at) -> [(row,
-error)]`` returning the rows it rejected for good; ``write`` must be idempotent.
+``close()``, ``is_transient(exc)``, ``write(table, rows, written_at) -> [(row,
+error)]`` returning the rows it rejected for good (``write`` must be idempotent),
+and ``stored_offsets(topic, partition, from_offset) -> set`` for the start-up
+reconciliation (``transforms.reconcile``).
+
+One row per event_id: a store refuses a row whose event_id it already holds at
+other Kafka coordinates (or that an earlier row of the same write carries) with a
+``DuplicateEvent`` error. Such a copy is counted (``duplicate_events``), written to
+``dead_letters`` with reason ``duplicate_event`` (so every offset stays accounted
+for, offset by offset) and acked.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import logging
 import random
 import time
@@ -28,7 +38,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from transforms import progress
 from transforms.acks import acks_for_rows
 from transforms.events import iso_us
-from transforms.sinks.schema import DEAD_LETTERS
+from transforms.sinks.schema import DEAD_LETTERS, TABLES
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -38,6 +48,15 @@ class Store(Protocol):
   def close(self) -> None: ...
   def is_transient(self, exc: BaseException) -> bool: ...
   def write(self, table: str, rows: list, written_at: str) -> list: ...
+  def stored_offsets(self, topic: str, partition: int, from_offset: int) -> set: ...
+
+
+class DuplicateEvent(str):
+  """The error of a row refused because its event_id is stored already (first copy wins)."""
+
+
+# A sink-made dead letter keeps at most this much of the row it stands for.
+MAX_SINK_DEAD_LETTER_CHARS = 100_000
 
 
 class SinkWriteError(RuntimeError):
@@ -66,12 +85,42 @@ def with_retries(fn: Callable[[], object], is_transient: Callable[[BaseException
       backoff = min(backoff * 2, max_backoff_s)
 
 
+def sink_dead_letter_row(reason: str, error: str, raw: str, coordinates: tuple) -> tuple:
+  """A dead_letters row made by the sink, built by column name.
+
+  Built from ``DEAD_LETTERS.names`` so it follows that table's layout; ``raw`` (text,
+  e.g. the refused row as JSON) is cut to ``MAX_SINK_DEAD_LETTER_CHARS`` with its size
+  and hash kept where the table has those columns.
+  """
+  topic, partition, offset, covers_from = coordinates
+  names = DEAD_LETTERS.names
+  data = raw.encode("utf-8", "surrogatepass")
+  truncated = len(raw) > MAX_SINK_DEAD_LETTER_CHARS
+  text = raw[:MAX_SINK_DEAD_LETTER_CHARS]
+  values = {
+      "raw_key": None, "raw_encoding": "utf8", "raw_size": len(data),
+      "raw_sha256": hashlib.sha256(data).hexdigest(), "truncated": truncated,
+      "reason": reason, "stage": "sink", "failed_at": iso_us(int(time.time() * 1_000_000)),
+      "kafka_topic": topic, "kafka_partition": partition, "kafka_offset": offset,
+  }
+  if "raw_encoding" in names:
+    values["raw_value"] = text
+  else:  # the older layout keeps raw_value as base64
+    values["raw_value"] = base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii")
+  values["error"] = (error if "reason" in names else f"{reason}: {error}")[:2000]
+  return tuple(values.get(n) for n in names[:-1]) + (covers_from,)
+
+
+def _row_text(table: str, row: tuple) -> str:
+  values = dict(zip(TABLES[table].names[:-1], row[:-4]))
+  return json.dumps(values, ensure_ascii=False, default=str)
+
+
 def rejected_dead_letter_row(table: str, row: tuple, error: str) -> tuple:
   """A row the store refused for good -> a dead_letters row for the same offset."""
-  topic, partition, offset, covers_from = row[-4:]
-  raw = repr(row[:-4]).encode()
-  return (None, base64.b64encode(raw).decode("ascii"), f"sink_rejected: {table}: {error}"[:2000],
-          "sink", iso_us(int(time.time() * 1_000_000)), topic, partition, offset, covers_from)
+  if isinstance(error, DuplicateEvent):
+    return sink_dead_letter_row("duplicate_event", f"{table}: {error}", _row_text(table, row), row[-4:])
+  return sink_dead_letter_row("sink_rejected", f"{table}: {error}", _row_text(table, row), row[-4:])
 
 
 class _WriteBatchesFn(beam.DoFn):
@@ -82,6 +131,7 @@ class _WriteBatchesFn(beam.DoFn):
     self._retry_deadline_s = retry_deadline_s
     self._rows_written = Metrics.counter(self.__class__, "rows_written")
     self._rejected = Metrics.counter(self.__class__, "rows_rejected")
+    self._duplicates = Metrics.counter(self.__class__, "duplicate_events")
     self._batches = Metrics.counter(self.__class__, "batches")
     self._full_batches = Metrics.counter(self.__class__, "full_batches")
     self._store = None
@@ -124,8 +174,15 @@ class _WriteBatchesFn(beam.DoFn):
     for table, rows in self._by_table.items():
       rejected = self._write(table, rows, written_at)
       if rejected:
-        self._rejected.inc(len(rejected))
-        _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected), rejected[0][1])
+        duplicates = sum(1 for _, error in rejected if isinstance(error, DuplicateEvent))
+        if duplicates:
+          self._duplicates.inc(duplicates)
+          _LOGGER.info("%s: %d later copies of stored events, e.g. %s", table, duplicates,
+                       next(e for _, e in rejected if isinstance(e, DuplicateEvent)))
+        if len(rejected) > duplicates:
+          self._rejected.inc(len(rejected) - duplicates)
+          _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected) - duplicates,
+                          next(e for _, e in rejected if not isinstance(e, DuplicateEvent)))
         dead = [rejected_dead_letter_row(table, row, error) for row, error in rejected]
         still = self._write(DEAD_LETTERS.name, dead, written_at)
         if still:

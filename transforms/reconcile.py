@@ -1,0 +1,111 @@
+"""SkipStored: the start-up reconciliation between the Kafka read and parsing.
+
+Before a run (or a round) hands a partition's records on, it asks the sink which
+offsets of that partition at or above the first one it sees are stored already, in
+any table (``Store.stored_offsets``). Those records are not written again: they are
+acked (so ``CommitOffsets`` moves over them) and dropped. A replay a minute or a
+month later, with any consumer group, then writes nothing twice, whatever the
+sink's own de-duplication window (BigQuery has none past its insertId minute).
+
+The query runs lazily, once per partition per DoFn instance, and again only when a
+record below the offset it started from shows up (a retried bundle, a new round in
+a reused instance). Offsets written after the query are not in the set: those are
+new records, or the retry of a bundle whose writes the store absorbs itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from transforms.acks import Ack
+from transforms.kafka.records import KafkaRecord
+from transforms.sinks.base import Store, with_retries
+
+_LOGGER = logging.getLogger(__name__)
+
+ACKS_TAG = "acks"
+
+
+class _SkipStoredFn(beam.DoFn):
+  def __init__(self, store: Store, retry_deadline_s: float):
+    self._store_template = store
+    self._retry_deadline_s = retry_deadline_s
+    self._skipped = Metrics.counter(self.__class__, "records_already_stored")
+    self._queries = Metrics.counter(self.__class__, "reconciliation_queries")
+    self._store = None
+    self._known: dict = {}  # (topic, partition) -> (from_offset, frozenset of stored offsets)
+
+  def setup(self):
+    self._store = self._store_template
+    with_retries(self._store.open, self._store.is_transient, deadline_s=self._retry_deadline_s,
+                 what="opening the sink for reconciliation")
+
+  def start_bundle(self):
+    self._open_acks: dict = {}  # (topic, partition) -> [start, end) of skipped records, unsent
+
+  def _stored(self, topic: str, partition: int, offset: int) -> frozenset:
+    known = self._known.get((topic, partition))
+    if known is not None and known[0] <= offset:
+      return known[1]
+    stored = frozenset(with_retries(
+        lambda: self._store.stored_offsets(topic, partition, offset), self._store.is_transient,
+        deadline_s=self._retry_deadline_s, what=f"reconciling {topic}-{partition}"))
+    self._queries.inc()
+    if stored:
+      _LOGGER.info("%s-%d: %d offsets at or above %d are stored already; they are skipped and acked",
+                   topic, partition, len(stored), offset)
+    self._known[(topic, partition)] = (offset, stored)
+    return stored
+
+  def process(self, record: KafkaRecord) -> Iterable:
+    key = (record.topic, record.partition)
+    if record.offset not in self._stored(record.topic, record.partition, record.offset):
+      ack = self._open_acks.pop(key, None)
+      if ack is not None:
+        yield beam.pvalue.TaggedOutput(ACKS_TAG, Ack(record.topic, record.partition, *ack))
+      yield record
+      return
+    self._skipped.inc()
+    span = self._open_acks.get(key)
+    if span is not None and span[1] == record.covers_from:
+      self._open_acks[key] = (span[0], record.offset + 1)
+    else:
+      if span is not None:
+        yield beam.pvalue.TaggedOutput(ACKS_TAG, Ack(record.topic, record.partition, *span))
+      self._open_acks[key] = (record.covers_from, record.offset + 1)
+
+  def finish_bundle(self) -> Iterable[WindowedValue]:
+    # Acks go to CommitOffsets' global window whatever their timestamp.
+    for (topic, partition), span in self._open_acks.items():
+      yield beam.pvalue.TaggedOutput(ACKS_TAG, WindowedValue(
+          Ack(topic, partition, *span), MIN_TIMESTAMP, (GlobalWindow(),)))
+    self._open_acks = {}
+
+  def teardown(self):
+    if self._store is not None:
+      self._store.close()
+      self._store = None
+
+
+class SkipStored(beam.PTransform):
+  """PCollection[KafkaRecord] -> (records not stored yet, Acks of the ones that are).
+
+  Returns a tuple ``(records, acks)``; flatten ``acks`` into ``CommitOffsets``' acks.
+  """
+
+  def __init__(self, store: Store, *, retry_deadline_s: float = 60.0, label: Optional[str] = None):
+    super().__init__(label)
+    if retry_deadline_s <= 0:
+      raise ValueError(f"--sink_retry_deadline_secs must be > 0, got {retry_deadline_s}")
+    self._fn = _SkipStoredFn(store, retry_deadline_s)
+
+  def expand(self, records):
+    out = records | "SkipStoredRecords" >> beam.ParDo(self._fn).with_outputs(ACKS_TAG, main="records")
+    return out.records, out[ACKS_TAG]
