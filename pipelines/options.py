@@ -169,5 +169,9 @@ def validate(o: SmartGridOptions) -> None:
   endpoint = o.bigquery_storage_api_endpoint
   if endpoint is not None and not re.match(r"^[^\s:/]+:\d{1,5}$", endpoint):
     fail("bigquery_storage_api_endpoint", f"expected host:port, got {endpoint!r}")
+  if (o.sink.startswith("bigquery:") and o.bigquery_api_endpoint and endpoint is None
+      and o.bigquery_write_method == "storage_write"):
+    fail("bigquery_storage_api_endpoint", "needed with --bigquery_api_endpoint (an emulator) when "
+         "--bigquery_write_method=storage_write: the emulator's gRPC host:port")
   if o.kafka_security_protocol not in (None, "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
     fail("kafka_security_protocol", f"unknown protocol {o.kafka_security_protocol!r}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.options import SmartGridOptions
 from transforms.batching import BatchRows
@@ -114,7 +115,8 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
       store, flush_rows=o.sink_flush_rows, retry_deadline_s=o.sink_retry_deadline_secs,
       batch_size=o.batch_size)
   if skipped_acks is not None:
-    acks = (acks, skipped_acks) | "AllAcks" >> beam.Flatten()
+    written_acks = acks | "WrittenAcksToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+    acks = (written_acks, skipped_acks) | "AllAcks" >> beam.Flatten()
   committed = (reads, acks) | "CommitOffsets" >> CommitOffsets(
       config, interval_s=o.commit_interval_secs, retry_deadline_s=o.sink_retry_deadline_secs,
       flush_timer=not stop.is_bounded)

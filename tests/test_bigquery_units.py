@@ -183,15 +183,17 @@ def test_schema_fields_follow_the_shared_schema():
 
 
 def test_tables_are_day_partitioned_and_clustered():
-  expected = {"sensor_readings": ("event_time", ["sensor_id"]),
-              "meter_readings": ("event_time", ["meter_id"]),
-              "dead_letters": ("failed_at", ["kafka_topic"])}
+  coordinates = ["kafka_topic", "kafka_partition", "kafka_offset"]
+  expected = {"sensor_readings": ("event_time", coordinates + ["sensor_id"]),
+              "meter_readings": ("event_time", coordinates + ["meter_id"]),
+              "dead_letters": ("failed_at", coordinates)}
   for name, (partition, cluster) in expected.items():
     t = table_resource("proj-1", "ds", TABLES[name])
     assert (t.project, t.dataset_id, t.table_id) == ("proj-1", "ds", name)
     assert t.time_partitioning.type_ == bigquery.TimePartitioningType.DAY
     assert t.time_partitioning.field == partition
     assert t.clustering_fields == cluster
+    assert t.table_constraints.primary_key.columns == coordinates
 
 
 def test_sensor_row_becomes_json_with_a_real_bool_and_iso_timestamps():
@@ -224,12 +226,18 @@ def test_row_id_is_topic_partition_offset():
 
 
 def test_store_pickles_without_a_client_and_refuses_bad_limits():
-  s = BigQueryStore("my-project", "grid", api_endpoint="http://127.0.0.1:1", client_retry_s=2)
+  s = BigQueryStore("my-project", "grid", api_endpoint="http://127.0.0.1:1", client_retry_s=2,
+                    storage_api_endpoint="127.0.0.1:2")
   s._client = object()  # an opened store: the client must not travel
   copy = pickle.loads(pickle.dumps(s))
   assert copy._client is None and not copy._tables_ready
   assert (copy.project, copy.dataset, copy.api_endpoint, copy.client_retry_s) == (
       "my-project", "grid", "http://127.0.0.1:1", 2)
+  assert copy.storage_api_endpoint == "127.0.0.1:2" and copy.write_method == "storage_write"
+  with pytest.raises(ValueError, match="bigquery_storage_api_endpoint"):
+    BigQueryStore("p", "d", api_endpoint="http://127.0.0.1:1")
+  with pytest.raises(ValueError, match="bigquery_write_method"):
+    BigQueryStore("p", "d", write_method="load_jobs")
   with pytest.raises(ValueError, match="max_rows_per_request"):
     BigQueryStore("p", "d", max_rows_per_request=0)
   with pytest.raises(ValueError, match="max_bytes_per_request"):
@@ -239,10 +247,19 @@ def test_store_pickles_without_a_client_and_refuses_bad_limits():
 def test_make_store_builds_a_bigquery_store_from_the_options():
   from pipelines.options import SmartGridOptions, validate
   from pipelines.smartgrid import make_store
-  o = SmartGridOptions(["--sink=bigquery://my-project/grid_data",
-                        "--bigquery_api_endpoint=http://127.0.0.1:9050"])
+  from pipelines.options import OptionError
+  args = ["--sink=bigquery://my-project/grid_data", "--bigquery_api_endpoint=http://127.0.0.1:9050"]
+  with pytest.raises(OptionError, match="--bigquery_storage_api_endpoint"):
+    validate(SmartGridOptions(args))
+  with pytest.raises(OptionError, match="--bigquery_storage_api_endpoint"):
+    validate(SmartGridOptions(args + ["--bigquery_storage_api_endpoint=http://x:1"]))
+  legacy = SmartGridOptions(args + ["--bigquery_write_method=streaming_inserts"])
+  validate(legacy)
+  assert make_store(legacy).write_method == "streaming_inserts"
+  o = SmartGridOptions(args + ["--bigquery_storage_api_endpoint=127.0.0.1:9060"])
   validate(o)
   store = make_store(o)
   assert isinstance(store, BigQueryStore)
-  assert (store.project, store.dataset, store.api_endpoint) == (
-      "my-project", "grid_data", "http://127.0.0.1:9050")
+  assert (store.project, store.dataset, store.api_endpoint, store.storage_api_endpoint,
+          store.write_method) == ("my-project", "grid_data", "http://127.0.0.1:9050",
+                                  "127.0.0.1:9060", "storage_write")

@@ -438,7 +438,8 @@ class BigQueryStore:
            f"AND {table.partition_column} < TIMESTAMP_MICROS(@hi) AND {column} IN UNNEST(@ids)")
     params = [bigquery.ScalarQueryParameter("lo", "INT64", lo),
               bigquery.ScalarQueryParameter("hi", "INT64", hi),
-              bigquery.ArrayQueryParameter("ids", "STRING", sorted({row[index] for row in rows}))]
+              bigquery.ArrayQueryParameter("ids", "STRING", sorted(
+                  {row[index] for row in rows if isinstance(row[index], str)}))]
     return {r[0]: (r[1], r[2], r[3]) for r in self._query(sql, params)}
 
   def _stored_coordinates(self, table: Table, rows: list) -> set:
@@ -472,7 +473,7 @@ class BigQueryStore:
     for row in rows:
       event_id, where = row[index], tuple(row[-4:-1])
       first = stored.get(event_id) or seen.get(event_id)
-      if first is None:
+      if event_id is None or first is None:  # no event_id: the store itself refuses the row
         seen[event_id] = where
         fresh.append(row)
       elif first != where:
@@ -497,24 +498,57 @@ class BigQueryStore:
       return duplicates + self._append(schema, fresh, written_at)
     return duplicates + self._insert_all(schema, fresh, written_at)
 
-  def _append(self, table: Table, rows: list, written_at: str) -> list:
-    from transforms.sinks.bigquery_storage import StreamGone, StreamUncertain, StreamWriter, encode_rows
-    encoded, refused = encode_rows(table, rows, written_at)
-    keep = [i for i, e in enumerate(encoded) if e is not None]
+  def _writer(self, table: Table):
+    from transforms.sinks.bigquery_storage import StreamWriter
     writer = self._writers.get(table.name)
     if writer is None:
       writer = StreamWriter(self._write_client, self._write_client.table_path(
           self.project, self.dataset, table.name), table, append_deadline_s=self.append_deadline_s,
           call_timeout_s=self.request_timeout_s)
       self._writers[table.name] = writer
-    try:
-      bad = writer.append([encoded[i] for i in keep])
-    except (StreamGone, StreamUncertain):
-      # Whatever landed is found by the next attempt's check; it appends to a new stream.
-      del self._writers[table.name]
-      raise
-    refused.update({keep[i]: reason for i, reason in bad.items()})
+    return writer
+
+  def _append(self, table: Table, rows: list, written_at: str) -> list:
+    """Appends rows through the Storage Write API; returns [(row, reason)] refused for good."""
+    from transforms.sinks.bigquery_storage import RequestRefused, StreamGone, StreamUncertain, encode_rows
+    encoded, refused = encode_rows(table, rows, written_at)
+    pending = [i for i, e in enumerate(encoded) if e is not None]
+    singles: list[int] = []  # rows of a request refused without naming its bad rows
+    while pending or singles:
+      batch, one_by_one = (singles, True) if singles else (pending, False)
+      try:
+        self._writer(table).append([encoded[i] for i in batch], singles=one_by_one)
+        if one_by_one:
+          singles = []
+        else:
+          pending = []
+        continue
+      except (StreamGone, StreamUncertain):
+        # Whatever landed is found by the next attempt's check; it appends to a new stream.
+        self._writers.pop(table.name, None)
+        raise
+      except RequestRefused as e:
+        self._writers.pop(table.name, None)  # see RequestRefused: its good rows may have landed
+        for i, reason in e.bad.items():
+          refused[batch[i]] = reason
+        if not e.bad and len(e.head) == 1:
+          refused[batch[e.head[0]]] = e.reason or "invalid"
+        elif not e.bad:
+          singles = [batch[i] for i in e.head]
+        head = {batch[i] for i in e.head}
+        rest = [batch[i] for i in e.unconfirmed if batch[i] not in refused]
+        landed = self._landed(table, [rows[i] for i in rest if i in head])
+        rest = [i for i in rest if tuple(rows[i][-4:-1]) not in landed]
+        if one_by_one:
+          singles = [i for i in rest if i not in refused]
+        else:
+          pending = [i for i in rest if i not in set(singles)]
+          singles = [i for i in singles if i in set(rest)]
     return [(rows[i], refused[i]) for i in sorted(refused)]
+
+  def _landed(self, table: Table, rows: list) -> set:
+    """Coordinates of ``rows`` that BigQuery holds (after a refused request; see RequestRefused)."""
+    return self._stored_coordinates(table, rows) if rows else set()
 
   def _insert_all(self, schema: Table, rows: list, written_at: str) -> list:
     payloads = [json_row(schema, row, written_at) for row in rows]

@@ -29,6 +29,7 @@ on a new stream, after checking which rows BigQuery already holds (see ``bigquer
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 from typing import Callable, Optional, Sequence
@@ -63,6 +64,21 @@ class RowsRefused(Exception):
     super().__init__(bad or reason)
     self.bad = bad
     self.reason = reason
+
+
+class RequestRefused(Exception):
+  """BigQuery refused one request of an append as a whole.
+
+  ``head``: the indexes of its rows; ``bad``: {index: reason} of those it named (may be
+  empty, then ``reason`` says why); ``unconfirmed``: every row not confirmed (``head``
+  and the requests after it). BigQuery appends nothing of a refused request; the local
+  emulator keeps its good rows (without moving the stream's offset), so the store
+  checks what landed before it sends them again, on a new stream.
+  """
+
+  def __init__(self, head: list, bad: dict, reason: str, unconfirmed: list):
+    super().__init__(f"{len(head)} rows refused: {bad or reason}")
+    self.head, self.bad, self.reason, self.unconfirmed = head, bad, reason, unconfirmed
 
 
 # ---------------------------------------------------------------------------
@@ -142,9 +158,32 @@ def _converters(table: Table) -> list:
   return out
 
 
+def _json_text(value: str) -> str:
+  """Refuses what BigQuery's JSON parser refuses (e.g. a lone surrogate escape)."""
+  json.dumps(json.loads(value), ensure_ascii=False).encode("utf-8")
+  return value
+
+
+def _check_row(table: Table, values: tuple) -> Optional[str]:
+  for column, value in zip(table.columns, values):
+    if value is None:
+      if column.required:
+        return f"invalid at {column.name}: Missing required field: {column.name}."
+    elif column.bq_type.upper() == "JSON":
+      try:
+        _json_text(value)
+      except (ValueError, TypeError, UnicodeError) as e:
+        return f"invalid at {column.name}: not a JSON value BigQuery accepts: {type(e).__name__}: {e}"
+  return None
+
+
 def encode_rows(table: Table, rows: Sequence[tuple], written_at: str
                 ) -> tuple[list[Optional[bytes]], dict[int, str]]:
-  """Rows -> (serialized rows, None where refused; {index: reason} of the refused ones)."""
+  """Rows -> (serialized rows, None where refused; {index: reason} of the refused ones).
+
+  Rows BigQuery would refuse (a REQUIRED column without a value, JSON it cannot parse,
+  a value of the wrong type) are refused here, so a request is seldom refused as a whole.
+  """
   cls, _ = row_message(table)
   names = table.names
   convert = _converters(table)
@@ -152,6 +191,11 @@ def encode_rows(table: Table, rows: Sequence[tuple], written_at: str
   refused: dict[int, str] = {}
   for i, row in enumerate(rows):
     values = row[:-1] + (written_at,)
+    problem = _check_row(table, values)
+    if problem is not None:
+      encoded.append(None)
+      refused[i] = problem
+      continue
     try:
       fields = {}
       for name, f, value in zip(names, convert, values):
@@ -233,10 +277,17 @@ class StreamWriter:
             rows=t.ProtoRows(serialized_rows=rows),
             writer_schema=t.ProtoSchema(proto_descriptor=self._descriptor)))
 
-  def append(self, rows: Sequence[bytes]) -> dict[int, str]:
-    """Appends ``rows`` in order; returns {index: reason} of rows BigQuery refused for good."""
-    queue = [c for c in request_chunks([len(r) for r in rows], self._max_request_bytes)]
-    refused: dict[int, str] = {}
+  def append(self, rows: Sequence[bytes], *, singles: bool = False) -> None:
+    """Appends ``rows`` in order, each request confirmed before this returns.
+
+    ``singles``: one row per request (to find the row of a request refused without
+    row indexes). Raises ``RequestRefused`` when BigQuery refuses a request: the rows
+    of earlier requests are confirmed, the others (``unconfirmed``) are not.
+    """
+    if singles:
+      queue = [[i] for i in range(len(rows))]
+    else:
+      queue = request_chunks([len(r) for r in rows], self._max_request_bytes)
     give_up_at = self._clock() + self._append_deadline_s
     backoff = 0.1
     while queue:
@@ -244,18 +295,10 @@ class StreamWriter:
         self._send(queue, rows)
         backoff = 0.1
       except RowsRefused as e:
-        head = queue.pop(0)
-        bad = {head[i]: reason for i, reason in e.bad.items() if 0 <= i < len(head)}
-        if bad:
-          refused.update(bad)
-          rest = [i for i in head if i not in bad]
-          if rest:
-            queue.insert(0, rest)
-        elif len(head) == 1:
-          refused[head[0]] = e.reason or "invalid"
-        else:
-          half = len(head) // 2
-          queue[0:0] = [head[:half], head[half:]]
+        head = queue[0]
+        raise RequestRefused(
+            head=head, bad={head[i]: reason for i, reason in e.bad.items() if 0 <= i < len(head)},
+            reason=e.reason, unconfirmed=[i for chunk in queue for i in chunk]) from None
       except StreamGone:
         raise
       except Exception as e:  # noqa: BLE001 - classified: connection errors are resent
@@ -268,7 +311,6 @@ class StreamWriter:
                         self.table.name, e, len(queue))
         self._sleep(backoff)
         backoff = min(backoff * 2, 5.0)
-    return refused
 
   def _send(self, queue: list, rows: Sequence[bytes]) -> None:
     """One call carrying every queued request; pops each chunk BigQuery confirms."""
