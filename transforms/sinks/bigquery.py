@@ -327,7 +327,10 @@ class BigQueryStore:
       import grpc
       from google.cloud.bigquery_storage_v1.services.big_query_write.transports import (
           BigQueryWriteGrpcTransport)
-      channel = grpc.insecure_channel(self.storage_api_endpoint)
+      # Reconnect soon after an outage (gRPC's default backoff grows to two minutes).
+      channel = grpc.insecure_channel(self.storage_api_endpoint, options=[
+          ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5000),
+          ("grpc.max_send_message_length", 20 * 1024 * 1024)])
       return BigQueryWriteClient(transport=BigQueryWriteGrpcTransport(channel=channel))
     return BigQueryWriteClient()
 
