@@ -319,3 +319,39 @@ def test_reconciliation_query_finds_offsets_in_every_table_and_reports_its_cost(
           f"(as the emulator reports it) for 2 queries over 2,052 rows")
   finally:
     store.close()
+
+
+class _DroppingWriteClient:
+  """The real write client, but the first call loses its second request on the way (the
+  server sees requests 0, 2, 3...: it answers OUT_OF_RANGE from request 2 on)."""
+
+  def __init__(self, real):
+    self._real, self.dropped = real, 0
+
+  def __getattr__(self, name):
+    return getattr(self._real, name)
+
+  def append_rows(self, requests, **kw):
+    requests = list(requests)
+    if not self.dropped and len(requests) > 2:
+      self.dropped += 1
+      requests = requests[:1] + requests[2:]
+    return self._real.append_rows(iter(requests), **kw)
+
+
+def test_out_of_range_resends_from_the_last_confirmed_offset(bq_emulator):
+  from transforms.sinks.bigquery_storage import StreamWriter
+  dataset = _dataset()
+  store = _store(bq_emulator, dataset)
+  try:
+    client = _DroppingWriteClient(store._write_client)
+    writer = StreamWriter(client, client.table_path(PROJECT, dataset, "sensor_readings"),
+                          SENSOR_READINGS, max_request_bytes=3000)
+    rows = _rows("s", 0, range(60))
+    encoded, refused = encode_rows(SENSOR_READINGS, rows, _written_at())
+    assert not refused
+    writer.append(encoded)
+    assert client.dropped == 1 and writer.calls == 2 and writer.next_offset == 60
+    _assert_once(bq_emulator.client(), dataset, [("s", 0, o) for o in range(60)])
+  finally:
+    store.close()
