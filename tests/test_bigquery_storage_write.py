@@ -314,9 +314,10 @@ def test_reconciliation_query_finds_offsets_in_every_table_and_reports_its_cost(
     found = store.stored_offsets("s", 0, 1000)
     assert found == set(range(1000, 2000, 2))
     assert store.stored_offsets("s", 0, 0) == set(range(0, 2000, 2)) | {1, 3}
-    assert store.queries_run == queries + 2
+    assert store.stored_offsets("s", 0, 2, 10) == {2, 3, 4, 6, 8}
+    assert store.queries_run == queries + 3
     print(f"reconciliation query: {store.bytes_processed - scanned} bytes processed "
-          f"(as the emulator reports it) for 2 queries over 2,052 rows")
+          f"(as the emulator reports it) for 3 queries over 2,052 rows")
   finally:
     store.close()
 

@@ -132,6 +132,7 @@ def test_stored_offsets_look_in_every_table(store):
                                for r in _rows("s", 0, [6], seed=7)], _written_at())
   assert store.stored_offsets("s", 0, 0) == {3, 5, 6, 9}
   assert store.stored_offsets("s", 0, 5) == {5, 6, 9}
+  assert store.stored_offsets("s", 0, 4, 9) == {5, 6}
   assert store.stored_offsets("s", 1, 0) == {4}
   assert store.stored_offsets("other", 0, 0) == set()
 
@@ -147,24 +148,31 @@ def test_skip_stored_passes_new_records_and_acks_the_stored_ones(tmp_path):
   s.open()
   s.write("sensor_readings", _rows("s", 0, [2, 3, 4, 7]), _written_at())
   s.write("sensor_readings", _rows("s", 1, [0], seed=8), _written_at())
+  s.write("sensor_readings", _rows("s", 2, [5], seed=10), _written_at())
   s.close()
   # partition 0 from offset 1 (a gap of transaction markers between 4 and 7)
   records = ([_record("s", 0, 1), _record("s", 0, 2), _record("s", 0, 3), _record("s", 0, 4),
               _record("s", 0, 7, covers_from=5), _record("s", 0, 8)]
-             + [_record("s", 1, 0), _record("s", 1, 1)])
+             + [_record("s", 1, 0), _record("s", 1, 1)]
+             + [_record("s", 2, 5, covers_from=3)])  # acked when the bundle ends
   with BeamTestPipeline() as p:
-    kept, acks = p | beam.Create(records, reshuffle=False) | SkipStored(SqliteStore(str(db)))
+    # a window of 3 offsets: partition 0 is queried at 1 ([1, 4)), 4 ([4, 7)) and 7 ([7, 10))
+    kept, acks = p | beam.Create(records, reshuffle=False) | SkipStored(SqliteStore(str(db)),
+                                                                        window_offsets=3)
     assert_that(kept | beam.Map(lambda r: (r.partition, r.offset)), equal_to([(0, 1), (0, 8), (1, 1)]),
                 label="kept")
     merged = acks | beam.Map(lambda a: (a.topic, a.partition, a.start, a.end))
     # skipped records are acked over their whole covered range, nothing else is
     assert_that(merged | "Offsets" >> beam.FlatMap(lambda a: [(a[1], o) for o in range(a[2], a[3])]),
-                equal_to([(0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (0, 7), (1, 0)]), label="acked")
+                equal_to([(0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (0, 7), (1, 0), (2, 3), (2, 4),
+                          (2, 5)]), label="acked")
 
 
 def test_skip_stored_refuses_a_bad_deadline(tmp_path):
   with pytest.raises(ValueError, match="sink_retry_deadline_secs"):
     SkipStored(SqliteStore(str(tmp_path / "x.db")), retry_deadline_s=0)
+  with pytest.raises(ValueError, match="window_offsets"):
+    SkipStored(SqliteStore(str(tmp_path / "x.db")), window_offsets=0)
 
 
 # ---------------------------------------------------------------------------

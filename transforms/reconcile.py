@@ -7,10 +7,12 @@ acked (so ``CommitOffsets`` moves over them) and dropped. A replay a minute or a
 month later, with any consumer group, then writes nothing twice, whatever the
 sink's own de-duplication window (BigQuery has none past its insertId minute).
 
-The query runs lazily, once per partition per DoFn instance, and again only when a
-record below the offset it started from shows up (a retried bundle, a new round in
-a reused instance). Offsets written after the query are not in the set: those are
-new records, or the retry of a bundle whose writes the store absorbs itself.
+The query runs lazily, per partition per DoFn instance, over a window of
+``window_offsets`` offsets from the first record it sees; it runs again when a record
+falls outside that window (the read moved past it, or a retried bundle starts below
+it), so memory and each query stay bounded however far a replay goes. Offsets written
+after a query are not in its set: those are new records, or the retry of a bundle whose
+writes the store absorbs itself.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ ACKS_TAG = "acks"
 
 
 class _SkipStoredFn(beam.DoFn):
-  def __init__(self, store: Store, retry_deadline_s: float):
+  def __init__(self, store: Store, retry_deadline_s: float, window_offsets: int):
     self._store_template = store
     self._retry_deadline_s = retry_deadline_s
+    self._window = window_offsets
     self._skipped = Metrics.counter(self.__class__, "records_already_stored")
     self._queries = Metrics.counter(self.__class__, "reconciliation_queries")
     self._store = None
-    self._known: dict = {}  # (topic, partition) -> (from_offset, frozenset of stored offsets)
+    self._known: dict = {}  # (topic, partition) -> (from, until, frozenset of stored offsets)
 
   def setup(self):
     self._store = self._store_template
@@ -52,16 +55,18 @@ class _SkipStoredFn(beam.DoFn):
 
   def _stored(self, topic: str, partition: int, offset: int) -> frozenset:
     known = self._known.get((topic, partition))
-    if known is not None and known[0] <= offset:
-      return known[1]
+    if known is not None and known[0] <= offset < known[1]:
+      return known[2]
+    until = offset + self._window
     stored = frozenset(with_retries(
-        lambda: self._store.stored_offsets(topic, partition, offset), self._store.is_transient,
-        deadline_s=self._retry_deadline_s, what=f"reconciling {topic}-{partition}"))
+        lambda: self._store.stored_offsets(topic, partition, offset, until),
+        self._store.is_transient, deadline_s=self._retry_deadline_s,
+        what=f"reconciling {topic}-{partition}"))
     self._queries.inc()
     if stored:
-      _LOGGER.info("%s-%d: %d offsets at or above %d are stored already; they are skipped and acked",
-                   topic, partition, len(stored), offset)
-    self._known[(topic, partition)] = (offset, stored)
+      _LOGGER.info("%s-%d: %d offsets in [%d, %d) are stored already; they are skipped and acked",
+                   topic, partition, len(stored), offset, until)
+    self._known[(topic, partition)] = (offset, until, stored)
     return stored
 
   def process(self, record: KafkaRecord) -> Iterable:
@@ -100,11 +105,14 @@ class SkipStored(beam.PTransform):
   Returns a tuple ``(records, acks)``; flatten ``acks`` into ``CommitOffsets``' acks.
   """
 
-  def __init__(self, store: Store, *, retry_deadline_s: float = 60.0, label: Optional[str] = None):
+  def __init__(self, store: Store, *, retry_deadline_s: float = 60.0,
+               window_offsets: int = 100_000, label: Optional[str] = None):
     super().__init__(label)
     if retry_deadline_s <= 0:
       raise ValueError(f"--sink_retry_deadline_secs must be > 0, got {retry_deadline_s}")
-    self._fn = _SkipStoredFn(store, retry_deadline_s)
+    if window_offsets < 1:
+      raise ValueError(f"window_offsets must be >= 1, got {window_offsets}")
+    self._fn = _SkipStoredFn(store, retry_deadline_s, window_offsets)
 
   def expand(self, records):
     out = records | "SkipStoredRecords" >> beam.ParDo(self._fn).with_outputs(ACKS_TAG, main="records")

@@ -12,7 +12,7 @@ A ``Store`` is a picklable, unopened connection description with ``open()``,
 ``close()``, ``is_transient(exc)``, ``write(table, rows, written_at) -> [(row,
 error)]`` returning the rows it rejected for good (``write`` must be idempotent),
 and ``stored_offsets(topic, partition, from_offset) -> set`` for the start-up
-reconciliation (``transforms.reconcile``).
+reconciliation (``transforms.reconcile``), ``until_offset`` exclusive.
 
 One row per event_id: a store refuses a row whose event_id it already holds at
 other Kafka coordinates (or that an earlier row of the same write carries) with a
@@ -29,7 +29,7 @@ import json
 import logging
 import random
 import time
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Optional, Protocol
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -48,7 +48,8 @@ class Store(Protocol):
   def close(self) -> None: ...
   def is_transient(self, exc: BaseException) -> bool: ...
   def write(self, table: str, rows: list, written_at: str) -> list: ...
-  def stored_offsets(self, topic: str, partition: int, from_offset: int) -> set: ...
+  def stored_offsets(self, topic: str, partition: int, from_offset: int,
+                     until_offset: Optional[int] = None) -> set: ...
 
 
 class DuplicateEvent(str):

@@ -412,17 +412,22 @@ class BigQueryStore:
     self.bytes_processed += job.total_bytes_processed or 0
     return rows
 
-  def stored_offsets(self, topic: str, partition: int, from_offset: int) -> set:
-    """Offsets of ``topic``/``partition`` at or above ``from_offset`` held in any table."""
+  def stored_offsets(self, topic: str, partition: int, from_offset: int,
+                     until_offset: Optional[int] = None) -> set:
+    """Offsets of ``topic``/``partition`` in [from_offset, until_offset) held in any table
+    (a range on the leading clustering columns: only the blocks that hold it are read)."""
     from google.cloud import bigquery
     if self._client is None or not self._tables_ready:
       self.open()
+    until = 2**63 - 1 if until_offset is None else until_offset
     sql = " UNION DISTINCT ".join(
         f"SELECT kafka_offset FROM `{self.table_id(t)}` WHERE kafka_topic = @topic "
-        f"AND kafka_partition = @partition AND kafka_offset >= @from_offset" for t in TABLES)
+        f"AND kafka_partition = @partition AND kafka_offset >= @from_offset "
+        f"AND kafka_offset < @until_offset" for t in TABLES)
     params = [bigquery.ScalarQueryParameter("topic", "STRING", topic),
               bigquery.ScalarQueryParameter("partition", "INT64", partition),
-              bigquery.ScalarQueryParameter("from_offset", "INT64", from_offset)]
+              bigquery.ScalarQueryParameter("from_offset", "INT64", from_offset),
+              bigquery.ScalarQueryParameter("until_offset", "INT64", until)]
     return {r[0] for r in self._query(sql, params)}
 
   def _stored_by_event(self, table: Table, rows: list) -> dict:

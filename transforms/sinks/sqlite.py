@@ -48,8 +48,8 @@ def insert_sql(table: Table) -> str:
 
 def stored_offsets_sql() -> str:
   return " UNION ".join(
-      f"SELECT kafka_offset FROM {t} WHERE kafka_topic = ? AND kafka_partition = ? AND kafka_offset >= ?"
-      for t in TABLES)
+      f"SELECT kafka_offset FROM {t} WHERE kafka_topic = ? AND kafka_partition = ? "
+      f"AND kafka_offset >= ? AND kafka_offset < ?" for t in TABLES)
 
 
 class SqliteStore:
@@ -171,11 +171,13 @@ class SqliteStore:
       found.append((row, DuplicateEvent(f"{column} {row[index]!r} is stored already ({where})")))
     return found
 
-  def stored_offsets(self, topic: str, partition: int, from_offset: int) -> set:
-    """Offsets of ``topic``/``partition`` at or above ``from_offset`` held in any table."""
+  def stored_offsets(self, topic: str, partition: int, from_offset: int,
+                     until_offset: Optional[int] = None) -> set:
+    """Offsets of ``topic``/``partition`` in [from_offset, until_offset) held in any table."""
     if self._conn is None:
       self.open()
-    params = (topic, partition, from_offset) * len(TABLES)
+    until = 2**63 - 1 if until_offset is None else until_offset
+    params = (topic, partition, from_offset, until) * len(TABLES)
     return {r[0] for r in self._conn.execute(stored_offsets_sql(), params)}
 
 
