@@ -23,7 +23,6 @@ from typing import Iterable, Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.acks import Ack
@@ -52,6 +51,7 @@ class _SkipStoredFn(beam.DoFn):
 
   def start_bundle(self):
     self._open_acks: dict = {}  # (topic, partition) -> [start, end) of skipped records, unsent
+    self._last_seen: dict = {}  # (topic, partition) -> timestamp of its last skipped record
 
   def _stored(self, topic: str, partition: int, offset: int) -> frozenset:
     known = self._known.get((topic, partition))
@@ -69,7 +69,7 @@ class _SkipStoredFn(beam.DoFn):
     self._known[(topic, partition)] = (offset, until, stored)
     return stored
 
-  def process(self, record: KafkaRecord) -> Iterable:
+  def process(self, record: KafkaRecord, timestamp=beam.DoFn.TimestampParam) -> Iterable:
     key = (record.topic, record.partition)
     if record.offset not in self._stored(record.topic, record.partition, record.offset):
       ack = self._open_acks.pop(key, None)
@@ -78,6 +78,7 @@ class _SkipStoredFn(beam.DoFn):
       yield record
       return
     self._skipped.inc()
+    self._last_seen[key] = timestamp
     span = self._open_acks.get(key)
     if span is not None and span[1] == record.covers_from:
       self._open_acks[key] = (span[0], record.offset + 1)
@@ -87,10 +88,10 @@ class _SkipStoredFn(beam.DoFn):
       self._open_acks[key] = (record.covers_from, record.offset + 1)
 
   def finish_bundle(self) -> Iterable[WindowedValue]:
-    # Acks go to CommitOffsets' global window whatever their timestamp.
+    # Stamped like the last record they cover (the reader's watermark holds it back).
     for (topic, partition), span in self._open_acks.items():
       yield beam.pvalue.TaggedOutput(ACKS_TAG, WindowedValue(
-          Ack(topic, partition, *span), MIN_TIMESTAMP, (GlobalWindow(),)))
+          Ack(topic, partition, *span), self._last_seen[(topic, partition)], (GlobalWindow(),)))
     self._open_acks = {}
 
   def teardown(self):
