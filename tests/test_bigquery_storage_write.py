@@ -84,13 +84,16 @@ def test_rows_encode_as_proto2_with_zeros_kept_and_timestamps_in_micros():
 
 
 def test_rows_bigquery_would_refuse_are_refused_before_the_append():
-  rows = _rows("s", 0, range(3))
+  rows = _rows("s", 0, range(5))
   rows[0] = (None,) + rows[0][1:]
   rows[2] = rows[2][:7] + ('{"note": "\\ud800"}',) + rows[2][8:]
+  rows[3] = rows[3][:7] + ('{"x": NaN}',) + rows[3][8:]
+  rows[4] = rows[4][:7] + ('{"x": 1e400}',) + rows[4][8:]
   encoded, refused = encode_rows(SENSOR_READINGS, rows, _written_at())
-  assert encoded[1] is not None and encoded[0] is None and encoded[2] is None
+  assert encoded[1] is not None and [encoded[i] for i in (0, 2, 3, 4)] == [None] * 4
   assert refused[0] == "invalid at event_id: Missing required field: event_id."
-  assert refused[2].startswith("invalid at metadata: not a JSON value")
+  for i in (2, 3, 4):
+    assert refused[i].startswith("invalid at metadata: not a JSON value"), refused[i]
 
 
 def test_requests_stay_under_the_request_limit():

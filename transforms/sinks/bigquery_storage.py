@@ -158,9 +158,14 @@ def _converters(table: Table) -> list:
   return out
 
 
+def _no_constant(name: str):
+  raise ValueError(f"{name} is not JSON")
+
+
 def _json_text(value: str) -> str:
-  """Refuses what BigQuery's JSON parser refuses (e.g. a lone surrogate escape)."""
-  json.dumps(json.loads(value), ensure_ascii=False).encode("utf-8")
+  """Refuses what BigQuery's JSON parser refuses: a lone surrogate escape, NaN, Infinity."""
+  parsed = json.loads(value, parse_constant=_no_constant)
+  json.dumps(parsed, ensure_ascii=False, allow_nan=False).encode("utf-8")
   return value
 
 
