@@ -13,8 +13,9 @@ Exactly once at any replay distance comes from three layers:
 1. ``stored_offsets`` (the start-up reconciliation, ``transforms.reconcile``): offsets of a
    partition already in any table are skipped before parsing;
 2. every ``write()`` first asks which of its rows BigQuery holds (sensor and meter rows by
-   event_id, within the day partitions of the rows' event times; dead letters by Kafka
-   coordinates, clustered). A row stored at the same coordinates is a replay (absorbed);
+   event_id, within the day partitions of the rows' event times and the clustered blocks
+   of their Kafka partitions, since an event's copies share its key; dead letters by
+   Kafka coordinates). A row stored at the same coordinates is a replay (absorbed);
    an event_id stored at other coordinates, or repeated within the write, is a later copy
    (``DuplicateEvent``: first copy wins). This also absorbs a bundle retried by a runner
    after its writes had landed;
@@ -431,8 +432,12 @@ class BigQueryStore:
     return {r[0] for r in self._query(sql, params)}
 
   def _stored_by_event(self, table: Table, rows: list) -> dict:
-    """event_id -> (topic, partition, offset) of the rows' event_ids already stored; the query
-    reads only the day partitions of the rows' event times (copies share their event time)."""
+    """(topic, partition, event_id) -> offset of the rows' event_ids already stored.
+
+    Copies of an event carry its key, so they land on its Kafka partition, and its event
+    time: the query reads only the day partitions of the rows' event times and, within
+    them, the clustered blocks of the rows' Kafka partitions (not the whole day's table).
+    """
     from google.cloud import bigquery
     from transforms.sinks.bigquery_storage import timestamp_micros
     column = table.dedup_column
@@ -441,14 +446,25 @@ class BigQueryStore:
     micros = [timestamp_micros(row[time_index]) for row in rows]
     day = 86_400_000_000
     lo, hi = min(micros) // day * day, (max(micros) // day + 1) * day
-    sql = (f"SELECT {column}, kafka_topic, kafka_partition, kafka_offset FROM `{self.table_id(table.name)}` "
-           f"WHERE {table.partition_column} >= TIMESTAMP_MICROS(@lo) "
-           f"AND {table.partition_column} < TIMESTAMP_MICROS(@hi) AND {column} IN UNNEST(@ids)")
+    ids: dict = {}
+    for row in rows:
+      if isinstance(row[index], str):
+        ids.setdefault(tuple(row[-4:-2]), set()).add(row[index])
+    if not ids:
+      return {}
+    clauses = []
     params = [bigquery.ScalarQueryParameter("lo", "INT64", lo),
-              bigquery.ScalarQueryParameter("hi", "INT64", hi),
-              bigquery.ArrayQueryParameter("ids", "STRING", sorted(
-                  {row[index] for row in rows if isinstance(row[index], str)}))]
-    return {r[0]: (r[1], r[2], r[3]) for r in self._query(sql, params)}
+              bigquery.ScalarQueryParameter("hi", "INT64", hi)]
+    for i, ((topic, partition), event_ids) in enumerate(sorted(ids.items())):
+      clauses.append(f"(kafka_topic = @t{i} AND kafka_partition = @p{i} AND {column} IN UNNEST(@ids{i}))")
+      params += [bigquery.ScalarQueryParameter(f"t{i}", "STRING", topic),
+                 bigquery.ScalarQueryParameter(f"p{i}", "INT64", partition),
+                 bigquery.ArrayQueryParameter(f"ids{i}", "STRING", sorted(event_ids))]
+    sql = (f"SELECT kafka_topic, kafka_partition, {column}, kafka_offset "
+           f"FROM `{self.table_id(table.name)}` "
+           f"WHERE {table.partition_column} >= TIMESTAMP_MICROS(@lo) "
+           f"AND {table.partition_column} < TIMESTAMP_MICROS(@hi) AND ({' OR '.join(clauses)})")
+    return {(r[0], r[1], r[2]): r[3] for r in self._query(sql, params)}
 
   def _stored_coordinates(self, table: Table, rows: list) -> set:
     """(topic, partition, offset) of the rows already in ``table`` (by clustered ranges)."""
@@ -480,7 +496,8 @@ class BigQueryStore:
     fresh, duplicates, seen = [], [], {}
     for row in rows:
       event_id, where = row[index], tuple(row[-4:-1])
-      first = stored.get(event_id) or seen.get(event_id)
+      offset = stored.get((where[0], where[1], event_id))
+      first = (where[0], where[1], offset) if offset is not None else seen.get(event_id)
       if event_id is None or first is None:  # no event_id: the store itself refuses the row
         seen[event_id] = where
         fresh.append(row)
