@@ -64,6 +64,18 @@ class SmartGridOptions(PipelineOptions):
     g.add_argument("--bigquery_api_endpoint", default=None,
                    help="BigQuery API endpoint (e.g. a local emulator: http://127.0.0.1:9050); "
                         "anonymous credentials are used then, else Application Default Credentials")
+    g.add_argument("--bigquery_write_method", default="storage_write",
+                   choices=["storage_write", "streaming_inserts"],
+                   help="storage_write (default): the Storage Write API, application-created "
+                        "COMMITTED streams with explicit offsets (exactly once); streaming_inserts: "
+                        "insert_rows_json with insertIds (de-duplicated for about a minute only)")
+    g.add_argument("--bigquery_storage_api_endpoint", default=None,
+                   help="host:port of a plaintext gRPC Storage Write API (a local emulator); "
+                        "default: Google's, with Application Default Credentials")
+    g.add_argument("--reconcile", default="on", choices=["on", "off"],
+                   help="on (default): before writing a partition, ask the sink which offsets at "
+                        "or above the first one read are stored already, and skip (but ack) them, "
+                        "so a replay at any distance writes nothing twice")
     g.add_argument("--sink_flush_rows", type=int, default=1000,
                    help="rows the sink buffers before a write (also flushed at bundle end). Default: 1000")
     g.add_argument("--sink_retry_deadline_secs", type=float, default=60.0,
@@ -165,5 +177,12 @@ def validate(o: SmartGridOptions) -> None:
     check_registry_url(o.schema_registry_url)
   except ValueError as e:
     fail("schema_registry_url", str(e).split(": ", 1)[1])
+  endpoint = o.bigquery_storage_api_endpoint
+  if endpoint is not None and not re.match(r"^[^\s:/]+:\d{1,5}$", endpoint):
+    fail("bigquery_storage_api_endpoint", f"expected host:port, got {endpoint!r}")
+  if (o.sink.startswith("bigquery:") and o.bigquery_api_endpoint and endpoint is None
+      and o.bigquery_write_method == "storage_write"):
+    fail("bigquery_storage_api_endpoint", "needed with --bigquery_api_endpoint (an emulator) when "
+         "--bigquery_write_method=storage_write: the emulator's gRPC host:port")
   if o.kafka_security_protocol not in (None, "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
     fail("kafka_security_protocol", f"unknown protocol {o.kafka_security_protocol!r}")

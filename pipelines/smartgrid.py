@@ -1,6 +1,7 @@
 """The pipeline graph, built from injectable parts.
 
-    Kafka (both topics) -> ParseEvents (rows; batches that fill within a bundle; dead letters)
+    Kafka (both topics) -> SkipStored (records the sink holds already: acked, not written)
+      -> ParseEvents (rows; batches that fill within a bundle; dead letters)
       -> BatchRows (fixed event-time windows; the rest of the rows through
          GroupIntoBatches(batch_size, max_buffering)) -> WriteBatches(store) -> Acks
       -> CommitOffsets (with the resolved starts) -> Committed
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.options import SmartGridOptions
 from transforms.batching import BatchRows
@@ -22,6 +24,7 @@ from transforms.kafka import ReadFromKafka
 from transforms.kafka.read import shard_of
 from transforms.kafka.config import consumer_config
 from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop
+from transforms.reconcile import SkipStored
 from transforms.parse import METER, SENSOR, ParseEvents, key_dead_letters
 from transforms.sinks.base import Store, WriteBatches
 from transforms.windows import FixedEventWindows
@@ -51,7 +54,9 @@ def make_store(o: SmartGridOptions) -> Store:
     return SqliteStore(sqlite_path_from_url(o.sink))
   from transforms.sinks.bigquery import BigQueryStore  # pylint: disable=import-outside-toplevel
   project, dataset = o.sink[len("bigquery://"):].split("/", 1)
-  return BigQueryStore(project, dataset, api_endpoint=o.bigquery_api_endpoint)
+  return BigQueryStore(project, dataset, api_endpoint=o.bigquery_api_endpoint,
+                       write_method=o.bigquery_write_method,
+                       storage_api_endpoint=o.bigquery_storage_api_endpoint)
 
 
 def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
@@ -90,6 +95,10 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
       o.bootstrap_servers, list(topics), group_id=o.group_id, start=start, stop=stop,
       consumer_config=_kafka_security(o), poll_timeout_ms=o.poll_timeout_ms,
       drain_file=drain_file, shard=parse_shard(o.partition_shard), with_partition_reads=True)
+  read, skipped_acks = records, None
+  if o.reconcile == "on":
+    records, skipped_acks = records | "SkipStored" >> SkipStored(
+        store, retry_deadline_s=o.sink_retry_deadline_secs)
   rows, dead_letters, full_batches = records | "ParseEvents" >> ParseEvents(
       topics, window_size_secs=o.window_size_secs, allowed_lateness_secs=o.allowed_lateness_secs,
       num_shards=o.num_shards, shard_by=o.shard_by, batch_size=o.batch_size,
@@ -106,7 +115,10 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
   acks = batches | "WriteBatches" >> WriteBatches(
       store, flush_rows=o.sink_flush_rows, retry_deadline_s=o.sink_retry_deadline_secs,
       batch_size=o.batch_size)
+  if skipped_acks is not None:
+    written_acks = acks | "WrittenAcksToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+    acks = (written_acks, skipped_acks) | "AllAcks" >> beam.Flatten()
   committed = (reads, acks) | "CommitOffsets" >> CommitOffsets(
       config, interval_s=o.commit_interval_secs, retry_deadline_s=o.sink_retry_deadline_secs,
       flush_timer=not stop.is_bounded)
-  return Outputs(records, dead_letters, acks, committed)
+  return Outputs(read, dead_letters, acks, committed)

@@ -163,3 +163,123 @@ def _error_body(status: int, message: Optional[str] = None) -> bytes:
   return json.dumps({"error": {"code": status, "message": message, "status": code_name,
                                "errors": [{"reason": reason, "message": message,
                                            "domain": "global"}]}}).encode()
+
+
+class TcpProxy:
+  """A TCP relay on 127.0.0.1 that can be cut: an outage for HTTP and gRPC alike.
+
+      proxy = TcpProxy("127.0.0.1", 9060).start()   # proxy.address -> '127.0.0.1:PORT'
+      proxy.outage()     # every open connection is reset, new ones are refused at once
+      proxy.heal()       # connections pass again
+      proxy.stop()
+
+  The emulator's Storage Write API is gRPC (HTTP/2), which an HTTP proxy cannot fault;
+  cutting the byte stream is what a network outage or a restarted front end does.
+  """
+
+  def __init__(self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1"):
+    import socket
+    self._upstream = (upstream_host, upstream_port)
+    self._listener = socket.create_server((host, 0))
+    self._lock = threading.Lock()
+    self._down = False
+    self._open: set = set()
+    self._stopped = False
+    self.connections = 0  # connections relayed
+    self.refused = 0  # connections cut or refused during an outage
+    self._thread = threading.Thread(target=self._accept, name="tcp-proxy", daemon=True)
+
+  @property
+  def address(self) -> str:
+    host, port = self._listener.getsockname()[:2]
+    return f"{host}:{port}"
+
+  @property
+  def endpoint(self) -> str:
+    return f"http://{self.address}"
+
+  def start(self) -> "TcpProxy":
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    self._stopped = True
+    self._listener.close()
+    self._cut_all()
+    self._thread.join(timeout=10)
+
+  def __enter__(self):
+    return self.start()
+
+  def __exit__(self, *exc):
+    self.stop()
+
+  def outage(self) -> None:
+    with self._lock:
+      self._down = True
+    self._cut_all()
+
+  def heal(self) -> None:
+    with self._lock:
+      self._down = False
+
+  @property
+  def is_down(self) -> bool:
+    return self._down
+
+  def _cut_all(self) -> None:
+    import socket
+    with self._lock:
+      sockets, self._open = list(self._open), set()
+    for s in sockets:
+      try:
+        s.shutdown(socket.SHUT_RDWR)
+      except OSError:
+        pass
+      s.close()
+
+  def _accept(self) -> None:
+    import socket
+    while not self._stopped:
+      try:
+        client, _ = self._listener.accept()
+      except OSError:
+        return
+      with self._lock:
+        down = self._down
+      if down:
+        self.refused += 1
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()  # an RST: the client sees the connection refused or reset
+        continue
+      try:
+        upstream = socket.create_connection(self._upstream, timeout=10)
+        upstream.settimeout(None)
+      except OSError:
+        client.close()
+        continue
+      with self._lock:
+        self._open.update((client, upstream))
+      self.connections += 1
+      for a, b in ((client, upstream), (upstream, client)):
+        threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+  def _pump(self, src, dst) -> None:
+    import socket
+    try:
+      while True:
+        data = src.recv(65536)
+        if not data:
+          break
+        dst.sendall(data)
+    except OSError:
+      pass
+    finally:
+      for s in (src, dst):
+        try:
+          s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+          pass
+      with self._lock:
+        self._open.discard(src)
+        self._open.discard(dst)

@@ -183,15 +183,17 @@ def test_schema_fields_follow_the_shared_schema():
 
 
 def test_tables_are_day_partitioned_and_clustered():
-  expected = {"sensor_readings": ("event_time", ["sensor_id"]),
-              "meter_readings": ("event_time", ["meter_id"]),
-              "dead_letters": ("failed_at", ["kafka_topic"])}
+  coordinates = ["kafka_topic", "kafka_partition", "kafka_offset"]
+  expected = {"sensor_readings": ("event_time", coordinates + ["sensor_id"]),
+              "meter_readings": ("event_time", coordinates + ["meter_id"]),
+              "dead_letters": ("failed_at", coordinates)}
   for name, (partition, cluster) in expected.items():
     t = table_resource("proj-1", "ds", TABLES[name])
     assert (t.project, t.dataset_id, t.table_id) == ("proj-1", "ds", name)
     assert t.time_partitioning.type_ == bigquery.TimePartitioningType.DAY
     assert t.time_partitioning.field == partition
     assert t.clustering_fields == cluster
+    assert t.table_constraints.primary_key.columns == coordinates
 
 
 def test_sensor_row_becomes_json_with_a_real_bool_and_iso_timestamps():
@@ -224,12 +226,18 @@ def test_row_id_is_topic_partition_offset():
 
 
 def test_store_pickles_without_a_client_and_refuses_bad_limits():
-  s = BigQueryStore("my-project", "grid", api_endpoint="http://127.0.0.1:1", client_retry_s=2)
+  s = BigQueryStore("my-project", "grid", api_endpoint="http://127.0.0.1:1", client_retry_s=2,
+                    storage_api_endpoint="127.0.0.1:2")
   s._client = object()  # an opened store: the client must not travel
   copy = pickle.loads(pickle.dumps(s))
   assert copy._client is None and not copy._tables_ready
   assert (copy.project, copy.dataset, copy.api_endpoint, copy.client_retry_s) == (
       "my-project", "grid", "http://127.0.0.1:1", 2)
+  assert copy.storage_api_endpoint == "127.0.0.1:2" and copy.write_method == "storage_write"
+  with pytest.raises(ValueError, match="bigquery_storage_api_endpoint"):
+    BigQueryStore("p", "d", api_endpoint="http://127.0.0.1:1")
+  with pytest.raises(ValueError, match="bigquery_write_method"):
+    BigQueryStore("p", "d", write_method="load_jobs")
   with pytest.raises(ValueError, match="max_rows_per_request"):
     BigQueryStore("p", "d", max_rows_per_request=0)
   with pytest.raises(ValueError, match="max_bytes_per_request"):
@@ -239,10 +247,91 @@ def test_store_pickles_without_a_client_and_refuses_bad_limits():
 def test_make_store_builds_a_bigquery_store_from_the_options():
   from pipelines.options import SmartGridOptions, validate
   from pipelines.smartgrid import make_store
-  o = SmartGridOptions(["--sink=bigquery://my-project/grid_data",
-                        "--bigquery_api_endpoint=http://127.0.0.1:9050"])
+  from pipelines.options import OptionError
+  args = ["--sink=bigquery://my-project/grid_data", "--bigquery_api_endpoint=http://127.0.0.1:9050"]
+  with pytest.raises(OptionError, match="--bigquery_storage_api_endpoint"):
+    validate(SmartGridOptions(args))
+  with pytest.raises(OptionError, match="--bigquery_storage_api_endpoint"):
+    validate(SmartGridOptions(args + ["--bigquery_storage_api_endpoint=http://x:1"]))
+  legacy = SmartGridOptions(args + ["--bigquery_write_method=streaming_inserts"])
+  validate(legacy)
+  assert make_store(legacy).write_method == "streaming_inserts"
+  o = SmartGridOptions(args + ["--bigquery_storage_api_endpoint=127.0.0.1:9060"])
   validate(o)
   store = make_store(o)
   assert isinstance(store, BigQueryStore)
-  assert (store.project, store.dataset, store.api_endpoint) == (
-      "my-project", "grid_data", "http://127.0.0.1:9050")
+  assert (store.project, store.dataset, store.api_endpoint, store.storage_api_endpoint,
+          store.write_method) == ("my-project", "grid_data", "http://127.0.0.1:9050",
+                                  "127.0.0.1:9060", "storage_write")
+
+
+# ---------------------------------------------------------------------------
+# StreamWriter's bookkeeping (pure logic: a scripted stand-in for the gRPC call)
+
+
+class _Scripted:
+  """Answers each append call from a script: a list of codes per request (0 ok, 6
+  ALREADY_EXISTS, 11 OUT_OF_RANGE), or an exception to raise; records the offsets sent."""
+
+  def __init__(self, script):
+    self.script, self.sent = list(script), []
+
+  def create_write_stream(self, parent, write_stream, timeout=None):
+    from google.cloud.bigquery_storage_v1 import types
+    return types.WriteStream(name=f"{parent}/streams/s1")
+
+  def append_rows(self, requests, **kw):
+    from google.cloud.bigquery_storage_v1 import types
+    requests = list(requests)
+    self.sent.append([r.offset for r in requests])
+    step = self.script.pop(0)
+    if isinstance(step, BaseException):
+      raise step
+    out = []
+    for code in step:
+      r = types.AppendRowsResponse()
+      if code:
+        r.error.code, r.error.message = code, f"code {code}"
+      out.append(r)
+    return iter(out)
+
+
+def _writer(script, **kw):
+  from transforms.sinks.bigquery_storage import StreamWriter
+  client = _Scripted(script)
+  return client, StreamWriter(client, "projects/p/datasets/d/tables/t", TABLES["sensor_readings"],
+                              max_request_bytes=40, sleep=lambda s: None, **kw)
+
+
+def test_stream_writer_resends_unconfirmed_requests_at_their_offsets():
+  from google.api_core import exceptions as gexc
+  rows = [b"x" * 10] * 6  # 2 rows a request: offsets 0, 2, 4
+  client, w = _writer([[0], gexc.ServiceUnavailable("dropped"), [6, 0]])
+  w.append(rows)
+  # the first call ended after one answer; the rest went again at the same offsets, the one
+  # that had landed answered ALREADY_EXISTS
+  assert client.sent == [[0, 2, 4], [2, 4], [2, 4]]
+  assert w.next_offset == 6 and w.already_existed == 1 and w.calls == 3
+
+
+def test_stream_writer_out_of_range_first_means_the_stream_is_gone_and_later_means_resend():
+  from transforms.sinks.bigquery_storage import StreamGone
+  client, w = _writer([[11]])
+  with pytest.raises(StreamGone, match="OUT_OF_RANGE"):
+    w.append([b"x" * 10])
+  client, w = _writer([[0, 11], [0]])  # request 2 lost on the way: resync from offset 2
+  w.append([b"x" * 10] * 4)
+  assert client.sent == [[0, 2], [2]] and w.next_offset == 4
+
+
+def test_stream_writer_gives_up_when_unconfirmed_past_its_deadline():
+  from google.api_core import exceptions as gexc
+  from transforms.sinks.bigquery_storage import StreamUncertain
+  now = [0.0]
+  client, w = _writer([gexc.ServiceUnavailable("down")] * 100, append_deadline_s=3,
+                      clock=lambda: now[0])
+  w._sleep = lambda s: now.__setitem__(0, now[0] + s)
+  with pytest.raises(StreamUncertain, match="unconfirmed"):
+    w.append([b"x" * 10] * 2)
+  assert w.next_offset == 0 and len(client.sent) > 3
+  assert all(offsets == [0] for offsets in client.sent)  # always the same request again

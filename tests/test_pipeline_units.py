@@ -413,7 +413,7 @@ class AlwaysLockedStore(SqliteStore):
 
 def _sensor_rows(topic: str, partition: int, offsets, factory: EventFactory | None = None):
   from transforms.events import sensor_row
-  f = factory or EventFactory(21)
+  f = factory or EventFactory(21 + partition)  # distinct events per partition (event_id is unique)
   out = []
   for o in offsets:
     s = parse_sensor(f.sensor(NOW).value)

@@ -399,15 +399,16 @@ def dead_letter_row(d: DeadLetter) -> tuple:
           iso_us(d.failed_at_us), d.kafka_topic, d.kafka_partition, d.kafka_offset, d.covers_from)
 
 
-def rejected_row_dead_letter(table: str, row: tuple, error: str, failed_at_us: int) -> tuple:
-  """A row a store refused for good -> the dead_letters row for the same offset.
+def rejected_row_dead_letter(row: tuple, raw: bytes, reason: str, error: str,
+                             failed_at_us: int) -> tuple:
+  """A row a store refused for good (or a later copy of a stored event) -> the
+  dead_letters row for the same offset.
 
-  Its raw value is the refused row's repr (the Kafka value is not at hand in the sink).
+  ``raw`` stands for the Kafka value, which is not at hand in the sink: the refused
+  row as UTF-8 JSON text. It is cut and hashed like any raw value.
   """
   topic, partition, offset, covers_from = row[-4:]
-  raw = repr(row[:-4]).encode("utf-8", "backslashreplace")
-  error_text = f"sink_rejected: {table}: {error}"[:ERROR_TEXT_LIMIT]
-  return (*raw_columns(None, raw), "sink_rejected", error_text, "sink", iso_us(failed_at_us),
+  return (*raw_columns(None, raw), reason, error[:ERROR_TEXT_LIMIT], "sink", iso_us(failed_at_us),
           topic, partition, offset, covers_from)
 
 

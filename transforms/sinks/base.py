@@ -9,16 +9,25 @@ runner (or a restart) replays it. Rows the store rejects for good are written to
 ``dead_letters`` with the store's error, and acked once that write is durable.
 
 A ``Store`` is a picklable, unopened connection description with ``open()``,
-``close()``, ``is_transient(exc)`` and ``write(table, rows, written_at) -> [(row,
-error)]`` returning the rows it rejected for good; ``write`` must be idempotent.
+``close()``, ``is_transient(exc)``, ``write(table, rows, written_at) -> [(row,
+error)]`` returning the rows it rejected for good (``write`` must be idempotent),
+and ``stored_offsets(topic, partition, from_offset) -> set`` for the start-up
+reconciliation (``transforms.reconcile``), ``until_offset`` exclusive.
+
+One row per event_id: a store refuses a row whose event_id it already holds at
+other Kafka coordinates (or that an earlier row of the same write carries) with a
+``DuplicateEvent`` error. Such a copy is counted (``duplicate_events``), written to
+``dead_letters`` with reason ``duplicate_event`` (so every offset stays accounted
+for, offset by offset) and acked.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Optional, Protocol
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -27,7 +36,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from transforms import progress
 from transforms.acks import acks_for_rows
 from transforms.events import iso_us, rejected_row_dead_letter
-from transforms.sinks.schema import DEAD_LETTERS
+from transforms.sinks.schema import DEAD_LETTERS, TABLES
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -37,6 +46,12 @@ class Store(Protocol):
   def close(self) -> None: ...
   def is_transient(self, exc: BaseException) -> bool: ...
   def write(self, table: str, rows: list, written_at: str) -> list: ...
+  def stored_offsets(self, topic: str, partition: int, from_offset: int,
+                     until_offset: Optional[int] = None) -> set: ...
+
+
+class DuplicateEvent(str):
+  """The error of a row refused because its event_id is stored already (first copy wins)."""
 
 
 class SinkWriteError(RuntimeError):
@@ -65,9 +80,16 @@ def with_retries(fn: Callable[[], object], is_transient: Callable[[BaseException
       backoff = min(backoff * 2, max_backoff_s)
 
 
+def _row_text(table: str, row: tuple) -> str:
+  values = dict(zip(TABLES[table].names[:-1], row[:-4]))
+  return json.dumps(values, ensure_ascii=False, default=str)
+
+
 def rejected_dead_letter_row(table: str, row: tuple, error: str) -> tuple:
   """A row the store refused for good -> a dead_letters row for the same offset."""
-  return rejected_row_dead_letter(table, row, error, int(time.time() * 1_000_000))
+  reason = "duplicate_event" if isinstance(error, DuplicateEvent) else "sink_rejected"
+  return rejected_row_dead_letter(row, _row_text(table, row).encode("utf-8", "surrogatepass"),
+                                  reason, f"{reason}: {table}: {error}", int(time.time() * 1_000_000))
 
 
 class _WriteBatchesFn(beam.DoFn):
@@ -78,6 +100,7 @@ class _WriteBatchesFn(beam.DoFn):
     self._retry_deadline_s = retry_deadline_s
     self._rows_written = Metrics.counter(self.__class__, "rows_written")
     self._rejected = Metrics.counter(self.__class__, "rows_rejected")
+    self._duplicates = Metrics.counter(self.__class__, "duplicate_events")
     self._batches = Metrics.counter(self.__class__, "batches")
     self._full_batches = Metrics.counter(self.__class__, "full_batches")
     self._store = None
@@ -120,8 +143,15 @@ class _WriteBatchesFn(beam.DoFn):
     for table, rows in self._by_table.items():
       rejected = self._write(table, rows, written_at)
       if rejected:
-        self._rejected.inc(len(rejected))
-        _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected), rejected[0][1])
+        duplicates = sum(1 for _, error in rejected if isinstance(error, DuplicateEvent))
+        if duplicates:
+          self._duplicates.inc(duplicates)
+          _LOGGER.info("%s: %d later copies of stored events, e.g. %s", table, duplicates,
+                       next(e for _, e in rejected if isinstance(e, DuplicateEvent)))
+        if len(rejected) > duplicates:
+          self._rejected.inc(len(rejected) - duplicates)
+          _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected) - duplicates,
+                          next(e for _, e in rejected if not isinstance(e, DuplicateEvent)))
         dead = [rejected_dead_letter_row(table, row, error) for row, error in rejected]
         still = self._write(DEAD_LETTERS.name, dead, written_at)
         if still:

@@ -1,13 +1,43 @@
-"""The production store: BigQuery through google-cloud-bigquery streaming inserts.
+"""The production store: BigQuery, through the Storage Write API or streaming inserts.
 
-A ``Store`` (see ``transforms.sinks.base``). ``open()`` creates the client (anonymous
+A ``Store`` (see ``transforms.sinks.base``). ``open()`` creates the clients (anonymous
 credentials against an emulator endpoint, Application Default Credentials otherwise) and
 the dataset and the three tables of ``transforms.sinks.schema`` when missing: REQUIRED
-modes, day partitioning on ``partition_column``, clustering on ``cluster_columns``.
+modes, day partitioning on ``partition_column``, clustering on ``cluster_columns`` (the
+Kafka coordinates first), and a PRIMARY KEY on the Kafka coordinates, NOT ENFORCED (for
+the optimizer). Creation tolerates a concurrent creator (another worker): a refusal is
+retried, and a dataset or table that exists afterwards is fine.
 
-``write()`` sends rows with ``insert_rows_json`` and ``row_ids`` = ``topic-partition-offset``
-(BigQuery's best-effort insertId de-duplication absorbs replays), in requests kept under
-BigQuery's limits (rows and bytes). What BigQuery answers decides each row's fate:
+Exactly once at any replay distance comes from three layers:
+
+1. ``stored_offsets`` (the start-up reconciliation, ``transforms.reconcile``): offsets of a
+   partition already in any table are skipped before parsing;
+2. every ``write()`` first asks which of its rows BigQuery holds (sensor and meter rows by
+   event_id, within the day partitions of the rows' event times and the clustered blocks
+   of their Kafka partitions, since an event's copies share its key; dead letters by
+   Kafka coordinates). A row stored at the same coordinates is a replay (absorbed);
+   an event_id stored at other coordinates, or repeated within the write, is a later copy
+   (``DuplicateEvent``: first copy wins). This also absorbs a bundle retried by a runner
+   after its writes had landed;
+3. within a write, ``--bigquery_write_method=storage_write`` (the default) appends to an
+   application-created COMMITTED stream at explicit offsets (``bigquery_storage``), so a
+   request sent again after a lost response is answered ALREADY_EXISTS and lands once.
+   A stream that is gone, or a send left unconfirmed, drops the stream; the write is
+   retried (2. again, then a new stream).
+
+What holds where: within one process (FnApiRunner rounds, each local worker) every
+append is confirmed before its rows are acked, so lost responses, connection drops and
+outages are absorbed by 3 and restarts by 1 and 2. On Dataflow or Flink a retried bundle
+re-runs ``write()``, and 2 finds the rows the failed attempt wrote (committed streams are
+readable at once). What does not hold: two attempts of one bundle running at the same
+time (a zombie worker) can both pass check 2 before either appends; the stream name and
+offset are kept per DoFn instance, not in keyed state per (table, shard) as Beam Java's
+``StorageApiWritesShardedRecords`` does, so a retried bundle uses a new stream.
+
+``--bigquery_write_method=streaming_inserts`` sends rows with ``insert_rows_json`` and
+``row_ids`` = ``topic-partition-offset`` (a hash of the topic when that would pass 128
+characters), in requests kept under BigQuery's limits (rows and bytes). What BigQuery
+answers decides each row's fate:
 
 - per-row ``stopped``: the row was fine but its request was refused because of another
   row; it is resent in a follow-up request without the bad rows;
@@ -26,11 +56,14 @@ retry loop and its deadline, and the library's default would retry for ten minut
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from typing import Iterable, Optional, Sequence
+import time
+from typing import Callable, Iterable, Optional, Sequence
 
-from transforms.sinks.schema import TABLES, Table
+from transforms.sinks.base import DuplicateEvent
+from transforms.sinks.schema import DEAD_LETTERS, TABLES, Table
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -48,6 +81,10 @@ TRANSIENT_REQUEST_REASONS = frozenset(
 # Request-level statuses that refuse the content, not the service: bisect to find the row.
 _CONTENT_REFUSED_CODES = (400, 413)
 _MAX_STOPPED_ROUNDS = 3
+MAX_INSERT_ID_CHARS = 128
+WRITE_METHODS = ("storage_write", "streaming_inserts")
+# The emulator answers one of two concurrent creators 400 "Failed to commit DuckLake transaction".
+_CREATE_ATTEMPTS = 8
 
 
 class TransientInsertError(RuntimeError):
@@ -72,6 +109,8 @@ def table_resource(project: str, dataset: str, table: Table):
   t.time_partitioning = bigquery.TimePartitioning(
       type_=bigquery.TimePartitioningType.DAY, field=table.partition_column)
   t.clustering_fields = list(table.cluster_columns)
+  t.table_constraints = bigquery.table.TableConstraints(
+      primary_key=bigquery.table.PrimaryKey(columns=list(table.primary_key)), foreign_keys=[])
   return t
 
 
@@ -89,9 +128,16 @@ def json_row(table: Table, row: tuple, written_at: str) -> dict:
 
 
 def row_id(row: tuple) -> str:
-  """insertId of a row: ``topic-partition-offset``, unique per Kafka record."""
+  """insertId of a row: ``topic-partition-offset``, unique per Kafka record.
+
+  A Kafka topic name may have 249 characters, an insertId at most 128: a topic that would
+  pass the limit is replaced by the SHA-256 of its name (hex), still unique per record.
+  """
   topic, partition, offset, _covers_from = row[-4:]
-  return f"{topic}-{partition}-{offset}"
+  rid = f"{topic}-{partition}-{offset}"
+  if len(rid) <= MAX_INSERT_ID_CHARS:
+    return rid
+  return f"{hashlib.sha256(topic.encode('utf-8')).hexdigest()}-{partition}-{offset}"
 
 
 def payload_size(payload: dict, insert_id: str) -> int:
@@ -214,13 +260,20 @@ class BigQueryStore:
   def __init__(self, project: str, dataset: str, *, api_endpoint: Optional[str] = None,
                location: Optional[str] = None, max_rows_per_request: int = MAX_ROWS_PER_REQUEST,
                max_bytes_per_request: int = MAX_BYTES_PER_REQUEST,
-               request_timeout_s: float = 30.0, client_retry_s: float = 5.0):
+               request_timeout_s: float = 30.0, client_retry_s: float = 5.0,
+               write_method: str = "storage_write", storage_api_endpoint: Optional[str] = None,
+               append_deadline_s: float = 30.0):
     if not project or not dataset:
       raise ValueError(f"--sink: bigquery://PROJECT/DATASET needs both, got {project!r}/{dataset!r}")
     if not 1 <= max_rows_per_request <= 50_000:
       raise ValueError(f"max_rows_per_request must be in 1..50000, got {max_rows_per_request}")
     if not 1 <= max_bytes_per_request <= 10_000_000:
       raise ValueError(f"max_bytes_per_request must be in 1..10000000, got {max_bytes_per_request}")
+    if write_method not in WRITE_METHODS:
+      raise ValueError(f"--bigquery_write_method: expected one of {WRITE_METHODS}, got {write_method!r}")
+    if write_method == "storage_write" and api_endpoint and not storage_api_endpoint:
+      raise ValueError("--bigquery_storage_api_endpoint: needed with --bigquery_api_endpoint when "
+                       "--bigquery_write_method=storage_write (the emulator's gRPC host:port)")
     self.project = project
     self.dataset = dataset
     self.api_endpoint = api_endpoint
@@ -229,12 +282,20 @@ class BigQueryStore:
     self.max_bytes_per_request = max_bytes_per_request
     self.request_timeout_s = request_timeout_s
     self.client_retry_s = client_retry_s
+    self.write_method = write_method
+    self.storage_api_endpoint = storage_api_endpoint
+    self.append_deadline_s = append_deadline_s
     self._client = None
+    self._write_client = None
+    self._writers: dict = {}  # table -> StreamWriter
     self._tables_ready = False
     self.requests_sent = 0  # insertAll calls of this process (for tests and benchmarks)
+    self.queries_run = 0  # reconciliation and duplicate checks (for tests and benchmarks)
+    self.bytes_processed = 0  # what those queries scanned, as BigQuery reports it
 
   _CONFIG = ("project", "dataset", "api_endpoint", "location", "max_rows_per_request",
-             "max_bytes_per_request", "request_timeout_s", "client_retry_s")
+             "max_bytes_per_request", "request_timeout_s", "client_retry_s", "write_method",
+             "storage_api_endpoint", "append_deadline_s")
 
   def __getstate__(self):
     return {k: getattr(self, k) for k in self._CONFIG}  # never the client
@@ -244,7 +305,7 @@ class BigQueryStore:
 
   def __repr__(self):
     where = f" via {self.api_endpoint}" if self.api_endpoint else ""
-    return f"BigQueryStore({self.project}.{self.dataset}{where})"
+    return f"BigQueryStore({self.project}.{self.dataset}{where}, {self.write_method})"
 
   def table_id(self, table: str) -> str:
     return f"{self.project}.{self.dataset}.{table}"
@@ -261,6 +322,19 @@ class BigQueryStore:
                              location=self.location)
     return bigquery.Client(project=self.project, location=self.location)
 
+  def _make_write_client(self):
+    from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
+    if self.storage_api_endpoint:
+      import grpc
+      from google.cloud.bigquery_storage_v1.services.big_query_write.transports import (
+          BigQueryWriteGrpcTransport)
+      # Reconnect soon after an outage (gRPC's default backoff grows to two minutes).
+      channel = grpc.insecure_channel(self.storage_api_endpoint, options=[
+          ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5000),
+          ("grpc.max_send_message_length", 20 * 1024 * 1024)])
+      return BigQueryWriteClient(transport=BigQueryWriteGrpcTransport(channel=channel))
+    return BigQueryWriteClient()
+
   def _retry(self):
     from google.cloud import bigquery
     return bigquery.DEFAULT_RETRY.with_delay(initial=0.2, maximum=2.0).with_timeout(
@@ -269,7 +343,29 @@ class BigQueryStore:
   def open(self) -> None:
     if self._client is None:
       self._client = self._make_client()
+    if self.write_method == "storage_write" and self._write_client is None:
+      self._write_client = self._make_write_client()
     self._ensure_tables()
+
+  def _create(self, what: str, create: Callable[[], object], exists: Callable[[], object]) -> None:
+    """create(); when refused (a concurrent creator, a conflict), retried until it exists."""
+    import tenacity
+    from google.api_core import exceptions as gexc
+
+    def attempt():
+      try:
+        create()
+      except gexc.GoogleAPICallError as e:
+        try:
+          exists()  # another creator won: fine
+        except gexc.NotFound:
+          _LOGGER.info("creating %s was refused (%s); retrying", what, e)
+          raise e from None
+    tenacity.retry(
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, gexc.GoogleAPICallError)
+                                          and not isinstance(e, (gexc.Forbidden, gexc.Unauthorized))),
+        stop=tenacity.stop_after_attempt(_CREATE_ATTEMPTS),
+        wait=tenacity.wait_random_exponential(multiplier=0.2, max=3.0), reraise=True)(attempt)()
 
   def _ensure_tables(self) -> None:
     from google.cloud import bigquery
@@ -277,21 +373,138 @@ class BigQueryStore:
     ds = bigquery.Dataset(f"{self.project}.{self.dataset}")
     if self.location:
       ds.location = self.location
-    client.create_dataset(ds, exists_ok=True, retry=self._retry(), timeout=self.request_timeout_s)
+    opts = dict(retry=self._retry(), timeout=self.request_timeout_s)
+    self._create(f"dataset {ds.dataset_id}", lambda: client.create_dataset(ds, exists_ok=True, **opts),
+                 lambda: client.get_dataset(ds.reference, **opts))
     for table in TABLES.values():
-      client.create_table(table_resource(self.project, self.dataset, table), exists_ok=True,
-                          retry=self._retry(), timeout=self.request_timeout_s)
+      resource = table_resource(self.project, self.dataset, table)
+      self._create(f"table {table.name}",
+                   lambda r=resource: client.create_table(r, exists_ok=True, **opts),
+                   lambda r=resource: client.get_table(r.reference, **opts))
     self._tables_ready = True
     _LOGGER.info("BigQuery sink ready: %s (tables %s)", self, ", ".join(TABLES))
 
   def close(self) -> None:
+    for writer in self._writers.values():
+      writer.finalize()
+    self._writers = {}
     if self._client is not None:
       self._client.close()
       self._client = None
+    self._write_client = None
     self._tables_ready = False
 
   def is_transient(self, exc: BaseException) -> bool:
+    from transforms.sinks.bigquery_storage import StreamGone, StreamUncertain, is_connection_error
+    if isinstance(exc, (StreamGone, StreamUncertain)):
+      return True
+    if self.write_method == "storage_write" and is_connection_error(exc):
+      return True
     return is_transient_error(exc)
+
+  # -- what is stored
+
+  def _query(self, sql: str, params: list) -> list:
+    from google.cloud import bigquery
+    job = self._client.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params),
+                             retry=self._retry(), timeout=self.request_timeout_s)
+    rows = list(job.result(timeout=self.request_timeout_s))
+    self.queries_run += 1
+    self.bytes_processed += job.total_bytes_processed or 0
+    return rows
+
+  def stored_offsets(self, topic: str, partition: int, from_offset: int,
+                     until_offset: Optional[int] = None) -> set:
+    """Offsets of ``topic``/``partition`` in [from_offset, until_offset) held in any table
+    (a range on the leading clustering columns: only the blocks that hold it are read)."""
+    from google.cloud import bigquery
+    if self._client is None or not self._tables_ready:
+      self.open()
+    until = 2**63 - 1 if until_offset is None else until_offset
+    sql = " UNION DISTINCT ".join(
+        f"SELECT kafka_offset FROM `{self.table_id(t)}` WHERE kafka_topic = @topic "
+        f"AND kafka_partition = @partition AND kafka_offset >= @from_offset "
+        f"AND kafka_offset < @until_offset" for t in TABLES)
+    params = [bigquery.ScalarQueryParameter("topic", "STRING", topic),
+              bigquery.ScalarQueryParameter("partition", "INT64", partition),
+              bigquery.ScalarQueryParameter("from_offset", "INT64", from_offset),
+              bigquery.ScalarQueryParameter("until_offset", "INT64", until)]
+    return {r[0] for r in self._query(sql, params)}
+
+  def _stored_by_event(self, table: Table, rows: list) -> dict:
+    """(topic, partition, event_id) -> offset of the rows' event_ids already stored.
+
+    Copies of an event carry its key, so they land on its Kafka partition, and its event
+    time: the query reads only the day partitions of the rows' event times and, within
+    them, the clustered blocks of the rows' Kafka partitions (not the whole day's table).
+    """
+    from google.cloud import bigquery
+    from transforms.sinks.bigquery_storage import timestamp_micros
+    column = table.dedup_column
+    index = table.names.index(column)
+    time_index = table.names.index(table.partition_column)
+    micros = [timestamp_micros(row[time_index]) for row in rows]
+    day = 86_400_000_000
+    lo, hi = min(micros) // day * day, (max(micros) // day + 1) * day
+    ids: dict = {}
+    for row in rows:
+      if isinstance(row[index], str):
+        ids.setdefault(tuple(row[-4:-2]), set()).add(row[index])
+    if not ids:
+      return {}
+    clauses = []
+    params = [bigquery.ScalarQueryParameter("lo", "INT64", lo),
+              bigquery.ScalarQueryParameter("hi", "INT64", hi)]
+    for i, ((topic, partition), event_ids) in enumerate(sorted(ids.items())):
+      clauses.append(f"(kafka_topic = @t{i} AND kafka_partition = @p{i} AND {column} IN UNNEST(@ids{i}))")
+      params += [bigquery.ScalarQueryParameter(f"t{i}", "STRING", topic),
+                 bigquery.ScalarQueryParameter(f"p{i}", "INT64", partition),
+                 bigquery.ArrayQueryParameter(f"ids{i}", "STRING", sorted(event_ids))]
+    sql = (f"SELECT kafka_topic, kafka_partition, {column}, kafka_offset "
+           f"FROM `{self.table_id(table.name)}` "
+           f"WHERE {table.partition_column} >= TIMESTAMP_MICROS(@lo) "
+           f"AND {table.partition_column} < TIMESTAMP_MICROS(@hi) AND ({' OR '.join(clauses)})")
+    return {(r[0], r[1], r[2]): r[3] for r in self._query(sql, params)}
+
+  def _stored_coordinates(self, table: Table, rows: list) -> set:
+    """(topic, partition, offset) of the rows already in ``table`` (by clustered ranges)."""
+    from google.cloud import bigquery
+    spans: dict = {}
+    for row in rows:
+      topic, partition, offset = row[-4:-1]
+      lo, hi = spans.get((topic, partition), (offset, offset))
+      spans[(topic, partition)] = (min(lo, offset), max(hi, offset))
+    clauses, params = [], []
+    for i, ((topic, partition), (lo, hi)) in enumerate(spans.items()):
+      clauses.append(f"(kafka_topic = @t{i} AND kafka_partition = @p{i} "
+                     f"AND kafka_offset BETWEEN @lo{i} AND @hi{i})")
+      params += [bigquery.ScalarQueryParameter(f"t{i}", "STRING", topic),
+                 bigquery.ScalarQueryParameter(f"p{i}", "INT64", partition),
+                 bigquery.ScalarQueryParameter(f"lo{i}", "INT64", lo),
+                 bigquery.ScalarQueryParameter(f"hi{i}", "INT64", hi)]
+    sql = (f"SELECT kafka_topic, kafka_partition, kafka_offset FROM `{self.table_id(table.name)}` "
+           f"WHERE {' OR '.join(clauses)}")
+    return {tuple(r.values()) for r in self._query(sql, params)}
+
+  def _new_rows(self, table: Table, rows: list) -> tuple[list, list]:
+    """Rows -> (rows to write, [(row, DuplicateEvent)]); replays of stored rows are dropped."""
+    if table.dedup_column is None:
+      stored = self._stored_coordinates(table, rows)
+      return [row for row in rows if tuple(row[-4:-1]) not in stored], []
+    stored = self._stored_by_event(table, rows)
+    index = table.names.index(table.dedup_column)
+    fresh, duplicates, seen = [], [], {}
+    for row in rows:
+      event_id, where = row[index], tuple(row[-4:-1])
+      offset = stored.get((where[0], where[1], event_id))
+      first = (where[0], where[1], offset) if offset is not None else seen.get(event_id)
+      if event_id is None or first is None:  # no event_id: the store itself refuses the row
+        seen[event_id] = where
+        fresh.append(row)
+      elif first != where:
+        duplicates.append((row, DuplicateEvent(
+            f"{table.dedup_column} {event_id!r} is stored already ({first[0]}-{first[1]}@{first[2]})")))
+    return fresh, duplicates
 
   # -- writing
 
@@ -299,12 +512,76 @@ class BigQueryStore:
     if self._client is None or not self._tables_ready:
       self.open()
     schema = TABLES[table]
+    if not rows:
+      return []
+    if table == DEAD_LETTERS.name:
+      rows = [_fit_dead_letter(row) for row in rows]
+    fresh, duplicates = self._new_rows(schema, rows)
+    if not fresh:
+      return duplicates
+    if self.write_method == "storage_write":
+      return duplicates + self._append(schema, fresh, written_at)
+    return duplicates + self._insert_all(schema, fresh, written_at)
+
+  def _writer(self, table: Table):
+    from transforms.sinks.bigquery_storage import StreamWriter
+    writer = self._writers.get(table.name)
+    if writer is None:
+      writer = StreamWriter(self._write_client, self._write_client.table_path(
+          self.project, self.dataset, table.name), table, append_deadline_s=self.append_deadline_s,
+          call_timeout_s=self.request_timeout_s)
+      self._writers[table.name] = writer
+    return writer
+
+  def _append(self, table: Table, rows: list, written_at: str) -> list:
+    """Appends rows through the Storage Write API; returns [(row, reason)] refused for good."""
+    from transforms.sinks.bigquery_storage import RequestRefused, StreamGone, StreamUncertain, encode_rows
+    encoded, refused = encode_rows(table, rows, written_at)
+    pending = [i for i, e in enumerate(encoded) if e is not None]
+    singles: list[int] = []  # rows of a request refused without naming its bad rows
+    while pending or singles:
+      batch, one_by_one = (singles, True) if singles else (pending, False)
+      try:
+        self._writer(table).append([encoded[i] for i in batch], singles=one_by_one)
+        if one_by_one:
+          singles = []
+        else:
+          pending = []
+        continue
+      except (StreamGone, StreamUncertain):
+        # Whatever landed is found by the next attempt's check; it appends to a new stream.
+        self._writers.pop(table.name, None)
+        raise
+      except RequestRefused as e:
+        self._writers.pop(table.name, None)  # see RequestRefused: its good rows may have landed
+        for i, reason in e.bad.items():
+          refused[batch[i]] = reason
+        if not e.bad and len(e.head) == 1:
+          refused[batch[e.head[0]]] = e.reason or "invalid"
+        elif not e.bad:
+          singles = [batch[i] for i in e.head]
+        head = {batch[i] for i in e.head}
+        rest = [batch[i] for i in e.unconfirmed if batch[i] not in refused]
+        landed = self._landed(table, [rows[i] for i in rest if i in head])
+        rest = [i for i in rest if tuple(rows[i][-4:-1]) not in landed]
+        if one_by_one:
+          singles = [i for i in rest if i not in refused]
+        else:
+          pending = [i for i in rest if i not in set(singles)]
+          singles = [i for i in singles if i in set(rest)]
+    return [(rows[i], refused[i]) for i in sorted(refused)]
+
+  def _landed(self, table: Table, rows: list) -> set:
+    """Coordinates of ``rows`` that BigQuery holds (after a refused request; see RequestRefused)."""
+    return self._stored_coordinates(table, rows) if rows else set()
+
+  def _insert_all(self, schema: Table, rows: list, written_at: str) -> list:
     payloads = [json_row(schema, row, written_at) for row in rows]
     ids = [row_id(row) for row in rows]
     sizes = [payload_size(p, i) for p, i in zip(payloads, ids)]
     rejected: dict[int, str] = {}
     for chunk in chunk_indexes(sizes, self.max_rows_per_request, self.max_bytes_per_request):
-      self._insert(table, chunk, payloads, ids, rejected)
+      self._insert(schema.name, chunk, payloads, ids, rejected)
     return [(rows[i], rejected[i]) for i in sorted(rejected)]
 
   def _insert(self, table: str, indexes: list[int], payloads: list, ids: list,
@@ -344,3 +621,24 @@ class BigQueryStore:
       todo = [todo[j] for j in stopped]
     raise TransientInsertError(f"{len(todo)} rows of {table} still stopped after "
                                f"{_MAX_STOPPED_ROUNDS} requests")
+
+
+# A dead letter's text columns are cut so that one row always fits one request.
+_MAX_DEAD_LETTER_TEXT = 1_000_000
+
+
+def _fit_dead_letter(row: tuple) -> tuple:
+  """A dead_letters row with its raw text cut to ``_MAX_DEAD_LETTER_TEXT`` (marked truncated
+  where the table has that column), so it can never exceed the request limit and loop."""
+  names = DEAD_LETTERS.names
+  values = list(row)
+  cut = False
+  for name in ("raw_value", "raw_key", "error"):
+    if name in names:
+      i = names.index(name)
+      if isinstance(values[i], str) and len(values[i]) > _MAX_DEAD_LETTER_TEXT:
+        values[i] = values[i][:_MAX_DEAD_LETTER_TEXT]
+        cut = True
+  if cut and "truncated" in names:
+    values[names.index("truncated")] = True
+  return tuple(values)

@@ -2,10 +2,13 @@
 
 Idempotent: every table is unique on (kafka_topic, kafka_partition, kafka_offset)
 and rows go in with ``INSERT ... ON CONFLICT DO NOTHING``, one transaction per
-write, so a replay after a crash adds nothing. ``synchronous=NORMAL`` in WAL mode
-keeps every committed transaction through a process crash (SIGKILL); only a
-power loss can take back the last ones. Several writers (threads, processes)
-share the file through SQLite's locking; a busy database is a transient error.
+write, so a replay after a crash adds nothing. The reading tables are also unique
+on event_id (one row per event, the first copy wins): a later copy is returned as
+rejected with a ``DuplicateEvent`` error, and ``WriteBatches`` dead-letters and acks
+it. ``synchronous=FULL``: a transaction is on disk when COMMIT returns, so offsets
+committed after it survive a power loss too, not only a process crash. Several
+writers (threads, processes) share the file through SQLite's locking; a busy
+database is a transient error.
 """
 
 from __future__ import annotations
@@ -14,20 +17,39 @@ import os
 import sqlite3
 from typing import Optional
 
+from transforms.sinks.base import DuplicateEvent
 from transforms.sinks.schema import TABLES, Table
+
+
+class SinkSchemaError(RuntimeError):
+  """An existing database cannot take the constraints the sink needs (not transient)."""
 
 
 def create_table_sql(table: Table) -> list[str]:
   cols = ", ".join(f"{c.name} {c.sqlite_type}{' NOT NULL' if c.required else ''}"
                    for c in table.columns)
   return [f"CREATE TABLE IF NOT EXISTS {table.name} ({cols}, "
-          f"UNIQUE (kafka_topic, kafka_partition, kafka_offset))"]
+          f"UNIQUE ({', '.join(table.primary_key)}))"]
+
+
+def dedup_index_sql(table: Table) -> Optional[str]:
+  if table.dedup_column is None:
+    return None
+  return (f"CREATE UNIQUE INDEX IF NOT EXISTS {table.name}_{table.dedup_column}_unique "
+          f"ON {table.name} ({table.dedup_column})")
 
 
 def insert_sql(table: Table) -> str:
+  # No conflict target: a row that breaks either uniqueness (coordinates, event_id) is skipped.
   names = table.names
   return (f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
-          f"ON CONFLICT (kafka_topic, kafka_partition, kafka_offset) DO NOTHING")
+          f"ON CONFLICT DO NOTHING")
+
+
+def stored_offsets_sql() -> str:
+  return " UNION ".join(
+      f"SELECT kafka_offset FROM {t} WHERE kafka_topic = ? AND kafka_partition = ? "
+      f"AND kafka_offset >= ? AND kafka_offset < ?" for t in TABLES)
 
 
 class SqliteStore:
@@ -51,13 +73,36 @@ class SqliteStore:
     conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
                            check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
     with conn:
       for table in TABLES.values():
         for statement in create_table_sql(table):
           conn.execute(statement)
+    for table in TABLES.values():
+      self._create_dedup_index(conn, table)
     self._conn = conn
+
+  def _create_dedup_index(self, conn: sqlite3.Connection, table: Table) -> None:
+    sql = dedup_index_sql(table)
+    if sql is None:
+      return
+    try:
+      conn.execute(sql)
+    except sqlite3.IntegrityError as e:
+      column = table.dedup_column
+      doubled = conn.execute(
+          f"SELECT {column}, COUNT(*) FROM {table.name} GROUP BY {column} HAVING COUNT(*) > 1 "
+          f"LIMIT 3").fetchall()
+      total = conn.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM {table.name} GROUP BY {column} "
+                           f"HAVING COUNT(*) > 1)").fetchone()[0]
+      conn.close()
+      raise SinkSchemaError(
+          f"{self.path}: {table.name} holds {total} {column}s more than once (e.g. "
+          f"{', '.join(repr(d[0]) for d in doubled)}), so the unique index on {column} (one row "
+          f"per event, the first copy wins) cannot be created. Keep the first copy of each, e.g. "
+          f"DELETE FROM {table.name} WHERE rowid NOT IN (SELECT MIN(rowid) FROM {table.name} "
+          f"GROUP BY {column}), or write to a new file. ({e})") from e
 
   def close(self) -> None:
     if self._conn is not None:
@@ -76,9 +121,12 @@ class SqliteStore:
     conn = self._conn
     try:
       conn.execute("BEGIN IMMEDIATE")
+      before = conn.total_changes
       conn.executemany(sql, params)
+      skipped = len(rows) - (conn.total_changes - before)
+      duplicates = self._duplicates(table, rows) if skipped else []
       conn.execute("COMMIT")
-      return []
+      return duplicates
     except sqlite3.IntegrityError:
       conn.execute("ROLLBACK")
     except BaseException:
@@ -94,12 +142,43 @@ class SqliteStore:
           conn.execute(sql, p)
         except sqlite3.IntegrityError as e:
           rejected.append((row, str(e)))
+      bad = {id(row) for row, _ in rejected}
+      rejected += self._duplicates(table, [row for row in rows if id(row) not in bad])
       conn.execute("COMMIT")
     except BaseException:
       if conn.in_transaction:
         conn.execute("ROLLBACK")
       raise
     return rejected
+
+  def _duplicates(self, table: str, rows: list) -> list:
+    """Rows the insert skipped although their coordinates are not stored: later copies of an
+    event_id (a replay of the same coordinates is not a duplicate, it is simply absorbed)."""
+    column = TABLES[table].dedup_column
+    if column is None:
+      return []
+    index = TABLES[table].names.index(column)
+    conn = self._conn
+    found = []
+    for row in rows:
+      topic, partition, offset = row[-4:-1]
+      if conn.execute(f"SELECT 1 FROM {table} WHERE kafka_topic = ? AND kafka_partition = ? "
+                      f"AND kafka_offset = ?", (topic, partition, offset)).fetchone():
+        continue
+      first = conn.execute(f"SELECT kafka_topic, kafka_partition, kafka_offset FROM {table} "
+                           f"WHERE {column} = ?", (row[index],)).fetchone()
+      where = f"{first[0]}-{first[1]}@{first[2]}" if first else "an earlier row"
+      found.append((row, DuplicateEvent(f"{column} {row[index]!r} is stored already ({where})")))
+    return found
+
+  def stored_offsets(self, topic: str, partition: int, from_offset: int,
+                     until_offset: Optional[int] = None) -> set:
+    """Offsets of ``topic``/``partition`` in [from_offset, until_offset) held in any table."""
+    if self._conn is None:
+      self.open()
+    until = 2**63 - 1 if until_offset is None else until_offset
+    params = (topic, partition, from_offset, until) * len(TABLES)
+    return {r[0] for r in self._conn.execute(stored_offsets_sql(), params)}
 
 
 def sqlite_path_from_url(url: str) -> str:
