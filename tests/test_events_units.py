@@ -486,7 +486,7 @@ def test_sink_rejected_rows_use_the_same_format(tmp_path):
       "sink_rejected", "sink", "utf8", 0)
   assert stored["error"].startswith("sink_rejected: sensor_readings: invalid at value")
   assert len(stored["error"]) == ERROR_TEXT_LIMIT
-  assert stored["raw_value"] == repr(sensor_row[:-4])
+  assert json.loads(stored["raw_value"]) == dict(zip(SENSOR_READINGS.names, sensor_row[:-4]))
   assert (stored["kafka_topic"], stored["kafka_partition"], stored["kafka_offset"]) == ("topic", 1, 99)
   assert row[-1] == 95  # covers_from still travels for the ack
 
