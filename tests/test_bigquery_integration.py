@@ -11,7 +11,6 @@ replay here happens within a few seconds of the write it repeats.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import datetime as dt
 import json
