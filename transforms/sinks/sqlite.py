@@ -13,6 +13,7 @@ database is a transient error.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from typing import Optional
@@ -20,16 +21,70 @@ from typing import Optional
 from transforms.sinks.base import DuplicateEvent
 from transforms.sinks.schema import TABLES, Table
 
+_LOGGER = logging.getLogger(__name__)
+
 
 class SinkSchemaError(RuntimeError):
   """An existing database cannot take the constraints the sink needs (not transient)."""
 
 
-def create_table_sql(table: Table) -> list[str]:
+def create_table_sql(table: Table, name: Optional[str] = None) -> list[str]:
   cols = ", ".join(f"{c.name} {c.sqlite_type}{' NOT NULL' if c.required else ''}"
                    for c in table.columns)
-  return [f"CREATE TABLE IF NOT EXISTS {table.name} ({cols}, "
+  return [f"CREATE TABLE IF NOT EXISTS {name or table.name} ({cols}, "
           f"UNIQUE ({', '.join(table.primary_key)}))"]
+
+
+# Values for columns that a database made by an earlier version lacks. Its dead letters
+# kept raw_key/raw_value as base64 and the reason as the error's first word.
+_MIGRATION_FILL = {
+    "raw_encoding": "'base64'",
+    "truncated": "0",
+    "reason": "CASE WHEN instr(error, ':') > 0 THEN substr(error, 1, instr(error, ':') - 1) "
+              "ELSE 'unknown' END",
+}
+
+
+def migrate_table(conn: sqlite3.Connection, table: Table, path: str) -> Optional[str]:
+  """Brings a table made by an earlier version to the current layout, in one transaction.
+
+  Adds the columns it lacks (filled as ``_MIGRATION_FILL`` says, else NULL) and relaxes
+  NOT NULL where the layout now allows NULL (SQLite can only do that by copying the
+  table). Returns what it did, or None when the table already has the layout. A column
+  the layout does not know, or a new required column without a fill, is refused: no
+  data is ever dropped.
+  """
+  conn.execute("BEGIN IMMEDIATE")
+  try:
+    have = {r[1]: bool(r[3]) for r in conn.execute(f"PRAGMA table_info({table.name})")}
+    want = {c.name: c.required for c in table.columns}
+    if have == want:
+      conn.execute("ROLLBACK")
+      return None
+    unknown = sorted(set(have) - set(want))
+    unfilled = [c.name for c in table.columns
+                if c.name not in have and c.required and c.name not in _MIGRATION_FILL]
+    if unknown or unfilled:
+      raise SinkSchemaError(
+          f"{path}: table {table.name} has a layout this version cannot migrate (unknown "
+          f"columns {unknown}, new required columns {unfilled}); write to a new file")
+    select = ", ".join(c.name if c.name in have else _MIGRATION_FILL.get(c.name, "NULL")
+                       for c in table.columns)
+    scratch = f"{table.name}__migrating"
+    conn.execute(f"DROP TABLE IF EXISTS {scratch}")
+    for statement in create_table_sql(table, scratch):
+      conn.execute(statement)
+    conn.execute(f"INSERT INTO {scratch} ({', '.join(want)}) SELECT {select} FROM {table.name}")
+    conn.execute(f"DROP TABLE {table.name}")
+    conn.execute(f"ALTER TABLE {scratch} RENAME TO {table.name}")
+    conn.execute("COMMIT")
+  except BaseException:
+    if conn.in_transaction:
+      conn.execute("ROLLBACK")
+    raise
+  added = [n for n in want if n not in have]
+  relaxed = [n for n in want if n in have and have[n] and not want[n]]
+  return f"added columns {added}, allowed NULL in {relaxed}"
 
 
 def dedup_index_sql(table: Table) -> Optional[str]:
@@ -80,6 +135,10 @@ class SqliteStore:
         for statement in create_table_sql(table):
           conn.execute(statement)
     for table in TABLES.values():
+      done = migrate_table(conn, table, self.path)
+      if done:
+        _LOGGER.warning("%s: migrated table %s to this version's layout: %s", self.path,
+                        table.name, done)
       self._create_dedup_index(conn, table)
     self._conn = conn
 
