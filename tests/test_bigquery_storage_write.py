@@ -401,3 +401,44 @@ def test_a_request_refused_for_one_row_lands_its_neighbours_once(bq_emulator):
     _assert_once(bq_emulator.client(), dataset, [("s", 0, o) for o in range(10) if o != 3])
   finally:
     store.close()
+
+
+def test_tables_of_the_first_version_get_the_new_columns_and_nullable_coordinates(bq_emulator):
+  """A dataset written by the first version (dead_letters without raw_encoding, reason...,
+  REQUIRED coordinates) is brought up to date at open, and then takes new rows."""
+  from google.cloud import bigquery
+  from transforms.sinks.bigquery import BigQueryStore
+  from transforms.sinks.schema import DEAD_LETTERS, SENSOR_READINGS
+
+  client = bq_emulator.client()
+  dataset = f"old_{uuid.uuid4().hex[:8]}"
+  client.create_dataset(dataset)
+  old_dead = [bigquery.SchemaField(n, t, mode=m) for n, t, m in (
+      ("raw_key", "STRING", "NULLABLE"), ("raw_value", "STRING", "NULLABLE"),
+      ("error", "STRING", "REQUIRED"), ("stage", "STRING", "REQUIRED"),
+      ("failed_at", "TIMESTAMP", "REQUIRED"), ("kafka_topic", "STRING", "REQUIRED"),
+      ("kafka_partition", "INT64", "REQUIRED"), ("kafka_offset", "INT64", "REQUIRED"),
+      ("written_at", "TIMESTAMP", "REQUIRED"))]
+  old_sensor = [bigquery.SchemaField(c.name, c.bq_type, mode="REQUIRED" if c.required or c.name in (
+      "latitude", "longitude") else "NULLABLE") for c in SENSOR_READINGS.columns]
+  client.create_table(bigquery.Table(f"{bq_emulator.project}.{dataset}.dead_letters", schema=old_dead))
+  client.create_table(bigquery.Table(f"{bq_emulator.project}.{dataset}.sensor_readings",
+                                     schema=old_sensor))
+  store = BigQueryStore(bq_emulator.project, dataset, api_endpoint=bq_emulator.endpoint,
+                        write_method="streaming_inserts")
+  store.open()
+  try:
+    dead = client.get_table(f"{bq_emulator.project}.{dataset}.dead_letters")
+    assert {f.name for f in dead.schema} == set(DEAD_LETTERS.names)
+    sensor = {f.name: f.mode for f in client.get_table(
+        f"{bq_emulator.project}.{dataset}.sensor_readings").schema}
+    assert (sensor["latitude"], sensor["longitude"], sensor["event_id"]) == (
+        "NULLABLE", "NULLABLE", "REQUIRED")
+    row = ("e9", "s9", "power", 3.5, None, None, "2024-01-15T10:30:00.000000Z", None,
+           "2024-01-15T10:30:00.000000Z", "2024-01-15T10:31:00.000000Z", False, "t", 0, 3, 3)
+    assert store.write(SENSOR_READINGS.name, [row], "2024-01-15T10:30:00.000000Z") == []
+    got = list(client.query(f"SELECT event_id, latitude FROM `{bq_emulator.project}.{dataset}."
+                            f"sensor_readings`").result())
+    assert [(r["event_id"], r["latitude"]) for r in got] == [("e9", None)]
+  finally:
+    store.close()

@@ -347,21 +347,22 @@ class BigQueryStore:
       self._write_client = self._make_write_client()
     self._ensure_tables()
 
-  def _create(self, what: str, create: Callable[[], object], exists: Callable[[], object]) -> None:
-    """create(); when refused (a concurrent creator, a conflict), retried until it exists."""
+  def _create(self, what: str, create: Callable[[], object], exists: Callable[[], object]):
+    """create(); when refused (a concurrent creator, a conflict), retried until it exists.
+    Returns the created (or existing) resource."""
     import tenacity
     from google.api_core import exceptions as gexc
 
     def attempt():
       try:
-        create()
+        return create()
       except gexc.GoogleAPICallError as e:
         try:
-          exists()  # another creator won: fine
+          return exists()  # another creator won: fine
         except gexc.NotFound:
           _LOGGER.info("creating %s was refused (%s); retrying", what, e)
           raise e from None
-    tenacity.retry(
+    return tenacity.retry(
         retry=tenacity.retry_if_exception(lambda e: isinstance(e, gexc.GoogleAPICallError)
                                           and not isinstance(e, (gexc.Forbidden, gexc.Unauthorized))),
         stop=tenacity.stop_after_attempt(_CREATE_ATTEMPTS),
@@ -378,11 +379,33 @@ class BigQueryStore:
                  lambda: client.get_dataset(ds.reference, **opts))
     for table in TABLES.values():
       resource = table_resource(self.project, self.dataset, table)
-      self._create(f"table {table.name}",
-                   lambda r=resource: client.create_table(r, exists_ok=True, **opts),
-                   lambda r=resource: client.get_table(r.reference, **opts))
+      existing = self._create(f"table {table.name}",
+                              lambda r=resource: client.create_table(r, exists_ok=True, **opts),
+                              lambda r=resource: client.get_table(r.reference, **opts))
+      self._bring_up_to_date(existing, table, opts)
     self._tables_ready = True
     _LOGGER.info("BigQuery sink ready: %s (tables %s)", self, ", ".join(TABLES))
+
+  def _bring_up_to_date(self, existing, table: Table, opts: dict) -> None:
+    """A table made by an earlier version gets the columns it lacks (NULLABLE: BigQuery adds
+    no REQUIRED column to a table with rows) and NULLABLE where the layout now allows NULL.
+    Both are the schema changes BigQuery allows in place; nothing is dropped."""
+    if existing is None or not getattr(existing, "schema", None):
+      return
+    from google.cloud import bigquery
+    have = {f.name: f for f in existing.schema}
+    wanted = {c.name: c for c in table.columns}
+    schema = [bigquery.SchemaField(f.name, f.field_type, mode="NULLABLE")
+              if f.name in wanted and f.mode == "REQUIRED" and not wanted[f.name].required else f
+              for f in existing.schema]
+    schema += [bigquery.SchemaField(c.name, c.bq_type, mode="NULLABLE")
+               for c in table.columns if c.name not in have]
+    if [(f.name, f.mode) for f in schema] == [(f.name, f.mode) for f in existing.schema]:
+      return
+    existing.schema = schema
+    self._client.update_table(existing, ["schema"], **opts)
+    _LOGGER.warning("BigQuery table %s brought up to this version's layout: %s", table.name,
+                    [(f.name, f.mode) for f in schema if have.get(f.name) != f])
 
   def close(self) -> None:
     for writer in self._writers.values():
