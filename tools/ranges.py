@@ -9,7 +9,7 @@ of holes, not of offsets. Every range is ``(start, end)`` with ``start < end`` a
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
 
 Range = tuple[int, int]
 
@@ -21,7 +21,7 @@ class RangeSet:
   read from its start, a sink read ordered by offset) and O(n) otherwise.
   """
 
-  __slots__ = ("_starts", "_ends")
+  __slots__ = ("_ends", "_starts")
 
   def __init__(self, ranges: Iterable[Range] = ()):
     self._starts: list[int] = []
@@ -30,7 +30,7 @@ class RangeSet:
       self.add_range(start, end)
 
   @classmethod
-  def of(cls, offsets: Iterable[int]) -> "RangeSet":
+  def of(cls, offsets: Iterable[int]) -> RangeSet:
     rs = cls()
     for offset in offsets:
       rs.add(offset)
@@ -86,19 +86,19 @@ class RangeSet:
   def range_count(self) -> int:
     return len(self._starts)
 
-  def first(self) -> Optional[int]:
+  def first(self) -> int | None:
     return self._starts[0] if self._starts else None
 
-  def last(self) -> Optional[int]:
+  def last(self) -> int | None:
     return self._ends[-1] - 1 if self._ends else None
 
-  def difference(self, other: "RangeSet") -> "RangeSet":
+  def difference(self, other: RangeSet) -> RangeSet:
     return RangeSet(subtract(self.ranges(), other.ranges()))
 
-  def intersection(self, other: "RangeSet") -> "RangeSet":
+  def intersection(self, other: RangeSet) -> RangeSet:
     return RangeSet(intersect(self.ranges(), other.ranges()))
 
-  def clip(self, start: Optional[int] = None, end: Optional[int] = None) -> "RangeSet":
+  def clip(self, start: int | None = None, end: int | None = None) -> RangeSet:
     """The offsets within [start, end) (None: unbounded on that side)."""
     lo = 0 if start is None else max(start, 0)
     hi = (self._ends[-1] if self._ends else 0) if end is None else end
