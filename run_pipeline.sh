@@ -12,6 +12,8 @@
 #   ./run_pipeline.sh drain [local|flink|dataflow] [job]
 #   ./run_pipeline.sh bench [reader|pipeline] [--events N]
 #   ./run_pipeline.sh prism build|path           Prism (Go, same version as apache-beam) for local --runner=PrismRunner
+#   ./run_pipeline.sh audit [pipeline options] [--strict] [--json]   the sink vs the topics and the group, offset by offset
+#   ./run_pipeline.sh chaos [--minutes N] [--cycles N] [--seed S]    random faults on a private broker and sink, then audit
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -74,6 +76,8 @@ case "$cmd" in
   dataflow) py -m pipelines.main --mode=dataflow "$@" ;;
   drain)    py -m pipelines.drain "$@" ;;
   demo)     py -m pipelines.demo "$@" ;;
+  audit)    py -m tools.audit "$@" ;;
+  chaos)    py -m tools.chaos "$@" ;;
   prism)    ensure_venv; exec bash "$ROOT/runners/prism.sh" "$@" ;;
   bench)    case "${1:-pipeline}" in
               reader)   shift; py -m benchmarks.reader_bench "$@" ;;
@@ -81,7 +85,7 @@ case "$cmd" in
               *) die "bench: expected reader or pipeline, got $1" ;;
             esac ;;
   help|-h|--help)
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *) die "unknown command '$cmd' (try ./run_pipeline.sh help)" ;;
 esac
