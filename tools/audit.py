@@ -79,15 +79,19 @@ class PartitionReport:
         "topic": self.topic, "partition": self.partition, "log_start": self.log_start,
         "end": self.end, "committed": self.committed, "records": len(self.records),
         "in_sink": len(self.present.clip(self.log_start, self.end)),
-        "missing": len(self.missing), "missing_ranges": self.missing.ranges()[:1000],
+        "missing": len(self.missing), "missing_ranges": _listed(self.missing),
         "first_missing": self.missing.head(_EXAMPLES),
-        "pending": len(self.pending), "pending_ranges": self.pending.ranges()[:1000],
+        "pending": len(self.pending), "pending_ranges": _listed(self.pending),
         "doubled": len(self.doubled), "doubled_rows": self.doubled_rows,
         "doubled_examples": [[o, sorted(k)] for o, k in self.doubled_examples], "committed_ahead": self.committed_ahead,
-        "not_records": len(self.not_records), "not_record_ranges": self.not_records.ranges()[:1000],
+        "not_records": len(self.not_records), "not_record_ranges": _listed(self.not_records),
         "beyond_end": self.beyond_end, "below_log_start": self.below_log_start,
         "duplicate_events": self.duplicate_events, "duplicate_examples": self.duplicate_examples,
         "recorded_gaps": [{"offset": o, "error": e} for o, e in self.gaps], "ok": self.ok}
+
+
+def _listed(rs: RangeSet, limit: int = 1000) -> list:
+  return [[s, e] for s, e in rs.ranges()[:limit]]
 
 
 @dataclass
