@@ -161,9 +161,7 @@ class Traffic:
     try:
       while not self._stop.is_set():
         if producer is None:
-          producer = KafkaProducer(bootstrap_servers=self.bootstrap,
-                                   transactional_id=f"chaos-tx-{self._seed}", **_PRODUCER_CONFIG)
-          producer.init_transactions()
+          producer = self._transactional_producer()
         n = rng.randint(3, 20)
         commit = rng.random() < 0.7
         try:
@@ -178,6 +176,17 @@ class Traffic:
     finally:
       if producer is not None:
         _close(producer)
+
+  def _transactional_producer(self) -> KafkaProducer:
+    producer = KafkaProducer(bootstrap_servers=self.bootstrap,
+                             transactional_id=f"chaos-tx-{self._seed}", **_PRODUCER_CONFIG)
+    try:
+      # Fences an earlier producer of the same id and aborts what it left open.
+      producer.init_transactions()
+    except BaseException:
+      _close(producer)
+      raise
+    return producer
 
   def _one_transaction(self, producer: KafkaProducer, factory: EventFactory, n: int,
                        commit: bool) -> None:
