@@ -118,3 +118,19 @@ def test_reports_serialise_and_read_as_sentences():
   assert "t-0: 3 missing from the sink: 3, 12-13 (first missing: 3, 12, 13)" in text
   assert "committed offset 15 is ahead of the sink" in text
   assert text.splitlines()[-1].startswith("FAILED: 20 records, 17 in the sink; missing 3")
+
+
+def test_scattered_offsets_are_read_in_few_passes():
+  from tools.audit_kafka import scan_windows
+  assert scan_windows([(1, 2), (10, 11), (9000, 9001), (9500, 9600)], 5000) == [(1, 11), (9000, 9600)]
+  assert scan_windows([], 5000) == []
+  assert scan_windows([(0, 5), (5000, 5001)], 4995) == [(0, 5), (5000, 5001)]
+  assert scan_windows([(0, 5), (5000, 5001)], 4996) == [(0, 5001)]
+
+
+def test_rows_of_a_partition_kafka_lacks_fail_the_audit():
+  report = audit.AuditReport("s", "b", "g", False, partitions=[_rep()],
+                             unknown_partitions={"t-7": 3})
+  report.partitions[0].present = RangeSet([(0, 20)])
+  assert not report.ok
+  assert "3 rows of partition t-7, which Kafka does not have" in audit.format_report(report)

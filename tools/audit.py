@@ -103,6 +103,7 @@ class AuditReport:
   partitions: list = field(default_factory=list)
   missing_topics: list = field(default_factory=list)
   other_topics: dict = field(default_factory=dict)
+  unknown_partitions: dict = field(default_factory=dict)  # sink rows of partitions Kafka lacks
   repeated_event_ids: int = 0
 
   def total(self, attr: str) -> int:
@@ -111,7 +112,7 @@ class AuditReport:
 
   @property
   def ok(self) -> bool:
-    return all(p.ok for p in self.partitions)
+    return all(p.ok for p in self.partitions) and not self.unknown_partitions
 
   def to_json(self) -> dict:
     totals = {k: self.total(k) for k in ("records", "missing", "pending", "doubled", "doubled_rows",
@@ -123,6 +124,7 @@ class AuditReport:
     return {"sink": self.sink, "bootstrap_servers": self.bootstrap, "group_id": self.group,
             "strict": self.strict, "ok": self.ok, "totals": totals,
             "missing_topics": self.missing_topics, "other_topics": self.other_topics,
+            "unknown_partitions": self.unknown_partitions,
             "repeated_event_ids": self.repeated_event_ids,
             "partitions": [p.to_json() for p in self.partitions]}
 
@@ -134,7 +136,7 @@ class AuditReport:
 def absorb_sink_rows(reports: dict, rows: Iterable[tuple]) -> dict[str, int]:
   """Folds the sink's ordered (topic, partition, offset, kind) rows into the reports.
 
-  Returns rows per audited-topic partition that Kafka does not have (topic, partition).
+  Returns {'topic-partition': rows} for rows of audited topics' partitions Kafka lacks.
   """
   unknown: dict[str, int] = {}
   prev = None
@@ -232,8 +234,8 @@ def run_audit(o, strict: bool = False) -> AuditReport:
       reps = {(tp.topic, tp.partition): PartitionReport(tp.topic, tp.partition, po.log_start, po.end,
                                                         po.committed)
               for tp, po in offsets.items()}
-      unknown = absorb_sink_rows(reps, sink.coordinates(topics))
-      report.other_topics = {**unknown, **sink.other_topics(topics)}
+      report.unknown_partitions = absorb_sink_rows(reps, sink.coordinates(topics))
+      report.other_topics = sink.other_topics(topics)
       for gap in sink.recorded_gaps(topics):
         rep = reps.get((gap.topic, gap.partition))
         if rep is not None:
@@ -314,6 +316,8 @@ def _findings(r: AuditReport) -> list[str]:
       out.append(f"  {p.name}: recorded gap at {offset}: {error}")
     for offset, eid, where in p.duplicate_examples[:3]:
       out.append(f"  {p.name}: duplicate event at {offset}: event_id {eid} stored at {where}")
+  for name, n in sorted(r.unknown_partitions.items()):
+    out.append(f"  the sink holds {n} rows of partition {name}, which Kafka does not have")
   for name, n in sorted(r.other_topics.items()):
     out.append(f"  the sink holds {n} rows of {name}, which is not audited")
   if r.repeated_event_ids:

@@ -25,6 +25,8 @@ from tools.ranges import RangeSet
 _LOGGER = logging.getLogger(__name__)
 # A partition whose position does not move for this long while short of its end fails the audit.
 STALL_DEADLINE_S = 60.0
+# Ranges of wanted offsets closer than this are read in one pass (see values_at).
+_SCAN_MERGE_GAP = 5000
 
 
 class KafkaAuditError(RuntimeError):
@@ -75,8 +77,12 @@ class KafkaView:
     return found
 
   def values_at(self, tp: TopicPartition, ranges: RangeSet) -> Iterator[tuple[int, bytes]]:
-    """(offset, value) of the records at the given offsets of one partition."""
-    for start, end in ranges.ranges():
+    """(offset, value) of the records at the given offsets of one partition.
+
+    Nearby ranges are read in one pass: a seek costs a fetch of up to a poll's worth of
+    records, so scattered single offsets (later copies of events) would cost more apart.
+    """
+    for start, end in scan_windows(ranges.ranges(), _SCAN_MERGE_GAP):
       for _tp, offset, value in self._scan({tp: (start, end)}):
         if offset in ranges:
           yield offset, value
@@ -115,6 +121,17 @@ class KafkaView:
         raise KafkaAuditError(
             f"{tp.topic}-{tp.partition}: stuck at offset {position} for {STALL_DEADLINE_S:.0f}s "
             f"while reading to {todo[tp][1]}")
+
+
+def scan_windows(ranges: list[tuple[int, int]], merge_gap: int) -> list[tuple[int, int]]:
+  """Sorted ranges -> fewer ranges covering them, merging neighbours less than merge_gap apart."""
+  out: list[list[int]] = []
+  for start, end in ranges:
+    if out and start - out[-1][1] < merge_gap:
+      out[-1][1] = max(out[-1][1], end)
+    else:
+      out.append([start, end])
+  return [(s, e) for s, e in out]
 
 
 class EventIds:
