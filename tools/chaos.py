@@ -115,6 +115,9 @@ class ChaosRun:
             f"--local_workers={self.cfg.workers}", "--progress_secs=10"]
 
   def cleanup(self) -> None:
+    # A second Ctrl-C must not leave a broker or a pipeline behind: finish cleaning first.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(sig, signal.SIG_IGN)
     for step in (lambda: self.traffic and self.traffic.stop(timeout=15),
                  lambda: self._lock and self._lock.release(),
                  lambda: self.pipeline and self.pipeline.kill(),
