@@ -197,7 +197,7 @@ def test_a_deleted_row_is_missing_with_its_offset_and_the_commit_is_ahead(env, c
 
 def test_records_past_the_committed_offset_are_pending_unless_strict(env, capsys):
   coords = env.produce_all()
-  topic, p = env.meter, sorted(p for (t, p) in coords if t == env.meter)[0]
+  topic, p = env.meter, min(p for (t, p) in coords if t == env.meter)
   offsets = sorted(coords[(topic, p)])
   assert len(offsets) >= 3
   for o in offsets[-2:]:
@@ -226,7 +226,7 @@ def test_records_past_the_committed_offset_are_pending_unless_strict(env, capsys
 def test_the_same_coordinates_in_two_tables_are_doubled(env, capsys):
   coords = env.produce_all()
   env.commit_ends(coords)
-  topic, p = env.sensor, sorted(p for (t, p) in coords if t == env.sensor)[-1]
+  topic, p = env.sensor, max(p for (t, p) in coords if t == env.sensor)
   offset = sorted(coords[(topic, p)])[1]
   write_rows(env.store, "dead_letters", [make_row("dead_letters", topic, p, offset)])
   code, report, text = env.audit(capsys)

@@ -6,8 +6,8 @@ import json
 
 from tools import audit
 from tools.audit import PartitionReport
-from tools.audit_sink import Coordinate
 from tools.audit_kafka import EventIds
+from tools.audit_sink import Coordinate
 from tools.ranges import RangeSet
 
 

@@ -292,8 +292,8 @@ def _findings(r: AuditReport) -> list[str]:
                  f"{', '.join(map(str, p.missing.head(_EXAMPLES)))})")
     if p.committed_ahead:
       why = (f"past the end offset {p.end}" if p.committed > p.end else
-             f"but the sink lacks {len(p.missing.clip(None, p.committed))} records below it, "
-             f"first {p.missing.first()}")
+             f"the sink lacks {len(p.missing.clip(None, p.committed))} records below it "
+             f"(first: {p.missing.first()})")
       out.append(f"  {p.name}: committed offset {p.committed} is ahead of the sink: {why}")
     if p.doubled:
       ex = "; ".join(f"{o} in {' and '.join(sorted(k))}" for o, k in p.doubled_examples[:3])

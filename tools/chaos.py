@@ -313,9 +313,9 @@ def format_table(r: dict) -> str:
   kinds = t["kinds"]
   bad = sum(n for k, n in kinds.items() if k.startswith("bad_"))
   lines += [
-      f"  {'events produced':<27}{r['produced']:>9}   (valid {kinds.get('valid', 0)}, malformed "
-      f"{bad}, repeated event_ids {kinds.get('repeated_event', 0)}, in committed transactions "
-      f"{kinds.get('transactional', 0)}; {t['aborted']} in aborted transactions, not expected)",
+      (f"  {'events produced':<27}{r['produced']:>9}   (valid {kinds.get('valid', 0)}, malformed "
+       f"{bad}, repeated event_ids {kinds.get('repeated_event', 0)}, in committed transactions "
+       f"{kinds.get('transactional', 0)}; {t['aborted']} in aborted transactions, not expected)"),
       f"  {'  by codec':<27}{'':>9}   " + ", ".join(f"{c}={n}" for c, n in t["codecs"].items()),
       f"  {'records in the topics':<27}{r['records']:>9}",
       f"  {'rows':<27}{r['rows']:>9}",
