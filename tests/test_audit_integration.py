@@ -371,3 +371,18 @@ def test_audit_reads_bigquery_doubled_and_missing_rows(env, capsys, bq_emulator)
   assert [offsets[9], ["sensor_readings", "sensor_readings"]] in part["doubled_examples"]
   assert report["sink"] == f"bigquery://{bq_emulator.project}/{dataset}"
   store.close()
+
+
+def test_run_pipeline_sh_audit_runs_the_tool(env):
+  import subprocess
+  from pathlib import Path
+  repo = Path(__file__).resolve().parent.parent
+  coords = env.produce_all(n_sensor=3, n_meter=2)
+  env.commit_ends(coords)
+  proc = subprocess.run([str(repo / "run_pipeline.sh"), "audit", *env.args("--strict")],
+                        cwd=repo, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "OK: 5 records, 5 in the sink" in proc.stdout
+  proc = subprocess.run([str(repo / "run_pipeline.sh"), "audit", *env.args("--group_id=")],
+                        cwd=repo, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 2 and "--group_id" in proc.stderr, proc.stderr
