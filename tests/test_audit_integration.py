@@ -345,10 +345,12 @@ def test_audit_reads_bigquery_doubled_and_missing_rows(env, capsys, bq_emulator)
   dataset = f"audit_{uuid.uuid4().hex[:8]}"
   store = BigQueryStore(bq_emulator.project, dataset, api_endpoint=bq_emulator.endpoint)
   topic = env.sensor
-  placed = produce_json(env.bootstrap, topic, [sensor_body(i) for i in range(12)], partition=0)
+  bodies = [sensor_body(i) for i in range(12)]
+  bodies[11] = dict(bodies[0])  # a later copy of the first event: not stored, not missing
+  placed = produce_json(env.bootstrap, topic, bodies, partition=0)
   offsets = [o for _, o in placed]
-  rows = [make_row("sensor_readings", topic, 0, o) for o in offsets]
-  write_rows(store, "sensor_readings", rows[:5] + rows[6:])  # offset 5 never written
+  rows = [make_row("sensor_readings", topic, 0, o, b["event_id"]) for o, b in zip(offsets, bodies)]
+  write_rows(store, "sensor_readings", rows[:5] + rows[6:11])  # offset 5 never written
   write_rows(store, "dead_letters", [make_row("dead_letters", topic, 0, offsets[7])])  # doubled
   # and a second copy of offset 9 in the same table, past insertId de-duplication
   client = bq_emulator.client()
@@ -364,7 +366,9 @@ def test_audit_reads_bigquery_doubled_and_missing_rows(env, capsys, bq_emulator)
   report = json.loads(capsys.readouterr().out)
   assert code == 1
   part = _part(report, topic, 0)
-  assert (part["records"], part["in_sink"], part["missing"]) == (12, 11, 1)
+  assert (part["records"], part["in_sink"], part["missing"]) == (12, 10, 1)
+  assert part["duplicate_events"] == 1
+  assert part["duplicate_examples"] == [[offsets[11], bodies[0]["event_id"], f"{topic}-0@{offsets[0]}"]]
   assert part["first_missing"] == [offsets[5]] and part["committed_ahead"] is True
   assert part["doubled"] == 2 and part["doubled_rows"] == 2
   assert sorted(e[0] for e in part["doubled_examples"]) == [offsets[7], offsets[9]]
