@@ -107,6 +107,9 @@ class ChaosRun:
     self.pipeline = PipelineProcess(self.pipeline_args(), self.dir / "pipeline.log")
     self.pipeline.start()
     self.view = CommitView(bootstrap, self.group)
+    # Faults start from a pipeline that works: up, reading, committing.
+    ok, note = self.await_progress(self.traffic.frontier(), max(self.cfg.recovery_secs, 180))
+    self.say(f"pipeline up: {note}" if ok else f"warning: the pipeline is not up: {note}")
 
   def pipeline_args(self) -> list[str]:
     return ["--bootstrap_servers", self.broker.bootstrap_servers, "--sensor_topic", self.topics[0],
