@@ -85,7 +85,7 @@ case "$cmd" in
               *) die "bench: expected reader or pipeline, got $1" ;;
             esac ;;
   help|-h|--help)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *) die "unknown command '$cmd' (try ./run_pipeline.sh help)" ;;
 esac
