@@ -107,7 +107,10 @@ class ChaosRun:
     self.pipeline = PipelineProcess(self.pipeline_args(), self.dir / "pipeline.log")
     self.pipeline.start()
     self.view = CommitView(bootstrap, self.group)
-    # Faults start from a pipeline that works: up, reading, committing.
+    # Faults start from a pipeline that works: up, reading, committing what was produced.
+    deadline = time.monotonic() + 60
+    while not self.traffic.frontier() and time.monotonic() < deadline:
+      time.sleep(0.2)
     ok, note = self.await_progress(self.traffic.frontier(), max(self.cfg.recovery_secs, 180))
     self.say(f"pipeline up: {note}" if ok else f"warning: the pipeline is not up: {note}")
 
