@@ -125,3 +125,36 @@ def test_a_short_chaos_run_loses_nothing_duplicates_nothing_and_survives_every_f
   assert not not_survived, f"faults not survived: {json.dumps(not_survived, indent=1)}\n{tail}"
   assert r["final_catch_up"] is True and r["drain_exit_code"] == 0, tail
   assert proc.returncode == 0, tail
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_ctrl_c_stops_everything_chaos_started_and_removes_its_folder(tmp_path):
+  log = tmp_path / "chaos.log"
+  with open(log, "w") as err:
+    proc = subprocess.Popen([sys.executable, "-m", "tools.chaos", "--minutes=10", "--seed=3",
+                             "--rate=50"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=err)
+  try:
+    deadline = time.monotonic() + 300
+    while "pipeline up" not in log.read_text() and time.monotonic() < deadline:
+      assert proc.poll() is None, log.read_text()[-3000:]
+      time.sleep(0.5)
+    text = log.read_text()
+    assert "pipeline up" in text, text[-3000:]
+    folder = Path(text.split("folder ", 1)[1].split(",", 1)[0])
+    assert folder.is_dir()
+    started = descendants(proc.pid)
+    cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in started if _alive(p)]
+    assert any(b"kafka.Kafka" in c for c in cmdlines) and any(b"pipelines.main" in c for c in cmdlines)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=180) == 130
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in started) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert not [p for p in started if _alive(p)]
+    assert not folder.exists()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
