@@ -390,3 +390,43 @@ def test_run_pipeline_sh_audit_runs_the_tool(env):
   proc = subprocess.run([str(repo / "run_pipeline.sh"), "audit", *env.args("--group_id=")],
                         cwd=repo, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 2 and "--group_id" in proc.stderr, proc.stderr
+
+
+def test_recorded_gaps_are_listed_and_duplicate_dead_letters_counted(env, capsys, tmp_path):
+  """Dead letters with a reason: 'offset_gap' marks a skipped range (listed, not a record), a
+  'duplicate_event' one stands for a later copy of a stored event (present and counted).
+  The tables are made here with only the columns the audit reads."""
+  topic = env.sensor
+  placed = produce_json(env.bootstrap, topic, [sensor_body(i) for i in range(6)], partition=0)
+  offsets = [o for _, o in placed]
+  env.db = tmp_path / "minimal.db"
+  conn = sqlite3.connect(env.db)
+  with conn:
+    for table in ("sensor_readings", "meter_readings"):
+      conn.execute(f"CREATE TABLE {table} (event_id TEXT, kafka_topic TEXT, kafka_partition INTEGER, "
+                   "kafka_offset INTEGER)")
+    conn.execute("CREATE TABLE dead_letters (reason TEXT, error TEXT, kafka_topic TEXT, "
+                 "kafka_partition INTEGER, kafka_offset INTEGER)")
+    conn.executemany("INSERT INTO sensor_readings VALUES (?, ?, 0, ?)",
+                     [(f"e{o}", topic, o) for o in offsets[:5]])
+    conn.execute("INSERT INTO dead_letters VALUES ('duplicate_event', 'e0 stored at 0', ?, 0, ?)",
+                 (topic, offsets[5]))
+    # a gap recorded at an offset where the topic holds a record: a marker, not that record
+    conn.execute("INSERT INTO dead_letters VALUES ('offset_gap', 'skipped offsets 900-999', ?, 0, ?)",
+                 (topic, offsets[2]))
+  conn.close()
+  commit(env.bootstrap, env.group, {(topic, 0): offsets[-1] + 1})
+  code, report, text = env.audit(capsys)
+  assert code == 0, text
+  part = _part(report, topic, 0)
+  assert part["recorded_gaps"] == [{"offset": offsets[2], "error": "skipped offsets 900-999"}]
+  assert (part["records"], part["in_sink"], part["duplicate_events"], part["doubled"]) == (6, 6, 1, 0)
+  assert report["totals"]["recorded_gaps"] == 1
+  assert f"recorded gap at {offsets[2]}: skipped offsets 900-999" in text
+  # without its reading row, the record under the gap marker is missing
+  conn = sqlite3.connect(env.db)
+  with conn:
+    conn.execute("DELETE FROM sensor_readings WHERE kafka_offset = ?", (offsets[2],))
+  conn.close()
+  code, report, _ = env.audit(capsys)
+  assert code == 1 and _part(report, topic, 0)["first_missing"] == [offsets[2]]

@@ -134,3 +134,29 @@ def test_rows_of_a_partition_kafka_lacks_fail_the_audit():
   report.partitions[0].present = RangeSet([(0, 20)])
   assert not report.ok
   assert "3 rows of partition t-7, which Kafka does not have" in audit.format_report(report)
+
+
+def test_event_ids_of_confluent_framed_avro_through_the_registry():
+  import io
+  import struct
+
+  import fastavro
+  schema = {"type": "record", "name": "MeterReading", "namespace": "com.smartgrid.analytics",
+            "fields": [{"name": "event_id", "type": "string"}, {"name": "reading", "type": "double"}]}
+  body = io.BytesIO()
+  fastavro.schemaless_writer(body, fastavro.parse_schema(schema), {"event_id": "m-1", "reading": 2.5})
+  value = b"\x00" + struct.pack(">I", 7) + body.getvalue()
+
+  class _Registry:  # stands in for confluent_kafka's SchemaRegistryClient
+    calls = 0
+
+    def get_schema(self, schema_id):
+      assert schema_id == 7
+      _Registry.calls += 1
+      return type("Schema", (), {"schema_str": json.dumps(schema)})()
+
+  ids = EventIds("http://registry.invalid")
+  ids._registry = _Registry()
+  assert ids.of(value) == ids.of(value) == "m-1"
+  assert _Registry.calls == 1  # cached by id
+  assert EventIds().of(value) is None  # no registry: not JSON, no event_id
