@@ -356,7 +356,9 @@ def parse_args(argv: list[str]) -> tuple[ChaosConfig, bool]:
   ap.add_argument("--broker_down_secs", type=float, default=30.0,
                   help="longest broker outage (default 30; the shortest is 3)")
   ap.add_argument("--sink_lock_secs", type=float, default=30.0,
-                  help="longest sink outage (default 30; the shortest is 3)")
+                  help="longest sink outage (default 30; the shortest is 3). Past the pipeline's "
+                       "--sink_retry_deadline_secs (60) a local run fails loudly by design (exit 1, "
+                       "nothing unwritten committed): such outages are not survived")
   ap.add_argument("--recovery_secs", type=float, default=120.0,
                   help="time the pipeline has to catch up after a fault (default 120)")
   ap.add_argument("--keep", action="store_true", help="keep the run's folder (logs, sink, broker)")
