@@ -14,6 +14,8 @@
 #   ./run_pipeline.sh drain [local|flink|dataflow] [job]
 #   ./run_pipeline.sh bench [reader|pipeline] [--events N]
 #   ./run_pipeline.sh prism build|path           Prism (Go, same version as apache-beam) for local --runner=PrismRunner
+#   ./run_pipeline.sh audit [pipeline options] [--strict] [--json]   the sink vs the topics and the group, offset by offset
+#   ./run_pipeline.sh chaos [--minutes N] [--cycles N] [--seed S]    random faults on a private broker and sink, then audit
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -79,6 +81,8 @@ case "$cmd" in
   dataflow) py -m pipelines.main --mode=dataflow "$@" ;;
   drain)    py -m pipelines.drain "$@" ;;
   demo)     py -m pipelines.demo "$@" ;;
+  audit)    py -m tools.audit "$@" ;;
+  chaos)    py -m tools.chaos "$@" ;;
   prism)    ensure_venv; exec bash "$ROOT/runners/prism.sh" "$@" ;;
   bench)    case "${1:-pipeline}" in
               reader)   shift; py -m benchmarks.reader_bench "$@" ;;
