@@ -87,6 +87,14 @@ class SmartGridOptions(PipelineOptions):
                    help="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL; SASL credentials come from "
                         "KAFKA_SASL_USERNAME / KAFKA_SASL_PASSWORD (never on the command line)")
     g.add_argument("--kafka_sasl_mechanism", default=None, help="e.g. PLAIN, SCRAM-SHA-512")
+    g.add_argument("--on_offset_gap", default="fail", choices=["fail", "skip"],
+                   help="a committed offset below the log start (retention) or past the end "
+                        "(a recreated topic), or offsets deleted while being read: 'fail' "
+                        "(default) stops naming the partition; 'skip' goes on and records the "
+                        "skipped range as an 'offset_gap' dead letter")
+    g.add_argument("--recommit_interval_secs", type=float, default=3600.0,
+                   help="re-commit unchanged offsets at least this often, so the broker never "
+                        "expires them (offsets.retention.minutes). Default: 3600")
     g.add_argument("--drain_file", default=None,
                    help="local runs: a file whose creation drains the pipeline "
                         "(default .run/<mode>-pipeline.drain)")
@@ -144,6 +152,8 @@ def validate(o: SmartGridOptions) -> None:
     fail("round_max_records", f"must be >= 1, got {o.round_max_records}")
   if o.poll_timeout_ms <= 0:
     fail("poll_timeout_ms", f"must be > 0, got {o.poll_timeout_ms}")
+  if o.recommit_interval_secs <= 0:
+    fail("recommit_interval_secs", f"must be > 0, got {o.recommit_interval_secs}")
   if o.progress_secs < 0:
     fail("progress_secs", f"must be >= 0, got {o.progress_secs}")
   if o.sink.startswith("sqlite:"):

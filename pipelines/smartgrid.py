@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -21,7 +23,9 @@ from transforms.commit import CommitOffsets
 from transforms.kafka import ReadFromKafka
 from transforms.kafka.read import shard_of
 from transforms.kafka.config import consumer_config
+from transforms.kafka.gaps import OFFSET_GAP, OffsetGap, covered_acks
 from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop
+from transforms.events import DeadLetter
 from transforms.parse import METER, SENSOR, ParseEvents, key_dead_letters
 from transforms.sinks.base import Store, WriteBatches
 from transforms.windows import FixedEventWindows
@@ -52,6 +56,23 @@ def make_store(o: SmartGridOptions) -> Store:
   from transforms.sinks.bigquery import BigQueryStore  # pylint: disable=import-outside-toplevel
   project, dataset = o.sink[len("bigquery://"):].split("/", 1)
   return BigQueryStore(project, dataset, api_endpoint=o.bigquery_api_endpoint)
+
+
+def _offset_gap_dead_letter(gap: OffsetGap, num_shards: int) -> list:
+  """An OFFSET_GAP -> a keyed dead_letters row at its first offset (reason offset_gap).
+
+  Built through the parse module's DeadLetter and row helpers, so it follows the
+  dead_letters columns wherever they go; fields DeadLetter lacks are left out.
+  """
+  if gap.kind != OFFSET_GAP:
+    return []
+  values = dict(kafka_topic=gap.topic, kafka_partition=gap.partition, kafka_offset=gap.start,
+                covers_from=gap.start, raw_key=None, raw_value=None, reason=OFFSET_GAP,
+                error=f"{OFFSET_GAP}: offsets [{gap.start}, {gap.end}) skipped: {gap.detail}",
+                stage="read", failed_at_us=int(time.time() * 1_000_000))
+  names = {f.name for f in dataclasses.fields(DeadLetter)}
+  return [key_dead_letters(DeadLetter(**{k: v for k, v in values.items() if k in names}),
+                           num_shards)]
 
 
 def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
@@ -86,16 +107,20 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
   stop = stop if stop is not None else parse_stop(o.stop)
   store = store if store is not None else make_store(o)
 
-  records, reads = p | "ReadFromKafka" >> ReadFromKafka(
+  records, reads, gaps = p | "ReadFromKafka" >> ReadFromKafka(
       o.bootstrap_servers, list(topics), group_id=o.group_id, start=start, stop=stop,
       consumer_config=_kafka_security(o), poll_timeout_ms=o.poll_timeout_ms,
-      drain_file=drain_file, shard=parse_shard(o.partition_shard), with_partition_reads=True)
+      drain_file=drain_file, shard=parse_shard(o.partition_shard), with_partition_reads=True,
+      on_offset_gap=o.on_offset_gap)
   rows, dead_letters, full_batches = records | "ParseEvents" >> ParseEvents(
       topics, window_size_secs=o.window_size_secs, allowed_lateness_secs=o.allowed_lateness_secs,
       num_shards=o.num_shards, shard_by=o.shard_by, batch_size=o.batch_size)
   dead_rows = dead_letters | "KeyDeadLetters" >> beam.Map(
       key_dead_letters, o.num_shards).with_output_types(Tuple[str, Any])
-  batches = (full_batches, (rows, dead_rows) | "OtherRows" >> beam.Flatten()) | "BatchRows" >> BatchRows(
+  # Skipped offsets (--on_offset_gap=skip) are written as dead letters like any other.
+  gap_rows = gaps | "OffsetGapDeadLetters" >> beam.FlatMap(
+      _offset_gap_dead_letter, o.num_shards).with_output_types(Tuple[str, Any])
+  batches = (full_batches, (rows, dead_rows, gap_rows) | "OtherRows" >> beam.Flatten()) | "BatchRows" >> BatchRows(
       o.batch_size, FixedEventWindows(o.window_size_secs),
       allowed_lateness_secs=o.allowed_lateness_secs,
       # A bounded read ends with the watermark at +inf, which flushes every partial batch; a
@@ -105,7 +130,8 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
   acks = batches | "WriteBatches" >> WriteBatches(
       store, flush_rows=o.sink_flush_rows, retry_deadline_s=o.sink_retry_deadline_secs,
       batch_size=o.batch_size)
-  committed = (reads, acks) | "CommitOffsets" >> CommitOffsets(
+  covered = gaps | "CoveredOffsets" >> beam.FlatMap(covered_acks)
+  committed = (reads, acks, covered) | "CommitOffsets" >> CommitOffsets(
       config, interval_s=o.commit_interval_secs, retry_deadline_s=o.sink_retry_deadline_secs,
       flush_timer=not stop.is_bounded)
   return Outputs(records, dead_letters, acks, committed)

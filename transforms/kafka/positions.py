@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
+from transforms.kafka.gaps import check_start, gap_message
 from transforms.kafka.records import PartitionRead
 
 _LOGGER = logging.getLogger(__name__)
@@ -100,8 +101,12 @@ def parse_stop(stop: Any) -> StopPosition:
 
 
 def resolve(consumer, partitions: Iterable[tuple[str, int]], start: StartPosition,
-            stop: StopPosition) -> list[PartitionRead]:
-  """Turns positions into concrete offsets with a live kafka-python consumer."""
+            stop: StopPosition, on_offset_gap: str = "fail") -> list[PartitionRead]:
+  """Turns positions into concrete offsets with a live kafka-python consumer.
+
+  A start outside the log (deleted by retention, or past the end of a recreated
+  topic) follows ``on_offset_gap`` (``gaps.check_start``): never a silent clamp.
+  """
   from kafka import TopicPartition
 
   tps = [TopicPartition(t, p) for t, p in partitions]
@@ -131,15 +136,10 @@ def resolve(consumer, partitions: Iterable[tuple[str, int]], start: StartPositio
 
   reads = []
   for tp in tps:
-    offset = starts[tp]
-    if offset < beginning[tp]:
-      _LOGGER.warning("%s-%d: start offset %d is before the log start %d (deleted by retention); "
-                      "reading from %d", tp.topic, tp.partition, offset, beginning[tp], beginning[tp])
-      offset = beginning[tp]
-    elif offset > end[tp]:
-      _LOGGER.warning("%s-%d: start offset %d is past the end offset %d; reading from %d",
-                      tp.topic, tp.partition, offset, end[tp], end[tp])
-      offset = end[tp]
+    offset = check_start(tp.topic, tp.partition, starts[tp], beginning[tp], end[tp], on_offset_gap)
+    if offset != starts[tp]:
+      _LOGGER.warning("%s (--on_offset_gap=skip: reading from %d)", gap_message(
+          tp.topic, tp.partition, starts[tp], beginning[tp], end[tp]), offset)
     stop_offset = stop_ts = None
     if stop.kind == "end":
       stop_offset = max(end[tp], offset)

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.timestamp import Timestamp
@@ -29,6 +30,8 @@ from apache_beam.utils.timestamp import Timestamp
 from transforms import progress
 from transforms.kafka import config as kafka_config
 from transforms.kafka.drain import DrainSignal
+from transforms.kafka.gaps import (EMPTY, GAP_POLICIES, OFFSET_GAP, OffsetGap, OffsetGapError,
+                                   gap_message)
 from transforms.kafka.positions import (StartPosition, StopPosition, parse_start, parse_stop,
                                         resolve)
 from transforms.kafka.records import KafkaRecord, PartitionRead
@@ -39,6 +42,7 @@ _LOGGER = logging.getLogger(__name__)
 
 
 SHORT_POLL_MS = 50
+GAPS_TAG = "gaps"
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -77,15 +81,16 @@ def shard_of(partitions: Sequence[tuple[str, int]],
 
 
 class _ResolvePartitionsFn(beam.DoFn):
-  def __init__(self, config, start: StartPosition, stop: StopPosition):
+  def __init__(self, config, start: StartPosition, stop: StopPosition, on_offset_gap: str):
     self._config = config
     self._start = start
     self._stop = stop
+    self._on_offset_gap = on_offset_gap
 
   def process(self, partitions: Sequence[tuple[str, int]]) -> Iterable[PartitionRead]:
     consumer = _new_consumer(self._config)
     try:
-      reads = resolve(consumer, partitions, self._start, self._stop)
+      reads = resolve(consumer, partitions, self._start, self._stop, self._on_offset_gap)
     finally:
       consumer.close()
     for read in reads:
@@ -98,17 +103,19 @@ class ResolvePartitions(beam.PTransform):
   """(topic, partition) pairs -> ``PartitionRead`` with concrete start/stop offsets."""
 
   def __init__(self, partitions: Sequence[tuple[str, int]], config: Mapping[str, Any],
-               start: StartPosition, stop: StopPosition):
+               start: StartPosition, stop: StopPosition, on_offset_gap: str = "fail"):
     super().__init__()
     self._partitions = list(partitions)
     self._config = dict(config)
     self._start = start
     self._stop = stop
+    self._on_offset_gap = on_offset_gap
 
   def expand(self, pbegin):
     return (pbegin
             | "ListPartitions" >> beam.Create([tuple(self._partitions)])
-            | "ResolveOffsets" >> beam.ParDo(_ResolvePartitionsFn(self._config, self._start, self._stop)))
+            | "ResolveOffsets" >> beam.ParDo(_ResolvePartitionsFn(self._config, self._start, self._stop,
+                                                          self._on_offset_gap)))
 
 
 def _finish(tracker) -> None:
@@ -120,13 +127,17 @@ class _ReadPartitionFn(beam.DoFn):
   """Reads one partition's restriction; checkpoints when idle or after a budget of work."""
 
   def __init__(self, config: Mapping[str, Any], poll_timeout_ms: int, max_records_per_call: int,
-               max_seconds_per_call: float, drain_file: Optional[str]):
-    self._config = dict(config)
+               max_seconds_per_call: float, drain_file: Optional[str], on_offset_gap: str = "fail"):
+    # No reset policy: a position that no longer exists raises OffsetOutOfRangeError
+    # instead of jumping silently to the log start (offsets deleted under the reader).
+    self._config = {**config, "auto_offset_reset": "none"}
+    self._on_offset_gap = on_offset_gap
     self._poll_timeout_ms = poll_timeout_ms
     self._max_records = max_records_per_call
     self._max_seconds = max_seconds_per_call
     self._drain_file = drain_file
     self._records = Metrics.counter(self.__class__, "records_read")
+    self._gaps = Metrics.counter(self.__class__, "offset_gaps")
     self._consumer = None
     self._assigned = None  # the TopicPartition the consumer is assigned to
     self._next_offset = None  # where the consumer will read next, if known
@@ -160,6 +171,50 @@ class _ReadPartitionFn(beam.DoFn):
                   KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS))):
     return self._read(element, tracker, watermark, window)
 
+  def _cover_empty(self, tp, covers_from: int, position: int, tracker):
+    """Emits an EMPTY gap for [covers_from, position) and claims it.
+
+    Returns the new covers_from, or None when the runner split the range below it.
+    """
+    if position <= covers_from:
+      return covers_from
+    if not tracker.try_claim(position - 1):
+      return None
+    yield TaggedOutput(GAPS_TAG, WindowedValue(
+        OffsetGap(tp.topic, tp.partition, covers_from, position, EMPTY),
+        Timestamp.now(), (GlobalWindow(),)))
+    return position
+
+  def _skip_gap(self, tp, covers_from: int, stop: int, tracker):
+    """The reader's position no longer exists: fail, or record the gap and go on.
+
+    Returns the offset the read goes on from (the log start), or None when the
+    runner split the range below it. A position past the end (the topic was
+    recreated under the reader) always fails: a restart with ``skip`` reads the new
+    log from its start (``gaps.check_start``).
+    """
+    consumer = self._consumer
+    log_start = consumer.beginning_offsets([tp])[tp]
+    log_end = consumer.end_offsets([tp])[tp]
+    self._next_offset = None
+    if log_start <= covers_from <= log_end:  # a stale answer: the position exists
+      self._position(tp, covers_from)
+      return covers_from
+    message = gap_message(tp.topic, tp.partition, covers_from, log_start, log_end)
+    if self._on_offset_gap != "skip" or covers_from > log_end:
+      raise OffsetGapError(message)
+    resume = min(log_start, stop)
+    if not tracker.try_claim(resume - 1):
+      return None
+    _LOGGER.warning("%s (--on_offset_gap=skip: recorded as a dead letter at offset %d)",
+                    message, covers_from)
+    self._gaps.inc()
+    yield TaggedOutput(GAPS_TAG, WindowedValue(
+        OffsetGap(tp.topic, tp.partition, covers_from, resume, OFFSET_GAP, message),
+        Timestamp.now(), (GlobalWindow(),)))
+    self._position(tp, resume)
+    return resume
+
   def _count(self, topic: str, records, batch_start: int, next_offset: int) -> None:
     """Counts the records of a poll batch emitted so far (those with offset < next_offset)."""
     n = len(records) if next_offset > records[-1].offset else sum(
@@ -187,6 +242,7 @@ class _ReadPartitionFn(beam.DoFn):
 
   def _read(self, element: PartitionRead, tracker, watermark, window=None):
     from kafka import TopicPartition
+    from kafka.errors import OffsetOutOfRangeError
 
     restriction = tracker.current_restriction()
     tp = TopicPartition(element.topic, element.partition)
@@ -213,11 +269,25 @@ class _ReadPartitionFn(beam.DoFn):
         if covers_from >= stop:
           _finish(tracker)
           return
-      records = consumer.poll(timeout_ms=self._poll_wait_ms(bounded=stop != UNBOUNDED,
-                                                           first=emitted == 0)).get(tp)
+      try:
+        records = consumer.poll(timeout_ms=self._poll_wait_ms(bounded=stop != UNBOUNDED,
+                                                             first=emitted == 0)).get(tp)
+      except OffsetOutOfRangeError:
+        covers_from = yield from self._skip_gap(tp, covers_from, stop, tracker)
+        if covers_from is None:
+          return
+        if covers_from >= stop:
+          _finish(tracker)
+          return
+        continue
       if not records:
         position = consumer.position(tp)
         self._next_offset = position
+        # Offsets moved past without a record (transaction markers, aborted or compacted
+        # records): acked as they are, so an idle partition's commit reaches its end.
+        covers_from = yield from self._cover_empty(tp, covers_from, min(position, stop), tracker)
+        if covers_from is None:
+          return
         if position >= stop:
           # What is left of a bounded range holds no returnable record (markers, aborts).
           _finish(tracker)
@@ -287,24 +357,31 @@ class _ReadUnboundedPartitionFn(_ReadPartitionFn):
 
 
 class ReadPartitions(beam.PTransform):
-  """PCollection[PartitionRead] -> PCollection[KafkaRecord].
+  """PCollection[PartitionRead] -> PCollection[KafkaRecord] (and the ``OffsetGap``s).
 
   ``bounded=True`` when every read has a stop offset (``stop='end'``): the output is
   then a bounded PCollection (batch); otherwise it is unbounded (streaming).
+  ``with_gaps=True`` returns ``(records, gaps)``: the offsets no record covers
+  (``gaps.py``), which a pipeline that commits must ack too.
   """
 
   def __init__(self, config: Mapping[str, Any], *, poll_timeout_ms: int = 1000,
                max_records_per_call: int = 20_000, max_seconds_per_call: float = 5.0,
-               drain_file: Optional[str] = None, bounded: bool = False):
+               drain_file: Optional[str] = None, bounded: bool = False,
+               on_offset_gap: str = "fail", with_gaps: bool = False):
     super().__init__()
     if poll_timeout_ms <= 0 or max_records_per_call <= 0 or max_seconds_per_call <= 0:
       raise ValueError("poll_timeout_ms, max_records_per_call and max_seconds_per_call must be > 0")
+    if on_offset_gap not in GAP_POLICIES:
+      raise ValueError(f"on_offset_gap must be one of {GAP_POLICIES}, got {on_offset_gap!r}")
     fn_class = _ReadPartitionFn if bounded else _ReadUnboundedPartitionFn
     self._fn = fn_class(config, poll_timeout_ms, max_records_per_call,
-                                max_seconds_per_call, drain_file)
+                        max_seconds_per_call, drain_file, on_offset_gap)
+    self._with_gaps = with_gaps
 
   def expand(self, reads):
-    return reads | "ReadRecords" >> beam.ParDo(self._fn)
+    out = reads | "ReadRecords" >> beam.ParDo(self._fn).with_outputs(GAPS_TAG, main="records")
+    return (out.records, out[GAPS_TAG]) if self._with_gaps else out.records
 
 
 class ReadFromKafka(beam.PTransform):
@@ -325,8 +402,11 @@ class ReadFromKafka(beam.PTransform):
     drain_file: local drain signal (see ``drain.py``).
     shard: (i, n) reads only every n-th of the sorted (topic, partition) pairs from the
       i-th on: one of n processes that share the topics.
-    with_partition_reads: the output is then the pair (records, the resolved
-      ``PartitionRead`` of every partition), for ``CommitOffsets``' starting points.
+    with_partition_reads: the output is then (records, the resolved ``PartitionRead``
+      of every partition, the ``OffsetGap``s), for ``CommitOffsets``: its starting
+      points, and the offsets no record covers.
+    on_offset_gap: 'fail' (default) or 'skip': what a start or position that no longer
+      exists (retention, a recreated topic) does (``gaps.py``).
   """
 
   def __init__(self, bootstrap_servers: str, topics: str | Sequence[str], *,
@@ -334,7 +414,8 @@ class ReadFromKafka(beam.PTransform):
                consumer_config: Optional[Mapping[str, Any]] = None,
                poll_timeout_ms: int = 1000, max_records_per_call: int = 20_000,
                max_seconds_per_call: float = 5.0, drain_file: Optional[str] = None,
-               shard: Optional[tuple[int, int]] = None, with_partition_reads: bool = False):
+               shard: Optional[tuple[int, int]] = None, with_partition_reads: bool = False,
+               on_offset_gap: str = "fail"):
     super().__init__()
     if shard is not None and not 0 <= shard[0] < shard[1]:
       raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
@@ -352,16 +433,20 @@ class ReadFromKafka(beam.PTransform):
     self._read = ReadPartitions(self.config, poll_timeout_ms=poll_timeout_ms,
                                 max_records_per_call=max_records_per_call,
                                 max_seconds_per_call=max_seconds_per_call, drain_file=drain_file,
-                                bounded=self.stop.is_bounded)
+                                bounded=self.stop.is_bounded, on_offset_gap=on_offset_gap,
+                                with_gaps=with_partition_reads)
+    self._on_offset_gap = on_offset_gap
 
   def partitions(self) -> list[tuple[str, int]]:
     return shard_of(discover_partitions(self.config, self.topics), self.shard)
 
   def expand(self, pbegin):
     reads = pbegin | "ResolvePartitions" >> ResolvePartitions(
-        self.partitions(), self.config, self.start, self.stop)
-    records = reads | "ReadPartitions" >> self._read
-    return (records, reads) if self._with_reads else records
+        self.partitions(), self.config, self.start, self.stop, self._on_offset_gap)
+    if self._with_reads:
+      records, gaps = reads | "ReadPartitions" >> self._read
+      return records, reads, gaps
+    return reads | "ReadPartitions" >> self._read
 
   def display_data(self):
     return {"topics": ",".join(self.topics), "start": self.start.kind, "stop": self.stop.kind,
