@@ -43,6 +43,7 @@ from pipelines.stopping import StopSignals, offsets_table
 from pipelines.options import SmartGridOptions
 from transforms import progress
 from transforms.kafka import KafkaUnavailableError
+from transforms.kafka.config import materialize
 from transforms.kafka.drain import DrainSignal
 from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop
 
@@ -66,7 +67,7 @@ class _KafkaView:
     from kafka import KafkaConsumer, TopicPartition
     config = smartgrid.kafka_client_config(o)
     config.update(bootstrap_timeout_ms=10000)
-    self._consumer = KafkaConsumer(**config)
+    self._consumer = KafkaConsumer(**materialize(config))
     # A worker of --local_workers sees only its own share of the partitions.
     self.tps = [TopicPartition(t, p) for t, p in smartgrid.shard_partitions(
         [(t, p) for t in (o.sensor_topic, o.meter_topic)

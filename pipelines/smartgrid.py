@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
@@ -22,7 +21,7 @@ from transforms.batching import BatchRows
 from transforms.commit import CommitOffsets
 from transforms.kafka import ReadFromKafka
 from transforms.kafka.read import shard_of
-from transforms.kafka.config import consumer_config
+from transforms.kafka.config import FromEnv, consumer_config
 from transforms.kafka.gaps import OFFSET_GAP, OffsetGap, covered_acks
 from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop
 from transforms.events import DeadLetter
@@ -44,8 +43,9 @@ def _kafka_security(o: SmartGridOptions) -> dict:
     extra["security_protocol"] = o.kafka_security_protocol
   if o.kafka_sasl_mechanism:
     extra["sasl_mechanism"] = o.kafka_sasl_mechanism
-    extra["sasl_plain_username"] = os.environ.get("KAFKA_SASL_USERNAME")
-    extra["sasl_plain_password"] = os.environ.get("KAFKA_SASL_PASSWORD")
+    # References, resolved where a client opens: the values never enter a pickled DoFn.
+    extra["sasl_plain_username"] = FromEnv("KAFKA_SASL_USERNAME")
+    extra["sasl_plain_password"] = FromEnv("KAFKA_SASL_PASSWORD")
   return extra
 
 
@@ -133,5 +133,5 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
   covered = gaps | "CoveredOffsets" >> beam.FlatMap(covered_acks)
   committed = (reads, acks, covered) | "CommitOffsets" >> CommitOffsets(
       config, interval_s=o.commit_interval_secs, retry_deadline_s=o.sink_retry_deadline_secs,
-      flush_timer=not stop.is_bounded)
+      flush_timer=not stop.is_bounded, recommit_s=o.recommit_interval_secs)
   return Outputs(records, dead_letters, acks, committed)

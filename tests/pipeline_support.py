@@ -26,9 +26,9 @@ TABLES = ("sensor_readings", "meter_readings", "dead_letters")
 
 
 def prism_binary() -> Optional[Path]:
-  """The Prism binary pipelines/prism.py would use ($PRISM_BIN or .cache/prism/bin/prism),
+  """The Prism binary pipelines/prism.py would use ($PRISM_BIN or .cache/prism-127/bin/prism),
   or None when it is not built (``./run_pipeline.sh prism build``)."""
-  path = Path(os.environ.get("PRISM_BIN") or REPO / ".cache" / "prism" / "bin" / "prism")
+  path = Path(os.environ.get("PRISM_BIN") or REPO / ".cache" / "prism-127" / "bin" / "prism")
   return path if path.is_file() and os.access(path, os.X_OK) else None
 
 

@@ -104,8 +104,9 @@ FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
 class _CommitOffsetsFn(beam.DoFn):
   def __init__(self, consumer_config: Mapping[str, Any], interval_s: float,
-               retry_deadline_s: float, flush_timer: bool):
+               retry_deadline_s: float, flush_timer: bool, recommit_s: float = 3600.0):
     self._flush_timer = flush_timer
+    self._recommit_s = recommit_s
     self._config = dict(consumer_config)
     self._interval_s = interval_s
     self._retry_deadline_s = retry_deadline_s
@@ -130,6 +131,8 @@ class _CommitOffsetsFn(beam.DoFn):
     p = state.read() or PartitionProgress()
     if p.base is None and p.committed is None and not p.pending:
       final.set(GlobalWindow().max_timestamp())
+      if self._flush_timer:  # re-commits an unchanged offset before the broker expires it
+        flush.set(Timestamp.of(time.time() + self._recommit_s))
     if isinstance(value, PartitionRead):
       p.add_start(value.start_offset)
     else:
@@ -146,8 +149,16 @@ class _CommitOffsetsFn(beam.DoFn):
     state.write(p)
 
   @on_timer(FLUSH)
-  def on_flush(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS)):
+  def on_flush(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS),
+               flush=beam.DoFn.TimerParam(FLUSH)):
     yield from self._commit_pending(key, state)
+    p = state.read()
+    if p is not None and p.committed is not None:
+      if time.monotonic() - self._last_commit.get(key, 0.0) >= self._recommit_s:
+        # Unchanged for an interval: commit it again, or offsets.retention.minutes expires it.
+        yield self._commit(key, p, p.committed)
+        self._last_commit[key] = time.monotonic()
+      flush.set(Timestamp.of(time.time() + self._recommit_s))
 
   @on_timer(FINAL)
   def on_final(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS)):
@@ -192,13 +203,15 @@ class CommitOffsets(beam.PTransform):
   """
 
   def __init__(self, consumer_config: Mapping[str, Any], *, interval_s: float = 5.0,
-               retry_deadline_s: float = 60.0, flush_timer: bool = False):
+               retry_deadline_s: float = 60.0, flush_timer: bool = False,
+               recommit_s: float = 3600.0):
     super().__init__()
     if not consumer_config.get("group_id"):
       raise ValueError("CommitOffsets needs a consumer group: set --group_id")
     if interval_s <= 0:
       raise ValueError(f"--commit_interval_secs must be > 0, got {interval_s}")
-    self._fn = _CommitOffsetsFn(consumer_config, interval_s, retry_deadline_s, flush_timer)
+    self._fn = _CommitOffsetsFn(consumer_config, interval_s, retry_deadline_s, flush_timer,
+                                recommit_s)
 
   def expand(self, inputs):
     starts, acks, *covered = inputs

@@ -53,7 +53,7 @@ def _new_consumer(config: Mapping[str, Any]):
   from kafka import KafkaConsumer
   from kafka.errors import KafkaError
   try:
-    return KafkaConsumer(**config)
+    return KafkaConsumer(**kafka_config.materialize(config))
   except KafkaError as e:
     raise KafkaUnavailableError(
         f"cannot reach Kafka at {','.join(config['bootstrap_servers'])} within "

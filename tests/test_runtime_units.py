@@ -1,0 +1,120 @@
+"""Unit tests of the runtime's pure parts: secrets kept out of the pickled pipeline,
+listeners on 127.0.0.1, offset-gap decisions, the supervisor's restart policy and
+the launcher's output helpers."""
+
+from __future__ import annotations
+
+import base64
+import bz2
+import hashlib
+import secrets
+import zlib
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.portability.api import beam_runner_api_pb2
+
+from pipelines import smartgrid
+from pipelines.options import SmartGridOptions
+from transforms.kafka import config as kafka_config
+from transforms.kafka.gaps import OFFSET_GAP, OffsetGap, OffsetGapError, check_start, covered_acks
+from transforms.kafka.read import ReadFromKafka
+from transforms.acks import Ack
+
+
+def _decoded_payloads(proto: beam_runner_api_pb2.Pipeline) -> list[bytes]:
+  """Every DoFn payload of the pipeline, as stored and decoded (base64, bz2/zlib)."""
+  out = []
+  for t in proto.components.transforms.values():
+    if not t.spec.payload:
+      continue
+    out.append(t.spec.payload)
+    try:
+      pardo = beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload)
+    except Exception:  # noqa: BLE001 - not a ParDo: its raw bytes are searched above
+      continue
+    raw = pardo.do_fn.payload
+    out.append(raw)
+    try:
+      packed = base64.b64decode(raw, validate=True)
+    except ValueError:
+      continue
+    for unpack in (bz2.decompress, zlib.decompress):
+      try:
+        out.append(unpack(packed))
+      except (OSError, ValueError, zlib.error):
+        pass
+  return out
+
+
+def test_sasl_password_is_read_on_the_worker_and_never_pickled(monkeypatch, tmp_path):
+  password = "pw-" + secrets.token_hex(12)
+  monkeypatch.setenv("KAFKA_SASL_USERNAME", "svc-user")
+  monkeypatch.setenv("KAFKA_SASL_PASSWORD", password)
+  # No broker here: the partitions a build would list from the broker are given.
+  monkeypatch.setattr(ReadFromKafka, "partitions", lambda self: [(t, 0) for t in self.topics])
+  options = PipelineOptions([
+      "--kafka_security_protocol=SASL_PLAINTEXT", "--kafka_sasl_mechanism=PLAIN",
+      f"--sink=sqlite:///{tmp_path}/out.db", "--stop=end"])
+  p = beam.Pipeline(options=options)
+  smartgrid.build(p, options.view_as(SmartGridOptions))
+  blobs = _decoded_payloads(p.to_runner_api())
+  assert any(b"KAFKA_SASL_PASSWORD" in b for b in blobs)  # the reference is there: search works
+  digest = hashlib.sha256(password.encode()).digest()
+  needles = [password.encode(), digest, digest.hex().encode(), base64.b64encode(password.encode()),
+             base64.b64encode(digest)]
+  for blob in blobs:
+    for needle in needles:
+      assert needle not in blob, "the SASL password (or its hash) is in the pickled pipeline"
+  # ... and the worker resolves it from its own environment when it opens a client.
+  config = smartgrid.kafka_client_config(options.view_as(SmartGridOptions))
+  resolved = kafka_config.materialize(config)
+  assert resolved["sasl_plain_password"] == password
+  assert resolved["sasl_plain_username"] == "svc-user"
+
+
+def test_metadata_requests_never_create_topics():
+  config = kafka_config.consumer_config("127.0.0.1:9092", "g", {})
+  assert config["allow_auto_create_topics"] is False
+
+
+def test_prism_worker_pool_listens_on_loopback_only():
+  from pipelines import prism
+  host, port = prism.worker_pool().rsplit(":", 1)
+  assert host == "127.0.0.1" and int(port) > 0
+
+
+# ---------------------------------------------------------------------------
+# Offset gaps
+
+
+def test_check_start_inside_the_log_is_kept_for_either_policy():
+  for policy in ("fail", "skip"):
+    assert check_start("t", 0, 5, 0, 10, policy) == 5
+    assert check_start("t", 0, 10, 0, 10, policy) == 10  # at the end: nothing new yet
+
+
+def test_check_start_outside_the_log():
+  with pytest.raises(OffsetGapError, match=r"t-1: offsets \[2, 7\) were deleted"):
+    check_start("t", 1, 2, 7, 10, "fail")
+  with pytest.raises(OffsetGapError, match=r"offset 15 is past the partition's end offset 10"):
+    check_start("t", 1, 15, 0, 10, "fail")
+  assert check_start("t", 1, 2, 7, 10, "skip") == 2  # the reader meets the gap and records it
+  assert check_start("t", 1, 15, 3, 10, "skip") == 3  # recreated topic: its new log start
+
+
+def test_an_offset_gap_acks_all_but_its_first_offset_which_its_dead_letter_acks():
+  gap = OffsetGap("t", 0, 4, 9, OFFSET_GAP, "why")
+  assert covered_acks(gap) == [Ack("t", 0, 5, 9)]
+  assert covered_acks(OffsetGap("t", 0, 4, 5, OFFSET_GAP)) == []
+  assert covered_acks(OffsetGap("t", 0, 4, 9, "empty")) == [Ack("t", 0, 4, 9)]
+
+
+def test_an_offset_gap_becomes_one_dead_letter_row_at_its_first_offset():
+  gap = OffsetGap("t", 3, 4, 9, OFFSET_GAP, "deleted by retention")
+  [(key, row)] = smartgrid._offset_gap_dead_letter(gap, 4)
+  assert key.startswith("dead_letters|")
+  assert row[-4:] == ("t", 3, 4, 4)  # kafka_topic, kafka_partition, kafka_offset, covers_from
+  assert any(isinstance(v, str) and "offset_gap" in v and "[4, 9)" in v for v in row)
+  assert smartgrid._offset_gap_dead_letter(OffsetGap("t", 3, 4, 9, "empty"), 4) == []
