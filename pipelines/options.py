@@ -17,6 +17,11 @@ from transforms.kafka.positions import parse_start, parse_stop
 DEFAULT_SINK = "sqlite:///output/smartgrid.db"
 
 
+def default_bootstrap() -> str:
+  """127.0.0.1:$KAFKA_PORT (9092 when unset): the local broker of ./run_pipeline.sh broker."""
+  return f"127.0.0.1:{os.environ.get('KAFKA_PORT') or 9092}"
+
+
 class OptionError(ValueError):
   """A pipeline option has a bad value; the message names the option."""
 
@@ -26,8 +31,9 @@ class SmartGridOptions(PipelineOptions):
   def _add_argparse_args(cls, parser):
     g = parser.add_argument_group("smart-grid pipeline")
     try:
-      g.add_argument("--bootstrap_servers", default="127.0.0.1:9092",
-                     help="Kafka brokers, host:port[,host:port]. Default: 127.0.0.1:9092")
+      g.add_argument("--bootstrap_servers", default=default_bootstrap(),
+                     help="Kafka brokers, host:port[,host:port]. Default: 127.0.0.1:$KAFKA_PORT "
+                          "(9092 when KAFKA_PORT is unset)")
     except argparse.ArgumentError:
       # Beam's KafkaStreamsRunnerOptions declares the same flag (default localhost:9092);
       # when every options class shares one parser, theirs stands and the value is the same.
@@ -87,6 +93,10 @@ class SmartGridOptions(PipelineOptions):
                    help="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL; SASL credentials come from "
                         "KAFKA_SASL_USERNAME / KAFKA_SASL_PASSWORD (never on the command line)")
     g.add_argument("--kafka_sasl_mechanism", default=None, help="e.g. PLAIN, SCRAM-SHA-512")
+    g.add_argument("--require_topics", action="store_true", default=False,
+                   help="batch: exit non-zero naming the topics that do not exist (default: a "
+                        "batch run over missing topics exits 0 with 'nothing to read'; a "
+                        "streaming run waits for them)")
     g.add_argument("--on_offset_gap", default="fail", choices=["fail", "skip"],
                    help="a committed offset below the log start (retention) or past the end "
                         "(a recreated topic), or offsets deleted while being read: 'fail' "

@@ -99,8 +99,12 @@ class Outputs:
 
 def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = None,
           drain_file: Optional[str] = None, start: Optional[StartPosition] = None,
-          stop: Optional[StopPosition] = None) -> Outputs:
-  """The pipeline on p; ``start``/``stop`` override --start/--stop (the launcher's rounds)."""
+          stop: Optional[StopPosition] = None, skip_missing_topics: bool = False) -> Outputs:
+  """The pipeline on p; ``start``/``stop`` override --start/--stop (the launcher's rounds).
+
+  ``skip_missing_topics``: read the topics that exist (the local launcher waits for the
+  others and rebuilds); else a missing topic fails the build, naming it.
+  """
   config = kafka_client_config(o)
   topics = {o.sensor_topic: SENSOR, o.meter_topic: METER}
   start = start if start is not None else parse_start(o.start)
@@ -111,7 +115,7 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
       o.bootstrap_servers, list(topics), group_id=o.group_id, start=start, stop=stop,
       consumer_config=_kafka_security(o), poll_timeout_ms=o.poll_timeout_ms,
       drain_file=drain_file, shard=parse_shard(o.partition_shard), with_partition_reads=True,
-      on_offset_gap=o.on_offset_gap)
+      on_offset_gap=o.on_offset_gap, skip_missing_topics=skip_missing_topics)
   rows, dead_letters, full_batches = records | "ParseEvents" >> ParseEvents(
       topics, window_size_secs=o.window_size_secs, allowed_lateness_secs=o.allowed_lateness_secs,
       num_shards=o.num_shards, shard_by=o.shard_by, batch_size=o.batch_size)

@@ -10,7 +10,6 @@ offsets equal the end offsets (never ahead of the sink).
 from __future__ import annotations
 
 import datetime as dt
-import re
 import time
 
 import pytest

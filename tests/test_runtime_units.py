@@ -9,6 +9,7 @@ import bz2
 import hashlib
 import secrets
 import zlib
+from pathlib import Path
 
 import apache_beam as beam
 import pytest
@@ -118,3 +119,39 @@ def test_an_offset_gap_becomes_one_dead_letter_row_at_its_first_offset():
   assert row[-4:] == ("t", 3, 4, 4)  # kafka_topic, kafka_partition, kafka_offset, covers_from
   assert any(isinstance(v, str) and "offset_gap" in v and "[4, 9)" in v for v in row)
   assert smartgrid._offset_gap_dead_letter(OffsetGap("t", 3, 4, 9, "empty"), 4) == []
+
+
+def _listening_addresses(port: int) -> set[str]:
+  """Local addresses with a socket listening on port, from /proc/net/tcp and tcp6."""
+  found = set()
+  for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+    with open(name) as f:
+      for row in f.readlines()[1:]:
+        local, state = row.split()[1], row.split()[3]
+        address, hex_port = local.rsplit(":", 1)
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+          found.add(address)
+  return found
+
+
+# 127.0.0.1 as IPv4, or IPv4-mapped on a dual-stack socket (::ffff:127.0.0.1); never 0.0.0.0 / ::
+_LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
+
+
+def test_the_worker_pool_listens_on_127_0_0_1_only():
+  from pipelines import prism
+  port = int(prism.worker_pool().rsplit(":", 1)[1])
+  found = _listening_addresses(port)
+  assert found and found <= _LOOPBACK, found
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / ".cache" / "prism-127" / "bin" / "prism").exists(),
+                    reason="Prism is not built: ./run_pipeline.sh prism build")
+def test_prism_job_server_listens_on_127_0_0_1_only():
+  from pipelines import prism
+  server = prism.JobServer(prism.binary())
+  try:
+    found = _listening_addresses(server.port)
+    assert found and found <= _LOOPBACK, found
+  finally:
+    server.stop()

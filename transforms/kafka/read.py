@@ -60,13 +60,17 @@ def _new_consumer(config: Mapping[str, Any]):
         f"{config.get('bootstrap_timeout_ms', 30000) / 1000:.0f}s: {type(e).__name__}: {e}") from None
 
 
-def discover_partitions(config: Mapping[str, Any], topics: Sequence[str]) -> list[tuple[str, int]]:
-  """[(topic, partition)] of the given topics; a clear error for a missing topic."""
+def discover_partitions(config: Mapping[str, Any], topics: Sequence[str],
+                        skip_missing: bool = False) -> list[tuple[str, int]]:
+  """[(topic, partition)] of the given topics; a clear error for a missing topic
+  (``skip_missing``: only those of the topics that exist)."""
   consumer = _new_consumer(config)
   try:
     existing = consumer.topics()
     missing = [t for t in topics if t not in existing]
-    if missing:
+    if skip_missing:
+      topics = [t for t in topics if t in existing]
+    elif missing:
       raise KafkaUnavailableError(
           f"topic(s) not found on {','.join(config['bootstrap_servers'])}: {', '.join(missing)}")
     return [(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
@@ -402,6 +406,8 @@ class ReadFromKafka(beam.PTransform):
     drain_file: local drain signal (see ``drain.py``).
     shard: (i, n) reads only every n-th of the sorted (topic, partition) pairs from the
       i-th on: one of n processes that share the topics.
+    skip_missing_topics: read only the topics that exist when the pipeline is built
+      (default: a missing topic fails the build, naming it).
     with_partition_reads: the output is then (records, the resolved ``PartitionRead``
       of every partition, the ``OffsetGap``s), for ``CommitOffsets``: its starting
       points, and the offsets no record covers.
@@ -415,8 +421,9 @@ class ReadFromKafka(beam.PTransform):
                poll_timeout_ms: int = 1000, max_records_per_call: int = 20_000,
                max_seconds_per_call: float = 5.0, drain_file: Optional[str] = None,
                shard: Optional[tuple[int, int]] = None, with_partition_reads: bool = False,
-               on_offset_gap: str = "fail"):
+               on_offset_gap: str = "fail", skip_missing_topics: bool = False):
     super().__init__()
+    self._skip_missing = skip_missing_topics
     if shard is not None and not 0 <= shard[0] < shard[1]:
       raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
     self.shard = shard
@@ -438,7 +445,7 @@ class ReadFromKafka(beam.PTransform):
     self._on_offset_gap = on_offset_gap
 
   def partitions(self) -> list[tuple[str, int]]:
-    return shard_of(discover_partitions(self.config, self.topics), self.shard)
+    return shard_of(discover_partitions(self.config, self.topics, self._skip_missing), self.shard)
 
   def expand(self, pbegin):
     reads = pbegin | "ResolvePartitions" >> ResolvePartitions(
