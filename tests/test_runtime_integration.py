@@ -17,7 +17,7 @@ import pytest
 from pipelines.produce import EventFactory
 from tests import support
 from tests.pipeline_support import (PipelineEnv, assert_exactly_once, prism_binary,
-                                    produce_transactions, row_count)
+                                    produce_transactions, query, row_count)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -132,3 +132,161 @@ def test_transactional_topics_commit_the_markers_and_an_idle_run_starts_no_round
     _drain(p)
   assert_exactly_once(env.db, kept + more)
   env.assert_committed_equals_end()
+
+
+# ---------------------------------------------------------------------------
+# Offset gaps: never silent
+
+
+def _delete_records(bootstrap: str, topic: str, partition: int, before: int) -> None:
+  from kafka import KafkaAdminClient, TopicPartition
+  admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+  try:
+    admin.delete_records({TopicPartition(topic, partition): before})
+  finally:
+    admin.close()
+  support.wait_for(lambda: _log_start(bootstrap, topic, partition) == before,
+                   what=f"{topic}-{partition} to start at {before}")
+
+
+def _log_start(bootstrap: str, topic: str, partition: int) -> int:
+  from kafka import KafkaConsumer, TopicPartition
+  c = KafkaConsumer(bootstrap_servers=bootstrap)
+  try:
+    tp = TopicPartition(topic, partition)
+    return c.beginning_offsets([tp])[tp]
+  finally:
+    c.close()
+
+
+def test_unread_offsets_deleted_by_retention_stop_the_run_or_are_recorded_as_a_gap(env):
+  first = env.produce(_events(40, seed=10))
+  run = env.batch()
+  assert run.proc.returncode == 0, run.tail()
+  env.assert_committed_equals_end()
+  second = env.produce(_events(60, seed=11))
+  committed_before = env.committed()
+  start = committed_before[(env.sensor, 0)]
+  end = env.ends()[(env.sensor, 0)]
+  assert end - start >= 6, "the test needs unread offsets on the partition"
+  cut = end - 3  # offsets [start, cut) are deleted before the pipeline reads them
+  _delete_records(env.bs, env.sensor, 0, cut)
+
+  refused = env.batch()
+  assert refused.proc.returncode == 2, refused.tail()
+  assert f"{env.sensor}-0: offsets [{start}, {cut}) were deleted" in refused.output
+  assert "--on_offset_gap=skip" in refused.output
+  assert env.committed() == committed_before  # nothing moved past the gap
+
+  skipped = env.batch("--on_offset_gap=skip")
+  assert skipped.proc.returncode == 0, skipped.tail()
+  deleted = {(env.sensor, 0, o) for o in range(start, cut)}
+  expected = [r for r in first + second if r not in deleted] + [(env.sensor, 0, start)]
+  by_table = assert_exactly_once(env.db, expected)
+  assert (env.sensor, 0, start) in by_table["dead_letters"]
+  [(error,)] = query(env.db, "SELECT error FROM dead_letters WHERE kafka_topic = ? AND "
+                             "kafka_partition = 0 AND kafka_offset = ?", (env.sensor, start))
+  assert error.startswith("offset_gap") and f"[{start}, {cut})" in error, error
+  env.assert_committed_equals_end()
+
+
+def test_a_committed_offset_past_the_end_of_a_recreated_topic_stops_the_run(env):
+  from kafka import KafkaAdminClient
+  from kafka.admin import NewTopic
+  env.produce(_events(60, seed=12))
+  run = env.batch()
+  assert run.proc.returncode == 0, run.tail()
+  old = env.committed()
+  rows = row_count(env.db)
+  admin = KafkaAdminClient(bootstrap_servers=env.bs)
+  try:
+    admin.delete_topics([env.sensor])
+    support.wait_for(lambda: env.sensor not in admin.list_topics(), what="the topic deleted")
+    support.wait_for(lambda: _try_create(admin, NewTopic(env.sensor, 2, 1)), timeout=60,
+                     what="the topic recreated")
+  finally:
+    admin.close()
+  support.wait_for(lambda: len(support.partitions_of(env.bs, env.sensor)) == 2, what="metadata")
+  env.produce([e for e in _events(10, seed=13) if e.topic_kind == "sensor"][:3])
+  # Kafka drops a deleted topic's group offsets, but a group that committed during the
+  # recreation (a consumer still running, offsets restored by a tool) keeps them.
+  _commit(env.bs, env.group, {k: v for k, v in old.items() if k[0] == env.sensor and v})
+
+  refused = env.batch()
+  assert refused.proc.returncode == 2, refused.tail()
+  past = [k for k, v in old.items() if k[0] == env.sensor and v]
+  assert any(f"{t}-{p}: offset {old[(t, p)]} is past the partition's end offset" in refused.output
+             for t, p in past), refused.tail()
+  assert "--on_offset_gap=skip" in refused.output
+  assert row_count(env.db) == rows  # nothing written, and nothing committed:
+  assert {k: v for k, v in env.committed().items() if k[0] == env.meter} == \
+         {k: v for k, v in old.items() if k[0] == env.meter}
+
+
+def _commit(bootstrap: str, group: str, offsets: dict) -> None:
+  from kafka import KafkaConsumer, TopicPartition
+  from kafka.structs import OffsetAndMetadata
+  c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+  try:
+    c.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+  finally:
+    c.close()
+
+
+def _try_create(admin, topic) -> bool:
+  try:
+    admin.create_topics([topic])
+    return True
+  except Exception:  # noqa: BLE001 - the deletion may still be under way: try again
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Topics that do not exist yet, a broker that does not answer
+
+
+def test_streaming_waits_for_topics_says_so_once_and_reads_them_when_they_appear(
+    kafka_bootstrap, tmp_path):
+  env = PipelineEnv.__new__(PipelineEnv)
+  env.bs, env.dir, env.db, env.runner = kafka_bootstrap, tmp_path, tmp_path / "out.db", None
+  env.sensor, env.meter = support.unique_topic("sensor"), support.unique_topic("meter")
+  env.group = support.unique_topic("g")
+  with env.pipeline("--local_workers=2") as p:
+    support.wait_for(lambda: "waiting for topic(s)" in p.output or not p.alive(), timeout=60,
+                     what="the waiting message")
+    assert p.alive(), p.tail()
+    time.sleep(3)  # an observation window: the run must not create the topics itself
+    assert not support.partitions_of(env.bs, env.sensor)
+    support.create_topic(env.bs, env.sensor, 2)
+    support.create_topic(env.bs, env.meter, 2)
+    produced = env.produce(_events(50, seed=14))
+    support.wait_for(lambda: row_count(env.db) >= len(produced) or not p.alive(), timeout=90,
+                     what="the events of the new topics")
+    _drain(p)
+  assert p.output.count("waiting for topic(s)") == 1, p.output
+  assert_exactly_once(env.db, produced)
+  env.assert_committed_equals_end()
+
+
+def test_batch_over_missing_topics_has_nothing_to_read_unless_they_are_required(
+    kafka_bootstrap, tmp_path):
+  from tests.pipeline_support import run_to_end
+  sensor, meter = support.unique_topic("sensor"), support.unique_topic("meter")
+  p = run_to_end(kafka_bootstrap, sensor, meter, "g-missing", tmp_path, "--local_workers=2")
+  assert p.proc.returncode == 0, p.tail()
+  assert p.output.count("nothing to read") == 1, p.output
+  strict = run_to_end(kafka_bootstrap, sensor, meter, "g-missing", tmp_path, "--require_topics")
+  assert strict.proc.returncode == 2, strict.tail()
+  assert sensor in strict.output and meter in strict.output and "--require_topics" in strict.output
+  assert not support.partitions_of(kafka_bootstrap, sensor)  # looking never created them
+
+
+def test_an_unreachable_broker_at_start_is_one_clear_line(tmp_path):
+  from broker.kafka_broker import free_port
+  from tests.pipeline_support import run_to_end
+  p = run_to_end(f"127.0.0.1:{free_port()}", "s", "m", "g", tmp_path, timeout=60)
+  assert p.proc.returncode == 2, p.tail()
+  lines = [l for l in p.output.splitlines() if l.strip()]
+  assert len(lines) == 1, p.output
+  assert "cannot reach Kafka" in lines[0] and "./run_pipeline.sh broker start" in lines[0]
+  assert "KAFKA_PORT" in lines[0] and "--bootstrap_servers" in lines[0]
