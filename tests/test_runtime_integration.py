@@ -290,3 +290,74 @@ def test_an_unreachable_broker_at_start_is_one_clear_line(tmp_path):
   assert len(lines) == 1, p.output
   assert "cannot reach Kafka" in lines[0] and "./run_pipeline.sh broker start" in lines[0]
   assert "KAFKA_PORT" in lines[0] and "--bootstrap_servers" in lines[0]
+
+
+# ---------------------------------------------------------------------------
+# Workers: a dead one is restarted; a signal to every process drains
+
+
+def _children(pid: int) -> list[int]:
+  try:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+      return [int(c) for c in f.read().split()]
+  except FileNotFoundError:
+    return []
+
+
+def _workers_of(p) -> list[int]:
+  return support.wait_for(lambda: (lambda c: c if len(c) == 2 else None)(_children(p.proc.pid)),
+                          timeout=30, what="the 2 workers")
+
+
+def test_a_worker_sigkilled_alone_while_producing_is_restarted_and_nothing_is_lost(env):
+  import os
+  import signal
+  from tests.pipeline_support import BackgroundProducer
+  producer = BackgroundProducer(env.bs, env.sensor, env.meter, rate=300.0).start()
+  try:
+    with env.pipeline("--local_workers=2") as p:
+      support.wait_for(lambda: row_count(env.db) > 100 or not p.alive(), timeout=60,
+                       what="rows while streaming")
+      victim = _workers_of(p)[0]
+      os.kill(victim, signal.SIGKILL)
+      support.wait_for(lambda: "restarting it" in p.output or not p.alive(), timeout=30,
+                       what="the supervisor to restart the worker")
+      support.wait_for(lambda: len(_children(p.proc.pid)) == 2 and victim not in _children(p.proc.pid),
+                       timeout=30, what="the restarted worker")
+      n = row_count(env.db)
+      support.wait_for(lambda: row_count(env.db) > n + 100 or not p.alive(), timeout=60,
+                       what="rows after the restart")
+      produced = producer.stop()
+      support.wait_for(lambda: row_count(env.db) >= len(produced) or not p.alive(), timeout=90,
+                       what="the workers to catch up")
+      env.commits_not_past_sink()
+      _drain(p)
+  finally:
+    producer.stop()
+  assert "All 2 workers drained" in p.output and "1 restarts" in p.output, p.tail()
+  assert_exactly_once(env.db, produced)
+  env.assert_committed_equals_end()
+
+
+def test_sigterm_to_every_process_at_once_drains(env):
+  import os
+  import signal
+  from tests.pipeline_support import BackgroundProducer
+  producer = BackgroundProducer(env.bs, env.sensor, env.meter, rate=300.0).start()
+  try:
+    with env.pipeline("--local_workers=2") as p:
+      support.wait_for(lambda: row_count(env.db) > 100 or not p.alive(), timeout=60,
+                       what="rows while streaming")
+      produced = producer.stop()
+      support.wait_for(lambda: row_count(env.db) >= len(produced) or not p.alive(), timeout=90,
+                       what="the workers to catch up")
+      tree = [p.proc.pid, *_workers_of(p)]
+      for pid in tree:  # as pkill -f or systemd's KillMode=control-group would
+        os.kill(pid, signal.SIGTERM)
+      assert p.wait(90) == 0, p.tail()
+  finally:
+    producer.stop()
+  assert "All 2 workers drained" in p.output, p.tail()
+  assert "aborting" not in p.output.lower(), p.tail()
+  assert_exactly_once(env.db, produced)
+  env.assert_committed_equals_end()
