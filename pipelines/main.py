@@ -43,7 +43,10 @@ def parse(argv: list[str]) -> tuple[str, PipelineOptions]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  # force: a library may have configured the root logger already (a root-level
+  # logging.warning() at import time does).
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      force=True)
   for noisy in ("apache_beam.runners.portability", "apache_beam.runners.worker"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   # kafka-python logs every failed connection attempt (dozens of lines a second while a

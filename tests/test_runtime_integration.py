@@ -361,3 +361,44 @@ def test_sigterm_to_every_process_at_once_drains(env):
   assert "aborting" not in p.output.lower(), p.tail()
   assert_exactly_once(env.db, produced)
   env.assert_committed_equals_end()
+
+
+# ---------------------------------------------------------------------------
+# A broker outage in the middle of a stream
+
+
+@pytest.mark.timeout(420)
+def test_a_broker_stopped_for_45s_mid_stream_is_waited_out_without_loss_or_duplicate(tmp_path):
+  import shutil
+  from broker.kafka_broker import Broker, free_port
+  broker = Broker(port=free_port(), run_dir=tmp_path / "broker")
+  broker.start()
+  try:
+    bs = broker.bootstrap_servers
+    env = PipelineEnv(bs, lambda n, prefix: support.create_topic(bs, support.unique_topic(prefix), n),
+                      tmp_path)
+    before = env.produce(_events(80, seed=15))
+    with env.pipeline("--progress_secs=1") as p:
+      support.wait_for(lambda: row_count(env.db) >= len(before) or not p.alive(), timeout=90,
+                       what="the events written before the outage")
+      _wait_committed_at_end(env)
+      broker.stop()
+      stopped = time.monotonic()
+      support.wait_for(lambda: "Kafka unreachable since" in p.output or not p.alive(), timeout=60,
+                       what="the progress line to report the outage")
+      while time.monotonic() - stopped < 45:  # the outage lasts 45 s; the run must live through it
+        assert p.alive(), p.tail()
+        time.sleep(1)
+      broker.start()
+      assert p.alive(), p.tail()
+      after = env.produce(_events(70, seed=16))
+      support.wait_for(lambda: row_count(env.db) >= len(before) + len(after) or not p.alive(),
+                       timeout=120, what="the events written after the outage")
+      _wait_committed_at_end(env, timeout=90)
+      _drain(p)
+    assert "Traceback" not in p.output, p.tail(80)
+    assert_exactly_once(env.db, before + after)
+    env.assert_committed_equals_end()
+  finally:
+    broker.stop()
+    shutil.rmtree(tmp_path / "broker", ignore_errors=True)
