@@ -30,7 +30,7 @@ _KAFKA_OUTAGE_MARKERS = (
     "NodeNotReadyError", "RequestTimedOutError", "NotLeaderForPartitionError",
     "LeaderNotAvailableError", "CoordinatorNotAvailableError", "NotCoordinatorError",
     "UnknownTopicOrPartitionError", "cannot reach Kafka", "Failed to get offsets",
-    "BrokerNotAvailableError")
+    "BrokerNotAvailableError", "MetadataEmptyBrokerList", "NetworkExceptionError")
 
 
 def is_kafka_error(exc: BaseException) -> bool:

@@ -212,6 +212,8 @@ def _heal(slot: _Slot, view, n: int, draining: bool) -> Optional[str]:
 def _progress(view, started: float, baseline: int) -> str:
   elapsed = time.monotonic() - started
   try:
+    if view.refresh():  # topics that appeared since are counted from now on
+      return f"[{elapsed:6.0f}s] waiting for topic(s) " + ", ".join(view.missing)
     return f"[{elapsed:6.0f}s] " + _committed_line(*view.offsets(), started, baseline)
   except Exception as e:  # noqa: BLE001 - the progress line must never stop the supervisor
     status = getattr(view, "status", lambda: None)()
@@ -261,8 +263,11 @@ def _report(slots, view, n, started, baseline, signals, failure) -> int:
   lines = [f"All {n} workers {state} after {time.monotonic() - started:.1f}s (exit codes {codes}"
            + (f", {restarts} restarts" if restarts else "") + ")."]
   try:
+    view.refresh()
     end, committed = view.offsets()
-    lines += ["  " + _committed_line(end, committed, started, baseline), *offsets_table(end, committed)]
+    lines.append("  " + _committed_line(end, committed, started, baseline))
+    if end:
+      lines.extend(offsets_table(end, committed))
   except Exception as e:  # noqa: BLE001 - the summary is printed whatever Kafka says
     lines.append(f"  committed offsets unknown: {type(e).__name__}: {e}")
   if failure:

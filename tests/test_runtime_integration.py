@@ -402,3 +402,19 @@ def test_a_broker_stopped_for_45s_mid_stream_is_waited_out_without_loss_or_dupli
   finally:
     broker.stop()
     shutil.rmtree(tmp_path / "broker", ignore_errors=True)
+
+
+def test_an_idle_stream_recommits_its_offsets_every_recommit_interval(env):
+  """Unchanged offsets are committed again (a round re-commits each partition's start)
+  so that the broker's offsets.retention.minutes never expires them."""
+  produced = env.produce(_events(30, seed=17))
+  with env.pipeline("--recommit_interval_secs=2") as p:
+    _wait_committed_at_end(env)
+    support.wait_for(lambda: row_count(env.db) >= len(produced), what="the rows")
+    rounds = p.output.count("reading offsets")
+    # Idle: rounds still come, one per interval, and each commits every partition again.
+    support.wait_for(lambda: p.output.count("reading offsets") >= rounds + 2 * 4 or not p.alive(),
+                     timeout=30, what="two more rounds while idle")
+    _drain(p)
+  assert_exactly_once(env.db, produced)
+  env.assert_committed_equals_end()

@@ -155,3 +155,98 @@ def test_prism_job_server_listens_on_127_0_0_1_only():
     assert found and found <= _LOOPBACK, found
   finally:
     server.stop()
+
+
+# ---------------------------------------------------------------------------
+# The launcher's output
+
+
+def test_the_summary_explains_partial_batches_in_streaming_and_batch():
+  from pipelines.local import _batches_line
+  streaming = _batches_line({"all": 259, "full": 3}, 100, streaming=True)
+  assert "259 (3 full of 100 rows; 256 partial" in streaming and "buffering timer" in streaming
+  assert "expected" in streaming and "0% full" not in streaming
+  assert "end of the run" in _batches_line({"all": 4, "full": 2}, 100, streaming=False)
+  assert _batches_line({"all": 5, "full": 5}, 100, streaming=True) == "  batches:        5 (5 full of 100 rows)"
+  assert _batches_line({}, 100, streaming=True) is None
+
+
+def test_the_progress_line_shows_the_current_rate_not_the_average(monkeypatch):
+  from pipelines import local
+  from transforms import progress
+
+  class View:
+    missing: list = []
+    down_since = None
+
+    def status(self):
+      return None
+
+    def offsets(self):
+      return {}, {}
+
+  clock = [100.0]
+  monkeypatch.setattr(local.time, "monotonic", lambda: clock[0])
+  progress.reset()
+  line = local.ProgressLine(View())
+  progress.add_written("sensor_readings", 1000)
+  clock[0] += 10
+  assert "written 1000 (100/s now)" in line()
+  clock[0] += 10  # nothing written in the last interval: the current rate is 0, not 50
+  assert "written 1000 (0/s now)" in line()
+  progress.reset()
+
+
+def test_the_progress_line_says_when_kafka_is_unreachable():
+  from pipelines import local
+  from pipelines.kafka_view import KafkaView
+  view = KafkaView.__new__(KafkaView)
+  view.down_since, view.missing = 1_700_000_000.0, []
+  text = local.ProgressLine(view)()
+  assert "Kafka unreachable since" in text and "retrying" in text
+
+
+def test_kafka_errors_are_told_from_other_failures():
+  from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+  from pipelines.kafka_view import is_kafka_error
+  assert is_kafka_error(KafkaTimeoutError("Failed to get offsets by timestamps in 30000 ms"))
+  assert is_kafka_error(KafkaConnectionError("Connection refused"))
+  wrapped = RuntimeError("Error processing bundle ... kafka.errors.KafkaTimeoutError: Failed to get offsets")
+  assert is_kafka_error(wrapped)
+  assert not is_kafka_error(ValueError("no such table"))
+  assert not is_kafka_error(OffsetGapError("t-0: offsets [1, 3) were deleted"))
+
+
+def test_a_worker_is_restarted_with_backoff_and_the_run_fails_past_the_limit(monkeypatch):
+  from pipelines import workers
+
+  class Dead:
+    returncode = 1
+
+    def poll(self):
+      return 1
+
+  class View:
+    tps = []
+
+  started = []
+  monkeypatch.setattr(workers, "_Restarted", lambda argv: started.append(argv) or Dead())
+  clock = [1000.0]
+  monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+  slot = workers._Slot(1, ["python", "-m", "pipelines.main"], Dead())
+  delays = []
+  for _ in range(workers.MAX_RESTARTS):
+    assert workers._heal(slot, View(), 2, draining=False) is None
+    delays.append(slot.restart_at - clock[0])
+    clock[0] = slot.restart_at
+    assert workers._heal(slot, View(), 2, draining=False) is None  # the restart itself
+  assert delays == [1, 2, 4, 8, 16] and len(started) == workers.MAX_RESTARTS
+  failure = workers._heal(slot, View(), 2, draining=False)
+  assert failure and "worker 1" in failure and "giving up" in failure
+  # Outside the window the count starts again; a drain never restarts; exit 2 is not healed.
+  slot.restarts = [clock[0] - workers.RESTART_WINDOW_S - 1]
+  assert workers._heal(slot, View(), 2, draining=False) is None and len(slot.restarts) == 1
+  slot.restart_at = None
+  assert workers._heal(slot, View(), 2, draining=True) is None and slot.restart_at is None
+  refused = workers._Slot(0, [], type("R", (), {"poll": lambda self: 2, "returncode": 2})())
+  assert workers._heal(refused, View(), 2, draining=False) is None and refused.restart_at is None
