@@ -82,8 +82,9 @@ def _lag_by_topic(end: dict, committed: dict) -> dict:
 class ProgressLine:
   """The launcher's progress line: totals, the CURRENT rate (over the last interval), lag."""
 
-  def __init__(self, view: KafkaView):
+  def __init__(self, view: KafkaView, rounds=None):
     self._view = view
+    self._rounds = rounds  # -> rounds done so far (FnApiRunner's plan), or None
     self._started = self._last_t = time.monotonic()
     self._last_written = 0
 
@@ -93,7 +94,10 @@ class ProgressLine:
     now = time.monotonic()
     rate = (written - self._last_written) / max(now - self._last_t, 1e-9)
     self._last_t, self._last_written = now, written
-    parts = [f"[{now - self._started:6.0f}s] read {sum(s['read'].values())}",
+    head = f"[{now - self._started:6.0f}s]"
+    if self._rounds is not None:
+      head += f" round {self._rounds()}"
+    parts = [f"{head} read {sum(s['read'].values())}",
              f"written {written} ({rate:,.0f}/s now)",
              f"dead letters {sum(s['dead_letters'].values())}"]
     status = self._view.status()
@@ -419,7 +423,8 @@ def _watch(launcher: _Launcher, o: SmartGridOptions, signals: StopSignals) -> in
 
   worker = threading.Thread(target=target, name="pipeline", daemon=True)
   worker.start()
-  line = ProgressLine(launcher.view)
+  plan = launcher.plan
+  line = ProgressLine(launcher.view, None if plan is None else (lambda: plan.count))
   while worker.is_alive():
     worker.join(timeout=o.progress_secs or 1.0)
     if worker.is_alive() and o.progress_secs:

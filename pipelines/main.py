@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
   # logging.warning() at import time does).
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                       force=True)
-  for noisy in ("apache_beam.runners.portability", "apache_beam.runners.worker"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  # Beam's INFO lines (type hints, job states, workers) say nothing a user needs.
+  logging.getLogger("apache_beam").setLevel(logging.WARNING)
   # kafka-python logs every failed connection attempt (dozens of lines a second while a
   # broker is down); the launcher says it once, with what to do ("Kafka unreachable ...").
   logging.getLogger("kafka").setLevel(logging.CRITICAL)

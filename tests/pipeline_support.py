@@ -91,7 +91,7 @@ class Pipeline:
 
   def read_count(self) -> int:
     """The latest 'read N' of the progress lines (0 before the first)."""
-    found = re.findall(r"\] read (\d+) \|", self.output)
+    found = re.findall(r"\](?: round \d+)? read (\d+) \|", self.output)
     return int(found[-1]) if found else 0
 
   def summary_batches(self) -> Optional[int]:

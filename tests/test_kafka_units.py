@@ -720,3 +720,22 @@ def test_unbounded_range_refuses_fractional_splits_but_checkpoints():
   bounded = KafkaOffsetTracker(OffsetRange(0, 100))
   assert bounded.try_claim(0)
   assert bounded.try_split(0.5) is not None
+
+
+def test_process_an_idle_partition_sends_a_heartbeat_that_acks_nothing(monkeypatch):
+  from transforms.kafka.gaps import covered_acks
+  from transforms.commit import PartitionProgress
+  monkeypatch.setattr(kafka_read, "IDLE_HEARTBEAT_S", 0.0)
+  tp = TopicPartition("t", 0)
+  fn = _reader(FakeConsumer(tp, {o: _rec(o) for o in range(5)}, end=5), bounded=False)
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0), OffsetRange(0, UNBOUNDED))
+  assert len(out) == 5 and _run.gaps == []  # busy: no heartbeat
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0), residual)
+  assert out == [] and _run.gaps == [OffsetGap("t", 0, 5, 5, EMPTY)]
+  [ack] = covered_acks(_run.gaps[0])
+  p = PartitionProgress()
+  p.add_start(0)
+  p.add_ack(0, 5)
+  p.committed = 5
+  p.add_ack(ack.start, ack.end)
+  assert p.frontier == 5 and p.to_commit() is None and p.pending == []

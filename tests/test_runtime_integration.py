@@ -10,6 +10,7 @@ offsets equal the end offsets (never ahead of the sink).
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 
 import pytest
@@ -48,6 +49,12 @@ def _wait_committed_at_end(env, timeout: float = 60.0) -> None:
     c, e = env.committed(), env.ends()
     return all(c.get(k) == v for k, v in e.items())
   support.wait_for(done, timeout=timeout, what="committed offsets to reach the end offsets")
+
+
+def _rounds(p):
+  """The round count of the latest progress line (None before the first)."""
+  found = re.findall(r"\] round (\d+) read", p.output)
+  return int(found[-1]) if found else None
 
 
 def _drain(p) -> None:
@@ -121,10 +128,11 @@ def test_transactional_topics_commit_the_markers_and_an_idle_run_starts_no_round
     support.wait_for(lambda: row_count(env.db) >= len(kept) or not p.alive(), timeout=90,
                      what="the committed transactions in the sink")
     _wait_committed_at_end(env)  # the trailing commit/abort markers are committed too
-    rounds = p.output.count("reading offsets")
-    # Idle: no new round may start (each logs its partitions' 'reading offsets').
+    support.wait_for(lambda: _rounds(p) is not None, what="a progress line")
+    rounds = _rounds(p)
+    # Idle: no new round may start (the progress line counts them).
     time.sleep(5)  # an observation window, not a synchronization: nothing may happen
-    assert p.output.count("reading offsets") == rounds, p.tail()
+    assert _rounds(p) == rounds, p.tail()
     more = produce_transactions(env.bs, env.sensor, env.meter, _events(30, seed=9))
     support.wait_for(lambda: row_count(env.db) >= len(kept) + len(more) or not p.alive(),
                      timeout=60, what="the later transactions")
@@ -411,10 +419,11 @@ def test_an_idle_stream_recommits_its_offsets_every_recommit_interval(env):
   with env.pipeline("--recommit_interval_secs=2") as p:
     _wait_committed_at_end(env)
     support.wait_for(lambda: row_count(env.db) >= len(produced), what="the rows")
-    rounds = p.output.count("reading offsets")
+    support.wait_for(lambda: _rounds(p) is not None, what="a progress line")
+    rounds = _rounds(p)
     # Idle: rounds still come, one per interval, and each commits every partition again.
-    support.wait_for(lambda: p.output.count("reading offsets") >= rounds + 2 * 4 or not p.alive(),
-                     timeout=30, what="two more rounds while idle")
+    support.wait_for(lambda: _rounds(p) >= rounds + 2 or not p.alive(), timeout=30,
+                     what="two more rounds while idle")
     _drain(p)
   assert_exactly_once(env.db, produced)
   env.assert_committed_equals_end()

@@ -131,8 +131,6 @@ class _CommitOffsetsFn(beam.DoFn):
     p = state.read() or PartitionProgress()
     if p.base is None and p.committed is None and not p.pending:
       final.set(GlobalWindow().max_timestamp())
-      if self._flush_timer:  # re-commits an unchanged offset before the broker expires it
-        flush.set(Timestamp.of(time.time() + self._recommit_s))
     if isinstance(value, PartitionRead):
       p.add_start(value.start_offset)
     else:
@@ -146,19 +144,17 @@ class _CommitOffsetsFn(beam.DoFn):
       elif self._flush_timer:
         # A stream that goes quiet: commit what is durable once the interval is over.
         flush.set(Timestamp.of(time.time() + self._interval_s))
+    elif p.committed is not None and now - self._last_commit.get(key, now) >= self._recommit_s:
+      # Unchanged for an interval (the reader's idle heartbeats get here): commit it again,
+      # or the broker's offsets.retention.minutes expires it. No timer: a pending one
+      # would keep a drained pipeline from finishing.
+      yield self._commit(key, p, p.committed)
+      self._last_commit[key] = now
     state.write(p)
 
   @on_timer(FLUSH)
-  def on_flush(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS),
-               flush=beam.DoFn.TimerParam(FLUSH)):
+  def on_flush(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS)):
     yield from self._commit_pending(key, state)
-    p = state.read()
-    if p is not None and p.committed is not None:
-      if time.monotonic() - self._last_commit.get(key, 0.0) >= self._recommit_s:
-        # Unchanged for an interval: commit it again, or offsets.retention.minutes expires it.
-        yield self._commit(key, p, p.committed)
-        self._last_commit[key] = time.monotonic()
-      flush.set(Timestamp.of(time.time() + self._recommit_s))
 
   @on_timer(FINAL)
   def on_final(self, key=beam.DoFn.KeyParam, state=beam.DoFn.StateParam(PROGRESS)):

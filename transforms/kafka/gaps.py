@@ -8,6 +8,9 @@ what no record covers leaves the reader as an ``OffsetGap`` on its ``gaps`` outp
   compacted records) after the last record of a read. Nothing is lost there, so
   they are acked as they are; without that a trailing commit marker would never be
   committed, and an idle streaming run would start an empty round forever.
+  An empty range of length 0 is an idle reader's heartbeat (about once a minute): it
+  acks nothing, but lets ``CommitOffsets`` re-commit an unchanged offset before the
+  broker's ``offsets.retention.minutes`` expires it.
 - ``offset_gap``: offsets deleted before they were read (retention, delete_records)
   or a committed offset past the end of a recreated topic. With
   ``--on_offset_gap=fail`` (the default) the run stops naming the partition, the
@@ -75,5 +78,7 @@ def covered_acks(gap: OffsetGap) -> list[Ack]:
   An empty range entirely; an offset gap all but its first offset, which is acked by
   the sink once the gap's dead letter (at that offset) is written.
   """
+  if gap.kind == EMPTY and gap.start == gap.end:  # an idle reader's heartbeat: acks nothing
+    return [Ack(gap.topic, gap.partition, gap.start, gap.end)]
   start = gap.start + 1 if gap.kind == OFFSET_GAP else gap.start
   return [Ack(gap.topic, gap.partition, start, gap.end)] if start < gap.end else []

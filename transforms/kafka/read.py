@@ -43,6 +43,7 @@ _LOGGER = logging.getLogger(__name__)
 
 SHORT_POLL_MS = 50
 GAPS_TAG = "gaps"
+IDLE_HEARTBEAT_S = 60.0
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -98,7 +99,8 @@ class _ResolvePartitionsFn(beam.DoFn):
     finally:
       consumer.close()
     for read in reads:
-      _LOGGER.info("Kafka %s-%d: reading offsets [%d, %s)", read.topic, read.partition,
+      # DEBUG: the local launcher resolves every partition again at each round.
+      _LOGGER.debug("Kafka %s-%d: reading offsets [%d, %s)", read.topic, read.partition,
                    read.start_offset, "end" if read.stop_offset is None else read.stop_offset)
       yield read
 
@@ -147,6 +149,7 @@ class _ReadPartitionFn(beam.DoFn):
     self._next_offset = None  # where the consumer will read next, if known
     self._last_block = 0.0  # when an unbounded read last blocked in poll
     self._drain_stops: dict = {}  # (topic, partition) -> end offset seen when the drain was noticed
+    self._heartbeats: dict = {}  # (topic, partition) -> when its last idle heartbeat left
 
   def setup(self):
     self._drain = DrainSignal(self._drain_file)
@@ -188,6 +191,16 @@ class _ReadPartitionFn(beam.DoFn):
         OffsetGap(tp.topic, tp.partition, covers_from, position, EMPTY),
         Timestamp.now(), (GlobalWindow(),)))
     return position
+
+  def _heartbeat(self, tp, position: int):
+    """About once every IDLE_HEARTBEAT_S of an idle partition: an empty range at its position."""
+    now = time.monotonic()
+    last = self._heartbeats.setdefault((tp.topic, tp.partition), now)
+    if now - last >= IDLE_HEARTBEAT_S:
+      self._heartbeats[(tp.topic, tp.partition)] = now
+      yield TaggedOutput(GAPS_TAG, WindowedValue(
+          OffsetGap(tp.topic, tp.partition, position, position, EMPTY),
+          Timestamp.now(), (GlobalWindow(),)))
 
   def _skip_gap(self, tp, covers_from: int, stop: int, tracker):
     """The reader's position no longer exists: fail, or record the gap and go on.
@@ -301,6 +314,7 @@ class _ReadPartitionFn(beam.DoFn):
         now_ms = int(time.time() * 1000)
         if highwater is not None and position >= highwater:
           watermark.observe_idle(now_ms)
+          yield from self._heartbeat(tp, covers_from)
           if stop_ts is not None and now_ms >= stop_ts + DEFAULT_IDLE_LAG_MS:
             _finish(tracker)
             return
