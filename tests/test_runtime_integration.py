@@ -130,9 +130,10 @@ def test_transactional_topics_commit_the_markers_and_an_idle_run_starts_no_round
     _wait_committed_at_end(env)  # the trailing commit/abort markers are committed too
     support.wait_for(lambda: _rounds(p) is not None, what="a progress line")
     rounds = _rounds(p)
-    # Idle: no new round may start (the progress line counts them).
-    time.sleep(5)  # an observation window, not a synchronization: nothing may happen
-    assert _rounds(p) == rounds, p.tail()
+    # Idle: no new round may start (the progress line counts them; the round that committed
+    # the markers may still be finishing). A spinning run starts one every second or so.
+    time.sleep(6)  # an observation window, not a synchronization: nothing may happen
+    assert _rounds(p) <= rounds + 1, p.tail()
     more = produce_transactions(env.bs, env.sensor, env.meter, _events(30, seed=9))
     support.wait_for(lambda: row_count(env.db) >= len(kept) + len(more) or not p.alive(),
                      timeout=60, what="the later transactions")
