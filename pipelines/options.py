@@ -47,7 +47,8 @@ class SmartGridOptions(PipelineOptions):
                         "the sink. Default: smartgrid-pipeline")
     g.add_argument("--start", default="committed",
                    help="where to start: committed (default; earliest when the group has no "
-                        "offset), earliest, latest, or a timestamp (ISO-8601 or epoch ms)")
+                        "offset), earliest, latest, a timestamp (ISO-8601 or epoch ms), or "
+                        "offsets TOPIC@PARTITION=OFFSET[,...] (the other partitions: committed)")
     g.add_argument("--stop", default=None,
                    help="where to stop: unset = never (streaming), 'end' = the end offsets "
                         "seen at start (batch), or a timestamp")

@@ -96,16 +96,20 @@ def test_streaming_start_holds_across_rounds_and_restarts(env, runner, start):
   assert not set(history) & {r for r in new + more + last}
 
 
-@pytest.mark.parametrize("start", ["latest", "timestamp", "earliest", "committed"])
+@pytest.mark.parametrize("start", ["latest", "timestamp", "earliest", "committed", "offsets"])
 def test_batch_start_positions_read_the_same_records_as_streaming(env, start):
   old_ms = int(time.time() * 1000) - 3_600_000
   history = env.produce(_events(40, seed=5), timestamp_ms=old_ms)
   recent = env.produce(_events(25, seed=6))
   flag = {"latest": "--start=latest", "timestamp": f"--start={_iso(old_ms + 60_000)}",
-          "earliest": "--start=earliest", "committed": "--start=committed"}[start]
+          "earliest": "--start=earliest", "committed": "--start=committed",
+          "offsets": f"--start={env.sensor}@0=7,{env.meter}@1=3"}[start]
   first = env.batch(flag)
   assert first.proc.returncode == 0, first.tail()
-  expected = {"latest": [], "timestamp": recent}.get(start, history + recent)
+  explicit = {(env.sensor, 0): 7, (env.meter, 1): 3}
+  expected = {"latest": [], "timestamp": recent,
+              "offsets": [r for r in history + recent if r[2] >= explicit.get(r[:2], 0)]
+              }.get(start, history + recent)
   if expected:
     assert_exactly_once(env.db, expected)
   else:

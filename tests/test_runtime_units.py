@@ -250,3 +250,13 @@ def test_a_worker_is_restarted_with_backoff_and_the_run_fails_past_the_limit(mon
   assert workers._heal(slot, View(), 2, draining=True) is None and slot.restart_at is None
   refused = workers._Slot(0, [], type("R", (), {"poll": lambda self: 2, "returncode": 2})())
   assert workers._heal(refused, View(), 2, draining=False) is None and refused.restart_at is None
+
+
+def test_explicit_start_offsets_on_the_command_line():
+  from transforms.kafka.positions import parse_start
+  start = parse_start("smartgrid-sensor-data@0=15,smartgrid-meter-readings@3=0")
+  assert start.kind == "offsets"
+  assert start.offsets == (("smartgrid-meter-readings", 3, 0), ("smartgrid-sensor-data", 0, 15))
+  with pytest.raises(ValueError, match="TOPIC@PARTITION=OFFSET"):
+    parse_start("t@x=1")
+  assert parse_start("2026-11-30T10:00:00+01:00").kind == "timestamp"

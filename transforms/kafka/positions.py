@@ -2,8 +2,8 @@
 
 Start: ``'committed'`` (the group's committed offset, else the earliest), ``'earliest'``,
 ``'latest'``, a timestamp (``datetime``, ISO-8601 text or epoch milliseconds; the first
-offset stamped at or after it), or ``{(topic, partition): offset}`` (partitions not
-listed start from ``'committed'``).
+offset stamped at or after it), or ``{(topic, partition): offset}`` (as text
+``TOPIC@PARTITION=OFFSET[,...]``; partitions not listed start from ``'committed'``).
 
 Stop: ``None`` (unbounded), ``'end'`` (the end offsets seen when the read starts: batch),
 or a timestamp (the first record stamped at or after it is not read).
@@ -70,11 +70,27 @@ def to_epoch_ms(value: Any, what: str) -> int:
   raise ValueError(f"{what}: unsupported value {value!r}")
 
 
+def _parse_offsets_text(text: str) -> dict:
+  """'TOPIC@PARTITION=OFFSET[,...]' -> {(topic, partition): offset} ('@' is in no topic
+  name and no timestamp)."""
+  out = {}
+  for item in text.split(","):
+    try:
+      where, offset = item.strip().rsplit("=", 1)
+      topic, partition = where.rsplit("@", 1)
+      out[(topic, int(partition))] = int(offset)
+    except ValueError:
+      raise ValueError(f"start: expected TOPIC@PARTITION=OFFSET[,...], got {item.strip()!r}") from None
+  return out
+
+
 def parse_start(start: Any) -> StartPosition:
   if isinstance(start, StartPosition):
     return start
   if isinstance(start, str) and start.strip().lower() in START_KEYWORDS:
     return StartPosition(start.strip().lower())
+  if isinstance(start, str) and "@" in start:
+    start = _parse_offsets_text(start)
   if isinstance(start, Mapping):
     offsets = []
     for key, offset in start.items():
