@@ -44,6 +44,7 @@ _LOGGER = logging.getLogger(__name__)
 SHORT_POLL_MS = 50
 GAPS_TAG = "gaps"
 IDLE_HEARTBEAT_S = 60.0
+RESOLVE_RETRY_S = 120.0
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -93,11 +94,22 @@ class _ResolvePartitionsFn(beam.DoFn):
     self._on_offset_gap = on_offset_gap
 
   def process(self, partitions: Sequence[tuple[str, int]]) -> Iterable[PartitionRead]:
-    consumer = _new_consumer(self._config)
-    try:
-      reads = resolve(consumer, partitions, self._start, self._stop, self._on_offset_gap)
-    finally:
-      consumer.close()
+    from kafka.errors import KafkaError
+    from tenacity import (Retrying, retry_if_exception_type, stop_after_delay,
+                          wait_exponential_jitter)
+
+    def attempt():
+      consumer = _new_consumer(self._config)
+      try:
+        return resolve(consumer, partitions, self._start, self._stop, self._on_offset_gap)
+      finally:
+        consumer.close()
+    # A broker that does not answer ("Failed to get offsets by timestamps") is waited for a
+    # while; past that the bundle fails (the local launcher retries the round, remote
+    # runners the bundle). An offset gap is a decision, not an outage: never retried.
+    reads = Retrying(retry=retry_if_exception_type((KafkaError, KafkaUnavailableError)),
+                     wait=wait_exponential_jitter(initial=1, max=15),
+                     stop=stop_after_delay(RESOLVE_RETRY_S), reraise=True)(attempt)
     for read in reads:
       # DEBUG: the local launcher resolves every partition again at each round.
       _LOGGER.debug("Kafka %s-%d: reading offsets [%d, %s)", read.topic, read.partition,
@@ -191,6 +203,31 @@ class _ReadPartitionFn(beam.DoFn):
         OffsetGap(tp.topic, tp.partition, covers_from, position, EMPTY),
         Timestamp.now(), (GlobalWindow(),)))
     return position
+
+  def _nothing_polled(self, tp, covers_from: int, stop: int, stop_ts, tracker, watermark):
+    """A poll returned nothing: cover what was skipped, then finish or checkpoint."""
+    consumer = self._consumer
+    position = consumer.position(tp)
+    self._next_offset = position
+    # Offsets moved past without a record (transaction markers, aborted or compacted
+    # records): acked as they are, so an idle partition's commit reaches its end.
+    covers_from = yield from self._cover_empty(tp, covers_from, min(position, stop), tracker)
+    if covers_from is None:
+      return
+    if position >= stop:
+      # What is left of a bounded range holds no returnable record (markers, aborts).
+      _finish(tracker)
+      return
+    highwater = consumer.highwater(tp)
+    EndOffsets.record(tp.topic, tp.partition, highwater)
+    now_ms = int(time.time() * 1000)
+    if highwater is not None and position >= highwater:
+      watermark.observe_idle(now_ms)
+      yield from self._heartbeat(tp, covers_from)
+      if stop_ts is not None and now_ms >= stop_ts + DEFAULT_IDLE_LAG_MS:
+        _finish(tracker)
+        return
+    tracker.defer_remainder()
 
   def _heartbeat(self, tp, position: int):
     """About once every IDLE_HEARTBEAT_S of an idle partition: an empty range at its position."""
@@ -298,27 +335,7 @@ class _ReadPartitionFn(beam.DoFn):
           return
         continue
       if not records:
-        position = consumer.position(tp)
-        self._next_offset = position
-        # Offsets moved past without a record (transaction markers, aborted or compacted
-        # records): acked as they are, so an idle partition's commit reaches its end.
-        covers_from = yield from self._cover_empty(tp, covers_from, min(position, stop), tracker)
-        if covers_from is None:
-          return
-        if position >= stop:
-          # What is left of a bounded range holds no returnable record (markers, aborts).
-          _finish(tracker)
-          return
-        highwater = consumer.highwater(tp)
-        EndOffsets.record(topic, partition, highwater)
-        now_ms = int(time.time() * 1000)
-        if highwater is not None and position >= highwater:
-          watermark.observe_idle(now_ms)
-          yield from self._heartbeat(tp, covers_from)
-          if stop_ts is not None and now_ms >= stop_ts + DEFAULT_IDLE_LAG_MS:
-            _finish(tracker)
-            return
-        tracker.defer_remainder()
+        yield from self._nothing_polled(tp, covers_from, stop, stop_ts, tracker, watermark)
         return
 
       max_ts = None
