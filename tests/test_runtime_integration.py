@@ -432,3 +432,69 @@ def test_an_idle_stream_recommits_its_offsets_every_recommit_interval(env):
     _drain(p)
   assert_exactly_once(env.db, produced)
   env.assert_committed_equals_end()
+
+
+def _cmdline(pid: int) -> str:
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return f.read().replace(b"\0", b" ").decode()
+  except FileNotFoundError:
+    return ""
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_that_keeps_dying_ends_the_run_naming_its_partitions(env):
+  import os
+  import signal
+  produced = env.produce(_events(60, seed=18))
+  with env.pipeline("--local_workers=2") as p:
+    support.wait_for(lambda: row_count(env.db) >= len(produced) or not p.alive(), timeout=60,
+                     what="the rows")
+    os.kill(_workers_of(p)[0], signal.SIGKILL)
+    restarted = support.wait_for(
+        lambda: next((c for c in _children(p.proc.pid) if "--partition_shard=" in _cmdline(c)), None),
+        timeout=60, what="the restarted worker")
+    shard = _cmdline(restarted).split("--partition_shard=")[1].split()[0]
+    for n in range(2, 7):  # the same worker dies again and again
+      victim = support.wait_for(
+          lambda: next((c for c in _children(p.proc.pid) if f"--partition_shard={shard}" in _cmdline(c)),
+                       None) if p.output.count("restarting it") == n - 1 else None,
+          timeout=60, what=f"restart {n - 1}")
+      time.sleep(1)  # let it get past its imports, as a crash in the pipeline would
+      os.kill(victim, signal.SIGKILL)
+    assert p.wait(120) == 1, p.tail()
+  assert "giving up" in p.output and f"worker {shard.split('/')[0]} (partitions " in p.output, p.tail()
+  assert "All 2 workers FAILED" in p.output, p.tail()
+  env.commits_not_past_sink()
+  assert_exactly_once(env.db, produced)  # everything was written before the failures
+
+
+def test_offsets_deleted_while_a_stream_runs_are_recorded_with_skip(env):
+  import os
+  import signal
+  first = env.produce(_events(40, seed=19))
+  with env.pipeline("--on_offset_gap=skip") as p:
+    support.wait_for(lambda: row_count(env.db) >= len(first) or not p.alive(), timeout=60,
+                     what="the first rows")
+    _wait_committed_at_end(env)
+    os.kill(p.proc.pid, signal.SIGSTOP)  # hold the run between two rounds
+    try:
+      second = env.produce(_events(60, seed=20))
+      start = env.committed()[(env.sensor, 0)]
+      cut = env.ends()[(env.sensor, 0)] - 2
+      assert cut - start >= 4, "the test needs unread offsets on the partition"
+      _delete_records(env.bs, env.sensor, 0, cut)  # retention, before the run read them
+    finally:
+      os.kill(p.proc.pid, signal.SIGCONT)
+    deleted = {(env.sensor, 0, o) for o in range(start, cut)}
+    expected = [r for r in first + second if r not in deleted] + [(env.sensor, 0, start)]
+    support.wait_for(lambda: row_count(env.db) >= len(expected) or not p.alive(), timeout=60,
+                     what="the rest of the rows and the gap")
+    _wait_committed_at_end(env)
+    _drain(p)
+  by_table = assert_exactly_once(env.db, expected)
+  assert (env.sensor, 0, start) in by_table["dead_letters"]
+  [(error,)] = query(env.db, "SELECT error FROM dead_letters WHERE kafka_topic = ? AND "
+                             "kafka_partition = 0 AND kafka_offset = ?", (env.sensor, start))
+  assert error.startswith("offset_gap") and f"[{start}, {cut})" in error, error
+  env.assert_committed_equals_end()
