@@ -191,10 +191,14 @@ def _heal(slot: _Slot, view, n: int, draining: bool) -> Optional[str]:
       slot.proc = _Restarted(slot.argv)
     return None
   code = slot.proc.poll()
-  # 0: done (batch) or drained; 2: refused to start (options, Kafka, offset gap): a restart
-  # would only repeat it. Anything else (a crash, a signal) is healed.
-  if code is None or code in (0, 2) or draining:
+  # 0: done (batch) or drained. 2: a decision the user must take (an offset gap, missing
+  # required topics): a restart would only repeat it, so the run stops. Anything else (a
+  # crash, a signal) is healed.
+  if code is None or code == 0 or draining:
     return None
+  if code == 2:
+    return (f"worker {slot.index} (partitions {_partitions_of(view, slot.index, n)}) stopped "
+            f"with exit code 2 (its error is above)")
   now = time.monotonic()
   slot.restarts = [t for t in slot.restarts if now - t < RESTART_WINDOW_S] + [now]
   if len(slot.restarts) > MAX_RESTARTS:
@@ -273,4 +277,6 @@ def _report(slots, view, n, started, baseline, signals, failure) -> int:
   if failure:
     lines.append(f"error: {failure}")
   print("\n".join(lines), file=sys.stderr, flush=True)
-  return 1 if failure or any(codes) else 0
+  if failure or any(codes):
+    return 2 if failure and "exit code 2" in failure else 1
+  return 0

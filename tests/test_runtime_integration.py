@@ -498,3 +498,29 @@ def test_offsets_deleted_while_a_stream_runs_are_recorded_with_skip(env):
                              "kafka_partition = 0 AND kafka_offset = ?", (env.sensor, start))
   assert error.startswith("offset_gap") and f"[{start}, {cut})" in error, error
   env.assert_committed_equals_end()
+
+
+def test_offsets_deleted_while_two_workers_stream_stop_the_run_by_default(env):
+  import os
+  import signal
+  first = env.produce(_events(40, seed=21))
+  with env.pipeline("--local_workers=2") as p:
+    support.wait_for(lambda: row_count(env.db) >= len(first) or not p.alive(), timeout=60,
+                     what="the first rows")
+    _wait_committed_at_end(env)
+    tree = [p.proc.pid, *_workers_of(p)]
+    for pid in tree:
+      os.kill(pid, signal.SIGSTOP)  # hold the run between two rounds
+    try:
+      env.produce(_events(60, seed=22))
+      start = env.committed()[(env.sensor, 0)]
+      cut = env.ends()[(env.sensor, 0)] - 2
+      _delete_records(env.bs, env.sensor, 0, cut)
+    finally:
+      for pid in tree:
+        os.kill(pid, signal.SIGCONT)
+    assert p.wait(120) == 2, p.tail()
+  assert f"{env.sensor}-0: offsets [{start}, {cut}) were deleted" in p.output, p.tail()
+  assert "--on_offset_gap=skip" in p.output and "stopped with exit code 2" in p.output
+  assert env.committed()[(env.sensor, 0)] == start  # never acked past the gap
+  env.commits_not_past_sink()

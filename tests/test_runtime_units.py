@@ -248,8 +248,10 @@ def test_a_worker_is_restarted_with_backoff_and_the_run_fails_past_the_limit(mon
   assert workers._heal(slot, View(), 2, draining=False) is None and len(slot.restarts) == 1
   slot.restart_at = None
   assert workers._heal(slot, View(), 2, draining=True) is None and slot.restart_at is None
+  # Exit 2 (an offset gap, required topics missing) is not healed: the run stops.
   refused = workers._Slot(0, [], type("R", (), {"poll": lambda self: 2, "returncode": 2})())
-  assert workers._heal(refused, View(), 2, draining=False) is None and refused.restart_at is None
+  stop = workers._heal(refused, View(), 2, draining=False)
+  assert "worker 0" in stop and "exit code 2" in stop and refused.restart_at is None
 
 
 def test_explicit_start_offsets_on_the_command_line():
