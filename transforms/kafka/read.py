@@ -11,7 +11,12 @@ hand the resolved starts to ``CommitOffsets``.
 
 The reader commits nothing. Its output records carry ``covers_from`` (see
 ``KafkaRecord``), their Kafka timestamp as element timestamp, and a watermark
-(see ``watermark.py``).
+(see ``watermark.py``). Offsets it moves past without a record to cover them leave
+on a second output, ``gaps`` (``gaps.py``): trailing transaction markers (acked as
+they are), offsets deleted before they were read (``on_offset_gap``: fail, or
+record them), and an idle partition's heartbeat. Its consumer has no reset policy
+(``auto_offset_reset='none'``): a position that no longer exists is an error to
+decide on, never a silent jump to the log start.
 """
 
 from __future__ import annotations
