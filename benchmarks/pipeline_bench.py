@@ -97,9 +97,10 @@ def run_pipeline(args: list[str], drain_after_catch_up: bool = False) -> dict:
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if proc.returncode != 0:
     raise RuntimeError(f"pipeline exited {proc.returncode}:\n{err[-3000:]}")
-  found = re.findall(r"batches:\s+(\d+) \((\d+)% full\)", err)
+  # The summary's line: "batches: N (F full of B rows[; P partial: ...])".
+  found = re.findall(r"batches:\s+(\d+) \((\d+) full of", err)
   total = sum(int(b) for b, _ in found)
-  full = sum(int(b) * int(pct) / 100 for b, pct in found)
+  full = sum(int(f) for _, f in found)
   return {"wall": wall, "cpu": cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_before,
           "rss_mb": after.ru_maxrss / 1024.0,
           "batches": f"batches {total} ({100 * full / total:.0f}% full)" if total else "batches ?",

@@ -11,7 +11,7 @@ import sys
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines.options import OptionError, SmartGridOptions, validate
+from pipelines.options import OptionError, SmartGridOptions, default_bootstrap, validate
 
 _LOGGER = logging.getLogger("pipelines")
 MODES = ("local", "batch", "flink", "dataflow")
@@ -33,6 +33,9 @@ def parse(argv: list[str]) -> tuple[str, PipelineOptions]:
     raise OptionError("unknown option(s): " + ", ".join(f"--{u}" for u in sorted(unknown)) +
                       " (see --help)")
   o = options.view_as(SmartGridOptions)
+  if not any(a == "--bootstrap_servers" or a.startswith("--bootstrap_servers=") for a in rest):
+    # Beam's KafkaStreamsRunnerOptions declares the same flag with its own default.
+    o.bootstrap_servers = default_bootstrap()
   if known.mode == "batch" and o.stop is None:
     o.stop = "end"
   validate(o)
@@ -40,9 +43,15 @@ def parse(argv: list[str]) -> tuple[str, PipelineOptions]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  for noisy in ("kafka", "apache_beam.runners.portability", "apache_beam.runners.worker"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  # force: a library may have configured the root logger already (a root-level
+  # logging.warning() at import time does).
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      force=True)
+  # Beam's INFO lines (type hints, job states, workers) say nothing a user needs.
+  logging.getLogger("apache_beam").setLevel(logging.WARNING)
+  # kafka-python logs every failed connection attempt (dozens of lines a second while a
+  # broker is down); the launcher says it once, with what to do ("Kafka unreachable ...").
+  logging.getLogger("kafka").setLevel(logging.CRITICAL)
   try:
     mode, options = parse(sys.argv[1:] if argv is None else argv)
   except OptionError as e:

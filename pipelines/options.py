@@ -18,6 +18,11 @@ from transforms.parse import check_registry_url
 DEFAULT_SINK = "sqlite:///output/smartgrid.db"
 
 
+def default_bootstrap() -> str:
+  """127.0.0.1:$KAFKA_PORT (9092 when unset): the local broker of ./run_pipeline.sh broker."""
+  return f"127.0.0.1:{os.environ.get('KAFKA_PORT') or 9092}"
+
+
 class OptionError(ValueError):
   """A pipeline option has a bad value; the message names the option."""
 
@@ -27,8 +32,9 @@ class SmartGridOptions(PipelineOptions):
   def _add_argparse_args(cls, parser):
     g = parser.add_argument_group("smart-grid pipeline")
     try:
-      g.add_argument("--bootstrap_servers", default="127.0.0.1:9092",
-                     help="Kafka brokers, host:port[,host:port]. Default: 127.0.0.1:9092")
+      g.add_argument("--bootstrap_servers", default=default_bootstrap(),
+                     help="Kafka brokers, host:port[,host:port]. Default: 127.0.0.1:$KAFKA_PORT "
+                          "(9092 when KAFKA_PORT is unset)")
     except argparse.ArgumentError:
       # Beam's KafkaStreamsRunnerOptions declares the same flag (default localhost:9092);
       # when every options class shares one parser, theirs stands and the value is the same.
@@ -42,7 +48,8 @@ class SmartGridOptions(PipelineOptions):
                         "the sink. Default: smartgrid-pipeline")
     g.add_argument("--start", default="committed",
                    help="where to start: committed (default; earliest when the group has no "
-                        "offset), earliest, latest, or a timestamp (ISO-8601 or epoch ms)")
+                        "offset), earliest, latest, a timestamp (ISO-8601 or epoch ms), or "
+                        "offsets TOPIC@PARTITION=OFFSET[,...] (the other partitions: committed)")
     g.add_argument("--stop", default=None,
                    help="where to stop: unset = never (streaming), 'end' = the end offsets "
                         "seen at start (batch), or a timestamp")
@@ -106,6 +113,18 @@ class SmartGridOptions(PipelineOptions):
                         "wire format are decoded as Avro with the writer's schema. Basic-auth "
                         "credentials come from SCHEMA_REGISTRY_USERNAME / SCHEMA_REGISTRY_PASSWORD. "
                         "Unset: such values are dead letters (avro_needs_registry)")
+    g.add_argument("--require_topics", action="store_true", default=False,
+                   help="batch: exit non-zero naming the topics that do not exist (default: a "
+                        "batch run over missing topics exits 0 with 'nothing to read'; a "
+                        "streaming run waits for them)")
+    g.add_argument("--on_offset_gap", default="fail", choices=["fail", "skip"],
+                   help="a committed offset below the log start (retention) or past the end "
+                        "(a recreated topic), or offsets deleted while being read: 'fail' "
+                        "(default) stops naming the partition; 'skip' goes on and records the "
+                        "skipped range as an 'offset_gap' dead letter")
+    g.add_argument("--recommit_interval_secs", type=float, default=3600.0,
+                   help="re-commit unchanged offsets at least this often, so the broker never "
+                        "expires them (offsets.retention.minutes). Default: 3600")
     g.add_argument("--drain_file", default=None,
                    help="local runs: a file whose creation drains the pipeline "
                         "(default .run/<mode>-pipeline.drain)")
@@ -163,6 +182,8 @@ def validate(o: SmartGridOptions) -> None:
     fail("round_max_records", f"must be >= 1, got {o.round_max_records}")
   if o.poll_timeout_ms <= 0:
     fail("poll_timeout_ms", f"must be > 0, got {o.poll_timeout_ms}")
+  if o.recommit_interval_secs <= 0:
+    fail("recommit_interval_secs", f"must be > 0, got {o.recommit_interval_secs}")
   if o.progress_secs < 0:
     fail("progress_secs", f"must be >= 0, got {o.progress_secs}")
   if o.sink.startswith("sqlite:"):

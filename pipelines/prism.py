@@ -12,8 +12,11 @@ pipeline there: windows close, GroupIntoBatches' buffering timer flushes partial
 batches and offsets are committed while events stream in.
 
 How it fits the launcher (pipelines/local.py: no rounds on Prism, nothing else changes):
-- ``environment_type=LOOPBACK``: Prism runs the Python DoFns in an SDK harness thread
-  of the launcher process itself. So the drain file, the process-local progress counters
+- Loopback: Prism runs the Python DoFns in an SDK harness thread of the launcher
+  process itself, through a worker pool this module starts on 127.0.0.1
+  (``environment_type=EXTERNAL``): Beam's own LOOPBACK pool listens on every
+  interface (``worker_pool_main`` binds ``[::]``), and so does Prism's job server
+  unless it is the patched build of ``runners/prism.sh`` (binds 127.0.0.1). So the drain file, the process-local progress counters
   (transforms/progress.py) and the summary work exactly as on FnApiRunner.
 - The launcher starts the Prism binary itself (``job_server()``) and hands the runner its
   ``--job_endpoint``, instead of letting PrismRunner start it: PrismRunner's job server
@@ -56,7 +59,7 @@ from pipelines.options import SmartGridOptions
 
 _LOGGER = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BINARY = REPO / ".cache" / "prism" / "bin" / "prism"
+DEFAULT_BINARY = REPO / ".cache" / "prism-127" / "bin" / "prism"
 RUNNER = "PrismRunner"
 _RUNNER_NAMES = (RUNNER, "apache_beam.runners.portability.prism_runner.PrismRunner")
 
@@ -74,7 +77,7 @@ def is_prism(options: PipelineOptions) -> bool:
 
 
 def binary() -> Path:
-  """$PRISM_BIN, else .cache/prism/bin/prism (built by ``./run_pipeline.sh prism build``)."""
+  """$PRISM_BIN, else .cache/prism-127/bin/prism (built by ``./run_pipeline.sh prism build``)."""
   path = Path(os.environ.get("PRISM_BIN") or DEFAULT_BINARY)
   if not (path.is_file() and os.access(path, os.X_OK)):
     raise PrismNotBuilt(f"--runner=PrismRunner: no Prism binary at {path}; "
@@ -89,8 +92,33 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 def _free_port() -> int:
   with socket.socket() as s:
-    s.bind(("localhost", 0))
+    s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+_worker_pool: Optional[str] = None
+
+
+def worker_pool(state_cache_bytes: int = 0) -> str:
+  """This process's SDK worker pool on 127.0.0.1 (what LOOPBACK starts, on every interface)."""
+  global _worker_pool
+  if _worker_pool is None:
+    import grpc  # pylint: disable=import-outside-toplevel
+    from apache_beam.portability.api import beam_fn_api_pb2_grpc  # pylint: disable=import-outside-toplevel
+    from apache_beam.runners.worker import worker_pool_main  # pylint: disable=import-outside-toplevel
+    from apache_beam.utils import thread_pool_executor  # pylint: disable=import-outside-toplevel
+    server = grpc.server(thread_pool_executor.shared_unbounded_instance(),
+                         options=[("grpc.http2.max_pings_without_data", 0),
+                                  ("grpc.http2.max_ping_strikes", 0)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(
+        worker_pool_main.BeamFnExternalWorkerPoolServicer(
+            use_process=False, state_cache_size=state_cache_bytes, data_buffer_time_limit_ms=-1),
+        server)
+    server.start()
+    atexit.register(server.stop, 1)
+    _worker_pool = f"127.0.0.1:{port}"
+  return _worker_pool
 
 
 class JobServer:
@@ -98,7 +126,7 @@ class JobServer:
 
   def __init__(self, path: Path, log_level: str = "warn"):
     self.port = _free_port()
-    self.endpoint = f"localhost:{self.port}"
+    self.endpoint = f"127.0.0.1:{self.port}"
     self._log = logging.getLogger("prism")
     self.proc = subprocess.Popen(
         [str(path), "--job_port", str(self.port), "--log_level", log_level, "--log_kind", "text",
@@ -111,7 +139,7 @@ class JobServer:
       if self.proc.poll() is not None:
         raise RuntimeError(f"Prism ({path}) exited with {self.proc.returncode} at start")
       try:
-        socket.create_connection(("localhost", self.port), timeout=1).close()
+        socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
         break
       except OSError:
         if time.monotonic() > deadline:
@@ -171,8 +199,9 @@ def prism_options(options: PipelineOptions) -> PipelineOptions:
       prism_location=str(path),  # documentation only: the runner is given job_endpoint
       job_endpoint=flags.get("job_endpoint") or job_server(log_level).endpoint,
       # The SDK harness runs in this process: drain file, progress counters and summary
-      # are the launcher's own (see the module doc).
-      environment_type="LOOPBACK",
+      # are the launcher's own (see the module doc); its pool listens on 127.0.0.1 only.
+      environment_type="EXTERNAL",
+      environment_config=worker_pool(),
       streaming=o.stop is None,
       # Prism's own INFO lines (job submitted, stages) would drown the progress line.
       prism_log_level=log_level,

@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -22,8 +23,10 @@ from transforms.batching import BatchRows
 from transforms.commit import CommitOffsets
 from transforms.kafka import ReadFromKafka
 from transforms.kafka.read import shard_of
-from transforms.kafka.config import consumer_config
+from transforms.kafka.config import FromEnv, consumer_config
+from transforms.kafka.gaps import OFFSET_GAP, OffsetGap, covered_acks
 from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop
+from transforms.events import DeadLetter
 from transforms.reconcile import SkipStored
 from transforms.parse import METER, SENSOR, ParseEvents, key_dead_letters
 from transforms.sinks.base import Store, WriteBatches
@@ -43,8 +46,9 @@ def _kafka_security(o: SmartGridOptions) -> dict:
     extra["security_protocol"] = o.kafka_security_protocol
   if o.kafka_sasl_mechanism:
     extra["sasl_mechanism"] = o.kafka_sasl_mechanism
-    extra["sasl_plain_username"] = os.environ.get("KAFKA_SASL_USERNAME")
-    extra["sasl_plain_password"] = os.environ.get("KAFKA_SASL_PASSWORD")
+    # References, resolved where a client opens: the values never enter a pickled DoFn.
+    extra["sasl_plain_username"] = FromEnv("KAFKA_SASL_USERNAME")
+    extra["sasl_plain_password"] = FromEnv("KAFKA_SASL_PASSWORD")
   return extra
 
 
@@ -57,6 +61,23 @@ def make_store(o: SmartGridOptions) -> Store:
   return BigQueryStore(project, dataset, api_endpoint=o.bigquery_api_endpoint,
                        write_method=o.bigquery_write_method,
                        storage_api_endpoint=o.bigquery_storage_api_endpoint)
+
+
+def _offset_gap_dead_letter(gap: OffsetGap, num_shards: int) -> list:
+  """An OFFSET_GAP -> a keyed dead_letters row at its first offset (reason offset_gap).
+
+  Built through the parse module's DeadLetter and row helpers, so it follows the
+  dead_letters columns wherever they go; fields DeadLetter lacks are left out.
+  """
+  if gap.kind != OFFSET_GAP:
+    return []
+  values = dict(kafka_topic=gap.topic, kafka_partition=gap.partition, kafka_offset=gap.start,
+                covers_from=gap.start, raw_key=None, raw_value=None, reason=OFFSET_GAP,
+                error=f"{OFFSET_GAP}: offsets [{gap.start}, {gap.end}) skipped: {gap.detail}",
+                stage="read", failed_at_us=int(time.time() * 1_000_000))
+  names = {f.name for f in dataclasses.fields(DeadLetter)}
+  return [key_dead_letters(DeadLetter(**{k: v for k, v in values.items() if k in names}),
+                           num_shards)]
 
 
 def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
@@ -83,18 +104,23 @@ class Outputs:
 
 def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = None,
           drain_file: Optional[str] = None, start: Optional[StartPosition] = None,
-          stop: Optional[StopPosition] = None) -> Outputs:
-  """The pipeline on p; ``start``/``stop`` override --start/--stop (the launcher's rounds)."""
+          stop: Optional[StopPosition] = None, skip_missing_topics: bool = False) -> Outputs:
+  """The pipeline on p; ``start``/``stop`` override --start/--stop (the launcher's rounds).
+
+  ``skip_missing_topics``: read the topics that exist (the local launcher waits for the
+  others and rebuilds); else a missing topic fails the build, naming it.
+  """
   config = kafka_client_config(o)
   topics = {o.sensor_topic: SENSOR, o.meter_topic: METER}
   start = start if start is not None else parse_start(o.start)
   stop = stop if stop is not None else parse_stop(o.stop)
   store = store if store is not None else make_store(o)
 
-  records, reads = p | "ReadFromKafka" >> ReadFromKafka(
+  records, reads, gaps = p | "ReadFromKafka" >> ReadFromKafka(
       o.bootstrap_servers, list(topics), group_id=o.group_id, start=start, stop=stop,
       consumer_config=_kafka_security(o), poll_timeout_ms=o.poll_timeout_ms,
-      drain_file=drain_file, shard=parse_shard(o.partition_shard), with_partition_reads=True)
+      drain_file=drain_file, shard=parse_shard(o.partition_shard), with_partition_reads=True,
+      on_offset_gap=o.on_offset_gap, skip_missing_topics=skip_missing_topics)
   read, skipped_acks = records, None
   if o.reconcile == "on":
     records, skipped_acks = records | "SkipStored" >> SkipStored(
@@ -105,7 +131,10 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
       schema_registry_url=o.schema_registry_url)
   dead_rows = dead_letters | "KeyDeadLetters" >> beam.Map(
       key_dead_letters, o.num_shards).with_output_types(Tuple[str, Any])
-  batches = (full_batches, (rows, dead_rows) | "OtherRows" >> beam.Flatten()) | "BatchRows" >> BatchRows(
+  # Skipped offsets (--on_offset_gap=skip) are written as dead letters like any other.
+  gap_rows = gaps | "OffsetGapDeadLetters" >> beam.FlatMap(
+      _offset_gap_dead_letter, o.num_shards).with_output_types(Tuple[str, Any])
+  batches = (full_batches, (rows, dead_rows, gap_rows) | "OtherRows" >> beam.Flatten()) | "BatchRows" >> BatchRows(
       o.batch_size, FixedEventWindows(o.window_size_secs),
       allowed_lateness_secs=o.allowed_lateness_secs,
       # A bounded read ends with the watermark at +inf, which flushes every partial batch; a
@@ -118,7 +147,8 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
   if skipped_acks is not None:
     written_acks = acks | "WrittenAcksToGlobalWindow" >> beam.WindowInto(GlobalWindows())
     acks = (written_acks, skipped_acks) | "AllAcks" >> beam.Flatten()
-  committed = (reads, acks) | "CommitOffsets" >> CommitOffsets(
+  covered = gaps | "CoveredOffsets" >> beam.FlatMap(covered_acks)
+  committed = (reads, acks, covered) | "CommitOffsets" >> CommitOffsets(
       config, interval_s=o.commit_interval_secs, retry_deadline_s=o.sink_retry_deadline_secs,
-      flush_timer=not stop.is_bounded)
+      flush_timer=not stop.is_bounded, recommit_s=o.recommit_interval_secs)
   return Outputs(read, dead_letters, acks, committed)

@@ -2,6 +2,13 @@
 
 Aborting is safe at any moment: nothing unwritten was committed, so the next run
 replays it and the idempotent sink absorbs what was already written.
+
+A worker of ``--local_workers`` (``SUPERVISED_ENV`` set by the supervisor) never
+aborts on a signal: every SIGINT/SIGTERM after the first is absorbed. A signal sent to
+every process of the tree at once (``pkill -f``, systemd's ``KillMode=control-group``)
+reaches a worker twice, from the sender and forwarded by the supervisor, and must
+drain, not abort. Aborting workers is the supervisor's job: on its own second signal
+it SIGKILLs them.
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ import os
 import signal
 import sys
 from typing import Callable
+
+SUPERVISED_ENV = "SMARTGRID_SUPERVISED_WORKER"
 
 
 class StopSignals:
@@ -32,6 +41,8 @@ class StopSignals:
     if self.count == 1:
       self._drain(signal.Signals(signum).name)
       return
+    if os.environ.get(SUPERVISED_ENV) == "1":
+      return  # a worker: the duplicate of a signal sent to the whole tree; still draining
     print("Second signal: aborting now. Nothing unwritten was committed; the next run "
           "replays it.", file=sys.stderr, flush=True)
     self._before_abort()

@@ -12,22 +12,38 @@ its own session (a terminal's Ctrl-C reaches only the supervisor) with a
 parent-death signal (they die with it); each then runs ``pipelines.main`` on its
 own arguments. The supervisor
 forwards the first SIGINT/SIGTERM to each as one SIGTERM (each drains), and on a
-second signal kills them and exits 130. It prints a progress line from the
-group's committed offsets and, at the end, the committed/end offsets; each
-worker prints its own summary.
+second signal kills them and exits 130. Workers absorb repeated signals
+(``stopping.SUPERVISED_ENV``): a SIGTERM sent to every process at once drains.
+It prints a progress line from the group's committed offsets and, at the end, the
+committed/end offsets; each worker prints its own summary.
+
+Self-healing: a worker that dies when no drain was asked (a crash, the OOM killer,
+a SIGKILL) is started again (a fresh ``python -m pipelines.main`` process) after a
+backoff of 1, 2, 4, ... s; it resumes from its partitions' committed offsets, and
+the idempotent sink absorbs what it wrote twice. More than ``MAX_RESTARTS`` restarts
+of one worker within ``RESTART_WINDOW_S`` drain the others and end the run with
+exit 1, naming that worker's partitions.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
+from pipelines import smartgrid
 from pipelines.options import SmartGridOptions
-from pipelines.stopping import StopSignals, offsets_table
+from pipelines.stopping import SUPERVISED_ENV, StopSignals, offsets_table
+
+_LOGGER = logging.getLogger(__name__)
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 600.0
 
 REPO = Path(__file__).resolve().parent.parent
 _OWN_FLAGS = ("--local_workers", "--partition_shard", "--drain_file", "--progress_secs", "--mode")
@@ -74,6 +90,7 @@ class _Worker:
       try:
         os.setsid()
         _die_with_parent()
+        os.environ[SUPERVISED_ENV] = "1"
         for sig in (signal.SIGINT, signal.SIGTERM):
           signal.signal(sig, signal.SIG_DFL)
         from pipelines import main  # pylint: disable=import-outside-toplevel
@@ -103,53 +120,163 @@ class _Worker:
     self.send_signal(signal.SIGKILL)
 
 
+class _Restarted:
+  """A worker started again: a fresh interpreter (the supervisor has threads and sockets
+  by now, so it does not fork again). Same interface as _Worker."""
+
+  def __init__(self, argv: list[str]):
+    env = {**os.environ, SUPERVISED_ENV: "1"}
+    self._proc = subprocess.Popen(argv, env=env, start_new_session=True,
+                                  preexec_fn=_die_with_parent)
+    self.pid = self._proc.pid
+    self.returncode = None
+
+  def poll(self):
+    self.returncode = self._proc.poll()
+    return self.returncode
+
+  def send_signal(self, sig) -> None:
+    if self.poll() is None:
+      self._proc.send_signal(sig)
+
+  def kill(self) -> None:
+    self.send_signal(signal.SIGKILL)
+
+
+class _Slot:
+  """One worker position (its partition shard) and its restart history."""
+
+  def __init__(self, index: int, argv: list[str], proc):
+    self.index = index
+    self.argv = argv
+    self.proc = proc
+    self.restarts: list[float] = []  # monotonic times of restarts
+    self.restart_at: Optional[float] = None
+
+  def running(self) -> bool:
+    return self.restart_at is not None or self.proc.poll() is None
+
+
 def supervise(argv: list[str], o: SmartGridOptions, mode: str, drain_file: Path,
               make_view) -> int:
   n = o.local_workers
-  workers = [_Worker(worker_argv(argv, mode, i, n, drain_file)[3:]) for i in range(n)]
+  argvs = [worker_argv(argv, mode, i, n, drain_file) for i in range(n)]
+  slots = [_Slot(i, a, _Worker(a[3:])) for i, a in enumerate(argvs)]
   try:
     view = make_view()
   except BaseException:
-    for w in workers:
-      w.kill()
-      while w.poll() is None:
+    for slot in slots:
+      slot.proc.kill()
+      while slot.proc.poll() is None:
         time.sleep(0.05)
     raise
   try:
-    return _watch(workers, view, o, n)
+    return _watch(slots, view, o, n)
   finally:
     view.close()
 
 
-def _watch(workers: list, view, o: SmartGridOptions, n: int) -> int:
-  baseline = sum(c or 0 for c in view.offsets()[1].values())
+def _partitions_of(view, index: int, n: int) -> str:
+  pairs = [(tp.topic, tp.partition) for tp in view.tps]
+  return ", ".join(f"{t}-{p}" for t, p in smartgrid.shard_partitions(pairs, f"{index}/{n}")) or "none"
+
+
+def _heal(slot: _Slot, view, n: int, draining: bool) -> Optional[str]:
+  """Restarts a worker that died outside a drain; the failure line once past the limit."""
+  if slot.restart_at is not None:
+    if draining:
+      slot.restart_at = None  # nothing to restart for: the run is ending
+    elif time.monotonic() >= slot.restart_at:
+      slot.restart_at = None
+      slot.proc = _Restarted(slot.argv)
+    return None
+  code = slot.proc.poll()
+  # 0: done (batch) or drained. 2: a decision the user must take (an offset gap, missing
+  # required topics): a restart would only repeat it, so the run stops. Anything else (a
+  # crash, a signal) is healed.
+  if code is None or code == 0 or draining:
+    return None
+  if code == 2:
+    return (f"worker {slot.index} (partitions {_partitions_of(view, slot.index, n)}) stopped "
+            f"with exit code 2 (its error is above)")
+  now = time.monotonic()
+  slot.restarts = [t for t in slot.restarts if now - t < RESTART_WINDOW_S] + [now]
+  if len(slot.restarts) > MAX_RESTARTS:
+    return (f"worker {slot.index} (partitions {_partitions_of(view, slot.index, n)}) died "
+            f"{len(slot.restarts)} times within {RESTART_WINDOW_S / 60:.0f} min (last exit code "
+            f"{code}); giving up")
+  delay = 2.0 ** (len(slot.restarts) - 1)
+  print(f"worker {slot.index} (partitions {_partitions_of(view, slot.index, n)}) exited with "
+        f"{code}; restarting it in {delay:.0f}s (restart {len(slot.restarts)} of at most "
+        f"{MAX_RESTARTS} in {RESTART_WINDOW_S / 60:.0f} min)", file=sys.stderr, flush=True)
+  slot.restart_at = now + delay
+  return None
+
+
+def _progress(view, started: float, baseline: int) -> str:
+  elapsed = time.monotonic() - started
+  try:
+    if view.refresh():  # topics that appeared since are counted from now on
+      return f"[{elapsed:6.0f}s] waiting for topic(s) " + ", ".join(view.missing)
+    return f"[{elapsed:6.0f}s] " + _committed_line(*view.offsets(), started, baseline)
+  except Exception as e:  # noqa: BLE001 - the progress line must never stop the supervisor
+    status = getattr(view, "status", lambda: None)()
+    return f"[{elapsed:6.0f}s] " + (status or f"offsets unknown ({type(e).__name__})")
+
+
+def _watch(slots: list, view, o: SmartGridOptions, n: int) -> int:
+  try:
+    baseline = sum(c or 0 for c in view.offsets()[1].values())
+  except Exception:  # noqa: BLE001 - Kafka may be down right now; the count starts at 0
+    baseline = 0
 
   def drain(signal_name: str) -> None:
     print(f"\n{signal_name}: draining {n} workers. Signal again to abort.", file=sys.stderr,
           flush=True)
-    for w in workers:
-      w.send_signal(signal.SIGTERM)
+    for slot in slots:
+      slot.proc.send_signal(signal.SIGTERM)
 
   def kill_all() -> None:
-    for w in workers:
-      w.kill()
+    for slot in slots:
+      slot.proc.kill()
 
   signals = StopSignals(drain, kill_all)
   started = time.monotonic()
   next_line = started + (o.progress_secs or 0)
-  while any(w.poll() is None for w in workers):
+  failure = None
+  while any(slot.running() for slot in slots):
     time.sleep(0.2)
+    for slot in slots:
+      failure = failure or _heal(slot, view, n, signals.draining or failure is not None)
+    if failure and not signals.draining:
+      print(f"error: {failure}; draining the other workers", file=sys.stderr, flush=True)
+      signals.count = 1
+      drain("worker failure")
     if o.progress_secs and time.monotonic() >= next_line:
       next_line += o.progress_secs
-      elapsed = time.monotonic() - started
-      print(f"[{elapsed:6.0f}s] " + _committed_line(*view.offsets(), started, baseline),
-            file=sys.stderr, flush=True)
-  codes = [w.returncode for w in workers]
+      print(_progress(view, started, baseline), file=sys.stderr, flush=True)
+  return _report(slots, view, n, started, baseline, signals, failure)
+
+
+def _report(slots, view, n, started, baseline, signals, failure) -> int:
+  codes = [slot.proc.returncode for slot in slots]
+  restarts = sum(len(slot.restarts) for slot in slots)
   state = "drained" if signals.draining else "finished"
-  if any(codes):
+  if failure or any(codes):
     state = "FAILED"
-  end, committed = view.offsets()
-  lines = [f"All {n} workers {state} after {time.monotonic() - started:.1f}s (exit codes {codes}).",
-           "  " + _committed_line(end, committed, started, baseline), *offsets_table(end, committed)]
+  lines = [f"All {n} workers {state} after {time.monotonic() - started:.1f}s (exit codes {codes}"
+           + (f", {restarts} restarts" if restarts else "") + ")."]
+  try:
+    view.refresh()
+    end, committed = view.offsets()
+    lines.append("  " + _committed_line(end, committed, started, baseline))
+    if end:
+      lines.extend(offsets_table(end, committed))
+  except Exception as e:  # noqa: BLE001 - the summary is printed whatever Kafka says
+    lines.append(f"  committed offsets unknown: {type(e).__name__}: {e}")
+  if failure:
+    lines.append(f"error: {failure}")
   print("\n".join(lines), file=sys.stderr, flush=True)
-  return 0 if not any(codes) else 1
+  if failure or any(codes):
+    return 2 if failure and "exit code 2" in failure else 1
+  return 0

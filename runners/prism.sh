@@ -2,9 +2,13 @@
 # Prism, Beam's portable local runner (Go), built from the Go module proxy at the
 # same version as the pinned apache-beam, for `./run_pipeline.sh local --runner=PrismRunner`.
 #
-#   runners/prism.sh build     go install github.com/apache/beam/sdks/v2/go/cmd/prism@v<beam>
-#                              into .cache/prism/bin (skipped when the binary there already
-#                              reports that version); needs Go >= 1.2x on PATH
+#   runners/prism.sh build     builds github.com/apache/beam/sdks/v2/go/cmd/prism@v<beam> from
+#                              the Go module proxy into .cache/prism-127/bin (skipped when the
+#                              binary there already has that version); needs Go >= 1.2x.
+#                              Patched in one line: Prism's job server (its only listener,
+#                              which also carries the workers' control and data streams)
+#                              binds 127.0.0.1 instead of every interface; Prism has no flag
+#                              for it (jobservices/server.go listens on ":<port>").
 #   runners/prism.sh path      print the binary's path (exit 1 if it is not built)
 #   runners/prism.sh version   print the Beam version the binary must have
 #
@@ -13,7 +17,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN_DIR="$ROOT/.cache/prism/bin"
+BIN_DIR="$ROOT/.cache/prism-127/bin"
+SRC_ROOT="$ROOT/.cache/prism-127/src"
+PATCHED_SUFFIX="+bind127"
 BIN="$BIN_DIR/prism"
 STAMP="$BIN.version"  # the version the binary was built at (checked without Go too)
 MODULE="github.com/apache/beam/sdks/v2/go/cmd/prism"
@@ -46,10 +52,9 @@ find_go() {
 binary_version() {
   local bin="$1" go
   [[ -x "$bin" ]] || return 0
-  if go="$(find_go)"; then
-    "$go" version -m "$bin" 2>/dev/null | awk '$1 == "mod" && $2 == "github.com/apache/beam/sdks/v2" {sub(/^v/, "", $3); print $3; exit}'
-  elif [[ "$bin" == "$BIN" && -f "$STAMP" ]]; then
-    cat "$STAMP"
+  # A patched build reports "(devel)" to `go version -m`: the stamp beside it says what it is.
+  if [[ "$bin" == "$BIN" && -f "$STAMP" ]]; then
+    sed "s/$PATCHED_SUFFIX\$//" "$STAMP"
   fi
 }
 
@@ -65,14 +70,25 @@ cmd_build() {
 Install Go (https://go.dev/dl/; Prism v2.77 needs Go 1.26, which Go 1.21+ fetches by itself) or set GO=/path/to/go, then run ./run_pipeline.sh prism build again."
   [[ -z "$have" && -e "$BIN" ]] && echo "Rebuilding $BIN (its version is unknown)" >&2
   [[ -n "$have" ]] && echo "Rebuilding $BIN: it is v$have, apache-beam is $want" >&2
-  mkdir -p "$BIN_DIR"
+  mkdir -p "$BIN_DIR" "$SRC_ROOT"
   echo "Building Prism v$want with $("$go" version) (a few minutes, CPU heavy) ..." >&2
-  GOBIN="$BIN_DIR" GOFLAGS="${GOFLAGS:-} -buildvcs=false" "$go" install "$MODULE@v$want" \
-    || die "go install $MODULE@v$want failed (is the Go module proxy reachable? GOPROXY=$("$go" env GOPROXY))"
-  have="$(binary_version "$BIN")"
-  [[ "$have" == "$want" ]] || die "built $BIN but it reports version '${have:-unknown}', expected $want"
-  echo "$want" > "$STAMP"
-  echo "Prism v$want: $BIN" >&2
+  local mod src
+  mod="$("$go" mod download -json "github.com/apache/beam/sdks/v2@v$want" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')" \
+    || die "go mod download github.com/apache/beam/sdks/v2@v$want failed (is the Go module proxy reachable? GOPROXY=$("$go" env GOPROXY))"
+  [[ -d "$mod" ]] || die "go mod download gave no source folder for github.com/apache/beam/sdks/v2@v$want"
+  src="$SRC_ROOT/v$want"
+  rm -rf "$src.tmp" && mkdir -p "$src.tmp"
+  cp -r "$mod/go.mod" "$mod/go.sum" "$mod/go" "$src.tmp/" && chmod -R u+w "$src.tmp"
+  local server="$src.tmp/go/pkg/beam/runners/prism/internal/jobservices/server.go"
+  grep -q 'net.Listen("tcp", fmt.Sprintf(":%d", port))' "$server" \
+    || die "Prism v$want: the job server's listen call changed ($server); update the bind patch in runners/prism.sh"
+  sed -i 's/net.Listen("tcp", fmt.Sprintf(":%d", port))/net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))/' "$server"
+  rm -rf "$src" && mv "$src.tmp" "$src"
+  (cd "$src" && GOFLAGS="${GOFLAGS:-} -buildvcs=false -mod=mod" "$go" build -o "$BIN.tmp" ./go/cmd/prism) \
+    || die "go build of Prism v$want failed"
+  mv -f "$BIN.tmp" "$BIN"
+  echo "$want$PATCHED_SUFFIX" > "$STAMP"
+  echo "Prism v$want (job server on 127.0.0.1): $BIN" >&2
 }
 
 cmd_path() {

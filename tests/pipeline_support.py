@@ -26,9 +26,9 @@ TABLES = ("sensor_readings", "meter_readings", "dead_letters")
 
 
 def prism_binary() -> Optional[Path]:
-  """The Prism binary pipelines/prism.py would use ($PRISM_BIN or .cache/prism/bin/prism),
+  """The Prism binary pipelines/prism.py would use ($PRISM_BIN or .cache/prism-127/bin/prism),
   or None when it is not built (``./run_pipeline.sh prism build``)."""
-  path = Path(os.environ.get("PRISM_BIN") or REPO / ".cache" / "prism" / "bin" / "prism")
+  path = Path(os.environ.get("PRISM_BIN") or REPO / ".cache" / "prism-127" / "bin" / "prism")
   return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
@@ -91,7 +91,7 @@ class Pipeline:
 
   def read_count(self) -> int:
     """The latest 'read N' of the progress lines (0 before the first)."""
-    found = re.findall(r"\] read (\d+) \|", self.output)
+    found = re.findall(r"\](?: round \d+)? read (\d+) \|", self.output)
     return int(found[-1]) if found else 0
 
   def summary_batches(self) -> Optional[int]:
@@ -284,3 +284,80 @@ class BackgroundProducer:
     assert self.error is None, f"producer failed: {self.error!r}"
     with self._lock:
       return list(self.produced)
+
+
+# ---------------------------------------------------------------------------
+# A test's world: fresh topics, a group and a work dir
+
+
+class PipelineEnv:
+  """Fresh sensor and meter topics (``partitions`` each), a fresh group, a work dir, and
+  the runs and checks the integration tests share. ``runner`` is the streaming engine."""
+
+  def __init__(self, bootstrap: str, make_topic, work_dir: Path, runner: Optional[str] = None,
+               partitions: int = 2):
+    import uuid  # pylint: disable=import-outside-toplevel
+    self.bs = bootstrap
+    self.sensor = make_topic(partitions, "sensor")
+    self.meter = make_topic(partitions, "meter")
+    self.group = f"g-{uuid.uuid4().hex[:8]}"
+    self.dir = work_dir
+    self.db = work_dir / "out.db"
+    self.runner = runner
+
+  def pipeline(self, *extra, mode: str = "local", runner: Optional[str] = "default") -> Pipeline:
+    return Pipeline(self.bs, self.sensor, self.meter, self.group, self.dir, *extra, mode=mode,
+                    runner=self.runner if runner == "default" else runner)
+
+  def batch(self, *extra, timeout: float = 120.0) -> Pipeline:
+    return run_to_end(self.bs, self.sensor, self.meter, self.group, self.dir, *extra,
+                      timeout=timeout)
+
+  def produce(self, events, **kw) -> list[tuple[str, int, int]]:
+    return produce_events(self.bs, self.sensor, self.meter, list(events), **kw)
+
+  def committed(self) -> dict:
+    return committed(self.bs, self.group, self.sensor, self.meter)
+
+  def ends(self) -> dict:
+    return ends(self.bs, self.sensor, self.meter)
+
+  def commits_not_past_sink(self) -> dict:
+    return assert_commits_not_past_sink(self.bs, self.group, self.db, self.sensor, self.meter)
+
+  def assert_committed_equals_end(self) -> None:
+    """Every partition's committed offset is its end offset (None only where it is 0)."""
+    c, e = self.committed(), self.ends()
+    assert {k: v for k, v in c.items() if v or e[k]} == {k: v for k, v in e.items() if v}, (c, e)
+
+
+def produce_transactions(bootstrap: str, sensor_topic: str, meter_topic: str, events, *,
+                         abort_every: int = 3, per_txn: int = 10) -> list[tuple[str, int, int]]:
+  """Writes events in transactions of ``per_txn``, aborting every ``abort_every``-th one.
+
+  Returns the (topic, partition, offset) of the committed records only: aborted records
+  and the commit/abort markers take offsets that no record covers.
+  """
+  import uuid  # pylint: disable=import-outside-toplevel
+  producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"tx-{uuid.uuid4().hex}",
+                           enable_idempotence=True, acks="all")
+  producer.init_transactions()
+  kept: list[tuple[str, int, int]] = []
+  try:
+    events = list(events)
+    for n, i in enumerate(range(0, len(events), per_txn)):
+      producer.begin_transaction()
+      futures = []
+      for ev in events[i:i + per_txn]:
+        topic = sensor_topic if ev.topic_kind == "sensor" else meter_topic
+        futures.append((topic, producer.send(topic, key=ev.key, value=ev.value)))
+      producer.flush()
+      offsets = [(t, m.partition, m.offset) for t, m in ((t, f.get(timeout=30)) for t, f in futures)]
+      if abort_every and n % abort_every == abort_every - 1:
+        producer.abort_transaction()
+      else:
+        producer.commit_transaction()
+        kept.extend(offsets)
+  finally:
+    producer.close()
+  return kept

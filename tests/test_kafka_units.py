@@ -16,6 +16,7 @@ import pytest
 from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
 from apache_beam.transforms.display import DisplayData
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
@@ -26,6 +27,7 @@ from transforms.kafka import KafkaRecord, KafkaUnavailableError, PartitionRead, 
 from transforms.kafka import config as kafka_config
 from transforms.kafka import read as kafka_read
 from transforms.kafka.drain import DrainSignal
+from transforms.kafka.gaps import EMPTY, OFFSET_GAP, OffsetGap, OffsetGapError
 from transforms.kafka.positions import (StartPosition, StopPosition, parse_start, parse_stop,
                                         resolve, to_epoch_ms)
 from transforms.kafka.tracking import (UNBOUNDED, EndOffsets, KafkaOffsetTracker,
@@ -159,14 +161,29 @@ def test_resolve_explicit_stop_offsets_and_a_per_partition_cap():
   assert not StopPosition("never").is_bounded and not StopPosition("timestamp", 5).is_bounded
 
 
-def test_resolve_committed_falls_back_to_beginning_and_clamps_to_the_log():
-  c = FakeOffsetsConsumer(beginning={0: 3, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10},
-                          committed={0: 1, 1: 4, 2: 99})
-  reads = resolve(c, PARTS, StartPosition("committed"), StopPosition("end"))
-  # 0: committed before the log start (retention) -> log start; 2: past the end -> end.
-  assert _starts(reads) == {0: 3, 1: 4, 2: 10}
+def test_resolve_committed_falls_back_to_beginning():
   c2 = FakeOffsetsConsumer(beginning={0: 2, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10})
   assert _starts(resolve(c2, PARTS, StartPosition("committed"), StopPosition("end"))) == {0: 2, 1: 0, 2: 0}
+
+
+@pytest.mark.parametrize("committed, expected", [
+    ({0: 1}, "t-0: offsets [1, 3) were deleted"),  # below the log start (retention)
+    ({2: 99}, "t-2: offset 99 is past the partition's end offset 10"),  # topic recreated
+])
+def test_resolve_committed_outside_the_log_fails_naming_partition_offsets_and_choices(committed, expected):
+  c = FakeOffsetsConsumer(beginning={0: 3, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10}, committed=committed)
+  with pytest.raises(OffsetGapError) as e:
+    resolve(c, PARTS, StartPosition("committed"), StopPosition("end"))
+  assert expected in str(e.value) and "--on_offset_gap=skip" in str(e.value)
+
+
+def test_resolve_committed_outside_the_log_with_skip():
+  c = FakeOffsetsConsumer(beginning={0: 3, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10},
+                          committed={0: 1, 1: 4, 2: 99})
+  reads = resolve(c, PARTS, StartPosition("committed"), StopPosition("end"), on_offset_gap="skip")
+  # 0: kept below the log start, so the reader meets the gap and records it;
+  # 2: past the end of a recreated topic -> its new log start, no new record skipped.
+  assert _starts(reads) == {0: 1, 1: 4, 2: 0}
 
 
 def test_resolve_explicit_offsets_others_from_committed():
@@ -472,8 +489,16 @@ class FakeConsumer:
     self.seeks += 1
     self.pos = offset
 
+  beginning = 0
+
+  def beginning_offsets(self, tps):
+    return {tp: self.beginning for tp in tps}
+
   def poll(self, timeout_ms):
     self.polls += 1
+    if self.pos < self.beginning or self.pos > self.end:
+      from kafka.errors import OffsetOutOfRangeError
+      raise OffsetOutOfRangeError({self.tp: self.pos})
     out = []
     while self.pos < self.end and len(out) < self.batch:
       if self.pos in self.records:
@@ -494,9 +519,9 @@ class FakeConsumer:
     pass
 
 
-def _reader(consumer, drain_path=None, bounded=True, max_records=1_000):
+def _reader(consumer, drain_path=None, bounded=True, max_records=1_000, on_offset_gap="fail"):
   cls = kafka_read._ReadPartitionFn if bounded else kafka_read._ReadUnboundedPartitionFn
-  fn = cls({"bootstrap_servers": [BOOT]}, 10, max_records, 60.0, drain_path)
+  fn = cls({"bootstrap_servers": [BOOT]}, 10, max_records, 60.0, drain_path, on_offset_gap)
   fn.setup()
   fn._consumer = consumer
   return fn
@@ -508,6 +533,9 @@ def _run(fn, read: PartitionRead, restriction: OffsetRange, watermark=None):
   out = list(fn.process(read, window=GlobalWindow(), tracker=RestrictionTrackerView(safe),
                         watermark=watermark))
   safe.check_done()
+  _run.gaps = [o.value.value for o in out if isinstance(o, TaggedOutput)]
+  assert all(o.tag == kafka_read.GAPS_TAG for o in out if isinstance(o, TaggedOutput))
+  out = [o for o in out if not isinstance(o, TaggedOutput)]
   residual = safe.deferred_status()
   return out, (residual[0] if residual else None), watermark
 
@@ -532,16 +560,53 @@ def test_process_bounded_read_with_trailing_markers_finishes_and_tiles():
   assert records[0].headers == ()
   assert [tv.timestamp for tv in out] == [Timestamp(micros=(1_000 + r.offset) * 1000) for r in records]
   assert ts_ms(w.current_watermark()) == 1_007
+  # The trailing markers are covered by no record: they leave as an empty range to ack.
+  assert _run.gaps == [OffsetGap("t", 0, 8, 10, EMPTY)]
 
 
 def test_process_bounded_read_whose_range_holds_no_record():
   tp = TopicPartition("t", 0)
   fn = _reader(FakeConsumer(tp, {}, end=4))
   out, residual, _ = _run(fn, PartitionRead("t", 0, 2, 4), OffsetRange(2, 4))
-  assert out == [] and residual is None
+  assert out == [] and residual is None and _run.gaps == [OffsetGap("t", 0, 2, 4, EMPTY)]
   fn = _reader(FakeConsumer(tp, {}, end=4))
   out, residual, _ = _run(fn, PartitionRead("t", 0, 4, 4), OffsetRange(4, 4))
-  assert out == [] and residual is None and fn._consumer.polls == 0
+  assert out == [] and residual is None and fn._consumer.polls == 0 and _run.gaps == []
+
+
+def test_process_unbounded_idle_after_a_trailing_marker_acks_it_once():
+  # A transactional producer's last commit marker at offset 3: the next idle check must
+  # see the partition as done, so the marker range is emitted and claimed, exactly once.
+  tp = TopicPartition("t", 0)
+  consumer = FakeConsumer(tp, {o: _rec(o) for o in range(3)}, end=4)
+  fn = _reader(consumer, bounded=False)
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0), OffsetRange(0, UNBOUNDED))
+  assert [tv.value.offset for tv in out] == [0, 1, 2]
+  assert _run.gaps == [OffsetGap("t", 0, 3, 4, EMPTY)] and residual == OffsetRange(4, UNBOUNDED)
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0), residual)
+  assert out == [] and _run.gaps == [] and residual == OffsetRange(4, UNBOUNDED)
+
+
+def test_process_offsets_deleted_under_the_reader_fail_by_default_naming_the_choices():
+  tp = TopicPartition("t", 0)
+  consumer = FakeConsumer(tp, {o: _rec(o) for o in range(5, 8)}, end=8)
+  consumer.beginning = 5  # offsets 0..4 deleted by retention before they were read
+  fn = _reader(consumer)
+  with pytest.raises(OffsetGapError, match=r"t-0: offsets \[0, 5\) were deleted.*--on_offset_gap=skip"):
+    _run(fn, PartitionRead("t", 0, 0, 8), OffsetRange(0, 8))
+
+
+def test_process_offsets_deleted_under_the_reader_with_skip_record_the_gap_and_tile():
+  tp = TopicPartition("t", 0)
+  consumer = FakeConsumer(tp, {o: _rec(o) for o in range(5, 8)}, end=8)
+  consumer.beginning = 5
+  fn = _reader(consumer, on_offset_gap="skip")
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0, 8), OffsetRange(0, 8))
+  assert residual is None
+  assert [(tv.value.covers_from, tv.value.offset) for tv in out] == [(5, 5), (6, 6), (7, 7)]
+  [gap] = _run.gaps
+  assert (gap.topic, gap.partition, gap.start, gap.end, gap.kind) == ("t", 0, 0, 5, OFFSET_GAP)
+  assert "[0, 5)" in gap.detail
 
 
 def test_process_unbounded_checkpoints_when_caught_up_and_resumes_without_seeking():
@@ -655,3 +720,22 @@ def test_unbounded_range_refuses_fractional_splits_but_checkpoints():
   bounded = KafkaOffsetTracker(OffsetRange(0, 100))
   assert bounded.try_claim(0)
   assert bounded.try_split(0.5) is not None
+
+
+def test_process_an_idle_partition_sends_a_heartbeat_that_acks_nothing(monkeypatch):
+  from transforms.kafka.gaps import covered_acks
+  from transforms.commit import PartitionProgress
+  monkeypatch.setattr(kafka_read, "IDLE_HEARTBEAT_S", 0.0)
+  tp = TopicPartition("t", 0)
+  fn = _reader(FakeConsumer(tp, {o: _rec(o) for o in range(5)}, end=5), bounded=False)
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0), OffsetRange(0, UNBOUNDED))
+  assert len(out) == 5 and _run.gaps == []  # busy: no heartbeat
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0), residual)
+  assert out == [] and _run.gaps == [OffsetGap("t", 0, 5, 5, EMPTY)]
+  [ack] = covered_acks(_run.gaps[0])
+  p = PartitionProgress()
+  p.add_start(0)
+  p.add_ack(0, 5)
+  p.committed = 5
+  p.add_ack(ack.start, ack.end)
+  assert p.frontier == 5 and p.to_commit() is None and p.pending == []

@@ -174,7 +174,7 @@ def test_130_events_make_a_full_batch_and_a_flushed_rest(env, make_topic):
   assert_exactly_once(env.db, produced)
   assert len(query(env.db, "SELECT 1 FROM sensor_readings")) == 130
   assert p.summary_batches() == 2, p.tail()
-  assert "batches:        2 (50% full)" in p.output
+  assert "batches:        2 (1 full of 100 rows; 1 partial: the last rows" in p.output
   _assert_committed_equals_end(env)
 
 

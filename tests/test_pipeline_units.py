@@ -264,11 +264,14 @@ def test_acks_covers_from_spans_gaps_and_overlaps_merge():
 # PartitionProgress
 
 
-def test_progress_nothing_to_commit_until_something_is_acked():
+def test_progress_commits_the_resolved_start_before_anything_is_acked():
+  # A start at latest/timestamp must hold for the next round: the start itself is committed.
   p = PartitionProgress()
   assert p.to_commit() is None
   p.add_start(10)
-  assert (p.base, p.frontier, p.to_commit()) == (10, 10, None)
+  assert (p.base, p.frontier, p.to_commit()) == (10, 10, 10)
+  p.committed = 10
+  assert p.to_commit() is None
 
 
 def test_progress_contiguous_acks_move_the_frontier():
@@ -287,7 +290,9 @@ def test_progress_a_hole_holds_the_commit_until_it_is_filled():
   p.add_start(0)
   p.add_ack(5, 10)
   p.add_ack(12, 15)
-  assert p.frontier == 0 and p.to_commit() is None
+  assert p.frontier == 0 and p.to_commit() == 0
+  p.committed = 0
+  assert p.to_commit() is None
   p.add_ack(0, 5)
   assert p.to_commit() == 10 and p.pending == [(12, 15)]
   p.add_ack(10, 12)

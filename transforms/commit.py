@@ -2,7 +2,9 @@
 
 Per topic-partition (the key), it keeps the resolved start offset of the read
 (the base, from ``PartitionRead``) and the acked ranges, merges them, and commits
-the first offset not yet covered by a contiguous run from the base. A range that
+the base at once (so a start at ``latest`` or a timestamp holds for the next round
+and restart, and an unchanged offset is refreshed before the broker expires it),
+then the first offset not yet covered by a contiguous run from the base. A range that
 arrives ahead of a hole waits for the hole to be acked. Commits happen at most
 every ``interval_s`` per partition, when acks arrive, and once more when the
 input ends: at the end of a bounded run or a drain, when the watermark reaches
@@ -80,8 +82,15 @@ class PartitionProgress:
       self.frontier = max(self.frontier, self.pending.pop(0)[1])
 
   def to_commit(self) -> Optional[int]:
-    """The offset to commit now, if the frontier moved past the last commit."""
-    if self.frontier is None or (self.frontier == self.base and self.committed is None):
+    """The offset to commit now: the resolved start first, then the frontier when it moves.
+
+    The start is committed even before anything is acked: a read that started at
+    ``latest``, a timestamp or explicit offsets and found nothing must leave that
+    position in the group, or the next round or restart (which starts from the
+    committed offsets) would fall back to the log start and replay history. It is
+    never ahead of the sink: nothing below it belongs to this read.
+    """
+    if self.frontier is None:
       return None
     if self.committed is None or self.frontier > self.committed:
       return self.frontier
@@ -95,8 +104,9 @@ FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
 class _CommitOffsetsFn(beam.DoFn):
   def __init__(self, consumer_config: Mapping[str, Any], interval_s: float,
-               retry_deadline_s: float, flush_timer: bool):
+               retry_deadline_s: float, flush_timer: bool, recommit_s: float = 3600.0):
     self._flush_timer = flush_timer
+    self._recommit_s = recommit_s
     self._config = dict(consumer_config)
     self._interval_s = interval_s
     self._retry_deadline_s = retry_deadline_s
@@ -134,6 +144,12 @@ class _CommitOffsetsFn(beam.DoFn):
       elif self._flush_timer:
         # A stream that goes quiet: commit what is durable once the interval is over.
         flush.set(Timestamp.of(time.time() + self._interval_s))
+    elif p.committed is not None and now - self._last_commit.get(key, now) >= self._recommit_s:
+      # Unchanged for an interval (the reader's idle heartbeats get here): commit it again,
+      # or the broker's offsets.retention.minutes expires it. No timer: a pending one
+      # would keep a drained pipeline from finishing.
+      yield self._commit(key, p, p.committed)
+      self._last_commit[key] = now
     state.write(p)
 
   @on_timer(FLUSH)
@@ -177,20 +193,28 @@ def _keyed(value) -> tuple:
 
 
 class CommitOffsets(beam.PTransform):
-  """(PCollection[PartitionRead], PCollection[Ack]) -> PCollection[Committed]."""
+  """(PCollection[PartitionRead], PCollection[Ack][, PCollection[Ack]]) -> PCollection[Committed].
+
+  The optional third input: offsets acked without the sink (the reader's empty ranges).
+  """
 
   def __init__(self, consumer_config: Mapping[str, Any], *, interval_s: float = 5.0,
-               retry_deadline_s: float = 60.0, flush_timer: bool = False):
+               retry_deadline_s: float = 60.0, flush_timer: bool = False,
+               recommit_s: float = 3600.0):
     super().__init__()
     if not consumer_config.get("group_id"):
       raise ValueError("CommitOffsets needs a consumer group: set --group_id")
     if interval_s <= 0:
       raise ValueError(f"--commit_interval_secs must be > 0, got {interval_s}")
-    self._fn = _CommitOffsetsFn(consumer_config, interval_s, retry_deadline_s, flush_timer)
+    self._fn = _CommitOffsetsFn(consumer_config, interval_s, retry_deadline_s, flush_timer,
+                                recommit_s)
 
   def expand(self, inputs):
-    starts, acks = inputs
-    return ((starts, acks | "AcksToGlobalWindow" >> beam.WindowInto(GlobalWindows()))
+    starts, acks, *covered = inputs
+    acks = acks | "AcksToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+    covered = [c | f"CoveredToGlobalWindow{i}" >> beam.WindowInto(GlobalWindows())
+               for i, c in enumerate(covered)]
+    return ((starts, acks, *covered)
             | "StartsAndAcks" >> beam.Flatten()
             | "KeyByPartition" >> beam.Map(_keyed).with_output_types(Tuple[str, Any])
             | "Commit" >> beam.ParDo(self._fn))

@@ -1,13 +1,20 @@
 """Consumer configuration for the source: safe defaults, validation, redaction.
 
 The reader never commits: auto-commit is forced off and cannot be turned on.
-Secrets (SASL/SSL passwords, tokens) may be in the config; they never reach a
-log line or an error message, only ``redact()``-ed copies do.
+Secrets (SASL/SSL passwords, tokens) are never in the config that is pickled into
+the pipeline: it holds ``FromEnv("NAME")`` references, which ``materialize()``
+resolves from the environment of the process that opens the client (the worker, at
+``setup()`` or first use). Copies for logs go through ``redact()``.
+
+Metadata requests never create topics (``allow_auto_create_topics=False``): a broker
+with ``auto.create.topics.enable=true`` would otherwise create a topic the pipeline
+merely looked for, with the broker's default partition count.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import os
+from typing import Any, Mapping, NamedTuple
 
 SECRET_MARKERS = ("password", "secret", "token", "sasl_oauth", "ssl_key", "credential")
 
@@ -24,7 +31,18 @@ DEFAULT_CONSUMER_CONFIG: dict[str, Any] = {
     # A broker that cannot be reached fails the first call in bounded time.
     "bootstrap_timeout_ms": 30000,
     "request_timeout_ms": 30000,
+    "allow_auto_create_topics": False,
 }
+
+
+class FromEnv(NamedTuple):
+  """A setting read from the environment when a client is opened (never pickled as a value)."""
+  name: str
+
+
+def materialize(config: Mapping[str, Any]) -> dict[str, Any]:
+  """config with every ``FromEnv`` replaced by the variable's value (None when unset)."""
+  return {k: (os.environ.get(v.name) if isinstance(v, FromEnv) else v) for k, v in config.items()}
 
 
 def redact(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 Start: ``'committed'`` (the group's committed offset, else the earliest), ``'earliest'``,
 ``'latest'``, a timestamp (``datetime``, ISO-8601 text or epoch milliseconds; the first
-offset stamped at or after it), or ``{(topic, partition): offset}`` (partitions not
-listed start from ``'committed'``).
+offset stamped at or after it), or ``{(topic, partition): offset}`` (as text
+``TOPIC@PARTITION=OFFSET[,...]``; partitions not listed start from ``'committed'``).
 
 Stop: ``None`` (unbounded), ``'end'`` (the end offsets seen when the read starts: batch),
 or a timestamp (the first record stamped at or after it is not read).
@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
+from transforms.kafka.gaps import check_start, gap_message
 from transforms.kafka.records import PartitionRead
 
 _LOGGER = logging.getLogger(__name__)
@@ -69,11 +70,27 @@ def to_epoch_ms(value: Any, what: str) -> int:
   raise ValueError(f"{what}: unsupported value {value!r}")
 
 
+def _parse_offsets_text(text: str) -> dict:
+  """'TOPIC@PARTITION=OFFSET[,...]' -> {(topic, partition): offset} ('@' is in no topic
+  name and no timestamp)."""
+  out = {}
+  for item in text.split(","):
+    try:
+      where, offset = item.strip().rsplit("=", 1)
+      topic, partition = where.rsplit("@", 1)
+      out[(topic, int(partition))] = int(offset)
+    except ValueError:
+      raise ValueError(f"start: expected TOPIC@PARTITION=OFFSET[,...], got {item.strip()!r}") from None
+  return out
+
+
 def parse_start(start: Any) -> StartPosition:
   if isinstance(start, StartPosition):
     return start
   if isinstance(start, str) and start.strip().lower() in START_KEYWORDS:
     return StartPosition(start.strip().lower())
+  if isinstance(start, str) and "@" in start:
+    start = _parse_offsets_text(start)
   if isinstance(start, Mapping):
     offsets = []
     for key, offset in start.items():
@@ -100,8 +117,12 @@ def parse_stop(stop: Any) -> StopPosition:
 
 
 def resolve(consumer, partitions: Iterable[tuple[str, int]], start: StartPosition,
-            stop: StopPosition) -> list[PartitionRead]:
-  """Turns positions into concrete offsets with a live kafka-python consumer."""
+            stop: StopPosition, on_offset_gap: str = "fail") -> list[PartitionRead]:
+  """Turns positions into concrete offsets with a live kafka-python consumer.
+
+  A start outside the log (deleted by retention, or past the end of a recreated
+  topic) follows ``on_offset_gap`` (``gaps.check_start``): never a silent clamp.
+  """
   from kafka import TopicPartition
 
   tps = [TopicPartition(t, p) for t, p in partitions]
@@ -131,15 +152,10 @@ def resolve(consumer, partitions: Iterable[tuple[str, int]], start: StartPositio
 
   reads = []
   for tp in tps:
-    offset = starts[tp]
-    if offset < beginning[tp]:
-      _LOGGER.warning("%s-%d: start offset %d is before the log start %d (deleted by retention); "
-                      "reading from %d", tp.topic, tp.partition, offset, beginning[tp], beginning[tp])
-      offset = beginning[tp]
-    elif offset > end[tp]:
-      _LOGGER.warning("%s-%d: start offset %d is past the end offset %d; reading from %d",
-                      tp.topic, tp.partition, offset, end[tp], end[tp])
-      offset = end[tp]
+    offset = check_start(tp.topic, tp.partition, starts[tp], beginning[tp], end[tp], on_offset_gap)
+    if offset != starts[tp]:
+      _LOGGER.warning("%s (--on_offset_gap=skip: reading from %d)", gap_message(
+          tp.topic, tp.partition, starts[tp], beginning[tp], end[tp]), offset)
     stop_offset = stop_ts = None
     if stop.kind == "end":
       stop_offset = max(end[tp], offset)

@@ -11,7 +11,12 @@ hand the resolved starts to ``CommitOffsets``.
 
 The reader commits nothing. Its output records carry ``covers_from`` (see
 ``KafkaRecord``), their Kafka timestamp as element timestamp, and a watermark
-(see ``watermark.py``).
+(see ``watermark.py``). Offsets it moves past without a record to cover them leave
+on a second output, ``gaps`` (``gaps.py``): trailing transaction markers (acked as
+they are), offsets deleted before they were read (``on_offset_gap``: fail, or
+record them), and an idle partition's heartbeat. Its consumer has no reset policy
+(``auto_offset_reset='none'``): a position that no longer exists is an error to
+decide on, never a silent jump to the log start.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.timestamp import Timestamp
@@ -29,6 +35,8 @@ from apache_beam.utils.timestamp import Timestamp
 from transforms import progress
 from transforms.kafka import config as kafka_config
 from transforms.kafka.drain import DrainSignal
+from transforms.kafka.gaps import (EMPTY, GAP_POLICIES, OFFSET_GAP, OffsetGap, OffsetGapError,
+                                   gap_message)
 from transforms.kafka.positions import (StartPosition, StopPosition, parse_start, parse_stop,
                                         resolve)
 from transforms.kafka.records import KafkaRecord, PartitionRead
@@ -39,6 +47,9 @@ _LOGGER = logging.getLogger(__name__)
 
 
 SHORT_POLL_MS = 50
+GAPS_TAG = "gaps"
+IDLE_HEARTBEAT_S = 60.0
+RESOLVE_RETRY_S = 120.0
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -49,20 +60,24 @@ def _new_consumer(config: Mapping[str, Any]):
   from kafka import KafkaConsumer
   from kafka.errors import KafkaError
   try:
-    return KafkaConsumer(**config)
+    return KafkaConsumer(**kafka_config.materialize(config))
   except KafkaError as e:
     raise KafkaUnavailableError(
         f"cannot reach Kafka at {','.join(config['bootstrap_servers'])} within "
         f"{config.get('bootstrap_timeout_ms', 30000) / 1000:.0f}s: {type(e).__name__}: {e}") from None
 
 
-def discover_partitions(config: Mapping[str, Any], topics: Sequence[str]) -> list[tuple[str, int]]:
-  """[(topic, partition)] of the given topics; a clear error for a missing topic."""
+def discover_partitions(config: Mapping[str, Any], topics: Sequence[str],
+                        skip_missing: bool = False) -> list[tuple[str, int]]:
+  """[(topic, partition)] of the given topics; a clear error for a missing topic
+  (``skip_missing``: only those of the topics that exist)."""
   consumer = _new_consumer(config)
   try:
     existing = consumer.topics()
     missing = [t for t in topics if t not in existing]
-    if missing:
+    if skip_missing:
+      topics = [t for t in topics if t in existing]
+    elif missing:
       raise KafkaUnavailableError(
           f"topic(s) not found on {','.join(config['bootstrap_servers'])}: {', '.join(missing)}")
     return [(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
@@ -77,19 +92,32 @@ def shard_of(partitions: Sequence[tuple[str, int]],
 
 
 class _ResolvePartitionsFn(beam.DoFn):
-  def __init__(self, config, start: StartPosition, stop: StopPosition):
+  def __init__(self, config, start: StartPosition, stop: StopPosition, on_offset_gap: str):
     self._config = config
     self._start = start
     self._stop = stop
+    self._on_offset_gap = on_offset_gap
 
   def process(self, partitions: Sequence[tuple[str, int]]) -> Iterable[PartitionRead]:
-    consumer = _new_consumer(self._config)
-    try:
-      reads = resolve(consumer, partitions, self._start, self._stop)
-    finally:
-      consumer.close()
+    from kafka.errors import KafkaError
+    from tenacity import (Retrying, retry_if_exception_type, stop_after_delay,
+                          wait_exponential_jitter)
+
+    def attempt():
+      consumer = _new_consumer(self._config)
+      try:
+        return resolve(consumer, partitions, self._start, self._stop, self._on_offset_gap)
+      finally:
+        consumer.close()
+    # A broker that does not answer ("Failed to get offsets by timestamps") is waited for a
+    # while; past that the bundle fails (the local launcher retries the round, remote
+    # runners the bundle). An offset gap is a decision, not an outage: never retried.
+    reads = Retrying(retry=retry_if_exception_type((KafkaError, KafkaUnavailableError)),
+                     wait=wait_exponential_jitter(initial=1, max=15),
+                     stop=stop_after_delay(RESOLVE_RETRY_S), reraise=True)(attempt)
     for read in reads:
-      _LOGGER.info("Kafka %s-%d: reading offsets [%d, %s)", read.topic, read.partition,
+      # DEBUG: the local launcher resolves every partition again at each round.
+      _LOGGER.debug("Kafka %s-%d: reading offsets [%d, %s)", read.topic, read.partition,
                    read.start_offset, "end" if read.stop_offset is None else read.stop_offset)
       yield read
 
@@ -98,17 +126,19 @@ class ResolvePartitions(beam.PTransform):
   """(topic, partition) pairs -> ``PartitionRead`` with concrete start/stop offsets."""
 
   def __init__(self, partitions: Sequence[tuple[str, int]], config: Mapping[str, Any],
-               start: StartPosition, stop: StopPosition):
+               start: StartPosition, stop: StopPosition, on_offset_gap: str = "fail"):
     super().__init__()
     self._partitions = list(partitions)
     self._config = dict(config)
     self._start = start
     self._stop = stop
+    self._on_offset_gap = on_offset_gap
 
   def expand(self, pbegin):
     return (pbegin
             | "ListPartitions" >> beam.Create([tuple(self._partitions)])
-            | "ResolveOffsets" >> beam.ParDo(_ResolvePartitionsFn(self._config, self._start, self._stop)))
+            | "ResolveOffsets" >> beam.ParDo(_ResolvePartitionsFn(self._config, self._start, self._stop,
+                                                          self._on_offset_gap)))
 
 
 def _finish(tracker) -> None:
@@ -120,18 +150,23 @@ class _ReadPartitionFn(beam.DoFn):
   """Reads one partition's restriction; checkpoints when idle or after a budget of work."""
 
   def __init__(self, config: Mapping[str, Any], poll_timeout_ms: int, max_records_per_call: int,
-               max_seconds_per_call: float, drain_file: Optional[str]):
-    self._config = dict(config)
+               max_seconds_per_call: float, drain_file: Optional[str], on_offset_gap: str = "fail"):
+    # No reset policy: a position that no longer exists raises OffsetOutOfRangeError
+    # instead of jumping silently to the log start (offsets deleted under the reader).
+    self._config = {**config, "auto_offset_reset": "none"}
+    self._on_offset_gap = on_offset_gap
     self._poll_timeout_ms = poll_timeout_ms
     self._max_records = max_records_per_call
     self._max_seconds = max_seconds_per_call
     self._drain_file = drain_file
     self._records = Metrics.counter(self.__class__, "records_read")
+    self._gaps = Metrics.counter(self.__class__, "offset_gaps")
     self._consumer = None
     self._assigned = None  # the TopicPartition the consumer is assigned to
     self._next_offset = None  # where the consumer will read next, if known
     self._last_block = 0.0  # when an unbounded read last blocked in poll
     self._drain_stops: dict = {}  # (topic, partition) -> end offset seen when the drain was noticed
+    self._heartbeats: dict = {}  # (topic, partition) -> when its last idle heartbeat left
 
   def setup(self):
     self._drain = DrainSignal(self._drain_file)
@@ -160,6 +195,85 @@ class _ReadPartitionFn(beam.DoFn):
                   KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS))):
     return self._read(element, tracker, watermark, window)
 
+  def _cover_empty(self, tp, covers_from: int, position: int, tracker):
+    """Emits an EMPTY gap for [covers_from, position) and claims it.
+
+    Returns the new covers_from, or None when the runner split the range below it.
+    """
+    if position <= covers_from:
+      return covers_from
+    if not tracker.try_claim(position - 1):
+      return None
+    yield TaggedOutput(GAPS_TAG, WindowedValue(
+        OffsetGap(tp.topic, tp.partition, covers_from, position, EMPTY),
+        Timestamp.now(), (GlobalWindow(),)))
+    return position
+
+  def _nothing_polled(self, tp, covers_from: int, stop: int, stop_ts, tracker, watermark):
+    """A poll returned nothing: cover what was skipped, then finish or checkpoint."""
+    consumer = self._consumer
+    position = consumer.position(tp)
+    self._next_offset = position
+    # Offsets moved past without a record (transaction markers, aborted or compacted
+    # records): acked as they are, so an idle partition's commit reaches its end.
+    covers_from = yield from self._cover_empty(tp, covers_from, min(position, stop), tracker)
+    if covers_from is None:
+      return
+    if position >= stop:
+      # What is left of a bounded range holds no returnable record (markers, aborts).
+      _finish(tracker)
+      return
+    highwater = consumer.highwater(tp)
+    EndOffsets.record(tp.topic, tp.partition, highwater)
+    now_ms = int(time.time() * 1000)
+    if highwater is not None and position >= highwater:
+      watermark.observe_idle(now_ms)
+      yield from self._heartbeat(tp, covers_from)
+      if stop_ts is not None and now_ms >= stop_ts + DEFAULT_IDLE_LAG_MS:
+        _finish(tracker)
+        return
+    tracker.defer_remainder()
+
+  def _heartbeat(self, tp, position: int):
+    """About once every IDLE_HEARTBEAT_S of an idle partition: an empty range at its position."""
+    now = time.monotonic()
+    last = self._heartbeats.setdefault((tp.topic, tp.partition), now)
+    if now - last >= IDLE_HEARTBEAT_S:
+      self._heartbeats[(tp.topic, tp.partition)] = now
+      yield TaggedOutput(GAPS_TAG, WindowedValue(
+          OffsetGap(tp.topic, tp.partition, position, position, EMPTY),
+          Timestamp.now(), (GlobalWindow(),)))
+
+  def _skip_gap(self, tp, covers_from: int, stop: int, tracker):
+    """The reader's position no longer exists: fail, or record the gap and go on.
+
+    Returns the offset the read goes on from (the log start), or None when the
+    runner split the range below it. A position past the end (the topic was
+    recreated under the reader) always fails: a restart with ``skip`` reads the new
+    log from its start (``gaps.check_start``).
+    """
+    consumer = self._consumer
+    log_start = consumer.beginning_offsets([tp])[tp]
+    log_end = consumer.end_offsets([tp])[tp]
+    self._next_offset = None
+    if log_start <= covers_from <= log_end:  # a stale answer: the position exists
+      self._position(tp, covers_from)
+      return covers_from
+    message = gap_message(tp.topic, tp.partition, covers_from, log_start, log_end)
+    if self._on_offset_gap != "skip" or covers_from > log_end:
+      raise OffsetGapError(message)
+    resume = min(log_start, stop)
+    if not tracker.try_claim(resume - 1):
+      return None
+    _LOGGER.warning("%s (--on_offset_gap=skip: recorded as a dead letter at offset %d)",
+                    message, covers_from)
+    self._gaps.inc()
+    yield TaggedOutput(GAPS_TAG, WindowedValue(
+        OffsetGap(tp.topic, tp.partition, covers_from, resume, OFFSET_GAP, message),
+        Timestamp.now(), (GlobalWindow(),)))
+    self._position(tp, resume)
+    return resume
+
   def _count(self, topic: str, records, batch_start: int, next_offset: int) -> None:
     """Counts the records of a poll batch emitted so far (those with offset < next_offset)."""
     n = len(records) if next_offset > records[-1].offset else sum(
@@ -187,6 +301,7 @@ class _ReadPartitionFn(beam.DoFn):
 
   def _read(self, element: PartitionRead, tracker, watermark, window=None):
     from kafka import TopicPartition
+    from kafka.errors import OffsetOutOfRangeError
 
     restriction = tracker.current_restriction()
     tp = TopicPartition(element.topic, element.partition)
@@ -213,24 +328,19 @@ class _ReadPartitionFn(beam.DoFn):
         if covers_from >= stop:
           _finish(tracker)
           return
-      records = consumer.poll(timeout_ms=self._poll_wait_ms(bounded=stop != UNBOUNDED,
-                                                           first=emitted == 0)).get(tp)
-      if not records:
-        position = consumer.position(tp)
-        self._next_offset = position
-        if position >= stop:
-          # What is left of a bounded range holds no returnable record (markers, aborts).
+      try:
+        records = consumer.poll(timeout_ms=self._poll_wait_ms(bounded=stop != UNBOUNDED,
+                                                             first=emitted == 0)).get(tp)
+      except OffsetOutOfRangeError:
+        covers_from = yield from self._skip_gap(tp, covers_from, stop, tracker)
+        if covers_from is None:
+          return
+        if covers_from >= stop:
           _finish(tracker)
           return
-        highwater = consumer.highwater(tp)
-        EndOffsets.record(topic, partition, highwater)
-        now_ms = int(time.time() * 1000)
-        if highwater is not None and position >= highwater:
-          watermark.observe_idle(now_ms)
-          if stop_ts is not None and now_ms >= stop_ts + DEFAULT_IDLE_LAG_MS:
-            _finish(tracker)
-            return
-        tracker.defer_remainder()
+        continue
+      if not records:
+        yield from self._nothing_polled(tp, covers_from, stop, stop_ts, tracker, watermark)
         return
 
       max_ts = None
@@ -287,24 +397,31 @@ class _ReadUnboundedPartitionFn(_ReadPartitionFn):
 
 
 class ReadPartitions(beam.PTransform):
-  """PCollection[PartitionRead] -> PCollection[KafkaRecord].
+  """PCollection[PartitionRead] -> PCollection[KafkaRecord] (and the ``OffsetGap``s).
 
   ``bounded=True`` when every read has a stop offset (``stop='end'``): the output is
   then a bounded PCollection (batch); otherwise it is unbounded (streaming).
+  ``with_gaps=True`` returns ``(records, gaps)``: the offsets no record covers
+  (``gaps.py``), which a pipeline that commits must ack too.
   """
 
   def __init__(self, config: Mapping[str, Any], *, poll_timeout_ms: int = 1000,
                max_records_per_call: int = 20_000, max_seconds_per_call: float = 5.0,
-               drain_file: Optional[str] = None, bounded: bool = False):
+               drain_file: Optional[str] = None, bounded: bool = False,
+               on_offset_gap: str = "fail", with_gaps: bool = False):
     super().__init__()
     if poll_timeout_ms <= 0 or max_records_per_call <= 0 or max_seconds_per_call <= 0:
       raise ValueError("poll_timeout_ms, max_records_per_call and max_seconds_per_call must be > 0")
+    if on_offset_gap not in GAP_POLICIES:
+      raise ValueError(f"on_offset_gap must be one of {GAP_POLICIES}, got {on_offset_gap!r}")
     fn_class = _ReadPartitionFn if bounded else _ReadUnboundedPartitionFn
     self._fn = fn_class(config, poll_timeout_ms, max_records_per_call,
-                                max_seconds_per_call, drain_file)
+                        max_seconds_per_call, drain_file, on_offset_gap)
+    self._with_gaps = with_gaps
 
   def expand(self, reads):
-    return reads | "ReadRecords" >> beam.ParDo(self._fn)
+    out = reads | "ReadRecords" >> beam.ParDo(self._fn).with_outputs(GAPS_TAG, main="records")
+    return (out.records, out[GAPS_TAG]) if self._with_gaps else out.records
 
 
 class ReadFromKafka(beam.PTransform):
@@ -325,8 +442,13 @@ class ReadFromKafka(beam.PTransform):
     drain_file: local drain signal (see ``drain.py``).
     shard: (i, n) reads only every n-th of the sorted (topic, partition) pairs from the
       i-th on: one of n processes that share the topics.
-    with_partition_reads: the output is then the pair (records, the resolved
-      ``PartitionRead`` of every partition), for ``CommitOffsets``' starting points.
+    skip_missing_topics: read only the topics that exist when the pipeline is built
+      (default: a missing topic fails the build, naming it).
+    with_partition_reads: the output is then (records, the resolved ``PartitionRead``
+      of every partition, the ``OffsetGap``s), for ``CommitOffsets``: its starting
+      points, and the offsets no record covers.
+    on_offset_gap: 'fail' (default) or 'skip': what a start or position that no longer
+      exists (retention, a recreated topic) does (``gaps.py``).
   """
 
   def __init__(self, bootstrap_servers: str, topics: str | Sequence[str], *,
@@ -334,8 +456,10 @@ class ReadFromKafka(beam.PTransform):
                consumer_config: Optional[Mapping[str, Any]] = None,
                poll_timeout_ms: int = 1000, max_records_per_call: int = 20_000,
                max_seconds_per_call: float = 5.0, drain_file: Optional[str] = None,
-               shard: Optional[tuple[int, int]] = None, with_partition_reads: bool = False):
+               shard: Optional[tuple[int, int]] = None, with_partition_reads: bool = False,
+               on_offset_gap: str = "fail", skip_missing_topics: bool = False):
     super().__init__()
+    self._skip_missing = skip_missing_topics
     if shard is not None and not 0 <= shard[0] < shard[1]:
       raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
     self.shard = shard
@@ -352,16 +476,20 @@ class ReadFromKafka(beam.PTransform):
     self._read = ReadPartitions(self.config, poll_timeout_ms=poll_timeout_ms,
                                 max_records_per_call=max_records_per_call,
                                 max_seconds_per_call=max_seconds_per_call, drain_file=drain_file,
-                                bounded=self.stop.is_bounded)
+                                bounded=self.stop.is_bounded, on_offset_gap=on_offset_gap,
+                                with_gaps=with_partition_reads)
+    self._on_offset_gap = on_offset_gap
 
   def partitions(self) -> list[tuple[str, int]]:
-    return shard_of(discover_partitions(self.config, self.topics), self.shard)
+    return shard_of(discover_partitions(self.config, self.topics, self._skip_missing), self.shard)
 
   def expand(self, pbegin):
     reads = pbegin | "ResolvePartitions" >> ResolvePartitions(
-        self.partitions(), self.config, self.start, self.stop)
-    records = reads | "ReadPartitions" >> self._read
-    return (records, reads) if self._with_reads else records
+        self.partitions(), self.config, self.start, self.stop, self._on_offset_gap)
+    if self._with_reads:
+      records, gaps = reads | "ReadPartitions" >> self._read
+      return records, reads, gaps
+    return reads | "ReadPartitions" >> self._read
 
   def display_data(self):
     return {"topics": ",".join(self.topics), "start": self.start.kind, "stop": self.stop.kind,

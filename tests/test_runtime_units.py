@@ -1,0 +1,264 @@
+"""Unit tests of the runtime's pure parts: secrets kept out of the pickled pipeline,
+listeners on 127.0.0.1, offset-gap decisions, the supervisor's restart policy and
+the launcher's output helpers."""
+
+from __future__ import annotations
+
+import base64
+import bz2
+import hashlib
+import secrets
+import zlib
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.portability.api import beam_runner_api_pb2
+
+from pipelines import smartgrid
+from pipelines.options import SmartGridOptions
+from transforms.kafka import config as kafka_config
+from transforms.kafka.gaps import OFFSET_GAP, OffsetGap, OffsetGapError, check_start, covered_acks
+from transforms.kafka.read import ReadFromKafka
+from transforms.acks import Ack
+
+
+def _decoded_payloads(proto: beam_runner_api_pb2.Pipeline) -> list[bytes]:
+  """Every DoFn payload of the pipeline, as stored and decoded (base64, bz2/zlib)."""
+  out = []
+  for t in proto.components.transforms.values():
+    if not t.spec.payload:
+      continue
+    out.append(t.spec.payload)
+    try:
+      pardo = beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload)
+    except Exception:  # noqa: BLE001 - not a ParDo: its raw bytes are searched above
+      continue
+    raw = pardo.do_fn.payload
+    out.append(raw)
+    try:
+      packed = base64.b64decode(raw, validate=True)
+    except ValueError:
+      continue
+    for unpack in (bz2.decompress, zlib.decompress):
+      try:
+        out.append(unpack(packed))
+      except (OSError, ValueError, zlib.error):
+        pass
+  return out
+
+
+def test_sasl_password_is_read_on_the_worker_and_never_pickled(monkeypatch, tmp_path):
+  password = "pw-" + secrets.token_hex(12)
+  monkeypatch.setenv("KAFKA_SASL_USERNAME", "svc-user")
+  monkeypatch.setenv("KAFKA_SASL_PASSWORD", password)
+  # No broker here: the partitions a build would list from the broker are given.
+  monkeypatch.setattr(ReadFromKafka, "partitions", lambda self: [(t, 0) for t in self.topics])
+  options = PipelineOptions([
+      "--kafka_security_protocol=SASL_PLAINTEXT", "--kafka_sasl_mechanism=PLAIN",
+      f"--sink=sqlite:///{tmp_path}/out.db", "--stop=end"])
+  p = beam.Pipeline(options=options)
+  smartgrid.build(p, options.view_as(SmartGridOptions))
+  blobs = _decoded_payloads(p.to_runner_api())
+  assert any(b"KAFKA_SASL_PASSWORD" in b for b in blobs)  # the reference is there: search works
+  digest = hashlib.sha256(password.encode()).digest()
+  needles = [password.encode(), digest, digest.hex().encode(), base64.b64encode(password.encode()),
+             base64.b64encode(digest)]
+  for blob in blobs:
+    for needle in needles:
+      assert needle not in blob, "the SASL password (or its hash) is in the pickled pipeline"
+  # ... and the worker resolves it from its own environment when it opens a client.
+  config = smartgrid.kafka_client_config(options.view_as(SmartGridOptions))
+  resolved = kafka_config.materialize(config)
+  assert resolved["sasl_plain_password"] == password
+  assert resolved["sasl_plain_username"] == "svc-user"
+
+
+def test_metadata_requests_never_create_topics():
+  config = kafka_config.consumer_config("127.0.0.1:9092", "g", {})
+  assert config["allow_auto_create_topics"] is False
+
+
+def test_prism_worker_pool_listens_on_loopback_only():
+  from pipelines import prism
+  host, port = prism.worker_pool().rsplit(":", 1)
+  assert host == "127.0.0.1" and int(port) > 0
+
+
+# ---------------------------------------------------------------------------
+# Offset gaps
+
+
+def test_check_start_inside_the_log_is_kept_for_either_policy():
+  for policy in ("fail", "skip"):
+    assert check_start("t", 0, 5, 0, 10, policy) == 5
+    assert check_start("t", 0, 10, 0, 10, policy) == 10  # at the end: nothing new yet
+
+
+def test_check_start_outside_the_log():
+  with pytest.raises(OffsetGapError, match=r"t-1: offsets \[2, 7\) were deleted"):
+    check_start("t", 1, 2, 7, 10, "fail")
+  with pytest.raises(OffsetGapError, match=r"offset 15 is past the partition's end offset 10"):
+    check_start("t", 1, 15, 0, 10, "fail")
+  assert check_start("t", 1, 2, 7, 10, "skip") == 2  # the reader meets the gap and records it
+  assert check_start("t", 1, 15, 3, 10, "skip") == 3  # recreated topic: its new log start
+
+
+def test_an_offset_gap_acks_all_but_its_first_offset_which_its_dead_letter_acks():
+  gap = OffsetGap("t", 0, 4, 9, OFFSET_GAP, "why")
+  assert covered_acks(gap) == [Ack("t", 0, 5, 9)]
+  assert covered_acks(OffsetGap("t", 0, 4, 5, OFFSET_GAP)) == []
+  assert covered_acks(OffsetGap("t", 0, 4, 9, "empty")) == [Ack("t", 0, 4, 9)]
+
+
+def test_an_offset_gap_becomes_one_dead_letter_row_at_its_first_offset():
+  gap = OffsetGap("t", 3, 4, 9, OFFSET_GAP, "deleted by retention")
+  [(key, row)] = smartgrid._offset_gap_dead_letter(gap, 4)
+  assert key.startswith("dead_letters|")
+  assert row[-4:] == ("t", 3, 4, 4)  # kafka_topic, kafka_partition, kafka_offset, covers_from
+  assert any(isinstance(v, str) and "offset_gap" in v and "[4, 9)" in v for v in row)
+  assert smartgrid._offset_gap_dead_letter(OffsetGap("t", 3, 4, 9, "empty"), 4) == []
+
+
+def _listening_addresses(port: int) -> set[str]:
+  """Local addresses with a socket listening on port, from /proc/net/tcp and tcp6."""
+  found = set()
+  for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+    with open(name) as f:
+      for row in f.readlines()[1:]:
+        local, state = row.split()[1], row.split()[3]
+        address, hex_port = local.rsplit(":", 1)
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+          found.add(address)
+  return found
+
+
+# 127.0.0.1 as IPv4, or IPv4-mapped on a dual-stack socket (::ffff:127.0.0.1); never 0.0.0.0 / ::
+_LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
+
+
+def test_the_worker_pool_listens_on_127_0_0_1_only():
+  from pipelines import prism
+  port = int(prism.worker_pool().rsplit(":", 1)[1])
+  found = _listening_addresses(port)
+  assert found and found <= _LOOPBACK, found
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / ".cache" / "prism-127" / "bin" / "prism").exists(),
+                    reason="Prism is not built: ./run_pipeline.sh prism build")
+def test_prism_job_server_listens_on_127_0_0_1_only():
+  from pipelines import prism
+  server = prism.JobServer(prism.binary())
+  try:
+    found = _listening_addresses(server.port)
+    assert found and found <= _LOOPBACK, found
+  finally:
+    server.stop()
+
+
+# ---------------------------------------------------------------------------
+# The launcher's output
+
+
+def test_the_summary_explains_partial_batches_in_streaming_and_batch():
+  from pipelines.local import _batches_line
+  streaming = _batches_line({"all": 259, "full": 3}, 100, streaming=True)
+  assert "259 (3 full of 100 rows; 256 partial" in streaming and "buffering timer" in streaming
+  assert "expected" in streaming and "0% full" not in streaming
+  assert "end of the run" in _batches_line({"all": 4, "full": 2}, 100, streaming=False)
+  assert _batches_line({"all": 5, "full": 5}, 100, streaming=True) == "  batches:        5 (5 full of 100 rows)"
+  assert _batches_line({}, 100, streaming=True) is None
+
+
+def test_the_progress_line_shows_the_current_rate_not_the_average(monkeypatch):
+  from pipelines import local
+  from transforms import progress
+
+  class View:
+    missing: list = []
+    down_since = None
+
+    def status(self):
+      return None
+
+    def offsets(self):
+      return {}, {}
+
+  clock = [100.0]
+  monkeypatch.setattr(local.time, "monotonic", lambda: clock[0])
+  progress.reset()
+  line = local.ProgressLine(View())
+  progress.add_written("sensor_readings", 1000)
+  clock[0] += 10
+  assert "written 1000 (100/s now)" in line()
+  clock[0] += 10  # nothing written in the last interval: the current rate is 0, not 50
+  assert "written 1000 (0/s now)" in line()
+  progress.reset()
+
+
+def test_the_progress_line_says_when_kafka_is_unreachable():
+  from pipelines import local
+  from pipelines.kafka_view import KafkaView
+  view = KafkaView.__new__(KafkaView)
+  view.down_since, view.missing = 1_700_000_000.0, []
+  text = local.ProgressLine(view)()
+  assert "Kafka unreachable since" in text and "retrying" in text
+
+
+def test_kafka_errors_are_told_from_other_failures():
+  from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+  from pipelines.kafka_view import is_kafka_error
+  assert is_kafka_error(KafkaTimeoutError("Failed to get offsets by timestamps in 30000 ms"))
+  assert is_kafka_error(KafkaConnectionError("Connection refused"))
+  wrapped = RuntimeError("Error processing bundle ... kafka.errors.KafkaTimeoutError: Failed to get offsets")
+  assert is_kafka_error(wrapped)
+  assert not is_kafka_error(ValueError("no such table"))
+  assert not is_kafka_error(OffsetGapError("t-0: offsets [1, 3) were deleted"))
+
+
+def test_a_worker_is_restarted_with_backoff_and_the_run_fails_past_the_limit(monkeypatch):
+  from pipelines import workers
+
+  class Dead:
+    returncode = 1
+
+    def poll(self):
+      return 1
+
+  class View:
+    tps = []
+
+  started = []
+  monkeypatch.setattr(workers, "_Restarted", lambda argv: started.append(argv) or Dead())
+  clock = [1000.0]
+  monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+  slot = workers._Slot(1, ["python", "-m", "pipelines.main"], Dead())
+  delays = []
+  for _ in range(workers.MAX_RESTARTS):
+    assert workers._heal(slot, View(), 2, draining=False) is None
+    delays.append(slot.restart_at - clock[0])
+    clock[0] = slot.restart_at
+    assert workers._heal(slot, View(), 2, draining=False) is None  # the restart itself
+  assert delays == [1, 2, 4, 8, 16] and len(started) == workers.MAX_RESTARTS
+  failure = workers._heal(slot, View(), 2, draining=False)
+  assert failure and "worker 1" in failure and "giving up" in failure
+  # Outside the window the count starts again; a drain never restarts; exit 2 is not healed.
+  slot.restarts = [clock[0] - workers.RESTART_WINDOW_S - 1]
+  assert workers._heal(slot, View(), 2, draining=False) is None and len(slot.restarts) == 1
+  slot.restart_at = None
+  assert workers._heal(slot, View(), 2, draining=True) is None and slot.restart_at is None
+  # Exit 2 (an offset gap, required topics missing) is not healed: the run stops.
+  refused = workers._Slot(0, [], type("R", (), {"poll": lambda self: 2, "returncode": 2})())
+  stop = workers._heal(refused, View(), 2, draining=False)
+  assert "worker 0" in stop and "exit code 2" in stop and refused.restart_at is None
+
+
+def test_explicit_start_offsets_on_the_command_line():
+  from transforms.kafka.positions import parse_start
+  start = parse_start("smartgrid-sensor-data@0=15,smartgrid-meter-readings@3=0")
+  assert start.kind == "offsets"
+  assert start.offsets == (("smartgrid-meter-readings", 3, 0), ("smartgrid-sensor-data", 0, 15))
+  with pytest.raises(ValueError, match="TOPIC@PARTITION=OFFSET"):
+    parse_start("t@x=1")
+  assert parse_start("2026-11-30T10:00:00+01:00").kind == "timestamp"
