@@ -63,6 +63,8 @@ case "$cmd" in
     ensure_venv
     # Every broker version the integration tests run against ($KAFKA_TEST_VERSIONS, default 3.9.1,4.1.1).
     PYTHONPATH="$ROOT" "$PY" -m broker.kafka_broker fetch --tested >/dev/null
+    # Prism for the streaming tests that run on it too (built once from the Go module proxy).
+    bash "$ROOT/runners/prism.sh" build >&2 || echo "warning: Prism could not be built; its tests will fail" >&2
     bash "$ROOT/schema_registry/registry.sh" install || echo "warning: the schema registry could not be installed; its tests will fail" >&2
     bash "$ROOT/bigquery_emulator/emulator.sh" install \
       || echo "warning: the BigQuery emulator could not be installed; its tests will fail" >&2

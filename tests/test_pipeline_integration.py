@@ -9,8 +9,8 @@ past what is written, and equal to the end offsets after a clean stop.
 
 The streaming tests (``@both_runners``) run on FnApiRunner (the default local engine,
 streaming in rounds) and on Prism (``--runner=PrismRunner``: one unbounded pipeline); the
-Prism cases skip when the binary is not built (``./run_pipeline.sh prism build`` or
-$PRISM_BIN). Batch runs always use FnApiRunner: Prism refuses bounded runs, because it
+test command builds Prism (``runners/prism.sh build``, cached), and a missing binary fails
+the Prism cases (no skip). Batch runs always use FnApiRunner: Prism refuses bounded runs, because it
 drops rows buffered in GroupIntoBatches when a bounded input ends (pipelines/prism.py).
 """
 
@@ -32,16 +32,15 @@ from tests import support
 from tests.support import wait_for
 from tests.pipeline_support import (BackgroundProducer, Pipeline, assert_commits_not_past_sink,
                                     assert_exactly_once, committed, contiguous_frontier, ends,
-                                    prism_binary, produce_events, query, row_count, run_to_end)
+                                    produce_events, query, row_count, run_to_end)
 from transforms.sinks.sqlite import SqliteStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 both_runners = pytest.mark.parametrize("runner", [
     "FnApiRunner",
-    pytest.param("PrismRunner", marks=pytest.mark.skipif(
-        prism_binary() is None,
-        reason="Prism is not built: ./run_pipeline.sh prism build (or set PRISM_BIN)")),
+    # Built by ./run_pipeline.sh test (runners/prism.sh build): a missing binary fails the case.
+    "PrismRunner",
 ])
 
 
@@ -435,8 +434,6 @@ def test_prism_refuses_a_batch_run(env):
   assert produced
 
 
-@pytest.mark.skipif(prism_binary() is None,
-                    reason="Prism is not built: ./run_pipeline.sh prism build (or set PRISM_BIN)")
 def test_prism_commits_a_quiet_stream_without_waiting_for_a_drain(env):
   """Streaming on Prism commits from a processing-time timer: once the rows are written,
   the committed offsets reach the end offsets while the pipeline still runs."""

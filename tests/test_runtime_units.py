@@ -9,7 +9,6 @@ import bz2
 import hashlib
 import secrets
 import zlib
-from pathlib import Path
 
 import apache_beam as beam
 import pytest
@@ -145,8 +144,6 @@ def test_the_worker_pool_listens_on_127_0_0_1_only():
   assert found and found <= _LOOPBACK, found
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / ".cache" / "prism-127" / "bin" / "prism").exists(),
-                    reason="Prism is not built: ./run_pipeline.sh prism build")
 def test_prism_job_server_listens_on_127_0_0_1_only():
   from pipelines import prism
   server = prism.JobServer(prism.binary())
