@@ -87,13 +87,26 @@ def _workers_totals(drain_file: Path, n: int) -> dict:
   """The workers' counters summed: read, written, dead letters (missing files count 0)."""
   totals = {"read": 0, "written": 0, "dead_letters": 0}
   for i in range(n):
-    try:
-      counters = json.loads(progress_file(Path(f"{drain_file}.{i}")).read_text())
-    except (OSError, ValueError):
-      continue
-    for key in totals:
-      totals[key] += sum(counters.get(key, {}).values())
+    # The worker's file, and those its earlier incarnations left (kept when it restarted).
+    for path in _progress_files(Path(f"{drain_file}.{i}")):
+      try:
+        counters = json.loads(path.read_text())
+      except (OSError, ValueError):
+        continue
+      for key in totals:
+        totals[key] += sum(counters.get(key, {}).values())
   return totals
+
+
+def _remove_progress_files(drain_file: Path, n: int) -> None:
+  for i in range(n):
+    for path in _progress_files(Path(f"{drain_file}.{i}")):
+      path.unlink(missing_ok=True)
+
+
+def _progress_files(worker_drain_file: Path) -> list:
+  current = progress_file(worker_drain_file)
+  return [current, *current.parent.glob(current.name + ".before-*")]
 
 
 class _ProgressLine:
@@ -199,6 +212,8 @@ class _Slot:
   def __init__(self, index: int, argv: list[str], proc):
     self.index = index
     self.argv = argv
+    self.drain_file = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("--drain_file=")),
+                                f"worker-{index}.drain"))
     self.proc = proc
     self.restarts: list[float] = []  # monotonic times of restarts
     self.restart_at: Optional[float] = None
@@ -209,8 +224,7 @@ class _Slot:
 
 def supervise(argv: list[str], o: SmartGridOptions, mode: str, drain_file: Path,
               make_view) -> int:
-  for i in range(o.local_workers):  # a previous run's counters must not count
-    progress_file(Path(f"{drain_file}.{i}")).unlink(missing_ok=True)
+  _remove_progress_files(drain_file, o.local_workers)  # a previous run's must not count
   n = o.local_workers
   argvs = [worker_argv(argv, mode, i, n, drain_file) for i in range(n)]
   slots = [_Slot(i, a, _Worker(a[3:])) for i, a in enumerate(argvs)]
@@ -226,8 +240,7 @@ def supervise(argv: list[str], o: SmartGridOptions, mode: str, drain_file: Path,
     return _watch(slots, view, o, n, drain_file)
   finally:
     view.close()
-    for i in range(n):
-      progress_file(Path(f"{drain_file}.{i}")).unlink(missing_ok=True)
+    _remove_progress_files(drain_file, n)
 
 
 def _partitions_of(view, index: int, n: int) -> str:
@@ -242,6 +255,9 @@ def _heal(slot: _Slot, view, n: int, draining: bool) -> Optional[str]:
       slot.restart_at = None  # nothing to restart for: the run is ending
     elif time.monotonic() >= slot.restart_at:
       slot.restart_at = None
+      counters = progress_file(slot.drain_file)
+      if counters.exists():  # what the dead worker did still counts in the progress line
+        counters.rename(counters.with_name(f"{counters.name}.before-{len(slot.restarts)}"))
       slot.proc = _Restarted(slot.argv)
     return None
   code = slot.proc.poll()
