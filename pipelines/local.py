@@ -52,7 +52,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_ha
 
 from pipelines import prism, smartgrid, workers
 from pipelines.kafka_view import KafkaView, is_first_worker, is_kafka_error, unreachable_message
-from pipelines.stopping import StopSignals, offsets_table
+from pipelines.stopping import SUPERVISED_ENV, StopSignals, offsets_table
 from pipelines.options import SmartGridOptions
 from transforms import progress
 from transforms.kafka import KafkaUnavailableError
@@ -425,10 +425,13 @@ def _watch(launcher: _Launcher, o: SmartGridOptions, signals: StopSignals) -> in
   worker.start()
   plan = launcher.plan
   line = ProgressLine(launcher.view, None if plan is None else (lambda: plan.count))
+  shared = workers.progress_file(launcher.drain_file) if os.environ.get(SUPERVISED_ENV) else None
   while worker.is_alive():
     worker.join(timeout=o.progress_secs or 1.0)
     if worker.is_alive() and o.progress_secs:
       print(line(), file=sys.stderr, flush=True)
+    if shared is not None:  # the supervisor's progress line sums the workers' counters
+      workers.write_progress(shared, progress.snapshot())
   error = outcome.get("error")
   state = "FAILED" if error is not None else ("drained" if signals.draining else "finished")
   print(summary(launcher.view, time.monotonic() - started, state, o), file=sys.stderr, flush=True)

@@ -28,6 +28,7 @@ exit 1, naming that worker's partitions.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -69,6 +70,68 @@ def worker_argv(argv: list[str], mode: str, index: int, count: int, drain_file: 
   return [sys.executable, "-m", "pipelines.main", f"--mode={mode}", *out, "--local_workers=1",
           f"--partition_shard={index}/{count}", f"--drain_file={drain_file}.{index}",
           "--progress_secs=0"]
+
+
+def progress_file(worker_drain_file: Path) -> Path:
+  """Where a worker leaves its progress counters for the supervisor's progress line."""
+  return Path(f"{worker_drain_file}.progress")
+
+
+def write_progress(path: Path, snapshot: dict) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps({k: snapshot[k] for k in ("read", "written", "dead_letters")}))
+  os.replace(tmp, path)  # the supervisor never reads half a file
+
+
+def _workers_totals(drain_file: Path, n: int) -> dict:
+  """The workers' counters summed: read, written, dead letters (missing files count 0)."""
+  totals = {"read": 0, "written": 0, "dead_letters": 0}
+  for i in range(n):
+    # The worker's file, and those its earlier incarnations left (kept when it restarted).
+    for path in _progress_files(Path(f"{drain_file}.{i}")):
+      try:
+        counters = json.loads(path.read_text())
+      except (OSError, ValueError):
+        continue
+      for key in totals:
+        totals[key] += sum(counters.get(key, {}).values())
+  return totals
+
+
+def _remove_progress_files(drain_file: Path, n: int) -> None:
+  for i in range(n):
+    for path in _progress_files(Path(f"{drain_file}.{i}")):
+      path.unlink(missing_ok=True)
+
+
+def _progress_files(worker_drain_file: Path) -> list:
+  current = progress_file(worker_drain_file)
+  return [current, *current.parent.glob(current.name + ".before-*")]
+
+
+class _ProgressLine:
+  """The supervisor's progress line: the workers' totals, the CURRENT write rate, lag."""
+
+  def __init__(self, view, drain_file: Path, n: int):
+    self._view, self._drain_file, self._n = view, drain_file, n
+    self._started = self._last_t = time.monotonic()
+    self._last_written = 0
+
+  def __call__(self) -> str:
+    now = time.monotonic()
+    t = _workers_totals(self._drain_file, self._n)
+    rate = (t["written"] - self._last_written) / max(now - self._last_t, 1e-9)
+    self._last_t, self._last_written = now, t["written"]
+    head = (f"[{now - self._started:6.0f}s] read {t['read']} | written {t['written']} "
+            f"({rate:,.0f}/s now) | dead letters {t['dead_letters']}")
+    try:
+      if self._view.refresh():
+        return f"{head} | waiting for topic(s) " + ", ".join(self._view.missing)
+      end, committed = self._view.offsets()
+      return f"{head} | lag {sum(e - (committed.get(tp) or 0) for tp, e in end.items())}"
+    except Exception as e:  # noqa: BLE001 - the progress line must never stop the supervisor
+      status = getattr(self._view, "status", lambda: None)()
+      return f"{head} | " + (status or f"lag unknown ({type(e).__name__})")
 
 
 def _committed_line(end: dict, committed: dict, started: float, baseline: int) -> str:
@@ -149,6 +212,8 @@ class _Slot:
   def __init__(self, index: int, argv: list[str], proc):
     self.index = index
     self.argv = argv
+    self.drain_file = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("--drain_file=")),
+                                f"worker-{index}.drain"))
     self.proc = proc
     self.restarts: list[float] = []  # monotonic times of restarts
     self.restart_at: Optional[float] = None
@@ -159,6 +224,7 @@ class _Slot:
 
 def supervise(argv: list[str], o: SmartGridOptions, mode: str, drain_file: Path,
               make_view) -> int:
+  _remove_progress_files(drain_file, o.local_workers)  # a previous run's must not count
   n = o.local_workers
   argvs = [worker_argv(argv, mode, i, n, drain_file) for i in range(n)]
   slots = [_Slot(i, a, _Worker(a[3:])) for i, a in enumerate(argvs)]
@@ -171,9 +237,10 @@ def supervise(argv: list[str], o: SmartGridOptions, mode: str, drain_file: Path,
         time.sleep(0.05)
     raise
   try:
-    return _watch(slots, view, o, n)
+    return _watch(slots, view, o, n, drain_file)
   finally:
     view.close()
+    _remove_progress_files(drain_file, n)
 
 
 def _partitions_of(view, index: int, n: int) -> str:
@@ -188,6 +255,9 @@ def _heal(slot: _Slot, view, n: int, draining: bool) -> Optional[str]:
       slot.restart_at = None  # nothing to restart for: the run is ending
     elif time.monotonic() >= slot.restart_at:
       slot.restart_at = None
+      counters = progress_file(slot.drain_file)
+      if counters.exists():  # what the dead worker did still counts in the progress line
+        counters.rename(counters.with_name(f"{counters.name}.before-{len(slot.restarts)}"))
       slot.proc = _Restarted(slot.argv)
     return None
   code = slot.proc.poll()
@@ -213,18 +283,7 @@ def _heal(slot: _Slot, view, n: int, draining: bool) -> Optional[str]:
   return None
 
 
-def _progress(view, started: float, baseline: int) -> str:
-  elapsed = time.monotonic() - started
-  try:
-    if view.refresh():  # topics that appeared since are counted from now on
-      return f"[{elapsed:6.0f}s] waiting for topic(s) " + ", ".join(view.missing)
-    return f"[{elapsed:6.0f}s] " + _committed_line(*view.offsets(), started, baseline)
-  except Exception as e:  # noqa: BLE001 - the progress line must never stop the supervisor
-    status = getattr(view, "status", lambda: None)()
-    return f"[{elapsed:6.0f}s] " + (status or f"offsets unknown ({type(e).__name__})")
-
-
-def _watch(slots: list, view, o: SmartGridOptions, n: int) -> int:
+def _watch(slots: list, view, o: SmartGridOptions, n: int, drain_file: Path) -> int:
   try:
     baseline = sum(c or 0 for c in view.offsets()[1].values())
   except Exception:  # noqa: BLE001 - Kafka may be down right now; the count starts at 0
@@ -241,6 +300,7 @@ def _watch(slots: list, view, o: SmartGridOptions, n: int) -> int:
       slot.proc.kill()
 
   signals = StopSignals(drain, kill_all)
+  line = _ProgressLine(view, drain_file, n)
   started = time.monotonic()
   next_line = started + (o.progress_secs or 0)
   failure = None
@@ -254,7 +314,7 @@ def _watch(slots: list, view, o: SmartGridOptions, n: int) -> int:
       drain("worker failure")
     if o.progress_secs and time.monotonic() >= next_line:
       next_line += o.progress_secs
-      print(_progress(view, started, baseline), file=sys.stderr, flush=True)
+      print(line(), file=sys.stderr, flush=True)
   return _report(slots, view, n, started, baseline, signals, failure)
 
 

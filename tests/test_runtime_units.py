@@ -259,3 +259,30 @@ def test_explicit_start_offsets_on_the_command_line():
   with pytest.raises(ValueError, match="TOPIC@PARTITION=OFFSET"):
     parse_start("t@x=1")
   assert parse_start("2026-11-30T10:00:00+01:00").kind == "timestamp"
+
+
+def test_the_supervisors_progress_line_sums_the_workers_and_shows_the_current_rate(tmp_path, monkeypatch):
+  from pipelines import workers
+
+  class View:
+    missing: list = []
+
+    def refresh(self):
+      return []
+
+    def offsets(self):
+      return {"tp": 10}, {"tp": 4}
+
+  drain = tmp_path / "local.drain"
+  clock = [50.0]
+  monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+  line = workers._ProgressLine(View(), drain, 2)
+  for i, (read, written) in enumerate([(300, 280), (200, 120)]):
+    workers.write_progress(workers.progress_file(tmp_path / f"local.drain.{i}"),
+                           {"read": {"t": read}, "written": {"sensor_readings": written},
+                            "dead_letters": {"not_json": i}, "batches": {}})
+  clock[0] += 4
+  text = line()
+  assert "read 500 | written 400 (100/s now) | dead letters 1 | lag 6" in text, text
+  clock[0] += 4
+  assert "written 400 (0/s now)" in line()
