@@ -13,7 +13,7 @@ over the partitions): the whole output of a stage waits in memory until the stag
 
 Why FnApiRunner: ``--runner=DirectRunner`` would pick the BundleBasedDirectRunner
 for this pipeline (GroupIntoBatches declares a processing-time timer), and that
-engine silently drops the reader's checkpointed residuals (../shared/facts.md).
+engine silently drops the reader's checkpointed residuals (measured: see the README, "Local runs").
 
 Stopping: the first SIGINT/SIGTERM (or ``run_pipeline.sh drain local``, which
 sends SIGTERM to the pid in ``.run/<mode>-pipeline.pid``) creates the drain file;
