@@ -27,10 +27,13 @@ import json
 import logging
 import random
 import time
-from typing import Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol, Tuple
 
 import apache_beam as beam
+from apache_beam import coders
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import progress
@@ -121,11 +124,7 @@ class _WriteBatchesFn(beam.DoFn):
     self._by_table.setdefault(table, []).extend(rows)
     self._by_window.setdefault(window, []).extend(rows)
     self._buffered += len(rows)
-    self._batches.inc()
-    full = len(rows) >= self._batch_size
-    if full:
-      self._full_batches.inc()
-    progress.add_batch(full)
+    self._count_batch(rows)
     if self._buffered >= self._flush_rows:
       yield from self._flush()
 
@@ -136,28 +135,39 @@ class _WriteBatchesFn(beam.DoFn):
     return with_retries(lambda: self._store.write(table, rows, written_at), self._store.is_transient,
                         deadline_s=self._retry_deadline_s, what=f"writing {len(rows)} rows to {table}")
 
+  def _count_rejected(self, table: str, rows: list, rejected: list) -> list:
+    """Counts a write's outcome; returns the dead_letters rows for what it refused."""
+    if rejected:
+      duplicates = sum(1 for _, error in rejected if isinstance(error, DuplicateEvent))
+      if duplicates:
+        self._duplicates.inc(duplicates)
+        _LOGGER.info("%s: %d later copies of stored events, e.g. %s", table, duplicates,
+                     next(e for _, e in rejected if isinstance(e, DuplicateEvent)))
+      if len(rejected) > duplicates:
+        self._rejected.inc(len(rejected) - duplicates)
+        _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected) - duplicates,
+                        next(e for _, e in rejected if not isinstance(e, DuplicateEvent)))
+    self._rows_written.inc(len(rows) - len(rejected))
+    progress.add_written(table, len(rows) - len(rejected), len(rejected))
+    return [rejected_dead_letter_row(table, row, error) for row, error in rejected]
+
+  def _count_batch(self, rows: list) -> None:
+    self._batches.inc()
+    full = len(rows) >= self._batch_size
+    if full:
+      self._full_batches.inc()
+    progress.add_batch(full)
+
   def _flush(self) -> Iterable[WindowedValue]:
     if not self._buffered:
       return
     written_at = iso_us(int(time.time() * 1_000_000))
     for table, rows in self._by_table.items():
-      rejected = self._write(table, rows, written_at)
-      if rejected:
-        duplicates = sum(1 for _, error in rejected if isinstance(error, DuplicateEvent))
-        if duplicates:
-          self._duplicates.inc(duplicates)
-          _LOGGER.info("%s: %d later copies of stored events, e.g. %s", table, duplicates,
-                       next(e for _, e in rejected if isinstance(e, DuplicateEvent)))
-        if len(rejected) > duplicates:
-          self._rejected.inc(len(rejected) - duplicates)
-          _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected) - duplicates,
-                          next(e for _, e in rejected if not isinstance(e, DuplicateEvent)))
-        dead = [rejected_dead_letter_row(table, row, error) for row, error in rejected]
+      dead = self._count_rejected(table, rows, self._write(table, rows, written_at))
+      if dead:
         still = self._write(DEAD_LETTERS.name, dead, written_at)
         if still:
           raise SinkWriteError(f"the store refused even the dead letters for {table}: {still[0][1]}")
-      self._rows_written.inc(len(rows) - len(rejected))
-      progress.add_written(table, len(rows) - len(rejected), len(rejected))
     # Every row is durable now (written, or dead-lettered): ack them.
     by_window = self._by_window
     self._by_table, self._by_window, self._buffered = {}, {}, 0
@@ -172,15 +182,72 @@ class _WriteBatchesFn(beam.DoFn):
       self._store = None
 
 
+class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
+  """Writes each batch in ``process`` on the streams its key holds in state.
+
+  State (per key 'table|shard', in the global window): table -> (stream name, next offset),
+  for the key's table and for the dead letters of the rows it refuses. It is written only
+  after the store confirmed the batch, and the runner commits it with the bundle: a retried
+  bundle starts from the offsets of the last committed one (see
+  ``BigQueryStore.write_on_streams``). Nothing is buffered across elements, since state
+  belongs to one key; acks leave right after their batch's write.
+  """
+
+  STREAMS = ReadModifyWriteStateSpec("streams", coders.FastPrimitivesCoder())
+
+  def process(self, batch, streams_state=beam.DoFn.StateParam(STREAMS)):
+    key, rows = batch
+    table = key.split("|", 1)[0]
+    rows = list(rows)
+    self._count_batch(rows)
+    streams = dict(streams_state.read() or {})
+    written_at = iso_us(int(time.time() * 1_000_000))
+    rejected, streams = self._write_on(table, rows, written_at, streams)
+    dead = self._count_rejected(table, rows, rejected)
+    if dead:
+      still, streams = self._write_on(DEAD_LETTERS.name, dead, written_at, streams)
+      if still:
+        raise SinkWriteError(f"the store refused even the dead letters for {table}: {still[0][1]}")
+    streams_state.write(streams)
+    yield from acks_for_rows(rows)
+
+  def finish_bundle(self):
+    return None
+
+  def _write_on(self, table: str, rows: list, written_at: str, streams: dict) -> tuple[list, dict]:
+    return with_retries(lambda: self._store.write_on_streams(table, rows, written_at, streams),
+                        self._store.is_transient, deadline_s=self._retry_deadline_s,
+                        what=f"writing {len(rows)} rows to {table}")
+
+
 class WriteBatches(beam.PTransform):
-  """PCollection[(key 'table|shard', [row])] -> PCollection[Ack] (in the global window)."""
+  """PCollection[(key 'table|shard', [row])] -> PCollection[Ack].
+
+  A store with ``keyed_streams`` (BigQuery's Storage Write API) is written by a stateful
+  DoFn keyed by the batch key, after the batches move to the global window (state is per
+  key and window: per-window state would start a stream per key and window); its acks
+  are in the global window. Other stores (SQLite, streaming inserts) buffer per bundle and
+  ack in the batch's window.
+  """
 
   def __init__(self, store: Store, *, flush_rows: int = 1000,
                retry_deadline_s: float = 60.0, batch_size: int = 100):
     super().__init__()
     if flush_rows < 1:
       raise ValueError(f"flush_rows must be >= 1, got {flush_rows}")
-    self._fn = _WriteBatchesFn(store, flush_rows, retry_deadline_s, batch_size)
+    self._keyed = bool(getattr(store, "keyed_streams", False))
+    fn_class = _WriteOnKeyedStreamsFn if self._keyed else _WriteBatchesFn
+    self._fn = fn_class(store, flush_rows, retry_deadline_s, batch_size)
 
   def expand(self, batches):
-    return batches | "WriteRows" >> beam.ParDo(self._fn)
+    if not self._keyed:
+      return batches | "WriteRows" >> beam.ParDo(self._fn)
+    return (batches
+            | "BatchesToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+            | "KeyedBatches" >> beam.Map(_as_keyed).with_output_types(Tuple[str, Any])
+            | "WriteRowsOnKeyedStreams" >> beam.ParDo(self._fn))
+
+
+def _as_keyed(batch) -> tuple:
+  key, rows = batch
+  return key, rows

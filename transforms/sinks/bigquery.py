@@ -287,7 +287,10 @@ class BigQueryStore:
     self.append_deadline_s = append_deadline_s
     self._client = None
     self._write_client = None
-    self._writers: dict = {}  # table -> StreamWriter
+    self._writers: dict = {}  # table -> StreamWriter (``write``; keyed state has its own)
+    self._dropped_streams: set = set()  # streams found gone or out of sync: never resumed
+    self.streams_created = 0  # CreateWriteStream calls (tests: a retry reuses its stream)
+    self.already_exists_answers = 0  # writes where some request was answered ALREADY_EXISTS
     self._tables_ready = False
     self.requests_sent = 0  # insertAll calls of this process (for tests and benchmarks)
     self.queries_run = 0  # reconciliation and duplicate checks (for tests and benchmarks)
@@ -546,26 +549,107 @@ class BigQueryStore:
       return duplicates + self._append(schema, fresh, written_at)
     return duplicates + self._insert_all(schema, fresh, written_at)
 
-  def _writer(self, table: Table):
+  @property
+  def keyed_streams(self) -> bool:
+    """True when ``WriteBatches`` should keep stream names and offsets in keyed state and
+    write through ``write_on_streams`` (the Storage Write API path)."""
+    return self.write_method == "storage_write"
+
+  def _writer(self, table: Table, writers: Optional[dict] = None):
     from transforms.sinks.bigquery_storage import StreamWriter
-    writer = self._writers.get(table.name)
+    writers = self._writers if writers is None else writers
+    writer = writers.get(table.name)
     if writer is None:
       writer = StreamWriter(self._write_client, self._write_client.table_path(
           self.project, self.dataset, table.name), table, append_deadline_s=self.append_deadline_s,
           call_timeout_s=self.request_timeout_s)
-      self._writers[table.name] = writer
+      self.streams_created += 1
+      writers[table.name] = writer
     return writer
 
-  def _append(self, table: Table, rows: list, written_at: str) -> list:
-    """Appends rows through the Storage Write API; returns [(row, reason)] refused for good."""
+  def write_on_streams(self, table: str, rows: list, written_at: str, streams: dict
+                       ) -> tuple[list, dict]:
+    """``write`` on the stream a key holds in its state: ``streams`` maps table -> (stream
+    name, next offset) as the runner last committed it. Returns (the rows refused for good,
+    the streams to commit with the bundle). Idempotent like ``write``: a retried bundle comes
+    back with the old offsets, its rows already stored are dropped by the check, and an
+    attempt running at the same time (a zombie that passed the check too) appends at the
+    same offsets and is answered ALREADY_EXISTS. Rows answered ALREADY_EXISTS are looked up:
+    if any is not stored, the state was behind the stream with other rows there (e.g. the
+    first attempt appended a batch the retry no longer sends), so the stream is dropped and
+    ``StreamGone`` raised; the retry checks again and appends to a new stream."""
+    from transforms.sinks.bigquery_storage import StreamGone, StreamUncertain, StreamWriter
+    if self._client is None or not self._tables_ready:
+      self.open()
+    schema = TABLES[table]
+    if not rows:
+      return [], streams
+    if table == DEAD_LETTERS.name:
+      rows = [_fit_dead_letter(row) for row in rows]
+    fresh, duplicates = self._new_rows(schema, rows)
+    if not fresh:
+      return duplicates, streams
+    writers: dict = {}
+    held = streams.get(table)
+    if held is not None and held[0] not in self._dropped_streams:
+      writers[table] = StreamWriter(
+          self._write_client, "", schema, append_deadline_s=self.append_deadline_s,
+          call_timeout_s=self.request_timeout_s, stream_name=held[0], next_offset=held[1])
+    try:
+      existed = [0]
+      refused = self._append(schema, fresh, written_at, writers, existed)
+    except (StreamGone, StreamUncertain):
+      if held is not None:
+        self._dropped_streams.add(held[0])  # the retry must not resume it from the old state
+      raise
+    if existed[0]:
+      self._check_already_existing(schema, [r for r, _ in refused], fresh, writers, held)
+    after = dict(streams)
+    writer = writers.get(table)
+    if writer is None:  # a refused request left the stream's end unknown: the next batch starts one
+      after.pop(table, None)
+    else:
+      after[table] = (writer.name, writer.next_offset)
+    return duplicates + refused, after
+
+  def _check_already_existing(self, schema: Table, refused: list, fresh: list, writers: dict,
+                              held: Optional[tuple]) -> None:
+    """After ALREADY_EXISTS answers: every row sent must be stored, else the stream's rows
+    at those offsets are other rows (the state was behind the stream): drop it, raise."""
+    from transforms.sinks.bigquery_storage import StreamGone
+    self.already_exists_answers += 1
+    refused_at = {tuple(r[-4:-1]) for r in refused}
+    sent = [r for r in fresh if tuple(r[-4:-1]) not in refused_at]
+    stored = self._stored_coordinates(schema, sent) if sent else set()
+    missing = [r for r in sent if tuple(r[-4:-1]) not in stored]
+    if not missing:
+      return
+    for name in {w.name for w in writers.values()} | ({held[0]} if held else set()):
+      self._dropped_streams.add(name)
+    raise StreamGone(f"{schema.name}: {len(missing)} rows answered ALREADY_EXISTS are not stored "
+                     f"(the state was behind the stream), e.g. {missing[0][-4:-1]}; a new stream "
+                     f"takes them")
+
+  def _append(self, table: Table, rows: list, written_at: str, writers: Optional[dict] = None,
+              existed: Optional[list] = None) -> list:
+    """Appends rows through the Storage Write API; returns [(row, reason)] refused for good.
+    ``writers``: table -> StreamWriter to use (default: this store's own); ``existed[0]`` is
+    increased by the requests answered ALREADY_EXISTS."""
     from transforms.sinks.bigquery_storage import RequestRefused, StreamGone, StreamUncertain, encode_rows
+    writers = self._writers if writers is None else writers
     encoded, refused = encode_rows(table, rows, written_at)
     pending = [i for i, e in enumerate(encoded) if e is not None]
     singles: list[int] = []  # rows of a request refused without naming its bad rows
     while pending or singles:
       batch, one_by_one = (singles, True) if singles else (pending, False)
+      writer = self._writer(table, writers)
+      before = writer.already_existed
       try:
-        self._writer(table).append([encoded[i] for i in batch], singles=one_by_one)
+        try:
+          writer.append([encoded[i] for i in batch], singles=one_by_one)
+        finally:
+          if existed is not None:
+            existed[0] += writer.already_existed - before
         if one_by_one:
           singles = []
         else:
@@ -573,10 +657,10 @@ class BigQueryStore:
         continue
       except (StreamGone, StreamUncertain):
         # Whatever landed is found by the next attempt's check; it appends to a new stream.
-        self._writers.pop(table.name, None)
+        writers.pop(table.name, None)
         raise
       except RequestRefused as e:
-        self._writers.pop(table.name, None)  # see RequestRefused: its good rows may have landed
+        writers.pop(table.name, None)  # see RequestRefused: its good rows may have landed
         for i, reason in e.bad.items():
           refused[batch[i]] = reason
         if not e.bad and len(e.head) == 1:
