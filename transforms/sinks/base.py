@@ -195,12 +195,17 @@ class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
 
   STREAMS = ReadModifyWriteStateSpec("streams", coders.FastPrimitivesCoder())
 
+  def __init__(self, *args):
+    super().__init__(*args)
+    self._streams_started = Metrics.counter(self.__class__, "streams_started")
+
   def process(self, batch, streams_state=beam.DoFn.StateParam(STREAMS)):
     key, rows = batch
     table = key.split("|", 1)[0]
     rows = list(rows)
     self._count_batch(rows)
     streams = dict(streams_state.read() or {})
+    before = {t: held[0] for t, held in streams.items()}
     written_at = iso_us(int(time.time() * 1_000_000))
     rejected, streams = self._write_on(table, rows, written_at, streams)
     dead = self._count_rejected(table, rows, rejected)
@@ -209,6 +214,7 @@ class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
       if still:
         raise SinkWriteError(f"the store refused even the dead letters for {table}: {still[0][1]}")
     streams_state.write(streams)
+    self._streams_started.inc(sum(1 for t, held in streams.items() if before.get(t) != held[0]))
     yield from acks_for_rows(rows)
 
   def finish_bundle(self):
