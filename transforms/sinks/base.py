@@ -8,6 +8,12 @@ deadline; after that the bundle fails, so nothing unwritten is acked and the
 runner (or a restart) replays it. Rows the store rejects for good are written to
 ``dead_letters`` with the store's error, and acked once that write is durable.
 
+A store with ``keyed_streams`` (BigQuery's Storage Write API) is written instead by a
+stateful DoFn keyed by the batch key, in the global window: each batch is written in
+``process()`` through ``write_on_streams(table, rows, written_at, streams)``, and the
+streams it returns (table -> (stream name, next offset)) go to the key's state, which the
+runner commits with the bundle. See ``transforms.sinks.bigquery``.
+
 A ``Store`` is a picklable, unopened connection description with ``open()``,
 ``close()``, ``is_transient(exc)``, ``write(table, rows, written_at) -> [(row,
 error)]`` returning the rows it rejected for good (``write`` must be idempotent),

@@ -25,14 +25,38 @@ Exactly once at any replay distance comes from three layers:
    A stream that is gone, or a send left unconfirmed, drops the stream; the write is
    retried (2. again, then a new stream).
 
-What holds where: within one process (FnApiRunner rounds, each local worker) every
-append is confirmed before its rows are acked, so lost responses, connection drops and
-outages are absorbed by 3 and restarts by 1 and 2. On Dataflow or Flink a retried bundle
-re-runs ``write()``, and 2 finds the rows the failed attempt wrote (committed streams are
-readable at once). What does not hold: two attempts of one bundle running at the same
-time (a zombie worker) can both pass check 2 before either appends; the stream name and
-offset are kept per DoFn instance, not in keyed state per (table, shard) as Beam Java's
-``StorageApiWritesShardedRecords`` does, so a retried bundle uses a new stream.
+Keyed streams (``keyed_streams``, the storage_write path): ``WriteBatches`` moves the
+batches to the global window and writes them with a stateful DoFn keyed by the batch key
+('table|shard'). Its ``ReadModifyWriteState`` holds, per table the key writes (its own and
+``dead_letters`` for what BigQuery refuses), the name and next offset of a COMMITTED stream
+the key created; ``write_on_streams`` appends each batch there in ``process()`` and the
+state moves only after BigQuery confirmed the append. The runner commits the state with the
+bundle's output, so a retried bundle starts from the offsets the last successful bundle left:
+its rows that the failed attempt stored are dropped by check 2, and an attempt that passed
+check 2 while another attempt of the same bundle appended (a zombie worker) appends at the
+offsets that attempt took and is answered ALREADY_EXISTS. Every ALREADY_EXISTS answer is
+followed by a look-up of the rows it covered: when one is not stored, the state was behind
+the stream with other rows at those offsets (the failed attempt appended a batch the retry
+no longer sends), and the stream is dropped and the rows written on a new one. A stream that
+is gone (finalized, expired, unknown) or ends before the state's offset (OUT_OF_RANGE) is
+replaced the same way; the API tells no row count of a live COMMITTED stream (only
+FinalizeWriteStream returns one, and it closes the stream), so resyncing means a new stream,
+with check 2 in front of it.
+
+What holds where: within one process (FnApiRunner rounds, each local worker) every append is
+confirmed before its rows are acked, and its state lives as long as the round: lost
+responses, connection drops and outages are absorbed by 3, restarts by 1 and 2 (a failed
+bundle fails the round there; nothing unwritten was committed). Dataflow retries a failed
+bundle: the retry resumes the key's stream at the committed offsets, as above. Flink
+restarts from its last checkpoint: the state of every key goes back to it, and the batches
+since then come again; check 2 drops what was stored and the look-up after ALREADY_EXISTS
+moves a key that is behind to a new stream. A savepoint restart or a Dataflow ``--update``
+keeps the state, so each key resumes its stream (replaced when it expired, after 3 idle days).
+What does not hold: a zombie attempt whose batches differ from the retry's (a runner that
+replays a bundle with other batches) and that appends past the retry's end can still double
+rows both attempts checked at the same time; the look-up after ALREADY_EXISTS relies on rows
+being visible to a query once their append is confirmed (true for committed streams and for
+the emulator).
 
 ``--bigquery_write_method=streaming_inserts`` sends rows with ``insert_rows_json`` and
 ``row_ids`` = ``topic-partition-offset`` (a hash of the topic when that would pass 128

@@ -7,7 +7,8 @@ What this module owns:
   not NULL; TIMESTAMP as int64 epoch microseconds; JSON as string);
 - ``encode_rows``: pipeline row tuples -> serialized rows (rows that cannot be encoded
   are refused with the reason, for the dead-letter table);
-- ``StreamWriter``: one COMMITTED stream of one table and the offset of its next row.
+- ``StreamWriter``: one COMMITTED stream of one table and the offset of its next row,
+  created here or resumed from a name and offset kept in a key's state (``WriteBatches``).
 
 Exactly once inside a stream: every request carries the offset its first row must get.
 A request sent again after a lost response or a dropped connection lands on the same
