@@ -267,7 +267,8 @@ def test_refused_rows_go_to_dead_letters_on_a_stream_the_key_keeps_too(bq_emulat
 
 def test_a_pipeline_writes_every_batch_once_on_one_stream_per_key(bq_emulator):
   """FnApiRunner: batches of three keys (one batch delivered twice, as a replay) through
-  WriteBatches; each key starts one stream and keeps appending to it."""
+  WriteBatches; each key starts one stream and keeps appending to it; the acks cover every
+  offset."""
   dataset = _dataset()
   batches = []
   for shard in range(3):
@@ -279,13 +280,16 @@ def test_a_pipeline_writes_every_batch_once_on_one_stream_per_key(bq_emulator):
   store = BigQueryStore(PROJECT, dataset, api_endpoint=bq_emulator.endpoint,
                         storage_api_endpoint=bq_emulator.grpc_address)
   p = BeamTestPipeline()
-  acks = p | beam.Create(batches) | WriteBatches(store, retry_deadline_s=30)
-  assert_that(acks | beam.Map(lambda a: (a.topic, a.partition, a.end - a.start)),
-              equal_to([("s", shard, 50) for shard in range(3) for _ in range(4)] + [("s", 0, 50)]))
+  # flush_rows=60: two batches of a key are joined into one write of 100 rows, so each key
+  # writes at least twice, the second time on the stream its state kept
+  acks = p | beam.Create(batches) | WriteBatches(store, retry_deadline_s=30, flush_rows=60)
+  assert_that(acks | beam.FlatMap(lambda a: [(a.topic, a.partition, o) for o in range(a.start, a.end)])
+              | beam.Distinct(), equal_to(expected))
   result = p.run()
   result.wait_until_finish()
-  counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]
-              if c.key.metric.namespace.endswith("_WriteOnKeyedStreamsFn")}
-  assert counters["streams_started"] == 3, counters
-  assert counters["batches"] == 13 and counters["rows_written"] == 650
+  counters = {(c.key.metric.namespace.rsplit(".", 1)[-1], c.key.metric.name): c.committed
+              for c in result.metrics().query()["counters"]}
+  assert counters[("_WriteOnKeyedStreamsFn", "streams_started")] == 3, counters
+  assert counters[("_WriteOnKeyedStreamsFn", "rows_written")] == 650
+  assert counters[("_JoinKeyBatchesFn", "batches")] == 13
   _assert_once(bq_emulator.client(), dataset, expected)

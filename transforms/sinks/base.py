@@ -39,7 +39,7 @@ import apache_beam as beam
 from apache_beam import coders
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
-from apache_beam.transforms.window import GlobalWindows
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import progress
@@ -188,6 +188,41 @@ class _WriteBatchesFn(beam.DoFn):
       self._store = None
 
 
+class _JoinKeyBatchesFn(beam.DoFn):
+  """Joins the batches of one key within a bundle, up to ``flush_rows`` rows, so the keyed
+  writer makes fewer, larger writes (each write costs a look-up query before its append).
+  Counts the batches as they came (``batches``, ``full_batches``)."""
+
+  def __init__(self, flush_rows: int, batch_size: int):
+    self._flush_rows = flush_rows
+    self._batch_size = batch_size
+    self._batches = Metrics.counter(self.__class__, "batches")
+    self._full_batches = Metrics.counter(self.__class__, "full_batches")
+
+  def start_bundle(self):
+    self._by_key: dict[str, list] = {}
+    self._first_at: dict = {}  # key -> earliest timestamp of its buffered batches
+
+  def process(self, batch, timestamp=beam.DoFn.TimestampParam):
+    key, rows = batch
+    self._batches.inc()
+    full = len(rows) >= self._batch_size
+    if full:
+      self._full_batches.inc()
+    progress.add_batch(full)
+    buffer = self._by_key.setdefault(key, [])
+    buffer.extend(rows)
+    self._first_at[key] = min(self._first_at.get(key, timestamp), timestamp)
+    if len(buffer) >= self._flush_rows:
+      del self._by_key[key], self._first_at[key]
+      yield key, buffer
+
+  def finish_bundle(self):
+    for key, rows in self._by_key.items():
+      yield WindowedValue((key, rows), self._first_at[key], (GlobalWindow(),))
+    self._by_key, self._first_at = {}, {}
+
+
 class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
   """Writes each batch in ``process`` on the streams its key holds in state.
 
@@ -209,7 +244,6 @@ class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
     key, rows = batch
     table = key.split("|", 1)[0]
     rows = list(rows)
-    self._count_batch(rows)
     streams = dict(streams_state.read() or {})
     before = {t: held[0] for t, held in streams.items()}
     written_at = iso_us(int(time.time() * 1_000_000))
@@ -248,6 +282,7 @@ class WriteBatches(beam.PTransform):
     if flush_rows < 1:
       raise ValueError(f"flush_rows must be >= 1, got {flush_rows}")
     self._keyed = bool(getattr(store, "keyed_streams", False))
+    self._flush_rows, self._batch_size = flush_rows, batch_size
     fn_class = _WriteOnKeyedStreamsFn if self._keyed else _WriteBatchesFn
     self._fn = fn_class(store, flush_rows, retry_deadline_s, batch_size)
 
@@ -256,10 +291,6 @@ class WriteBatches(beam.PTransform):
       return batches | "WriteRows" >> beam.ParDo(self._fn)
     return (batches
             | "BatchesToGlobalWindow" >> beam.WindowInto(GlobalWindows())
-            | "KeyedBatches" >> beam.Map(_as_keyed).with_output_types(Tuple[str, Any])
+            | "JoinKeyBatches" >> beam.ParDo(_JoinKeyBatchesFn(self._flush_rows, self._batch_size)
+                                             ).with_output_types(Tuple[str, Any])
             | "WriteRowsOnKeyedStreams" >> beam.ParDo(self._fn))
-
-
-def _as_keyed(batch) -> tuple:
-  key, rows = batch
-  return key, rows
