@@ -59,7 +59,7 @@ class _State:
   def clear(self):
     self.value = None
 
-  def committed_copy(self) -> "_State":
+  def committed_copy(self) -> _State:
     return _State(copy.deepcopy(self.value))
 
 
@@ -127,7 +127,7 @@ def test_only_the_storage_write_path_is_stateful(tmp_path):
 
 def test_the_state_carries_the_stream_and_its_offset_from_batch_to_batch(bq_emulator):
   dataset = _dataset()
-  fn, store, client = _worker(bq_emulator, dataset)
+  fn, _, client = _worker(bq_emulator, dataset)
   try:
     state = _State()
     assert _process(fn, _rows("s", 0, range(100)), state) == [Ack("s", 0, 0, 100)]
@@ -210,7 +210,7 @@ def test_a_stream_in_state_that_is_gone_or_behind_is_replaced_without_doubles(bq
   """finalized: e.g. expired after 3 idle days; unknown: a service that lost it; state_ahead:
   the state's offset is past the stream's end (OUT_OF_RANGE)."""
   dataset = _dataset()
-  fn, store, client = _worker(bq_emulator, dataset)
+  fn, _, client = _worker(bq_emulator, dataset)
   try:
     state = _State()
     _process(fn, _rows("s", 0, range(50)), state)

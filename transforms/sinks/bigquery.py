@@ -83,7 +83,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from typing import Callable, Iterable, Optional, Sequence
 
 from transforms.sinks.base import DuplicateEvent
