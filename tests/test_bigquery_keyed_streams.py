@@ -17,10 +17,12 @@ from collections import Counter
 
 import apache_beam as beam
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.produce import EventFactory
+from tests.pipeline_support import prism_binary
 from transforms.acks import Ack
 from transforms.events import parse_sensor, sensor_row
 from transforms.sinks.base import WriteBatches, _WriteBatchesFn, _WriteOnKeyedStreamsFn
@@ -265,9 +267,23 @@ def test_refused_rows_go_to_dead_letters_on_a_stream_the_key_keeps_too(bq_emulat
     fn.teardown()
 
 
-def test_a_pipeline_writes_every_batch_once_on_one_stream_per_key(bq_emulator):
-  """FnApiRunner: batches of three keys (one batch delivered twice, as a replay) through
-  WriteBatches; each key starts one stream and keeps appending to it; the acks cover every
+def _pipeline(runner: str) -> beam.Pipeline:
+  if runner == "FnApiRunner":
+    return BeamTestPipeline()
+  from pipelines.prism import job_server
+  return beam.Pipeline(options=PipelineOptions(
+      runner="PrismRunner", job_endpoint=job_server().endpoint, environment_type="LOOPBACK"))
+
+
+@pytest.mark.parametrize("runner", [
+    "FnApiRunner",
+    pytest.param("PrismRunner", marks=pytest.mark.skipif(
+        prism_binary() is None,
+        reason="Prism is not built: ./run_pipeline.sh prism build (or set PRISM_BIN)")),
+])
+def test_a_pipeline_writes_every_batch_once_on_one_stream_per_key(bq_emulator, runner):
+  """Batches of three keys (one batch delivered twice, as a replay) through WriteBatches on
+  a real runner; each key starts one stream and keeps appending to it; the acks cover every
   offset."""
   dataset = _dataset()
   batches = []
@@ -279,7 +295,7 @@ def test_a_pipeline_writes_every_batch_once_on_one_stream_per_key(bq_emulator):
   expected = [("s", shard, shard * 1000 + o) for shard in range(3) for o in range(200)]
   store = BigQueryStore(PROJECT, dataset, api_endpoint=bq_emulator.endpoint,
                         storage_api_endpoint=bq_emulator.grpc_address)
-  p = BeamTestPipeline()
+  p = _pipeline(runner)
   # flush_rows=60: two batches of a key are joined into one write of 100 rows, so each key
   # writes at least twice, the second time on the stream its state kept
   acks = p | beam.Create(batches) | WriteBatches(store, retry_deadline_s=30, flush_rows=60)
