@@ -309,3 +309,26 @@ def test_a_pipeline_writes_every_batch_once_on_one_stream_per_key(bq_emulator, r
   assert counters[("_WriteOnKeyedStreamsFn", "rows_written")] == 650
   assert counters[("_JoinKeyBatchesFn", "batches")] == 13
   _assert_once(bq_emulator.client(), dataset, expected)
+
+
+def test_a_later_round_in_the_same_process_resumes_the_streams_the_last_one_left(bq_emulator):
+  """FnApiRunner rounds are pipelines of their own (new state): the streams a finished
+  round's keys wrote are resumed by the next round's keys instead of new ones."""
+  from transforms.sinks import bigquery as bq
+  dataset = _dataset()
+  where = (PROJECT, dataset, "sensor_readings")
+  ends = []
+  for round_ in range(2):
+    batches = [(f"sensor_readings|{shard}",
+                _rows("s", shard, range(round_ * 100, (round_ + 1) * 100), seed=round_ * 10 + shard))
+               for shard in range(3)]
+    store = BigQueryStore(PROJECT, dataset, api_endpoint=bq_emulator.endpoint,
+                          storage_api_endpoint=bq_emulator.grpc_address)
+    with BeamTestPipeline() as p:
+      _ = p | beam.Create(batches) | WriteBatches(store, retry_deadline_s=30)
+    ends.append(sorted(bq._IDLE_STREAMS.get(where, [])))
+  assert [end for _, end in ends[0]] == [100] * 3
+  assert {name for name, _ in ends[1]} == {name for name, _ in ends[0]}
+  assert [end for _, end in ends[1]] == [200] * 3
+  _assert_once(bq_emulator.client(), dataset,
+               [("s", shard, o) for shard in range(3) for o in range(200)])

@@ -83,6 +83,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from typing import Callable, Iterable, Optional, Sequence
 
 from transforms.sinks.base import DuplicateEvent
@@ -312,6 +313,7 @@ class BigQueryStore:
     self._write_client = None
     self._writers: dict = {}  # table -> StreamWriter (``write``; keyed state has its own)
     self._dropped_streams: set = set()  # streams found gone or out of sync: never resumed
+    self._keyed_ends: dict = {}  # stream name -> (table, confirmed end) of keyed writes
     self.streams_created = 0  # CreateWriteStream calls (tests: a retry reuses its stream)
     self.already_exists_answers = 0  # writes where some request was answered ALREADY_EXISTS
     self._tables_ready = False
@@ -437,6 +439,10 @@ class BigQueryStore:
     for writer in self._writers.values():
       writer.finalize()
     self._writers = {}
+    for name, (table, end) in self._keyed_ends.items():
+      if name not in self._dropped_streams:
+        _leave_idle_stream((self.project, self.dataset, table), name, end)
+    self._keyed_ends = {}
     if self._client is not None:
       self._client.close()
       self._client = None
@@ -614,7 +620,9 @@ class BigQueryStore:
       return duplicates, streams
     writers: dict = {}
     held = streams.get(table)
-    if held is not None and held[0] not in self._dropped_streams:
+    if held is None or held[0] in self._dropped_streams:
+      held = _take_idle_stream((self.project, self.dataset, table))
+    if held is not None:
       writers[table] = StreamWriter(
           self._write_client, "", schema, append_deadline_s=self.append_deadline_s,
           call_timeout_s=self.request_timeout_s, stream_name=held[0], next_offset=held[1])
@@ -633,6 +641,7 @@ class BigQueryStore:
       after.pop(table, None)
     else:
       after[table] = (writer.name, writer.next_offset)
+      self._keyed_ends[writer.name] = (table, writer.next_offset)
     return duplicates + refused, after
 
   def _check_already_existing(self, schema: Table, refused: list, fresh: list, writers: dict,
@@ -751,6 +760,27 @@ class BigQueryStore:
       todo = [todo[j] for j in stopped]
     raise TransientInsertError(f"{len(todo)} rows of {table} still stopped after "
                                f"{_MAX_STOPPED_ROUNDS} requests")
+
+
+# Keyed streams a closed store left behind (e.g. at the end of a FnApiRunner round), with
+# the end its last confirmed append reached, per (project, dataset, table): a later key
+# without a stream in its state resumes one instead of creating one (CreateWriteStream is
+# capped at about 10,000 an hour per project and region, and local rounds are short). An
+# end that is no longer right is harmless: the append is answered ALREADY_EXISTS (then the
+# look-up) or OUT_OF_RANGE, and the key moves to a new stream.
+_IDLE_STREAMS: dict = {}
+_IDLE_LOCK = threading.Lock()
+
+
+def _take_idle_stream(where: tuple) -> Optional[tuple]:
+  with _IDLE_LOCK:
+    idle = _IDLE_STREAMS.get(where)
+    return idle.pop() if idle else None
+
+
+def _leave_idle_stream(where: tuple, name: str, end: int) -> None:
+  with _IDLE_LOCK:
+    _IDLE_STREAMS.setdefault(where, []).append((name, end))
 
 
 # A dead letter's text columns are cut so that one row always fits one request.
