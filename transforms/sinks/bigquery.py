@@ -44,7 +44,9 @@ FinalizeWriteStream returns one, and it closes the stream), so resyncing means a
 with check 2 in front of it.
 
 What holds where: within one process (FnApiRunner rounds, each local worker) every append is
-confirmed before its rows are acked, and its state lives as long as the round: lost
+confirmed before its rows are acked, and its state lives as long as the round (the streams
+a round's keys wrote are left, with their confirmed ends, to the next round's keys in the
+same process, so rounds do not each create streams against CreateWriteStream's quota): lost
 responses, connection drops and outages are absorbed by 3, restarts by 1 and 2 (a failed
 bundle fails the round there; nothing unwritten was committed). Dataflow retries a failed
 bundle: the retry resumes the key's stream at the committed offsets, as above. Flink
