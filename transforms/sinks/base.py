@@ -8,6 +8,12 @@ deadline; after that the bundle fails, so nothing unwritten is acked and the
 runner (or a restart) replays it. Rows the store rejects for good are written to
 ``dead_letters`` with the store's error, and acked once that write is durable.
 
+A store with ``keyed_streams`` (BigQuery's Storage Write API) is written instead by a
+stateful DoFn keyed by the batch key, in the global window: each batch is written in
+``process()`` through ``write_on_streams(table, rows, written_at, streams)``, and the
+streams it returns (table -> (stream name, next offset)) go to the key's state, which the
+runner commits with the bundle. See ``transforms.sinks.bigquery``.
+
 A ``Store`` is a picklable, unopened connection description with ``open()``,
 ``close()``, ``is_transient(exc)``, ``write(table, rows, written_at) -> [(row,
 error)]`` returning the rows it rejected for good (``write`` must be idempotent),
@@ -27,10 +33,13 @@ import json
 import logging
 import random
 import time
-from typing import Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol, Tuple
 
 import apache_beam as beam
+from apache_beam import coders
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import progress
@@ -121,11 +130,7 @@ class _WriteBatchesFn(beam.DoFn):
     self._by_table.setdefault(table, []).extend(rows)
     self._by_window.setdefault(window, []).extend(rows)
     self._buffered += len(rows)
-    self._batches.inc()
-    full = len(rows) >= self._batch_size
-    if full:
-      self._full_batches.inc()
-    progress.add_batch(full)
+    self._count_batch(rows)
     if self._buffered >= self._flush_rows:
       yield from self._flush()
 
@@ -136,28 +141,39 @@ class _WriteBatchesFn(beam.DoFn):
     return with_retries(lambda: self._store.write(table, rows, written_at), self._store.is_transient,
                         deadline_s=self._retry_deadline_s, what=f"writing {len(rows)} rows to {table}")
 
+  def _count_rejected(self, table: str, rows: list, rejected: list) -> list:
+    """Counts a write's outcome; returns the dead_letters rows for what it refused."""
+    if rejected:
+      duplicates = sum(1 for _, error in rejected if isinstance(error, DuplicateEvent))
+      if duplicates:
+        self._duplicates.inc(duplicates)
+        _LOGGER.info("%s: %d later copies of stored events, e.g. %s", table, duplicates,
+                     next(e for _, e in rejected if isinstance(e, DuplicateEvent)))
+      if len(rejected) > duplicates:
+        self._rejected.inc(len(rejected) - duplicates)
+        _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected) - duplicates,
+                        next(e for _, e in rejected if not isinstance(e, DuplicateEvent)))
+    self._rows_written.inc(len(rows) - len(rejected))
+    progress.add_written(table, len(rows) - len(rejected), len(rejected))
+    return [rejected_dead_letter_row(table, row, error) for row, error in rejected]
+
+  def _count_batch(self, rows: list) -> None:
+    self._batches.inc()
+    full = len(rows) >= self._batch_size
+    if full:
+      self._full_batches.inc()
+    progress.add_batch(full)
+
   def _flush(self) -> Iterable[WindowedValue]:
     if not self._buffered:
       return
     written_at = iso_us(int(time.time() * 1_000_000))
     for table, rows in self._by_table.items():
-      rejected = self._write(table, rows, written_at)
-      if rejected:
-        duplicates = sum(1 for _, error in rejected if isinstance(error, DuplicateEvent))
-        if duplicates:
-          self._duplicates.inc(duplicates)
-          _LOGGER.info("%s: %d later copies of stored events, e.g. %s", table, duplicates,
-                       next(e for _, e in rejected if isinstance(e, DuplicateEvent)))
-        if len(rejected) > duplicates:
-          self._rejected.inc(len(rejected) - duplicates)
-          _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected) - duplicates,
-                          next(e for _, e in rejected if not isinstance(e, DuplicateEvent)))
-        dead = [rejected_dead_letter_row(table, row, error) for row, error in rejected]
+      dead = self._count_rejected(table, rows, self._write(table, rows, written_at))
+      if dead:
         still = self._write(DEAD_LETTERS.name, dead, written_at)
         if still:
           raise SinkWriteError(f"the store refused even the dead letters for {table}: {still[0][1]}")
-      self._rows_written.inc(len(rows) - len(rejected))
-      progress.add_written(table, len(rows) - len(rejected), len(rejected))
     # Every row is durable now (written, or dead-lettered): ack them.
     by_window = self._by_window
     self._by_table, self._by_window, self._buffered = {}, {}, 0
@@ -172,15 +188,109 @@ class _WriteBatchesFn(beam.DoFn):
       self._store = None
 
 
+class _JoinKeyBatchesFn(beam.DoFn):
+  """Joins the batches of one key within a bundle, up to ``flush_rows`` rows, so the keyed
+  writer makes fewer, larger writes (each write costs a look-up query before its append).
+  Counts the batches as they came (``batches``, ``full_batches``)."""
+
+  def __init__(self, flush_rows: int, batch_size: int):
+    self._flush_rows = flush_rows
+    self._batch_size = batch_size
+    self._batches = Metrics.counter(self.__class__, "batches")
+    self._full_batches = Metrics.counter(self.__class__, "full_batches")
+
+  def start_bundle(self):
+    self._by_key: dict[str, list] = {}
+    self._first_at: dict = {}  # key -> earliest timestamp of its buffered batches
+
+  def process(self, batch, timestamp=beam.DoFn.TimestampParam):
+    key, rows = batch
+    self._batches.inc()
+    full = len(rows) >= self._batch_size
+    if full:
+      self._full_batches.inc()
+    progress.add_batch(full)
+    buffer = self._by_key.setdefault(key, [])
+    buffer.extend(rows)
+    self._first_at[key] = min(self._first_at.get(key, timestamp), timestamp)
+    if len(buffer) >= self._flush_rows:
+      del self._by_key[key], self._first_at[key]
+      yield key, buffer
+
+  def finish_bundle(self):
+    for key, rows in self._by_key.items():
+      yield WindowedValue((key, rows), self._first_at[key], (GlobalWindow(),))
+    self._by_key, self._first_at = {}, {}
+
+
+class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
+  """Writes each batch in ``process`` on the streams its key holds in state.
+
+  State (per key 'table|shard', in the global window): table -> (stream name, next offset),
+  for the key's table and for the dead letters of the rows it refuses. It is written only
+  after the store confirmed the batch, and the runner commits it with the bundle: a retried
+  bundle starts from the offsets of the last committed one (see
+  ``BigQueryStore.write_on_streams``). Nothing is buffered across elements, since state
+  belongs to one key; acks leave right after their batch's write.
+  """
+
+  STREAMS = ReadModifyWriteStateSpec("streams", coders.FastPrimitivesCoder())
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    self._streams_started = Metrics.counter(self.__class__, "streams_started")
+
+  def process(self, batch, streams_state=beam.DoFn.StateParam(STREAMS)):
+    key, rows = batch
+    table = key.split("|", 1)[0]
+    rows = list(rows)
+    streams = dict(streams_state.read() or {})
+    before = {t: held[0] for t, held in streams.items()}
+    written_at = iso_us(int(time.time() * 1_000_000))
+    rejected, streams = self._write_on(table, rows, written_at, streams)
+    dead = self._count_rejected(table, rows, rejected)
+    if dead:
+      still, streams = self._write_on(DEAD_LETTERS.name, dead, written_at, streams)
+      if still:
+        raise SinkWriteError(f"the store refused even the dead letters for {table}: {still[0][1]}")
+    streams_state.write(streams)
+    self._streams_started.inc(sum(1 for t, held in streams.items() if before.get(t) != held[0]))
+    yield from acks_for_rows(rows)
+
+  def finish_bundle(self):
+    return None
+
+  def _write_on(self, table: str, rows: list, written_at: str, streams: dict) -> tuple[list, dict]:
+    return with_retries(lambda: self._store.write_on_streams(table, rows, written_at, streams),
+                        self._store.is_transient, deadline_s=self._retry_deadline_s,
+                        what=f"writing {len(rows)} rows to {table}")
+
+
 class WriteBatches(beam.PTransform):
-  """PCollection[(key 'table|shard', [row])] -> PCollection[Ack] (in the global window)."""
+  """PCollection[(key 'table|shard', [row])] -> PCollection[Ack].
+
+  A store with ``keyed_streams`` (BigQuery's Storage Write API) is written by a stateful
+  DoFn keyed by the batch key, after the batches move to the global window (state is per
+  key and window: per-window state would start a stream per key and window); its acks
+  are in the global window. Other stores (SQLite, streaming inserts) buffer per bundle and
+  ack in the batch's window.
+  """
 
   def __init__(self, store: Store, *, flush_rows: int = 1000,
                retry_deadline_s: float = 60.0, batch_size: int = 100):
     super().__init__()
     if flush_rows < 1:
       raise ValueError(f"flush_rows must be >= 1, got {flush_rows}")
-    self._fn = _WriteBatchesFn(store, flush_rows, retry_deadline_s, batch_size)
+    self._keyed = bool(getattr(store, "keyed_streams", False))
+    self._flush_rows, self._batch_size = flush_rows, batch_size
+    fn_class = _WriteOnKeyedStreamsFn if self._keyed else _WriteBatchesFn
+    self._fn = fn_class(store, flush_rows, retry_deadline_s, batch_size)
 
   def expand(self, batches):
-    return batches | "WriteRows" >> beam.ParDo(self._fn)
+    if not self._keyed:
+      return batches | "WriteRows" >> beam.ParDo(self._fn)
+    return (batches
+            | "BatchesToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+            | "JoinKeyBatches" >> beam.ParDo(_JoinKeyBatchesFn(self._flush_rows, self._batch_size)
+                                             ).with_output_types(Tuple[str, Any])
+            | "WriteRowsOnKeyedStreams" >> beam.ParDo(self._fn))

@@ -25,14 +25,40 @@ Exactly once at any replay distance comes from three layers:
    A stream that is gone, or a send left unconfirmed, drops the stream; the write is
    retried (2. again, then a new stream).
 
-What holds where: within one process (FnApiRunner rounds, each local worker) every
-append is confirmed before its rows are acked, so lost responses, connection drops and
-outages are absorbed by 3 and restarts by 1 and 2. On Dataflow or Flink a retried bundle
-re-runs ``write()``, and 2 finds the rows the failed attempt wrote (committed streams are
-readable at once). What does not hold: two attempts of one bundle running at the same
-time (a zombie worker) can both pass check 2 before either appends; the stream name and
-offset are kept per DoFn instance, not in keyed state per (table, shard) as Beam Java's
-``StorageApiWritesShardedRecords`` does, so a retried bundle uses a new stream.
+Keyed streams (``keyed_streams``, the storage_write path): ``WriteBatches`` moves the
+batches to the global window and writes them with a stateful DoFn keyed by the batch key
+('table|shard'). Its ``ReadModifyWriteState`` holds, per table the key writes (its own and
+``dead_letters`` for what BigQuery refuses), the name and next offset of a COMMITTED stream
+the key created; ``write_on_streams`` appends each batch there in ``process()`` and the
+state moves only after BigQuery confirmed the append. The runner commits the state with the
+bundle's output, so a retried bundle starts from the offsets the last successful bundle left:
+its rows that the failed attempt stored are dropped by check 2, and an attempt that passed
+check 2 while another attempt of the same bundle appended (a zombie worker) appends at the
+offsets that attempt took and is answered ALREADY_EXISTS. Every ALREADY_EXISTS answer is
+followed by a look-up of the rows it covered: when one is not stored, the state was behind
+the stream with other rows at those offsets (the failed attempt appended a batch the retry
+no longer sends), and the stream is dropped and the rows written on a new one. A stream that
+is gone (finalized, expired, unknown) or ends before the state's offset (OUT_OF_RANGE) is
+replaced the same way; the API tells no row count of a live COMMITTED stream (only
+FinalizeWriteStream returns one, and it closes the stream), so resyncing means a new stream,
+with check 2 in front of it.
+
+What holds where: within one process (FnApiRunner rounds, each local worker) every append is
+confirmed before its rows are acked, and its state lives as long as the round (the streams
+a round's keys wrote are left, with their confirmed ends, to the next round's keys in the
+same process, so rounds do not each create streams against CreateWriteStream's quota): lost
+responses, connection drops and outages are absorbed by 3, restarts by 1 and 2 (a failed
+bundle fails the round there; nothing unwritten was committed). Dataflow retries a failed
+bundle: the retry resumes the key's stream at the committed offsets, as above. Flink
+restarts from its last checkpoint: the state of every key goes back to it, and the batches
+since then come again; check 2 drops what was stored and the look-up after ALREADY_EXISTS
+moves a key that is behind to a new stream. A savepoint restart or a Dataflow ``--update``
+keeps the state, so each key resumes its stream (replaced when it expired, after 3 idle days).
+What does not hold: a zombie attempt whose batches differ from the retry's (a runner that
+replays a bundle with other batches) and that appends past the retry's end can still double
+rows both attempts checked at the same time; the look-up after ALREADY_EXISTS relies on rows
+being visible to a query once their append is confirmed (true for committed streams and for
+the emulator).
 
 ``--bigquery_write_method=streaming_inserts`` sends rows with ``insert_rows_json`` and
 ``row_ids`` = ``topic-partition-offset`` (a hash of the topic when that would pass 128
@@ -59,7 +85,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
+import threading
 from typing import Callable, Iterable, Optional, Sequence
 
 from transforms.sinks.base import DuplicateEvent
@@ -287,7 +313,11 @@ class BigQueryStore:
     self.append_deadline_s = append_deadline_s
     self._client = None
     self._write_client = None
-    self._writers: dict = {}  # table -> StreamWriter
+    self._writers: dict = {}  # table -> StreamWriter (``write``; keyed state has its own)
+    self._dropped_streams: set = set()  # streams found gone or out of sync: never resumed
+    self._keyed_ends: dict = {}  # stream name -> (table, confirmed end) of keyed writes
+    self.streams_created = 0  # CreateWriteStream calls (tests: a retry reuses its stream)
+    self.already_exists_answers = 0  # writes where some request was answered ALREADY_EXISTS
     self._tables_ready = False
     self.requests_sent = 0  # insertAll calls of this process (for tests and benchmarks)
     self.queries_run = 0  # reconciliation and duplicate checks (for tests and benchmarks)
@@ -411,6 +441,10 @@ class BigQueryStore:
     for writer in self._writers.values():
       writer.finalize()
     self._writers = {}
+    for name, (table, end) in self._keyed_ends.items():
+      if name not in self._dropped_streams:
+        _leave_idle_stream((self.project, self.dataset, table), name, end)
+    self._keyed_ends = {}
     if self._client is not None:
       self._client.close()
       self._client = None
@@ -546,26 +580,110 @@ class BigQueryStore:
       return duplicates + self._append(schema, fresh, written_at)
     return duplicates + self._insert_all(schema, fresh, written_at)
 
-  def _writer(self, table: Table):
+  @property
+  def keyed_streams(self) -> bool:
+    """True when ``WriteBatches`` should keep stream names and offsets in keyed state and
+    write through ``write_on_streams`` (the Storage Write API path)."""
+    return self.write_method == "storage_write"
+
+  def _writer(self, table: Table, writers: Optional[dict] = None):
     from transforms.sinks.bigquery_storage import StreamWriter
-    writer = self._writers.get(table.name)
+    writers = self._writers if writers is None else writers
+    writer = writers.get(table.name)
     if writer is None:
       writer = StreamWriter(self._write_client, self._write_client.table_path(
           self.project, self.dataset, table.name), table, append_deadline_s=self.append_deadline_s,
           call_timeout_s=self.request_timeout_s)
-      self._writers[table.name] = writer
+      self.streams_created += 1
+      writers[table.name] = writer
     return writer
 
-  def _append(self, table: Table, rows: list, written_at: str) -> list:
-    """Appends rows through the Storage Write API; returns [(row, reason)] refused for good."""
+  def write_on_streams(self, table: str, rows: list, written_at: str, streams: dict
+                       ) -> tuple[list, dict]:
+    """``write`` on the stream a key holds in its state: ``streams`` maps table -> (stream
+    name, next offset) as the runner last committed it. Returns (the rows refused for good,
+    the streams to commit with the bundle). Idempotent like ``write``: a retried bundle comes
+    back with the old offsets, its rows already stored are dropped by the check, and an
+    attempt running at the same time (a zombie that passed the check too) appends at the
+    same offsets and is answered ALREADY_EXISTS. Rows answered ALREADY_EXISTS are looked up:
+    if any is not stored, the state was behind the stream with other rows there (e.g. the
+    first attempt appended a batch the retry no longer sends), so the stream is dropped and
+    ``StreamGone`` raised; the retry checks again and appends to a new stream."""
+    from transforms.sinks.bigquery_storage import StreamGone, StreamUncertain, StreamWriter
+    if self._client is None or not self._tables_ready:
+      self.open()
+    schema = TABLES[table]
+    if not rows:
+      return [], streams
+    if table == DEAD_LETTERS.name:
+      rows = [_fit_dead_letter(row) for row in rows]
+    fresh, duplicates = self._new_rows(schema, rows)
+    if not fresh:
+      return duplicates, streams
+    writers: dict = {}
+    held = streams.get(table)
+    if held is None or held[0] in self._dropped_streams:
+      held = _take_idle_stream((self.project, self.dataset, table))
+    if held is not None:
+      writers[table] = StreamWriter(
+          self._write_client, "", schema, append_deadline_s=self.append_deadline_s,
+          call_timeout_s=self.request_timeout_s, stream_name=held[0], next_offset=held[1])
+    try:
+      existed = [0]
+      refused = self._append(schema, fresh, written_at, writers, existed)
+    except (StreamGone, StreamUncertain):
+      if held is not None:
+        self._dropped_streams.add(held[0])  # the retry must not resume it from the old state
+      raise
+    if existed[0]:
+      self._check_already_existing(schema, [r for r, _ in refused], fresh, writers, held)
+    after = dict(streams)
+    writer = writers.get(table)
+    if writer is None:  # a refused request left the stream's end unknown: the next batch starts one
+      after.pop(table, None)
+    else:
+      after[table] = (writer.name, writer.next_offset)
+      self._keyed_ends[writer.name] = (table, writer.next_offset)
+    return duplicates + refused, after
+
+  def _check_already_existing(self, schema: Table, refused: list, fresh: list, writers: dict,
+                              held: Optional[tuple]) -> None:
+    """After ALREADY_EXISTS answers: every row sent must be stored, else the stream's rows
+    at those offsets are other rows (the state was behind the stream): drop it, raise."""
+    from transforms.sinks.bigquery_storage import StreamGone
+    self.already_exists_answers += 1
+    refused_at = {tuple(r[-4:-1]) for r in refused}
+    sent = [r for r in fresh if tuple(r[-4:-1]) not in refused_at]
+    stored = self._stored_coordinates(schema, sent) if sent else set()
+    missing = [r for r in sent if tuple(r[-4:-1]) not in stored]
+    if not missing:
+      return
+    for name in {w.name for w in writers.values()} | ({held[0]} if held else set()):
+      self._dropped_streams.add(name)
+    raise StreamGone(f"{schema.name}: {len(missing)} rows answered ALREADY_EXISTS are not stored "
+                     f"(the state was behind the stream), e.g. {missing[0][-4:-1]}; a new stream "
+                     f"takes them")
+
+  def _append(self, table: Table, rows: list, written_at: str, writers: Optional[dict] = None,
+              existed: Optional[list] = None) -> list:
+    """Appends rows through the Storage Write API; returns [(row, reason)] refused for good.
+    ``writers``: table -> StreamWriter to use (default: this store's own); ``existed[0]`` is
+    increased by the requests answered ALREADY_EXISTS."""
     from transforms.sinks.bigquery_storage import RequestRefused, StreamGone, StreamUncertain, encode_rows
+    writers = self._writers if writers is None else writers
     encoded, refused = encode_rows(table, rows, written_at)
     pending = [i for i, e in enumerate(encoded) if e is not None]
     singles: list[int] = []  # rows of a request refused without naming its bad rows
     while pending or singles:
       batch, one_by_one = (singles, True) if singles else (pending, False)
+      writer = self._writer(table, writers)
+      before = writer.already_existed
       try:
-        self._writer(table).append([encoded[i] for i in batch], singles=one_by_one)
+        try:
+          writer.append([encoded[i] for i in batch], singles=one_by_one)
+        finally:
+          if existed is not None:
+            existed[0] += writer.already_existed - before
         if one_by_one:
           singles = []
         else:
@@ -573,10 +691,10 @@ class BigQueryStore:
         continue
       except (StreamGone, StreamUncertain):
         # Whatever landed is found by the next attempt's check; it appends to a new stream.
-        self._writers.pop(table.name, None)
+        writers.pop(table.name, None)
         raise
       except RequestRefused as e:
-        self._writers.pop(table.name, None)  # see RequestRefused: its good rows may have landed
+        writers.pop(table.name, None)  # see RequestRefused: its good rows may have landed
         for i, reason in e.bad.items():
           refused[batch[i]] = reason
         if not e.bad and len(e.head) == 1:
@@ -644,6 +762,27 @@ class BigQueryStore:
       todo = [todo[j] for j in stopped]
     raise TransientInsertError(f"{len(todo)} rows of {table} still stopped after "
                                f"{_MAX_STOPPED_ROUNDS} requests")
+
+
+# Keyed streams a closed store left behind (e.g. at the end of a FnApiRunner round), with
+# the end its last confirmed append reached, per (project, dataset, table): a later key
+# without a stream in its state resumes one instead of creating one (CreateWriteStream is
+# capped at about 10,000 an hour per project and region, and local rounds are short). An
+# end that is no longer right is harmless: the append is answered ALREADY_EXISTS (then the
+# look-up) or OUT_OF_RANGE, and the key moves to a new stream.
+_IDLE_STREAMS: dict = {}
+_IDLE_LOCK = threading.Lock()
+
+
+def _take_idle_stream(where: tuple) -> Optional[tuple]:
+  with _IDLE_LOCK:
+    idle = _IDLE_STREAMS.get(where)
+    return idle.pop() if idle else None
+
+
+def _leave_idle_stream(where: tuple, name: str, end: int) -> None:
+  with _IDLE_LOCK:
+    _IDLE_STREAMS.setdefault(where, []).append((name, end))
 
 
 # A dead letter's text columns are cut so that one row always fits one request.

@@ -7,7 +7,8 @@ What this module owns:
   not NULL; TIMESTAMP as int64 epoch microseconds; JSON as string);
 - ``encode_rows``: pipeline row tuples -> serialized rows (rows that cannot be encoded
   are refused with the reason, for the dead-letter table);
-- ``StreamWriter``: one COMMITTED stream of one table and the offset of its next row.
+- ``StreamWriter``: one COMMITTED stream of one table and the offset of its next row,
+  created here or resumed from a name and offset kept in a key's state (``WriteBatches``).
 
 Exactly once inside a stream: every request carries the offset its first row must get.
 A request sent again after a lost response or a dropped connection lands on the same
@@ -254,7 +255,8 @@ class StreamWriter:
 
   def __init__(self, client, table_path: str, table: Table, *, append_deadline_s: float = 30.0,
                call_timeout_s: float = 20.0, max_request_bytes: int = MAX_REQUEST_BYTES,
-               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+               stream_name: Optional[str] = None, next_offset: int = 0):
     from google.cloud.bigquery_storage_v1 import types
     self._client = client
     self._types = types
@@ -265,13 +267,17 @@ class StreamWriter:
     self._max_request_bytes = max_request_bytes
     self._sleep = sleep
     self._clock = clock
+    self.calls = 0  # AppendRows calls made (tests, benchmarks)
+    self.already_existed = 0  # requests BigQuery had already applied (lost responses)
+    if stream_name is not None:
+      # Resumed from keyed state: a stream this key made earlier, at the offset confirmed then.
+      self.name, self.next_offset = stream_name, next_offset
+      return
     stream = client.create_write_stream(
         parent=table_path, write_stream=types.WriteStream(type_=types.WriteStream.Type.COMMITTED),
         timeout=call_timeout_s)
     self.name = stream.name
     self.next_offset = 0
-    self.calls = 0  # AppendRows calls made (tests, benchmarks)
-    self.already_existed = 0  # requests BigQuery had already applied (lost responses)
     _LOGGER.info("%s: write stream %s", table.name, self.name)
 
   def _request(self, offset: int, rows: list):
