@@ -22,7 +22,6 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.produce import EventFactory
-from tests.pipeline_support import prism_binary
 from transforms.acks import Ack
 from transforms.events import parse_sensor, sensor_row
 from transforms.sinks.base import WriteBatches, _WriteBatchesFn, _WriteOnKeyedStreamsFn
@@ -277,9 +276,7 @@ def _pipeline(runner: str) -> beam.Pipeline:
 
 @pytest.mark.parametrize("runner", [
     "FnApiRunner",
-    pytest.param("PrismRunner", marks=pytest.mark.skipif(
-        prism_binary() is None,
-        reason="Prism is not built: ./run_pipeline.sh prism build (or set PRISM_BIN)")),
+    "PrismRunner",  # built by ./run_pipeline.sh test: a missing binary fails the case
 ])
 def test_a_pipeline_writes_every_batch_once_on_one_stream_per_key(bq_emulator, runner):
   """Batches of three keys (one batch delivered twice, as a replay) through WriteBatches on
