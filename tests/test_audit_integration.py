@@ -343,7 +343,8 @@ def test_the_pipeline_s_own_output_passes_the_audit(env, capsys, tmp_path):
 def test_audit_reads_bigquery_doubled_and_missing_rows(env, capsys, bq_emulator):
   from transforms.sinks.bigquery import BigQueryStore, json_row
   dataset = f"audit_{uuid.uuid4().hex[:8]}"
-  store = BigQueryStore(bq_emulator.project, dataset, api_endpoint=bq_emulator.endpoint)
+  store = BigQueryStore(bq_emulator.project, dataset, api_endpoint=bq_emulator.endpoint,
+                        write_method="streaming_inserts")
   topic = env.sensor
   bodies = [sensor_body(i) for i in range(12)]
   bodies[11] = dict(bodies[0])  # a later copy of the first event: not stored, not missing

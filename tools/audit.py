@@ -342,6 +342,8 @@ def parse_args(argv: list[str]):
           "--bigquery_api_endpoint.")
     raise SystemExit(0)
   o = PipelineOptions(rest).view_as(SmartGridOptions)
+  # The audit only reads (queries over REST): no write method, so no Storage Write endpoint.
+  o.bigquery_write_method = "streaming_inserts"
   validate(o)
   return o, known.strict, known.json
 
