@@ -135,6 +135,9 @@ def summary(view: KafkaView, elapsed: float, state: str, o: SmartGridOptions) ->
     lines.append("  dead letters:   " + ", ".join(f"{r}={n}" for r, n in sorted(s["dead_letters"].items())))
   if s["rejected"]:
     lines.append("  sink rejected:  " + ", ".join(f"{t}={n}" for t, n in sorted(s["rejected"].items())))
+  if s["duplicates"]:
+    lines.append("  duplicate events (later copies of a stored event_id, acked, not written): "
+                 + ", ".join(f"{t}={n}" for t, n in sorted(s["duplicates"].items())))
   batches = _batches_line(s["batches"], o.batch_size, parse_stop(o.stop).kind == "never")
   if batches:
     lines.append(batches)

@@ -16,7 +16,7 @@ drops rows buffered in GroupIntoBatches when a bounded input ends (pipelines/pri
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import datetime as dt
 import json
 import math
@@ -33,6 +33,7 @@ from tests.support import wait_for
 from tests.pipeline_support import (BackgroundProducer, Pipeline, assert_commits_not_past_sink,
                                     assert_exactly_once, committed, contiguous_frontier, ends,
                                     produce_events, query, row_count, run_to_end)
+from transforms.events import decode_raw_value
 from transforms.sinks.sqlite import SqliteStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -131,14 +132,15 @@ def test_kill_while_processing_then_restart_writes_all_75_once(env):
   with env.pipeline() as p:
     support.wait_for(lambda: row_count(env.db) >= 40 and env.committed() == env.ends(),
                      timeout=60, what="the first 40 rows written and committed")
-    # The sink is now stuck (a writer holds the file); the next 35 are read, never written.
+    # The sink is now stuck (a writer holds the file); the next 35 are read, never written:
+    # the round that reads them waits on the sink (the start-up reconciliation, then the write).
     lock = sqlite3.connect(env.db, isolation_level=None, timeout=30)
     try:
       lock.execute("BEGIN EXCLUSIVE")
       second = env.produce(_events(35, seed=3))
-      support.wait_for(lambda: p.read_count() >= 75, timeout=60,
-                       what="the pipeline to read all 75 records")
-      p.kill()  # SIGKILL while the sink is retrying its write
+      support.wait_for(lambda: "database is locked); retrying" in p.output, timeout=60,
+                       what="the pipeline to retry the locked sink")
+      p.kill()  # SIGKILL while the sink is retrying
       assert p.proc.returncode == -9
     finally:
       lock.execute("ROLLBACK")
@@ -395,15 +397,16 @@ def test_malformed_events_are_dead_lettered_and_late_events_kept(env):
   _assert_clean_exit(p)
   assert_exactly_once(env.db, bad_offsets + good_offsets + late_offsets)
 
-  dead = {(t, pt, o): (error, stage, raw) for t, pt, o, error, stage, raw in query(
-      env.db, "SELECT kafka_topic, kafka_partition, kafka_offset, error, stage, raw_value "
-              "FROM dead_letters")}
+  dead = {tuple(r[:3]): r[3:] for r in query(
+      env.db, "SELECT kafka_topic, kafka_partition, kafka_offset, reason, error, stage, raw_value, "
+              "raw_encoding, truncated, raw_size, raw_sha256 FROM dead_letters")}
   assert len(dead) == len(BAD_KINDS)
   for kind, event, coords in zip(BAD_KINDS, bad, bad_offsets):
-    error, stage, raw = dead[coords]
-    assert error.startswith(f"{kind}: "), (kind, error)
-    assert stage == "parse"
-    assert base64.b64decode(raw) == event.value
+    reason, error, stage, raw, encoding, truncated, size, sha = dead[coords]
+    assert (reason, stage) == (kind, "parse") and error.startswith(f"{kind}: "), (kind, error)
+    raw = decode_raw_value(raw, encoding)
+    assert raw == event.value if not truncated else event.value.startswith(raw), kind
+    assert (size, sha) == (len(event.value), hashlib.sha256(event.value).hexdigest())
   for kind in BAD_KINDS:
     assert f"{kind}=1" in p.output, p.tail()  # the summary counts every reason
 

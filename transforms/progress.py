@@ -14,6 +14,7 @@ _lock = threading.Lock()
 read = Counter()  # topic -> records read
 written = Counter()  # table -> rows written
 rejected = Counter()  # table -> rows the store refused (re-routed to dead_letters)
+duplicates = Counter()  # table -> later copies of a stored event_id (acked, not written)
 batches = Counter()  # 'all' / 'full'
 dead_letters = Counter()  # reason -> dead letters
 committed: dict = {}  # (topic, partition) -> committed offset
@@ -24,11 +25,13 @@ def add_read(topic: str, n: int) -> None:
     read[topic] += n
 
 
-def add_written(table: str, n: int, n_rejected: int = 0) -> None:
+def add_written(table: str, n: int, n_rejected: int = 0, n_duplicates: int = 0) -> None:
   with _lock:
     written[table] += n
     if n_rejected:
       rejected[table] += n_rejected
+    if n_duplicates:
+      duplicates[table] += n_duplicates
 
 
 def add_dead_letter(reason: str) -> None:
@@ -51,12 +54,13 @@ def set_committed(topic: str, partition: int, offset: int) -> None:
 def snapshot() -> dict:
   with _lock:
     return {"read": dict(read), "written": dict(written), "rejected": dict(rejected),
+            "duplicates": dict(duplicates),
             "batches": dict(batches), "dead_letters": dict(dead_letters),
             "committed": dict(committed)}
 
 
 def reset() -> None:
   with _lock:
-    for c in (read, written, rejected, batches, dead_letters):
+    for c in (read, written, rejected, duplicates, batches, dead_letters):
       c.clear()
     committed.clear()

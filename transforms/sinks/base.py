@@ -22,9 +22,10 @@ reconciliation (``transforms.reconcile``), ``until_offset`` exclusive.
 
 One row per event_id: a store refuses a row whose event_id it already holds at
 other Kafka coordinates (or that an earlier row of the same write carries) with a
-``DuplicateEvent`` error. Such a copy is counted (``duplicate_events``), written to
-``dead_letters`` with reason ``duplicate_event`` (so every offset stays accounted
-for, offset by offset) and acked.
+``DuplicateEvent`` error. Such a copy is acked (so nothing stalls) and counted
+(``duplicate_events`` in the metrics and the summary; ``audit`` finds it by its
+event_id), and written nowhere: the old consumer's ``ON CONFLICT (event_id) DO
+NOTHING``. It is not a dead letter: nothing is wrong with it.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ class _WriteBatchesFn(beam.DoFn):
                         deadline_s=self._retry_deadline_s, what=f"writing {len(rows)} rows to {table}")
 
   def _count_rejected(self, table: str, rows: list, rejected: list) -> list:
-    """Counts a write's outcome; returns the dead_letters rows for what it refused."""
+    """Counts a write's outcome; returns the dead_letters rows for what it refused for good
+    (later copies of an event are counted only)."""
+    duplicates = 0
     if rejected:
       duplicates = sum(1 for _, error in rejected if isinstance(error, DuplicateEvent))
       if duplicates:
@@ -154,8 +157,10 @@ class _WriteBatchesFn(beam.DoFn):
         _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected) - duplicates,
                         next(e for _, e in rejected if not isinstance(e, DuplicateEvent)))
     self._rows_written.inc(len(rows) - len(rejected))
-    progress.add_written(table, len(rows) - len(rejected), len(rejected))
-    return [rejected_dead_letter_row(table, row, error) for row, error in rejected]
+    progress.add_written(table, len(rows) - len(rejected), len(rejected) - duplicates if rejected else 0,
+                         duplicates if rejected else 0)
+    return [rejected_dead_letter_row(table, row, error) for row, error in rejected
+            if not isinstance(error, DuplicateEvent)]
 
   def _count_batch(self, rows: list) -> None:
     self._batches.inc()
