@@ -31,8 +31,8 @@ QUERIES = [
         FROM sensor_readings GROUP BY window_start, sensor_type
         ORDER BY window_start DESC, sensor_type LIMIT 8"""),
     ("Dead letters per reason",
-     """SELECT substr(error, 1, instr(error, ':') - 1) AS reason, COUNT(*) AS n
-        FROM dead_letters GROUP BY reason ORDER BY n DESC"""),
+     """SELECT reason, raw_encoding, COUNT(*) AS n
+        FROM dead_letters GROUP BY reason, raw_encoding ORDER BY n DESC"""),
 ]
 
 
