@@ -216,19 +216,9 @@ def encode_rows(table: Table, rows: Sequence[tuple], written_at: str
 
 def request_chunks(sizes: Sequence[int], max_bytes: int = MAX_REQUEST_BYTES) -> list[list[int]]:
   """Consecutive index groups of at most ``max_bytes`` serialized bytes (a larger row alone)."""
-  chunks: list[list[int]] = []
-  current: list[int] = []
-  total = 0
-  for i, size in enumerate(sizes):
-    size += _ROW_FRAMING_BYTES
-    if current and total + size > max_bytes:
-      chunks.append(current)
-      current, total = [], 0
-    current.append(i)
-    total += size
-  if current:
-    chunks.append(current)
-  return chunks
+  from transforms.sinks.bigquery import chunk_indexes  # the same grouping as insertAll's, no row cap
+  return chunk_indexes([size + _ROW_FRAMING_BYTES for size in sizes], max_rows=max(1, len(sizes)),
+                       max_bytes=max_bytes)
 
 
 # ---------------------------------------------------------------------------
