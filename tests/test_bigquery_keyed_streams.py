@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import time
 import uuid
-from collections import Counter
 
 import apache_beam as beam
 import pytest
@@ -22,6 +21,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.produce import EventFactory
+from tests.test_bigquery_storage_write import _assert_once
 from transforms.acks import Ack
 from transforms.events import parse_sensor, sensor_row
 from transforms.sinks.base import WriteBatches, _WriteBatchesFn, _WriteOnKeyedStreamsFn
@@ -102,19 +102,6 @@ def _worker(emulator, dataset: str, lose: int = 0):
 
 def _process(fn, rows: list, state: _State, key: str = KEY) -> list:
   return list(fn.process((key, rows), streams_state=state))
-
-
-def _offsets(client, dataset: str, table: str = "sensor_readings") -> Counter:
-  return Counter(tuple(r.values()) for r in client.query_and_wait(
-      f"SELECT kafka_topic, kafka_partition, kafka_offset FROM `{PROJECT}.{dataset}.{table}`"))
-
-
-def _assert_once(client, dataset: str, expected, table: str = "sensor_readings") -> None:
-  got = _offsets(client, dataset, table)
-  doubled = {k: n for k, n in got.items() if n > 1}
-  assert not doubled, f"{len(doubled)} offsets stored more than once, e.g. {list(doubled)[:3]}"
-  assert set(got) == set(expected), (sorted(set(expected) - set(got))[:5],
-                                     sorted(set(got) - set(expected))[:5])
 
 
 def test_only_the_storage_write_path_is_stateful(tmp_path):
