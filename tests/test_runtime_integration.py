@@ -67,6 +67,22 @@ def _drain(p) -> None:
 
 @streaming_runners
 @pytest.mark.parametrize("start", ["latest", "timestamp"])
+
+def _expected_with_gap(env, produced: list, start: int, cut: int) -> list:
+  """What the sink must hold after sensor-0's offsets [start, cut) were skipped: every other
+  produced offset, and one offset_gap dead letter at the gap's first offset."""
+  deleted = {(env.sensor, 0, o) for o in range(start, cut)}
+  return [r for r in produced if r not in deleted] + [(env.sensor, 0, start)]
+
+
+def _assert_gap_recorded(env, expected: list, start: int, cut: int) -> None:
+  by_table = assert_exactly_once(env.db, expected)
+  assert (env.sensor, 0, start) in by_table["dead_letters"]
+  [(error,)] = query(env.db, "SELECT error FROM dead_letters WHERE kafka_topic = ? AND "
+                             "kafka_partition = 0 AND kafka_offset = ?", (env.sensor, start))
+  assert error.startswith("offset_gap") and f"[{start}, {cut})" in error, error
+  env.assert_committed_equals_end()
+
 def test_streaming_start_holds_across_rounds_and_restarts(env, runner, start):
   """History exists; the run starts at latest (or at a timestamp newer than all of it:
   every partition is quiet there). Only what is written after the start may arrive, in
@@ -191,14 +207,8 @@ def test_unread_offsets_deleted_by_retention_stop_the_run_or_are_recorded_as_a_g
 
   skipped = env.batch("--on_offset_gap=skip")
   assert skipped.proc.returncode == 0, skipped.tail()
-  deleted = {(env.sensor, 0, o) for o in range(start, cut)}
-  expected = [r for r in first + second if r not in deleted] + [(env.sensor, 0, start)]
-  by_table = assert_exactly_once(env.db, expected)
-  assert (env.sensor, 0, start) in by_table["dead_letters"]
-  [(error,)] = query(env.db, "SELECT error FROM dead_letters WHERE kafka_topic = ? AND "
-                             "kafka_partition = 0 AND kafka_offset = ?", (env.sensor, start))
-  assert error.startswith("offset_gap") and f"[{start}, {cut})" in error, error
-  env.assert_committed_equals_end()
+  expected = _expected_with_gap(env, first + second, start, cut)
+  _assert_gap_recorded(env, expected, start, cut)
 
 
 def test_a_committed_offset_past_the_end_of_a_recreated_topic_stops_the_run(env):
@@ -484,18 +494,12 @@ def test_offsets_deleted_while_a_stream_runs_are_recorded_with_skip(env):
       _delete_records(env.bs, env.sensor, 0, cut)  # retention, before the run read them
     finally:
       os.kill(p.proc.pid, signal.SIGCONT)
-    deleted = {(env.sensor, 0, o) for o in range(start, cut)}
-    expected = [r for r in first + second if r not in deleted] + [(env.sensor, 0, start)]
+    expected = _expected_with_gap(env, first + second, start, cut)
     support.wait_for(lambda: row_count(env.db) >= len(expected) or not p.alive(), timeout=60,
                      what="the rest of the rows and the gap")
     _wait_committed_at_end(env)
     _drain(p)
-  by_table = assert_exactly_once(env.db, expected)
-  assert (env.sensor, 0, start) in by_table["dead_letters"]
-  [(error,)] = query(env.db, "SELECT error FROM dead_letters WHERE kafka_topic = ? AND "
-                             "kafka_partition = 0 AND kafka_offset = ?", (env.sensor, start))
-  assert error.startswith("offset_gap") and f"[{start}, {cut})" in error, error
-  env.assert_committed_equals_end()
+  _assert_gap_recorded(env, expected, start, cut)
 
 
 def test_offsets_deleted_while_two_workers_stream_stop_the_run_by_default(env):
