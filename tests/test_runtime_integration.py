@@ -65,9 +65,6 @@ def _drain(p) -> None:
 # Start positions on topics with history
 
 
-@streaming_runners
-@pytest.mark.parametrize("start", ["latest", "timestamp"])
-
 def _expected_with_gap(env, produced: list, start: int, cut: int) -> list:
   """What the sink must hold after sensor-0's offsets [start, cut) were skipped: every other
   produced offset, and one offset_gap dead letter at the gap's first offset."""
@@ -83,6 +80,9 @@ def _assert_gap_recorded(env, expected: list, start: int, cut: int) -> None:
   assert error.startswith("offset_gap") and f"[{start}, {cut})" in error, error
   env.assert_committed_equals_end()
 
+
+@streaming_runners
+@pytest.mark.parametrize("start", ["latest", "timestamp"])
 def test_streaming_start_holds_across_rounds_and_restarts(env, runner, start):
   """History exists; the run starts at latest (or at a timestamp newer than all of it:
   every partition is quiet there). Only what is written after the start may arrive, in
