@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
@@ -171,6 +172,22 @@ class ResolvePartitions(beam.PTransform):
     return (pbegin
             | "ListTopics" >> beam.Create([self._topics])
             | "ResolveOffsets" >> beam.ParDo(self._fn))
+
+
+_AGAIN = object()  # a step's answer: poll again
+_DONE = object()  # a step's answer: the call is over (restriction ended or checkpointed)
+
+
+@dataclass
+class _Cursor:
+  """Where one call of the reader is in its restriction."""
+  tp: Any  # kafka.TopicPartition
+  stop: int  # exclusive; lowered by a drain
+  stop_ts: Optional[int]
+  covers_from: int  # the next offset to account for
+  windows: tuple
+  deadline: float  # monotonic time by which the call checkpoints
+  emitted: int = 0
 
 
 def _finish(tracker) -> None:
@@ -332,89 +349,113 @@ class _ReadPartitionFn(beam.DoFn):
     return min(SHORT_POLL_MS, self._poll_timeout_ms)
 
   def _read(self, element: PartitionRead, tracker, watermark, window=None):
+    """One call on a restriction: poll, emit, and end it, or checkpoint its remainder."""
     from kafka import TopicPartition
-    from kafka.errors import OffsetOutOfRangeError
 
     restriction = tracker.current_restriction()
-    tp = TopicPartition(element.topic, element.partition)
-    stop = restriction.stop
-    stop_ts = element.stop_timestamp_ms
-    covers_from = restriction.start
-    if covers_from >= stop:
+    c = _Cursor(TopicPartition(element.topic, element.partition), restriction.stop,
+                element.stop_timestamp_ms, restriction.start,
+                (GlobalWindow() if window is None else window,),
+                time.monotonic() + self._max_seconds)
+    if c.covers_from >= c.stop:
       _finish(tracker)
       return
-    consumer = self._position(tp, covers_from)
-    topic, partition = element.topic, element.partition
-    windows = (GlobalWindow() if window is None else window,)
-    emitted = 0
-    deadline = time.monotonic() + self._max_seconds
-
+    self._position(c.tp, c.covers_from)
     while True:
-      if self._drain.requested():
-        # A local drain reads what was written before it (up to the end offsets seen when
-        # it is noticed: the last stable offset under read_committed), then ends.
-        key = (topic, partition)
-        if key not in self._drain_stops:
-          self._drain_stops[key] = consumer.end_offsets([tp])[tp]
-        stop = min(stop, self._drain_stops[key])
-        if covers_from >= stop:
-          _finish(tracker)
-          return
-      try:
-        records = consumer.poll(timeout_ms=self._poll_wait_ms(bounded=stop != UNBOUNDED,
-                                                             first=emitted == 0)).get(tp)
-      except OffsetOutOfRangeError:
-        covers_from = yield from self._skip_gap(tp, covers_from, stop, tracker)
-        if covers_from is None:
-          return
-        if covers_from >= stop:
-          _finish(tracker)
-          return
-        continue
-      if not records:
-        yield from self._nothing_polled(tp, covers_from, stop, stop_ts, tracker, watermark)
-        return
-
-      max_ts = None
-      batch_start = covers_from
-      for rec in records:
-        offset = rec.offset
-        if offset >= stop or (stop_ts is not None and rec.timestamp >= stop_ts):
-          self._next_offset = None
-          _finish(tracker)
-          if max_ts is not None:
-            watermark.observe_record(max_ts)
-          self._count(topic, records, batch_start, covers_from)
-          return
-        if not tracker.try_claim(offset):
-          self._next_offset = None  # the runner split the range: our buffered records are not ours
-          self._count(topic, records, batch_start, covers_from)
-          return
-        ts = rec.timestamp
-        # A WindowedValue in the input's window: a TimestampedValue would make the runner
-        # re-run the window assignment per record. Exact micros: float seconds can be 1 µs early.
-        yield WindowedValue(
-            KafkaRecord(topic, partition, offset, covers_from, rec.key, rec.value, ts,
-                        tuple(rec.headers) if rec.headers else ()),
-            Timestamp(micros=ts * 1000), windows)
-        covers_from = offset + 1
-        if max_ts is None or ts > max_ts:
-          max_ts = ts
-      self._next_offset = covers_from
-      emitted += len(records)
-      self._count(topic, records, batch_start, covers_from)
-      watermark.observe_record(max_ts)
-      highwater = consumer.highwater(tp)
-      EndOffsets.record(topic, partition, highwater)
-      if covers_from >= stop:
+      if self._drain_reached(c):
         _finish(tracker)
         return
-      # Caught up: checkpoint rather than wait in poll for a trickle of new records, which
-      # would hold this worker (and the partitions queued behind it) for max_seconds_per_call.
-      caught_up = highwater is not None and covers_from >= highwater
-      if caught_up or emitted >= self._max_records or time.monotonic() >= deadline:
-        tracker.defer_remainder()
+      records = yield from self._poll(c, tracker)
+      if records is _AGAIN:
+        continue
+      if records is _DONE:
         return
+      if not records:
+        yield from self._nothing_polled(c.tp, c.covers_from, c.stop, c.stop_ts, tracker, watermark)
+        return
+      if not (yield from self._emit(records, c, tracker, watermark)):
+        return
+      if self._end_of_batch(c, tracker):
+        return
+
+  def _drain_reached(self, c: _Cursor) -> bool:
+    """Whether a local drain ends the read here (it lowers ``c.stop`` when noticed).
+
+    A drain reads what was written before it (up to the end offsets seen when it is
+    noticed: the last stable offset under read_committed), then ends.
+    """
+    if not self._drain.requested():
+      return False
+    key = (c.tp.topic, c.tp.partition)
+    if key not in self._drain_stops:
+      self._drain_stops[key] = self._consumer.end_offsets([c.tp])[c.tp]
+    c.stop = min(c.stop, self._drain_stops[key])
+    return c.covers_from >= c.stop
+
+  def _poll(self, c: _Cursor, tracker):
+    """One poll: its records of c.tp, ``_AGAIN`` after a recorded offset gap, or ``_DONE``."""
+    from kafka.errors import OffsetOutOfRangeError
+    wait_ms = self._poll_wait_ms(bounded=c.stop != UNBOUNDED, first=c.emitted == 0)
+    try:
+      return self._consumer.poll(timeout_ms=wait_ms).get(c.tp)
+    except OffsetOutOfRangeError:
+      c.covers_from = yield from self._skip_gap(c.tp, c.covers_from, c.stop, tracker)
+      if c.covers_from is None:
+        return _DONE
+      if c.covers_from >= c.stop:
+        _finish(tracker)
+        return _DONE
+      return _AGAIN
+
+  def _emit(self, records, c: _Cursor, tracker, watermark):
+    """Claims and emits a poll's records; returns False when the restriction ended in it
+    (its stop offset or timestamp reached, or the runner split it below a record)."""
+    topic, partition, stop, stop_ts, windows = c.tp.topic, c.tp.partition, c.stop, c.stop_ts, c.windows
+    batch_start = covers_from = c.covers_from
+    max_ts = None
+    for rec in records:
+      offset = rec.offset
+      if offset >= stop or (stop_ts is not None and rec.timestamp >= stop_ts):
+        self._next_offset = None
+        _finish(tracker)
+        if max_ts is not None:
+          watermark.observe_record(max_ts)
+        self._count(topic, records, batch_start, covers_from)
+        return False
+      if not tracker.try_claim(offset):
+        self._next_offset = None  # the runner split the range: our buffered records are not ours
+        self._count(topic, records, batch_start, covers_from)
+        return False
+      ts = rec.timestamp
+      # A WindowedValue in the input's window: a TimestampedValue would make the runner
+      # re-run the window assignment per record. Exact micros: float seconds can be 1 µs early.
+      yield WindowedValue(
+          KafkaRecord(topic, partition, offset, covers_from, rec.key, rec.value, ts,
+                      tuple(rec.headers) if rec.headers else ()),
+          Timestamp(micros=ts * 1000), windows)
+      covers_from = offset + 1
+      if max_ts is None or ts > max_ts:
+        max_ts = ts
+    c.covers_from = self._next_offset = covers_from
+    c.emitted += len(records)
+    self._count(topic, records, batch_start, covers_from)
+    watermark.observe_record(max_ts)
+    return True
+
+  def _end_of_batch(self, c: _Cursor, tracker) -> bool:
+    """After a poll's records: ends the restriction or checkpoints it (True), or reads on."""
+    highwater = self._consumer.highwater(c.tp)
+    EndOffsets.record(c.tp.topic, c.tp.partition, highwater)
+    if c.covers_from >= c.stop:
+      _finish(tracker)
+      return True
+    # Caught up: checkpoint rather than wait in poll for a trickle of new records, which
+    # would hold this worker (and the partitions queued behind it) for max_seconds_per_call.
+    caught_up = highwater is not None and c.covers_from >= highwater
+    if caught_up or c.emitted >= self._max_records or time.monotonic() >= c.deadline:
+      tracker.defer_remainder()
+      return True
+    return False
 
 
 class _ReadUnboundedPartitionFn(_ReadPartitionFn):
