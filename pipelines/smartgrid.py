@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
@@ -123,7 +123,7 @@ def read(p: beam.Pipeline, o: SmartGridOptions, *, start: StartPosition, stop: S
       on_offset_gap=o.on_offset_gap, skip_missing_topics=skip_missing_topics)
 
 
-def _batches(records, gaps, o: SmartGridOptions, bounded: bool) -> tuple:
+def _batches(records, gaps, o: SmartGridOptions, bounded: bool, clock) -> tuple:
   """records and gaps -> (batches in fixed event-time windows, dead letters)."""
   rows, dead_letters, full_batches = records | "ParseEvents" >> ParseEvents(
       topic_tables(o), window_size_secs=o.window_size_secs,
@@ -141,22 +141,24 @@ def _batches(records, gaps, o: SmartGridOptions, bounded: bool) -> tuple:
       # A bounded read ends with the watermark at +inf, which flushes every partial batch; a
       # buffering timer adds nothing there, and FnApiRunner fails a run that ends with one
       # still pending (even a cleared one).
-      max_buffering_secs=None if bounded else o.max_buffering_secs)
+      max_buffering_secs=None if bounded else o.max_buffering_secs, clock=clock)
   return batches, dead_letters
 
 
 def process(records, reads, gaps, o: SmartGridOptions, *, store: Store, bounded: bool,
-            commit_fn: Optional[CommitFn] = None) -> Outputs:
+            commit_fn: Optional[CommitFn] = None,
+            clock: Callable[[], float] = time.time) -> Outputs:
   """What the pipeline does with what it read: SkipStored, parse, batch, write, commit.
 
   ``bounded``: the read ends (a batch run or a round), so no processing-time timers.
-  ``commit_fn``: commits instead of the Kafka group (``CommitOffsets``), for tests.
+  ``commit_fn``: commits instead of the Kafka group (``CommitOffsets``); ``clock``:
+  GroupIntoBatches' processing time. Both for tests (a ``TestStream`` and a fake clock).
   """
   read_records, skipped_acks = records, None
   if o.reconcile == "on":
     records, skipped_acks = records | "SkipStored" >> SkipStored(
         store, retry_deadline_s=o.sink_retry_deadline_secs)
-  batches, dead_letters = _batches(records, gaps, o, bounded)
+  batches, dead_letters = _batches(records, gaps, o, bounded, clock)
   acks = batches | "WriteBatches" >> WriteBatches(
       store, flush_rows=o.sink_flush_rows, retry_deadline_s=o.sink_retry_deadline_secs,
       batch_size=o.batch_size)
