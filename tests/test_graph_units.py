@@ -279,9 +279,10 @@ def test_transient_sink_failures_are_retried_and_nothing_is_committed_before(sto
 
 
 def test_a_replay_writes_nothing_twice_and_commits_to_the_end(store):
-  stream = lambda: (test_stream.TestStream().advance_watermark_to(990)  # noqa: E731
-                    .add_elements([_record(o, 1000 + o) for o in range(8)])
-                    .advance_watermark_to_infinity())
+  def stream():
+    return (test_stream.TestStream().advance_watermark_to(990)
+            .add_elements([_record(o, 1000 + o) for o in range(8)])
+            .advance_watermark_to_infinity())
   _run(stream(), {(SENSOR, 0): 0}, _options(), store)
   before = store.rows(SENSOR_READINGS.name)
   _run(stream(), {(SENSOR, 0): 0}, _options(), store)  # SkipStored: acked, not written

@@ -107,7 +107,7 @@ class MemoryStore:
     with _LOCK:
       return list(_JOURNALS[self.name])
 
-  def commit_fn(self) -> "JournalCommit":
+  def commit_fn(self) -> JournalCommit:
     """A picklable ``CommitOffsets`` committer that records commits in this journal."""
     return JournalCommit(self.name)
 
