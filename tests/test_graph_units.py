@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_stream
 from apache_beam.transforms.window import IntervalWindow, TimestampedValue
 
-from pipelines import smartgrid
+from pipelines import prism, smartgrid
 from pipelines.options import SmartGridOptions
 from transforms.kafka.gaps import OffsetGap
 from transforms.kafka.records import KafkaRecord, PartitionRead
@@ -60,14 +60,17 @@ class FakeClock:
     return self._now
 
 
-def _options(*extra: str) -> PipelineOptions:
-  return PipelineOptions([
+def _options(*extra: str, runner: str = "DirectRunner") -> PipelineOptions:
+  """The DirectRunner (streaming) or Prism (pipelines/prism.py: its binary, a worker pool
+  in this process, so the MemoryStore is shared)."""
+  options = PipelineOptions([
       "--runner=DirectRunner", "--streaming", "--bootstrap_servers=127.0.0.1:1",
       f"--sensor_topic={SENSOR}", f"--meter_topic={METER}", f"--batch_size={BATCH}",
       f"--window_size_secs={WINDOW_S}", f"--allowed_lateness_secs={LATENESS_S}",
       f"--max_buffering_secs={BUFFERING_S}", "--num_shards=1",
       # Every ack is committed at once, so the journal shows each commit the acks allow.
       "--commit_interval_secs=0.000001", *extra])
+  return prism.prism_options(options) if runner == "PrismRunner" else options
 
 
 def _record(offset: int, event_s: float, arrival_s: Optional[float] = None, partition: int = 0,
@@ -99,6 +102,12 @@ def _run(stream: test_stream.TestStream, starts: dict, options: PipelineOptions,
     if collect_acks:
       _ = out.acks | "CollectAcks" >> beam.ParDo(_Collect(name))
   return _COLLECTED.pop(name)
+
+
+# Prism too (a really streaming runner), where it keeps the TestStream's semantics. Not
+# for the buffering flush: there Prism's TestStream processing time did not fire
+# GroupIntoBatches' buffering timer before the later elements arrived (measured).
+RUNNERS = pytest.mark.parametrize("runner", ["DirectRunner", "PrismRunner"])
 
 
 @pytest.fixture
@@ -147,13 +156,15 @@ def _journal_checks(store: MemoryStore, expected: dict) -> None:
 # windows
 
 
-def test_events_land_in_their_fixed_event_time_window(store):
+@RUNNERS
+def test_events_land_in_their_fixed_event_time_window(store, runner):
   # Three windows, interleaved in arrival order; arrival close to the event time.
   events = [1000, 1130, 1015, 1060, 1001, 1179, 1119, 1061, 1002, 1019]
   stream = (test_stream.TestStream().advance_watermark_to(990)
             .add_elements([_record(i, t, 1000 + i) for i, t in enumerate(events)])
             .advance_watermark_to_infinity())
-  acks = _run(stream, {(SENSOR, 0): 0}, _options("--reconcile=off"), store, collect_acks=True)
+  acks = _run(stream, {(SENSOR, 0): 0}, _options("--reconcile=off", runner=runner), store,
+              collect_acks=True)
 
   rows = store.rows(SENSOR_READINGS.name)
   assert sorted(o for _, _, o in rows) == list(range(len(events)))
@@ -177,7 +188,8 @@ def test_events_land_in_their_fixed_event_time_window(store):
 # late events
 
 
-def test_late_events_are_kept_and_flagged_within_and_beyond_allowed_lateness(store):
+@RUNNERS
+def test_late_events_are_kept_and_flagged_within_and_beyond_allowed_lateness(store, runner):
   window_end = 1020  # of the window [960, 1020) the events belong to
   stream = (test_stream.TestStream().advance_watermark_to(990)
             .add_elements([_record(0, 1000)])
@@ -188,7 +200,8 @@ def test_late_events_are_kept_and_flagged_within_and_beyond_allowed_lateness(sto
             .advance_watermark_to(window_end + LATENESS_S + 60)
             .add_elements([_record(2, 1010, window_end + LATENESS_S + 60)])
             .advance_watermark_to_infinity())
-  acks = _run(stream, {(SENSOR, 0): 0}, _options("--reconcile=off"), store, collect_acks=True)
+  acks = _run(stream, {(SENSOR, 0): 0}, _options("--reconcile=off", runner=runner), store,
+              collect_acks=True)
 
   rows = store.rows(SENSOR_READINGS.name)
   assert [rows[(SENSOR, 0, i)][LATE_COLUMN] for i in range(3)] == [False, False, True]
@@ -227,7 +240,8 @@ def test_partial_batch_is_flushed_by_the_buffering_timer_in_processing_time(stor
   _journal_checks(store, {(SENSOR, 0): (0, 10)})
 
 
-def test_watermark_to_infinity_flushes_every_partial_batch(store):
+@RUNNERS
+def test_watermark_to_infinity_flushes_every_partial_batch(store, runner):
   """Many keys (tables, partitions), windows and partial batches, no processing time
   passing: the end of the stream (drain) flushes them all; nothing is lost."""
   counts = {(SENSOR, 0): 13, (SENSOR, 1): 7, (METER, 0): 3, (METER, 2): 11}
@@ -237,7 +251,7 @@ def test_watermark_to_infinity_flushes_every_partial_batch(store):
                  for o in range(n)]
   stream = (test_stream.TestStream().advance_watermark_to(990).add_elements(elements[::2])
             .add_elements(elements[1::2]).advance_watermark_to_infinity())
-  _run(stream, {tp: 0 for tp in counts}, _options("--num_shards=2"), store)
+  _run(stream, {tp: 0 for tp in counts}, _options("--num_shards=2", runner=runner), store)
   _journal_checks(store, {tp: (0, n) for tp, n in counts.items()})
 
 
@@ -245,7 +259,8 @@ def test_watermark_to_infinity_flushes_every_partial_batch(store):
 # the commit order
 
 
-def test_offsets_are_committed_only_after_the_sink_holds_every_offset_below(store):
+@RUNNERS
+def test_offsets_are_committed_only_after_the_sink_holds_every_offset_below(store, runner):
   """Offsets 0..3 (a partial batch) belong to a later window than 4..9, so 4..9 are
   written first (a full batch at once, the rest when their window closes): the commit
   must wait at the start until 0..3 are stored too. A resolved start of 20 on another
@@ -257,7 +272,7 @@ def test_offsets_are_committed_only_after_the_sink_holds_every_offset_below(stor
             .advance_watermark_to(1100)  # the first window [960, 1020) closes
             .advance_watermark_to(1300)  # the second [1200, 1260) closes
             .advance_watermark_to_infinity())
-  _run(stream, {(SENSOR, 0): 0, (SENSOR, 1): 20}, _options(), store)
+  _run(stream, {(SENSOR, 0): 0, (SENSOR, 1): 20}, _options(runner=runner), store)
 
   journal = store.journal()
   writes = [e[4] for e in journal if e[0] == "write" and e[3] == 0]
