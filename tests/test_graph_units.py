@@ -30,7 +30,7 @@ from pipelines.options import SmartGridOptions
 from transforms.kafka.gaps import OffsetGap
 from transforms.kafka.records import KafkaRecord, PartitionRead
 from transforms.sinks.memory import MemoryStore
-from transforms.sinks.schema import SENSOR_READINGS
+from transforms.sinks.schema import DEAD_LETTERS, SENSOR_READINGS
 
 SENSOR, METER = "sensor-topic", "meter-topic"
 WINDOW_S, LATENESS_S, BATCH, BUFFERING_S = 60, 300, 5, 10
@@ -379,3 +379,20 @@ def test_reconcile_off_leaves_skip_stored_out():
   p = beam.Pipeline(options=options)
   smartgrid.build(p, options.view_as(SmartGridOptions), store=MemoryStore())
   assert "SkipStored" not in _top_level_steps(p)
+
+
+def test_bad_events_become_dead_letters_and_their_offsets_are_committed_in_order(store):
+  bad = {3: b"not json", 6: b'{"event_id": "x"}', 7: b"\xff\xfe"}
+  elements = [_record(o, 1000 + o) for o in range(10)]
+  for offset, value in bad.items():
+    good = elements[offset].value
+    elements[offset] = TimestampedValue(good._replace(value=value), elements[offset].timestamp)
+  stream = (test_stream.TestStream().advance_watermark_to(990).add_elements(elements)
+            .advance_watermark_to_infinity())
+  _run(stream, {(SENSOR, 0): 0}, _options(), store)
+  dead = store.rows("dead_letters")
+  assert sorted(o for _, _, o in dead) == sorted(bad)
+  reasons = {o: row[DEAD_LETTERS.names.index("reason")] for (_, _, o), row in dead.items()}
+  assert reasons == {3: "not_json", 6: "missing_field", 7: "not_utf8"}
+  assert sorted(o for _, _, o in store.rows(SENSOR_READINGS.name)) == sorted(set(range(10)) - set(bad))
+  _journal_checks(store, {(SENSOR, 0): (0, 10)})
