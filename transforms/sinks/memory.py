@@ -78,7 +78,7 @@ class MemoryStore:
       events = {r[index]: c for c, r in held.items()} if dedup else {}
       rejected = []
       for row in rows:
-        coordinates = tuple(row[-4:-1])
+        coordinates = tuple(row[-4:-1])  # (topic, partition, offset); rows.coordinates(row) once merged
         if coordinates in held:
           continue  # a replay: already stored
         if index is not None and row[index] in events:
