@@ -1,4 +1,7 @@
-"""The pipeline graph, built from injectable parts.
+"""The pipeline graph, built from injectable parts: ``build`` = ``read`` + ``process``.
+
+Building needs no broker (partitions are listed when the pipeline runs), and
+``process`` takes any ``records`` (a ``TestStream`` in the unit tests).
 
     Kafka (both topics) -> SkipStored (records the sink holds already: acked, not written)
       -> ParseEvents (rows; batches that fill within a bundle; dead letters)
@@ -13,14 +16,14 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.options import SmartGridOptions
 from transforms.batching import BatchRows
-from transforms.commit import CommitOffsets
+from transforms.commit import CommitFn, CommitOffsets
 from transforms.kafka import ReadFromKafka
 from transforms.kafka.read import shard_of
 from transforms.kafka.config import FromEnv, consumer_config
@@ -102,45 +105,60 @@ class Outputs:
   committed: beam.PCollection
 
 
-def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = None,
-          drain_file: Optional[str] = None, start: Optional[StartPosition] = None,
-          stop: Optional[StopPosition] = None, skip_missing_topics: bool = False) -> Outputs:
-  """The pipeline on p; ``start``/``stop`` override --start/--stop (the launcher's rounds).
+def topic_tables(o: SmartGridOptions) -> dict:
+  """topic -> the table its events go to."""
+  return {o.sensor_topic: SENSOR, o.meter_topic: METER}
 
-  ``skip_missing_topics``: read the topics that exist (the local launcher waits for the
-  others and rebuilds); else a missing topic fails the build, naming it.
+
+def read(p: beam.Pipeline, o: SmartGridOptions, *, start: StartPosition, stop: StopPosition,
+         drain_file: Optional[str] = None, skip_missing_topics: bool = False) -> tuple:
+  """Both topics -> (records, the resolved PartitionReads, the OffsetGaps).
+
+  Needs no broker while the graph is built: partitions are listed when it runs.
   """
-  config = kafka_client_config(o)
-  topics = {o.sensor_topic: SENSOR, o.meter_topic: METER}
-  start = start if start is not None else parse_start(o.start)
-  stop = stop if stop is not None else parse_stop(o.stop)
-  store = store if store is not None else make_store(o)
-
-  records, reads, gaps = p | "ReadFromKafka" >> ReadFromKafka(
-      o.bootstrap_servers, list(topics), group_id=o.group_id, start=start, stop=stop,
+  return p | "ReadFromKafka" >> ReadFromKafka(
+      o.bootstrap_servers, list(topic_tables(o)), group_id=o.group_id, start=start, stop=stop,
       consumer_config=_kafka_security(o), poll_timeout_ms=o.poll_timeout_ms,
       drain_file=drain_file, shard=parse_shard(o.partition_shard), with_partition_reads=True,
       on_offset_gap=o.on_offset_gap, skip_missing_topics=skip_missing_topics)
-  read, skipped_acks = records, None
-  if o.reconcile == "on":
-    records, skipped_acks = records | "SkipStored" >> SkipStored(
-        store, retry_deadline_s=o.sink_retry_deadline_secs)
+
+
+def _batches(records, gaps, o: SmartGridOptions, bounded: bool, clock) -> tuple:
+  """records and gaps -> (batches in fixed event-time windows, dead letters)."""
   rows, dead_letters, full_batches = records | "ParseEvents" >> ParseEvents(
-      topics, window_size_secs=o.window_size_secs, allowed_lateness_secs=o.allowed_lateness_secs,
-      num_shards=o.num_shards, shard_by=o.shard_by, batch_size=o.batch_size,
-      schema_registry_url=o.schema_registry_url)
+      topic_tables(o), window_size_secs=o.window_size_secs,
+      allowed_lateness_secs=o.allowed_lateness_secs, num_shards=o.num_shards,
+      shard_by=o.shard_by, batch_size=o.batch_size, schema_registry_url=o.schema_registry_url)
   dead_rows = dead_letters | "KeyDeadLetters" >> beam.Map(
       key_dead_letters, o.num_shards).with_output_types(Tuple[str, Any])
   # Skipped offsets (--on_offset_gap=skip) are written as dead letters like any other.
   gap_rows = gaps | "OffsetGapDeadLetters" >> beam.FlatMap(
       _offset_gap_dead_letter, o.num_shards).with_output_types(Tuple[str, Any])
-  batches = (full_batches, (rows, dead_rows, gap_rows) | "OtherRows" >> beam.Flatten()) | "BatchRows" >> BatchRows(
+  other_rows = (rows, dead_rows, gap_rows) | "OtherRows" >> beam.Flatten()
+  batches = (full_batches, other_rows) | "BatchRows" >> BatchRows(
       o.batch_size, FixedEventWindows(o.window_size_secs),
       allowed_lateness_secs=o.allowed_lateness_secs,
       # A bounded read ends with the watermark at +inf, which flushes every partial batch; a
       # buffering timer adds nothing there, and FnApiRunner fails a run that ends with one
       # still pending (even a cleared one).
-      max_buffering_secs=None if stop.is_bounded else o.max_buffering_secs)
+      max_buffering_secs=None if bounded else o.max_buffering_secs, clock=clock)
+  return batches, dead_letters
+
+
+def process(records, reads, gaps, o: SmartGridOptions, *, store: Store, bounded: bool,
+            commit_fn: Optional[CommitFn] = None,
+            clock: Callable[[], float] = time.time) -> Outputs:
+  """What the pipeline does with what it read: SkipStored, parse, batch, write, commit.
+
+  ``bounded``: the read ends (a batch run or a round), so no processing-time timers.
+  ``commit_fn``: commits instead of the Kafka group (``CommitOffsets``); ``clock``:
+  GroupIntoBatches' processing time. Both for tests (a ``TestStream`` and a fake clock).
+  """
+  read_records, skipped_acks = records, None
+  if o.reconcile == "on":
+    records, skipped_acks = records | "SkipStored" >> SkipStored(
+        store, retry_deadline_s=o.sink_retry_deadline_secs)
+  batches, dead_letters = _batches(records, gaps, o, bounded, clock)
   acks = batches | "WriteBatches" >> WriteBatches(
       store, flush_rows=o.sink_flush_rows, retry_deadline_s=o.sink_retry_deadline_secs,
       batch_size=o.batch_size)
@@ -149,6 +167,26 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
     acks = (written_acks, skipped_acks) | "AllAcks" >> beam.Flatten()
   covered = gaps | "CoveredOffsets" >> beam.FlatMap(covered_acks)
   committed = (reads, acks, covered) | "CommitOffsets" >> CommitOffsets(
-      config, interval_s=o.commit_interval_secs, retry_deadline_s=o.sink_retry_deadline_secs,
-      flush_timer=not stop.is_bounded, recommit_s=o.recommit_interval_secs)
-  return Outputs(read, dead_letters, acks, committed)
+      kafka_client_config(o), interval_s=o.commit_interval_secs,
+      retry_deadline_s=o.sink_retry_deadline_secs, flush_timer=not bounded,
+      recommit_s=o.recommit_interval_secs, commit_fn=commit_fn)
+  return Outputs(read_records, dead_letters, acks, committed)
+
+
+def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = None,
+          drain_file: Optional[str] = None, start: Optional[StartPosition] = None,
+          stop: Optional[StopPosition] = None, skip_missing_topics: bool = False,
+          commit_fn: Optional[CommitFn] = None) -> Outputs:
+  """The pipeline on p (``read`` then ``process``); ``start``/``stop`` override
+  --start/--stop (the launcher's rounds). Building needs no broker.
+
+  ``skip_missing_topics``: read the topics that exist when the run starts (the local
+  launcher waits for the others); else a missing topic fails the run, naming it.
+  """
+  start = start if start is not None else parse_start(o.start)
+  stop = stop if stop is not None else parse_stop(o.stop)
+  store = store if store is not None else make_store(o)
+  records, reads, gaps = read(p, o, start=start, stop=stop, drain_file=drain_file,
+                              skip_missing_topics=skip_missing_topics)
+  return process(records, reads, gaps, o, store=store, bounded=stop.is_bounded,
+                 commit_fn=commit_fn)

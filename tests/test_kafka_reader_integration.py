@@ -25,7 +25,7 @@ from kafka.structs import OffsetAndMetadata
 from broker.kafka_broker import free_port
 from tests import support
 from transforms.kafka import (KafkaRecord, KafkaUnavailableError, ReadFromKafka, ReadPartitions,
-                              ResolvePartitions)
+                              ResolvePartitions, UnknownTopicError)
 from transforms.kafka.drain import DrainSignal
 from transforms.kafka.positions import parse_start, parse_stop
 
@@ -355,11 +355,10 @@ def _first_read(records: list[KafkaRecord], partition: int) -> int:
 def test_empty_topic_bounded_read_finishes(kafka_bootstrap, make_topic):
   topic = make_topic(partitions=4)
   config = ReadFromKafka(kafka_bootstrap, topic).config
-  parts = [(topic, p) for p in range(4)]
   reads_sink, records_sink = uuid.uuid4().hex, uuid.uuid4().hex
   _sink(reads_sink), _sink(records_sink)
   p = beam.Pipeline(runner=FnApiRunner())
-  reads = p | ResolvePartitions(parts, config, parse_start("earliest"), parse_stop("end"))
+  reads = p | ResolvePartitions([topic], config, parse_start("earliest"), parse_stop("end"))
   _ = reads | "CollectReads" >> beam.ParDo(_Collect(reads_sink))
   _ = (reads | ReadPartitions(config, bounded=True, poll_timeout_ms=200)
        | "CollectRecords" >> beam.ParDo(_Collect(records_sink)))
@@ -373,12 +372,11 @@ def test_empty_topic_bounded_read_finishes(kafka_bootstrap, make_topic):
   assert run_read(lambda p: p | ReadFromKafka(kafka_bootstrap, topic, stop="end")) == []
 
 
-def test_partitions_added_later_are_read_only_by_a_rebuilt_pipeline(kafka_bootstrap, make_topic):
-  """Partitions are listed when the transform is applied (pipeline construction).
+def test_partitions_are_listed_when_the_pipeline_runs(kafka_bootstrap, make_topic):
+  """Partitions are listed when the pipeline runs, not when the graph is built.
 
-  A partition added after that is not read by that pipeline, not even in a bounded
-  read that starts after it exists; rebuilding the pipeline (applying a new
-  ReadFromKafka: Beam refuses to apply one transform object to two pipelines) picks it up.
+  A partition added after the graph was built but before it runs is read; the
+  same transform's ``partitions()`` asks the broker on demand.
   """
   topic = make_topic(partitions=2)
   for p in range(2):
@@ -388,6 +386,7 @@ def test_partitions_added_later_are_read_only_by_a_rebuilt_pipeline(kafka_bootst
   _sink(name)
   built = beam.Pipeline(runner=FnApiRunner())
   _ = built | read | beam.ParDo(_Collect(name))
+  assert read.partitions() == [(topic, 0), (topic, 1)]
 
   admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
   try:
@@ -397,13 +396,11 @@ def test_partitions_added_later_are_read_only_by_a_rebuilt_pipeline(kafka_bootst
   support.wait_for(lambda: len(support.partitions_of(kafka_bootstrap, topic)) == 3,
                    what="the third partition")
   support.produce(kafka_bootstrap, topic, [(None, f"2-{i}") for i in range(5)], partition=2)
+  assert read.partitions() == [(topic, 0), (topic, 1), (topic, 2)]
 
   built.run().wait_until_finish()
   first = [r for r, _ in _SINKS.pop(name)]
-  assert_contiguous(first, {(p, o) for p in range(2) for o in range(5)})  # partition 2 not read
-
-  rebuilt = run_read(lambda p: p | ReadFromKafka(kafka_bootstrap, topic, stop="end"))
-  assert_contiguous(rebuilt, {(p, o) for p in range(3) for o in range(5)})
+  assert_contiguous(first, {(p, o) for p in range(3) for o in range(5)})
 
 
 # --------------------------------------------------------------------------
@@ -464,29 +461,48 @@ def test_stop_at_timestamp_then_resume_from_saved_offsets(kafka_bootstrap, make_
 
 
 # --------------------------------------------------------------------------
-# errors at construction
+# errors when the pipeline runs (building the graph needs no broker)
 
 
-def test_unreachable_broker_fails_construction_quickly_and_clearly():
+def test_unreachable_broker_builds_then_fails_the_run_quickly_and_clearly():
   port = free_port()
-  read = ReadFromKafka(f"127.0.0.1:{port}", "anything",
+  read = ReadFromKafka(f"127.0.0.1:{port}", "anything", resolve_retry_s=0,
                        consumer_config={"bootstrap_timeout_ms": 3000})
   begun = time.monotonic()
+  p = beam.Pipeline(runner=FnApiRunner())
+  _ = p | read  # no broker round trip while the graph is built
   with pytest.raises(KafkaUnavailableError) as err:
-    _ = beam.Pipeline(runner=FnApiRunner()) | read
+    p.run().wait_until_finish()
   took = time.monotonic() - begun
   assert took < 15, f"took {took:.1f}s"
   assert f"cannot reach Kafka at 127.0.0.1:{port}" in str(err.value)
 
 
-def test_unknown_topic_fails_construction_naming_it(kafka_bootstrap, make_topic):
+def test_unknown_topic_fails_the_run_naming_it_without_retrying(kafka_bootstrap, make_topic):
   known = make_topic(partitions=1)
   missing = f"missing-{uuid.uuid4().hex[:8]}"
-  with pytest.raises(KafkaUnavailableError, match=missing) as err:
-    _ = beam.Pipeline(runner=FnApiRunner()) | ReadFromKafka(kafka_bootstrap, [known, missing])
-  assert known not in str(err.value).split(":")[-1]
+  p = beam.Pipeline(runner=FnApiRunner())
+  # The default resolve retry (120 s) would make a retried missing topic show here.
+  _ = p | ReadFromKafka(kafka_bootstrap, [known, missing], stop="end")
+  begun = time.monotonic()
+  with pytest.raises(UnknownTopicError, match=missing) as err:
+    p.run().wait_until_finish()
+  assert time.monotonic() - begun < 60
+  assert isinstance(err.value, KafkaUnavailableError)
+  assert known not in str(err.value).split("[while running")[0].split(":")[-1]
   admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
   try:
     assert missing not in admin.list_topics()  # checking did not auto-create it
   finally:
     admin.close()
+
+
+def test_skip_missing_topics_reads_the_topics_that_exist_when_the_run_starts(
+    kafka_bootstrap, make_topic):
+  known = make_topic(partitions=2)
+  missing = f"missing-{uuid.uuid4().hex[:8]}"
+  for p in range(2):
+    support.produce(kafka_bootstrap, known, [(None, f"{p}-{i}") for i in range(3)], partition=p)
+  records = run_read(lambda p: p | ReadFromKafka(
+      kafka_bootstrap, [known, missing], stop="end", skip_missing_topics=True))
+  assert_contiguous(records, {(p, o) for p in range(2) for o in range(3)})

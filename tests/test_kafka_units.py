@@ -12,6 +12,7 @@ import datetime as dt
 import time
 from collections import namedtuple
 
+import apache_beam as beam
 import pytest
 from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
@@ -739,3 +740,77 @@ def test_process_an_idle_partition_sends_a_heartbeat_that_acks_nothing(monkeypat
   p.committed = 5
   p.add_ack(ack.start, ack.end)
   assert p.frontier == 5 and p.to_commit() is None and p.pending == []
+
+
+# --------------------------------------------------------------------------
+# ResolvePartitions' DoFn: lists, shards and resolves when the pipeline runs
+
+
+class FakeListingConsumer(FakeOffsetsConsumer):
+  """Topic 't' with partitions 0..2; no other topic exists."""
+
+  def topics(self):
+    return {"t"}
+
+  def partitions_for_topic(self, topic):
+    return {0, 1, 2} if topic == "t" else None
+
+  def close(self):
+    pass
+
+
+def _resolve_fn(monkeypatch, consumers, *, shard=None, skip_missing=False):
+  """The DoFn with _new_consumer answering from ``consumers`` (a consumer or an exception
+  each call); returns (fn, calls)."""
+  calls = []
+
+  def new_consumer(config):
+    calls.append(config["bootstrap_servers"])
+    answer = consumers[min(len(calls), len(consumers)) - 1]
+    if isinstance(answer, BaseException):
+      raise answer
+    return answer
+
+  monkeypatch.setattr(kafka_read, "_new_consumer", new_consumer)
+  fn = kafka_read._ResolvePartitionsFn({"bootstrap_servers": [BOOT]}, StartPosition("earliest"),
+                                       StopPosition("end"), "fail", shard, skip_missing, 120.0)
+  return fn, calls
+
+
+def _listing():
+  return FakeListingConsumer(beginning={0: 0, 1: 5, 2: 0}, end={0: 10, 1: 9, 2: 3})
+
+
+def test_resolve_partitions_fn_lists_shards_and_resolves(monkeypatch):
+  fn, calls = _resolve_fn(monkeypatch, [_listing()])
+  assert list(fn.process(("t",))) == [PartitionRead("t", 0, 0, 10), PartitionRead("t", 1, 5, 9),
+                                      PartitionRead("t", 2, 0, 3)]
+  fn, calls = _resolve_fn(monkeypatch, [_listing()], shard=(1, 2))
+  assert list(fn.process(("t",))) == [PartitionRead("t", 1, 5, 9)]
+  assert calls == [[BOOT]]  # one consumer lists and resolves
+
+
+def test_resolve_partitions_fn_missing_topic_fails_at_once_naming_it(monkeypatch):
+  fn, calls = _resolve_fn(monkeypatch, [_listing()])
+  with pytest.raises(kafka_read.UnknownTopicError, match="topic\\(s\\) not found on .*: u$") as err:
+    list(fn.process(("t", "u")))
+  assert isinstance(err.value, KafkaUnavailableError)
+  assert len(calls) == 1  # a missing topic is a decision, not an outage: never retried
+  fn, calls = _resolve_fn(monkeypatch, [_listing()], skip_missing=True)
+  assert [r.partition for r in fn.process(("u", "t"))] == [0, 1, 2]
+
+
+def test_resolve_partitions_fn_waits_out_an_unreachable_broker(monkeypatch):
+  down = KafkaUnavailableError(f"cannot reach Kafka at {BOOT}")
+  fn, calls = _resolve_fn(monkeypatch, [down, _listing()])
+  assert [r.partition for r in fn.process(("t",))] == [0, 1, 2]
+  assert len(calls) == 2
+
+
+def test_read_from_kafka_applies_with_no_broker():
+  p = beam.Pipeline()
+  records, reads, gaps = p | ReadFromKafka(BOOT, ["a", "b"], shard=(0, 2), stop="end",
+                                           with_partition_reads=True)
+  assert reads.producer.full_label.endswith("ResolvePartitions/ResolveOffsets")
+  assert records.producer is gaps.producer  # the reader's two outputs
+  assert "ReadPartitions/ReadRecords" in records.producer.full_label

@@ -19,7 +19,8 @@ retried whole); nothing waits in memory past its bundle.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import time
+from typing import Any, Callable, Iterable, Optional
 
 import apache_beam as beam
 from apache_beam import typehints
@@ -75,8 +76,10 @@ class BatchRows(beam.PTransform):
   """
 
   def __init__(self, batch_size: int, windows: FixedEventWindows, *,
-               allowed_lateness_secs: float = 0.0, max_buffering_secs: Optional[float] = None):
+               allowed_lateness_secs: float = 0.0, max_buffering_secs: Optional[float] = None,
+               clock: Callable[[], float] = time.time):
     super().__init__()
+    self._clock = clock  # GroupIntoBatches' processing time (a fake one in TestStream tests)
     if batch_size < 1:
       raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     self._batch_size = batch_size
@@ -92,5 +95,5 @@ class BatchRows(beam.PTransform):
         self._windows, allowed_lateness=self._lateness)
     windowed_rows.element_type = typehints.KV[str, Any]
     completed = windowed_rows | "GroupIntoBatches" >> beam.GroupIntoBatches(
-        self._batch_size, self._max_buffering_secs)
+        self._batch_size, self._max_buffering_secs, self._clock)
     return (windowed_full, completed) | "AllBatches" >> beam.Flatten()

@@ -6,8 +6,9 @@ signal), ``read`` (the splittable DoFn and the public transforms).
 """
 
 from transforms.kafka.read import (KafkaUnavailableError, ReadFromKafka, ReadPartitions,
-                                   ResolvePartitions, discover_partitions)
+                                   ResolvePartitions, UnknownTopicError,
+                                   discover_partitions)
 from transforms.kafka.records import KafkaRecord, PartitionRead
 
 __all__ = ["KafkaRecord", "PartitionRead", "ReadFromKafka", "ReadPartitions", "ResolvePartitions",
-           "KafkaUnavailableError", "discover_partitions"]
+           "KafkaUnavailableError", "UnknownTopicError", "discover_partitions"]

@@ -2,10 +2,11 @@
 
     records = p | ReadFromKafka("127.0.0.1:9092", ["sensors"], group_id="g", stop="end")
 
-Pipeline shape: ``Create(partitions) | ResolvePartitions | ReadPartitions``.
-Partitions are listed from the broker when the pipeline is built (an unknown topic
-fails there); start and stop offsets are resolved when the pipeline runs. Partitions
-added to a topic after the pipeline was built are not read until it is rebuilt.
+Pipeline shape: ``Create([topics]) | ResolvePartitions | ReadPartitions``.
+Building the graph needs no broker: ``ResolvePartitions`` lists the partitions,
+keeps this process's shard of them and resolves start and stop offsets when the
+pipeline runs (an unknown topic fails the run there, naming it). Partitions added
+to a topic after that are not read until the next run.
 ``ResolvePartitions`` and ``ReadPartitions`` are public so that a pipeline can also
 hand the resolved starts to ``CommitOffsets``.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
@@ -56,6 +58,10 @@ class KafkaUnavailableError(RuntimeError):
   """The brokers could not be reached, or a topic does not exist."""
 
 
+class UnknownTopicError(KafkaUnavailableError):
+  """A topic the read names does not exist (never retried: waiting would not create it)."""
+
+
 def _new_consumer(config: Mapping[str, Any]):
   from kafka import KafkaConsumer
   from kafka.errors import KafkaError
@@ -67,20 +73,25 @@ def _new_consumer(config: Mapping[str, Any]):
         f"{config.get('bootstrap_timeout_ms', 30000) / 1000:.0f}s: {type(e).__name__}: {e}") from None
 
 
+def list_partitions(consumer, servers: Sequence[str], topics: Sequence[str],
+                    skip_missing: bool = False) -> list[tuple[str, int]]:
+  """[(topic, partition)] of the given topics through an open consumer; a clear error
+  for a missing topic (``skip_missing``: only those of the topics that exist)."""
+  existing = consumer.topics()
+  missing = [t for t in topics if t not in existing]
+  if skip_missing:
+    topics = [t for t in topics if t in existing]
+  elif missing:
+    raise UnknownTopicError(f"topic(s) not found on {','.join(servers)}: {', '.join(missing)}")
+  return [(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+
+
 def discover_partitions(config: Mapping[str, Any], topics: Sequence[str],
                         skip_missing: bool = False) -> list[tuple[str, int]]:
-  """[(topic, partition)] of the given topics; a clear error for a missing topic
-  (``skip_missing``: only those of the topics that exist)."""
+  """[(topic, partition)] of the given topics (opens and closes a consumer)."""
   consumer = _new_consumer(config)
   try:
-    existing = consumer.topics()
-    missing = [t for t in topics if t not in existing]
-    if skip_missing:
-      topics = [t for t in topics if t in existing]
-    elif missing:
-      raise KafkaUnavailableError(
-          f"topic(s) not found on {','.join(config['bootstrap_servers'])}: {', '.join(missing)}")
-    return [(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+    return list_partitions(consumer, config["bootstrap_servers"], topics, skip_missing)
   finally:
     consumer.close()
 
@@ -91,54 +102,92 @@ def shard_of(partitions: Sequence[tuple[str, int]],
   return list(partitions) if shard is None else sorted(partitions)[shard[0]::shard[1]]
 
 
+def _is_outage(e: BaseException) -> bool:
+  from kafka.errors import KafkaError
+  return isinstance(e, (KafkaError, KafkaUnavailableError)) and not isinstance(e, UnknownTopicError)
+
+
 class _ResolvePartitionsFn(beam.DoFn):
-  def __init__(self, config, start: StartPosition, stop: StopPosition, on_offset_gap: str):
+  """topics -> a ``PartitionRead`` per partition of this shard, offsets resolved.
+
+  Lists the partitions when the pipeline runs (not when it is built), so a graph
+  builds without a broker and each run reads the partitions that exist then.
+  """
+
+  def __init__(self, config, start: StartPosition, stop: StopPosition, on_offset_gap: str,
+               shard: Optional[tuple[int, int]], skip_missing: bool, retry_s: float):
     self._config = config
     self._start = start
     self._stop = stop
     self._on_offset_gap = on_offset_gap
+    self._shard = shard
+    self._skip_missing = skip_missing
+    self._retry_s = retry_s
 
-  def process(self, partitions: Sequence[tuple[str, int]]) -> Iterable[PartitionRead]:
-    from kafka.errors import KafkaError
-    from tenacity import (Retrying, retry_if_exception_type, stop_after_delay,
-                          wait_exponential_jitter)
+  def _attempt(self, topics: Sequence[str]) -> list[PartitionRead]:
+    consumer = _new_consumer(self._config)
+    try:
+      partitions = list_partitions(consumer, self._config["bootstrap_servers"], topics,
+                                   self._skip_missing)
+      return resolve(consumer, shard_of(partitions, self._shard), self._start, self._stop,
+                     self._on_offset_gap)
+    finally:
+      consumer.close()
 
-    def attempt():
-      consumer = _new_consumer(self._config)
-      try:
-        return resolve(consumer, partitions, self._start, self._stop, self._on_offset_gap)
-      finally:
-        consumer.close()
+  def process(self, topics: Sequence[str]) -> Iterable[PartitionRead]:
+    from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
     # A broker that does not answer ("Failed to get offsets by timestamps") is waited for a
     # while; past that the bundle fails (the local launcher retries the round, remote
-    # runners the bundle). An offset gap is a decision, not an outage: never retried.
-    reads = Retrying(retry=retry_if_exception_type((KafkaError, KafkaUnavailableError)),
+    # runners the bundle). An offset gap or a missing topic is a decision, not an outage:
+    # never retried.
+    reads = Retrying(retry=retry_if_exception(_is_outage),
                      wait=wait_exponential_jitter(initial=1, max=15),
-                     stop=stop_after_delay(RESOLVE_RETRY_S), reraise=True)(attempt)
+                     stop=stop_after_delay(self._retry_s), reraise=True)(self._attempt, topics)
     for read in reads:
       # DEBUG: the local launcher resolves every partition again at each round.
       _LOGGER.debug("Kafka %s-%d: reading offsets [%d, %s)", read.topic, read.partition,
-                   read.start_offset, "end" if read.stop_offset is None else read.stop_offset)
+                    read.start_offset, "end" if read.stop_offset is None else read.stop_offset)
       yield read
 
 
 class ResolvePartitions(beam.PTransform):
-  """(topic, partition) pairs -> ``PartitionRead`` with concrete start/stop offsets."""
+  """topics -> ``PartitionRead`` per partition, with concrete start/stop offsets.
 
-  def __init__(self, partitions: Sequence[tuple[str, int]], config: Mapping[str, Any],
-               start: StartPosition, stop: StopPosition, on_offset_gap: str = "fail"):
+  The partitions are listed from the broker when the pipeline runs; ``shard`` (i, n)
+  keeps every n-th of the sorted (topic, partition) pairs from the i-th on;
+  ``skip_missing`` reads only the topics that exist then (else a missing topic fails
+  the run, naming it). Brokers that do not answer are retried for ``retry_s``.
+  """
+
+  def __init__(self, topics: Sequence[str], config: Mapping[str, Any],
+               start: StartPosition, stop: StopPosition, on_offset_gap: str = "fail", *,
+               shard: Optional[tuple[int, int]] = None, skip_missing: bool = False,
+               retry_s: float = RESOLVE_RETRY_S):
     super().__init__()
-    self._partitions = list(partitions)
-    self._config = dict(config)
-    self._start = start
-    self._stop = stop
-    self._on_offset_gap = on_offset_gap
+    self._topics = tuple(topics)
+    self._fn = _ResolvePartitionsFn(dict(config), start, stop, on_offset_gap, shard,
+                                    skip_missing, retry_s)
 
   def expand(self, pbegin):
     return (pbegin
-            | "ListPartitions" >> beam.Create([tuple(self._partitions)])
-            | "ResolveOffsets" >> beam.ParDo(_ResolvePartitionsFn(self._config, self._start, self._stop,
-                                                          self._on_offset_gap)))
+            | "ListTopics" >> beam.Create([self._topics])
+            | "ResolveOffsets" >> beam.ParDo(self._fn))
+
+
+_AGAIN = object()  # a step's answer: poll again
+_DONE = object()  # a step's answer: the call is over (restriction ended or checkpointed)
+
+
+@dataclass
+class _Cursor:
+  """Where one call of the reader is in its restriction."""
+  tp: Any  # kafka.TopicPartition
+  stop: int  # exclusive; lowered by a drain
+  stop_ts: Optional[int]
+  covers_from: int  # the next offset to account for
+  windows: tuple
+  deadline: float  # monotonic time by which the call checkpoints
+  emitted: int = 0
 
 
 def _finish(tracker) -> None:
@@ -300,89 +349,113 @@ class _ReadPartitionFn(beam.DoFn):
     return min(SHORT_POLL_MS, self._poll_timeout_ms)
 
   def _read(self, element: PartitionRead, tracker, watermark, window=None):
+    """One call on a restriction: poll, emit, and end it, or checkpoint its remainder."""
     from kafka import TopicPartition
-    from kafka.errors import OffsetOutOfRangeError
 
     restriction = tracker.current_restriction()
-    tp = TopicPartition(element.topic, element.partition)
-    stop = restriction.stop
-    stop_ts = element.stop_timestamp_ms
-    covers_from = restriction.start
-    if covers_from >= stop:
+    c = _Cursor(TopicPartition(element.topic, element.partition), restriction.stop,
+                element.stop_timestamp_ms, restriction.start,
+                (GlobalWindow() if window is None else window,),
+                time.monotonic() + self._max_seconds)
+    if c.covers_from >= c.stop:
       _finish(tracker)
       return
-    consumer = self._position(tp, covers_from)
-    topic, partition = element.topic, element.partition
-    windows = (GlobalWindow() if window is None else window,)
-    emitted = 0
-    deadline = time.monotonic() + self._max_seconds
-
+    self._position(c.tp, c.covers_from)
     while True:
-      if self._drain.requested():
-        # A local drain reads what was written before it (up to the end offsets seen when
-        # it is noticed: the last stable offset under read_committed), then ends.
-        key = (topic, partition)
-        if key not in self._drain_stops:
-          self._drain_stops[key] = consumer.end_offsets([tp])[tp]
-        stop = min(stop, self._drain_stops[key])
-        if covers_from >= stop:
-          _finish(tracker)
-          return
-      try:
-        records = consumer.poll(timeout_ms=self._poll_wait_ms(bounded=stop != UNBOUNDED,
-                                                             first=emitted == 0)).get(tp)
-      except OffsetOutOfRangeError:
-        covers_from = yield from self._skip_gap(tp, covers_from, stop, tracker)
-        if covers_from is None:
-          return
-        if covers_from >= stop:
-          _finish(tracker)
-          return
-        continue
-      if not records:
-        yield from self._nothing_polled(tp, covers_from, stop, stop_ts, tracker, watermark)
-        return
-
-      max_ts = None
-      batch_start = covers_from
-      for rec in records:
-        offset = rec.offset
-        if offset >= stop or (stop_ts is not None and rec.timestamp >= stop_ts):
-          self._next_offset = None
-          _finish(tracker)
-          if max_ts is not None:
-            watermark.observe_record(max_ts)
-          self._count(topic, records, batch_start, covers_from)
-          return
-        if not tracker.try_claim(offset):
-          self._next_offset = None  # the runner split the range: our buffered records are not ours
-          self._count(topic, records, batch_start, covers_from)
-          return
-        ts = rec.timestamp
-        # A WindowedValue in the input's window: a TimestampedValue would make the runner
-        # re-run the window assignment per record. Exact micros: float seconds can be 1 µs early.
-        yield WindowedValue(
-            KafkaRecord(topic, partition, offset, covers_from, rec.key, rec.value, ts,
-                        tuple(rec.headers) if rec.headers else ()),
-            Timestamp(micros=ts * 1000), windows)
-        covers_from = offset + 1
-        if max_ts is None or ts > max_ts:
-          max_ts = ts
-      self._next_offset = covers_from
-      emitted += len(records)
-      self._count(topic, records, batch_start, covers_from)
-      watermark.observe_record(max_ts)
-      highwater = consumer.highwater(tp)
-      EndOffsets.record(topic, partition, highwater)
-      if covers_from >= stop:
+      if self._drain_reached(c):
         _finish(tracker)
         return
-      # Caught up: checkpoint rather than wait in poll for a trickle of new records, which
-      # would hold this worker (and the partitions queued behind it) for max_seconds_per_call.
-      caught_up = highwater is not None and covers_from >= highwater
-      if caught_up or emitted >= self._max_records or time.monotonic() >= deadline:
-        tracker.defer_remainder()
+      records = yield from self._poll(c, tracker)
+      if records is _AGAIN:
+        continue
+      if records is _DONE:
         return
+      if not records:
+        yield from self._nothing_polled(c.tp, c.covers_from, c.stop, c.stop_ts, tracker, watermark)
+        return
+      if not (yield from self._emit(records, c, tracker, watermark)):
+        return
+      if self._end_of_batch(c, tracker):
+        return
+
+  def _drain_reached(self, c: _Cursor) -> bool:
+    """Whether a local drain ends the read here (it lowers ``c.stop`` when noticed).
+
+    A drain reads what was written before it (up to the end offsets seen when it is
+    noticed: the last stable offset under read_committed), then ends.
+    """
+    if not self._drain.requested():
+      return False
+    key = (c.tp.topic, c.tp.partition)
+    if key not in self._drain_stops:
+      self._drain_stops[key] = self._consumer.end_offsets([c.tp])[c.tp]
+    c.stop = min(c.stop, self._drain_stops[key])
+    return c.covers_from >= c.stop
+
+  def _poll(self, c: _Cursor, tracker):
+    """One poll: its records of c.tp, ``_AGAIN`` after a recorded offset gap, or ``_DONE``."""
+    from kafka.errors import OffsetOutOfRangeError
+    wait_ms = self._poll_wait_ms(bounded=c.stop != UNBOUNDED, first=c.emitted == 0)
+    try:
+      return self._consumer.poll(timeout_ms=wait_ms).get(c.tp)
+    except OffsetOutOfRangeError:
+      c.covers_from = yield from self._skip_gap(c.tp, c.covers_from, c.stop, tracker)
+      if c.covers_from is None:
+        return _DONE
+      if c.covers_from >= c.stop:
+        _finish(tracker)
+        return _DONE
+      return _AGAIN
+
+  def _emit(self, records, c: _Cursor, tracker, watermark):
+    """Claims and emits a poll's records; returns False when the restriction ended in it
+    (its stop offset or timestamp reached, or the runner split it below a record)."""
+    topic, partition, stop, stop_ts, windows = c.tp.topic, c.tp.partition, c.stop, c.stop_ts, c.windows
+    batch_start = covers_from = c.covers_from
+    max_ts = None
+    for rec in records:
+      offset = rec.offset
+      if offset >= stop or (stop_ts is not None and rec.timestamp >= stop_ts):
+        self._next_offset = None
+        _finish(tracker)
+        if max_ts is not None:
+          watermark.observe_record(max_ts)
+        self._count(topic, records, batch_start, covers_from)
+        return False
+      if not tracker.try_claim(offset):
+        self._next_offset = None  # the runner split the range: our buffered records are not ours
+        self._count(topic, records, batch_start, covers_from)
+        return False
+      ts = rec.timestamp
+      # A WindowedValue in the input's window: a TimestampedValue would make the runner
+      # re-run the window assignment per record. Exact micros: float seconds can be 1 µs early.
+      yield WindowedValue(
+          KafkaRecord(topic, partition, offset, covers_from, rec.key, rec.value, ts,
+                      tuple(rec.headers) if rec.headers else ()),
+          Timestamp(micros=ts * 1000), windows)
+      covers_from = offset + 1
+      if max_ts is None or ts > max_ts:
+        max_ts = ts
+    c.covers_from = self._next_offset = covers_from
+    c.emitted += len(records)
+    self._count(topic, records, batch_start, covers_from)
+    watermark.observe_record(max_ts)
+    return True
+
+  def _end_of_batch(self, c: _Cursor, tracker) -> bool:
+    """After a poll's records: ends the restriction or checkpoints it (True), or reads on."""
+    highwater = self._consumer.highwater(c.tp)
+    EndOffsets.record(c.tp.topic, c.tp.partition, highwater)
+    if c.covers_from >= c.stop:
+      _finish(tracker)
+      return True
+    # Caught up: checkpoint rather than wait in poll for a trickle of new records, which
+    # would hold this worker (and the partitions queued behind it) for max_seconds_per_call.
+    caught_up = highwater is not None and c.covers_from >= highwater
+    if caught_up or c.emitted >= self._max_records or time.monotonic() >= c.deadline:
+      tracker.defer_remainder()
+      return True
+    return False
 
 
 class _ReadUnboundedPartitionFn(_ReadPartitionFn):
@@ -442,8 +515,8 @@ class ReadFromKafka(beam.PTransform):
     drain_file: local drain signal (see ``drain.py``).
     shard: (i, n) reads only every n-th of the sorted (topic, partition) pairs from the
       i-th on: one of n processes that share the topics.
-    skip_missing_topics: read only the topics that exist when the pipeline is built
-      (default: a missing topic fails the build, naming it).
+    skip_missing_topics: read only the topics that exist when the pipeline runs
+      (default: a missing topic fails the run, naming it).
     with_partition_reads: the output is then (records, the resolved ``PartitionRead``
       of every partition, the ``OffsetGap``s), for ``CommitOffsets``: its starting
       points, and the offsets no record covers.
@@ -457,8 +530,10 @@ class ReadFromKafka(beam.PTransform):
                poll_timeout_ms: int = 1000, max_records_per_call: int = 20_000,
                max_seconds_per_call: float = 5.0, drain_file: Optional[str] = None,
                shard: Optional[tuple[int, int]] = None, with_partition_reads: bool = False,
-               on_offset_gap: str = "fail", skip_missing_topics: bool = False):
+               on_offset_gap: str = "fail", skip_missing_topics: bool = False,
+               resolve_retry_s: float = RESOLVE_RETRY_S):
     super().__init__()
+    self._resolve_retry_s = resolve_retry_s
     self._skip_missing = skip_missing_topics
     if shard is not None and not 0 <= shard[0] < shard[1]:
       raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
@@ -481,11 +556,14 @@ class ReadFromKafka(beam.PTransform):
     self._on_offset_gap = on_offset_gap
 
   def partitions(self) -> list[tuple[str, int]]:
+    """The partitions this read would get now (asks the broker; the pipeline itself
+    lists them when it runs)."""
     return shard_of(discover_partitions(self.config, self.topics, self._skip_missing), self.shard)
 
   def expand(self, pbegin):
     reads = pbegin | "ResolvePartitions" >> ResolvePartitions(
-        self.partitions(), self.config, self.start, self.stop, self._on_offset_gap)
+        self.topics, self.config, self.start, self.stop, self._on_offset_gap, shard=self.shard,
+        skip_missing=self._skip_missing, retry_s=self._resolve_retry_s)
     if self._with_reads:
       records, gaps = reads | "ReadPartitions" >> self._read
       return records, reads, gaps
