@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
@@ -28,6 +28,7 @@ from transforms.kafka.gaps import OFFSET_GAP, OffsetGap, covered_acks
 from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop
 from transforms.events import DeadLetter
 from transforms.reconcile import SkipStored
+from transforms.rows import KeyedRow
 from transforms.parse import METER, SENSOR, ParseEvents, key_dead_letters
 from transforms.sinks.base import Store, WriteBatches
 from transforms.windows import FixedEventWindows
@@ -130,10 +131,10 @@ def build(p: beam.Pipeline, o: SmartGridOptions, *, store: Optional[Store] = Non
       num_shards=o.num_shards, shard_by=o.shard_by, batch_size=o.batch_size,
       schema_registry_url=o.schema_registry_url)
   dead_rows = dead_letters | "KeyDeadLetters" >> beam.Map(
-      key_dead_letters, o.num_shards).with_output_types(Tuple[str, Any])
+      key_dead_letters, o.num_shards).with_output_types(KeyedRow)
   # Skipped offsets (--on_offset_gap=skip) are written as dead letters like any other.
   gap_rows = gaps | "OffsetGapDeadLetters" >> beam.FlatMap(
-      _offset_gap_dead_letter, o.num_shards).with_output_types(Tuple[str, Any])
+      _offset_gap_dead_letter, o.num_shards).with_output_types(KeyedRow)
   batches = (full_batches, (rows, dead_rows, gap_rows) | "OtherRows" >> beam.Flatten()) | "BatchRows" >> BatchRows(
       o.batch_size, FixedEventWindows(o.window_size_secs),
       allowed_lateness_secs=o.allowed_lateness_secs,

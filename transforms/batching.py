@@ -22,11 +22,12 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional
 
 import apache_beam as beam
-from apache_beam import typehints
+from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms.rows import BatchKey, KeyedRow
 from transforms.windows import FixedEventWindows
 
 _GLOBAL = (GlobalWindow(),)
@@ -44,7 +45,7 @@ class BundleBatcher:
     self._windows = windows
     self._buffers: dict = {}  # (key, window start µs) -> [(row, timestamp)]
 
-  def add(self, key: str, row: Any, timestamp: Timestamp) -> Optional[WindowedValue]:
+  def add(self, key: BatchKey, row: Any, timestamp: Timestamp) -> Optional[WindowedValue]:
     """Buffers a row; returns the (key, [rows]) batch it completed, in its window, if any."""
     micros = timestamp.micros
     start = micros - micros % self._windows.size_us
@@ -77,8 +78,6 @@ class BatchRows(beam.PTransform):
   def __init__(self, batch_size: int, windows: FixedEventWindows, *,
                allowed_lateness_secs: float = 0.0, max_buffering_secs: Optional[float] = None):
     super().__init__()
-    if batch_size < 1:
-      raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     self._batch_size = batch_size
     self._windows = windows
     self._lateness = Duration.of(allowed_lateness_secs)
@@ -90,7 +89,7 @@ class BatchRows(beam.PTransform):
         self._windows, allowed_lateness=self._lateness)
     windowed_rows = rows | "WindowRows" >> beam.WindowInto(
         self._windows, allowed_lateness=self._lateness)
-    windowed_rows.element_type = typehints.KV[str, Any]
+    windowed_rows.element_type = convert_to_beam_type(KeyedRow)
     completed = windowed_rows | "GroupIntoBatches" >> beam.GroupIntoBatches(
         self._batch_size, self._max_buffering_secs)
     return (windowed_full, completed) | "AllBatches" >> beam.Flatten()

@@ -27,7 +27,8 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.acks import Ack
 from transforms.kafka.records import KafkaRecord
-from transforms.sinks.base import Store, with_retries
+from transforms.retry import with_retries
+from transforms.sinks.base import Store
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -34,6 +34,8 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import progress
 from transforms.kafka import config as kafka_config
+from transforms.kafka.client import KafkaUnavailableError
+from transforms.kafka.client import new_consumer as _new_consumer
 from transforms.kafka.drain import DrainSignal
 from transforms.kafka.gaps import (EMPTY, GAP_POLICIES, OFFSET_GAP, OffsetGap, OffsetGapError,
                                    gap_message)
@@ -50,21 +52,6 @@ SHORT_POLL_MS = 50
 GAPS_TAG = "gaps"
 IDLE_HEARTBEAT_S = 60.0
 RESOLVE_RETRY_S = 120.0
-
-
-class KafkaUnavailableError(RuntimeError):
-  """The brokers could not be reached, or a topic does not exist."""
-
-
-def _new_consumer(config: Mapping[str, Any]):
-  from kafka import KafkaConsumer
-  from kafka.errors import KafkaError
-  try:
-    return KafkaConsumer(**kafka_config.materialize(config))
-  except KafkaError as e:
-    raise KafkaUnavailableError(
-        f"cannot reach Kafka at {','.join(config['bootstrap_servers'])} within "
-        f"{config.get('bootstrap_timeout_ms', 30000) / 1000:.0f}s: {type(e).__name__}: {e}") from None
 
 
 def discover_partitions(config: Mapping[str, Any], topics: Sequence[str],

@@ -35,6 +35,7 @@ import logging
 import time
 from typing import Callable, Optional, Sequence
 
+from transforms.rows import stored
 from transforms.sinks.schema import Table
 
 _LOGGER = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def encode_rows(table: Table, rows: Sequence[tuple], written_at: str
   encoded: list[Optional[bytes]] = []
   refused: dict[int, str] = {}
   for i, row in enumerate(rows):
-    values = row[:-1] + (written_at,)
+    values = stored(row) + (written_at,)
     problem = _check_row(table, values)
     if problem is not None:
       encoded.append(None)
