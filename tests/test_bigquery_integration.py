@@ -31,6 +31,7 @@ from tests.pipeline_support import committed, ends, produce_events, run_to_end
 from transforms.acks import Ack
 from transforms.events import decode_raw_value, iso_us, parse_sensor, parse_timestamp_us, sensor_row
 from transforms.retry import RetriesExhausted, with_retries
+from transforms.rows import offset_of
 from transforms.sinks.base import WriteBatches
 from transforms.sinks.bigquery import BigQueryStore
 from transforms.sinks.schema import TABLES
@@ -294,7 +295,7 @@ def test_store_rejects_invalid_rows_with_bigquerys_reason_and_writes_the_rest(bq
     rows[2] = (None,) + rows[2][1:]  # event_id is REQUIRED
     rows[5] = rows[5][:3] + ("not a number",) + rows[5][4:]  # value is FLOAT64
     rejected = store.write("sensor_readings", rows, iso_us(int(time.time() * 1e6)))
-    assert [(r[-2], e) for r, e in rejected] == [
+    assert [(offset_of(r), e) for r, e in rejected] == [
         (2, "invalid at event_id: Missing required field: event_id."),
         (5, "invalid at value: Cannot convert value to float (bad value): not a number")]
     # one request refused with 2 invalid and 6 stopped rows, one more for the 6 stopped ones

@@ -21,7 +21,7 @@ from transforms.kafka import config as kafka_config
 from transforms.kafka.gaps import OFFSET_GAP, OffsetGap, OffsetGapError, check_start, covered_acks
 from transforms.kafka.read import ReadFromKafka
 from transforms.acks import Ack
-from transforms.rows import coordinates, covers_from, key_table
+from transforms.rows import coordinates, covers_from
 
 
 def _decoded_payloads(proto: beam_runner_api_pb2.Pipeline) -> list[bytes]:
@@ -115,7 +115,7 @@ def test_an_offset_gap_acks_all_but_its_first_offset_which_its_dead_letter_acks(
 def test_an_offset_gap_becomes_one_dead_letter_row_at_its_first_offset():
   gap = OffsetGap("t", 3, 4, 9, OFFSET_GAP, "deleted by retention")
   [(key, row)] = smartgrid._offset_gap_dead_letter(gap, 4)
-  assert key_table(key) == "dead_letters"
+  assert key == ("dead_letters", 3)  # (table, shard): partition 3 of 4 shards
   assert (*coordinates(row), covers_from(row)) == ("t", 3, 4, 4)
   assert any(isinstance(v, str) and "offset_gap" in v and "[4, 9)" in v for v in row)
   assert smartgrid._offset_gap_dead_letter(OffsetGap("t", 3, 4, 9, "empty"), 4) == []

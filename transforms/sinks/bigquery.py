@@ -89,7 +89,7 @@ import threading
 from typing import Callable, Iterable, Optional, Sequence
 
 from transforms.sinks.base import DuplicateEvent
-from transforms.rows import coordinates, partition_of
+from transforms.rows import DEAD_LETTER_ROW, ROW_TYPES, coordinates, partition_of
 from transforms.sinks.schema import DEAD_LETTERS, TABLES, Table
 
 _LOGGER = logging.getLogger(__name__)
@@ -499,8 +499,8 @@ class BigQueryStore:
     from google.cloud import bigquery
     from transforms.sinks.bigquery_storage import timestamp_micros
     column = table.dedup_column
-    index = table.names.index(column)
-    time_index = table.names.index(table.partition_column)
+    index = ROW_TYPES[table.name].index(column)
+    time_index = ROW_TYPES[table.name].index(table.partition_column)
     micros = [timestamp_micros(row[time_index]) for row in rows]
     day = 86_400_000_000
     lo, hi = min(micros) // day * day, (max(micros) // day + 1) * day
@@ -550,7 +550,7 @@ class BigQueryStore:
       stored = self._stored_coordinates(table, rows)
       return [row for row in rows if coordinates(row) not in stored], []
     stored = self._stored_by_event(table, rows)
-    index = table.names.index(table.dedup_column)
+    index = ROW_TYPES[table.name].index(table.dedup_column)
     fresh, duplicates, seen = [], [], {}
     for row in rows:
       event_id, where = row[index], coordinates(row)
@@ -793,7 +793,7 @@ _MAX_DEAD_LETTER_TEXT = 1_000_000
 def _fit_dead_letter(row: tuple) -> tuple:
   """A dead_letters row with its raw text cut to ``_MAX_DEAD_LETTER_TEXT`` (marked truncated
   where the table has that column), so it can never exceed the request limit and loop."""
-  names = DEAD_LETTERS.names
+  names = DEAD_LETTER_ROW.columns
   values = list(row)
   cut = False
   for name in ("raw_value", "raw_key", "error"):

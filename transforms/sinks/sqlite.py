@@ -19,7 +19,7 @@ import sqlite3
 from typing import Optional
 
 from transforms.sinks.base import DuplicateEvent
-from transforms.rows import coordinates, stored
+from transforms.rows import ROW_TYPES, coordinates, stored
 from transforms.sinks.schema import TABLES, Table
 
 _LOGGER = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class SqliteStore:
     column = TABLES[table].dedup_column
     if column is None:
       return []
-    index = TABLES[table].names.index(column)
+    index = ROW_TYPES[table].index(column)
     conn = self._conn
     found = []
     for row in rows:
