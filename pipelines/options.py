@@ -166,10 +166,7 @@ def _check_kafka(o: SmartGridOptions) -> None:
     _fail("group_id", "must not be empty")
   if o.kafka_security_protocol not in (None, "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
     _fail("kafka_security_protocol", f"unknown protocol {o.kafka_security_protocol!r}")
-  try:
-    check_registry_url(o.schema_registry_url)
-  except ValueError as e:
-    _fail("schema_registry_url", str(e).split(": ", 1)[1])
+  check_registry_url(o.schema_registry_url)  # its errors name --schema_registry_url already
 
 
 def _check_positions(o: SmartGridOptions) -> None:
