@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -67,18 +66,16 @@ def make_store(o: SmartGridOptions) -> Store:
 def _offset_gap_dead_letter(gap: OffsetGap, num_shards: int) -> list:
   """An OFFSET_GAP -> a keyed dead_letters row at its first offset (reason offset_gap).
 
-  Built through the parse module's DeadLetter and row helpers, so it follows the
-  dead_letters columns wherever they go; fields DeadLetter lacks are left out.
+  Built like the parser's dead letters (``DeadLetter`` -> ``key_dead_letters``), so it
+  follows the dead_letters columns of ``transforms.rows`` wherever they go.
   """
   if gap.kind != OFFSET_GAP:
     return []
-  values = dict(kafka_topic=gap.topic, kafka_partition=gap.partition, kafka_offset=gap.start,
-                covers_from=gap.start, raw_key=None, raw_value=None, reason=OFFSET_GAP,
-                error=f"{OFFSET_GAP}: offsets [{gap.start}, {gap.end}) skipped: {gap.detail}",
-                stage="read", failed_at_us=int(time.time() * 1_000_000))
-  names = {f.name for f in dataclasses.fields(DeadLetter)}
-  return [key_dead_letters(DeadLetter(**{k: v for k, v in values.items() if k in names}),
-                           num_shards)]
+  dead = DeadLetter(kafka_topic=gap.topic, kafka_partition=gap.partition, kafka_offset=gap.start,
+                    covers_from=gap.start, raw_key=None, raw_value=None, reason=OFFSET_GAP,
+                    error=f"{OFFSET_GAP}: offsets [{gap.start}, {gap.end}) skipped: {gap.detail}",
+                    stage="read", failed_at_us=int(time.time() * 1_000_000))
+  return [key_dead_letters(dead, num_shards)]
 
 
 def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:

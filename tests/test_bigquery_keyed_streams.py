@@ -1,6 +1,6 @@
 """WriteBatches with keyed state on the Storage Write API path, against the local emulator.
 
-The stateful DoFn keeps, per batch key ('table|shard'), the name and next offset of the
+The stateful DoFn keeps, per batch key ((table, shard)), the name and next offset of the
 key's COMMITTED streams. These tests drive it as a runner would: ``process()`` with a
 state the runner committed (a plain holder standing in for the runner's state; BigQuery is
 the real emulator through the official clients). A retried bundle is the DoFn run again

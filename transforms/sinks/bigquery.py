@@ -27,7 +27,7 @@ Exactly once at any replay distance comes from three layers:
 
 Keyed streams (``keyed_streams``, the storage_write path): ``WriteBatches`` moves the
 batches to the global window and writes them with a stateful DoFn keyed by the batch key
-('table|shard'). Its ``ReadModifyWriteState`` holds, per table the key writes (its own and
+((table, shard)). Its ``ReadModifyWriteState`` holds, per table the key writes (its own and
 ``dead_letters`` for what BigQuery refuses), the name and next offset of a COMMITTED stream
 the key created; ``write_on_streams`` appends each batch there in ``process()`` and the
 state moves only after BigQuery confirmed the append. The runner commits the state with the
