@@ -29,7 +29,8 @@ from tests import support
 from tests.faulty_proxy import FaultyProxy
 from tests.pipeline_support import committed, ends, produce_events, run_to_end
 from transforms.acks import Ack
-from transforms.events import decode_raw_value, iso_us, parse_sensor, parse_timestamp_us, sensor_row
+from transforms.events import decode_raw_value, parse_sensor, parse_timestamp_us, sensor_row
+from transforms.timestamps import iso_us
 from transforms.retry import RetriesExhausted, with_retries
 from transforms.rows import offset_of
 from transforms.sinks.base import WriteBatches

@@ -17,7 +17,8 @@ import pytest
 
 from pipelines.produce import EventFactory
 from tests.faulty_proxy import TcpProxy
-from transforms.events import iso_us, parse_sensor, sensor_row
+from transforms.events import parse_sensor, sensor_row
+from transforms.timestamps import iso_us
 from transforms.retry import with_retries
 from transforms.rows import at_offset, offset_of
 from transforms.sinks.base import DuplicateEvent, rejected_dead_letter_row

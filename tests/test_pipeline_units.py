@@ -24,8 +24,9 @@ from pipelines.options import OptionError, SmartGridOptions, validate
 from pipelines.produce import BAD_KINDS, EventFactory
 from transforms.acks import Ack, acks_for_rows
 from transforms.commit import PartitionProgress
-from transforms.events import (DEAD_LETTER_REASONS, InvalidEvent, iso_us, parse_meter,
-                               parse_sensor, parse_timestamp_us)
+from transforms.events import (DEAD_LETTER_REASONS, InvalidEvent, parse_meter, parse_sensor,
+                               parse_timestamp_us)
+from transforms.timestamps import iso_us
 from transforms.kafka.records import KafkaRecord
 from transforms.parse import DEAD_LETTER_TAG, METER, SENSOR, ParseEvents
 from transforms.retry import RetriesExhausted, with_retries

@@ -19,7 +19,8 @@ from pipelines.produce import EventFactory
 from tests.pipeline_support import (assert_exactly_once, committed, ends, produce_events,
                                     query, run_to_end)
 from transforms.acks import Ack
-from transforms.events import iso_us, parse_sensor, sensor_row
+from transforms.events import parse_sensor, sensor_row
+from transforms.timestamps import iso_us
 from transforms.kafka.records import KafkaRecord
 from transforms.reconcile import SkipStored
 from transforms.rows import at_offset, offset_of, stored
