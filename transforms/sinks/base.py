@@ -1,8 +1,9 @@
 """WriteBatches: the sink contract shared by every store.
 
-Takes ``(key, [row, ...])`` batches (key ``(table, shard)``, see ``transforms.rows``), buffers rows per
-table, writes them idempotently (unique on topic, partition, offset) when the
-buffer is full and in ``finish_bundle``, and only then emits ``Ack``s for them.
+Takes ``(key, [row, ...])`` batches (key ``(table, shard)``, see ``transforms.rows``),
+buffers rows per table, writes them idempotently (unique on topic, partition, offset) when the
+buffer is full and in ``finish_bundle``, and only then emits ``Ack``s for them, each in
+the event-time window of the batch it acknowledges (keyed streams: the global window).
 Transient store errors are retried with exponential backoff and jitter up to a
 deadline; after that the bundle fails, so nothing unwritten is acked and the
 runner (or a restart) replays it. Rows the store rejects for good are written to
