@@ -511,6 +511,23 @@ def test_write_batches_rejected_rows_go_to_dead_letters_and_are_acked(tmp_path):
   assert error.startswith("sink_rejected: sensor_readings: ") and "NOT NULL" in error
 
 
+def test_write_batches_acks_each_batch_in_its_own_window(tmp_path):
+  path = str(tmp_path / "sink.db")
+  batches = [((("sensor_readings", 0), _sensor_rows("s", 0, range(0, 3))), 10),  # window [0, 60)
+             ((("sensor_readings", 1), _sensor_rows("s", 1, range(0, 2))), 70)]  # window [60, 120)
+
+  def where(ack, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+    yield ack.partition, ack.start, ack.end, window.start.micros, timestamp == window.max_timestamp()
+
+  with BeamTestPipeline() as p:
+    acks = (p | beam.Create(batches)
+            | "Stamp" >> beam.Map(lambda b: beam.window.TimestampedValue(b[0], b[1]))
+            | beam.WindowInto(beam.window.FixedWindows(60))
+            | WriteBatches(SqliteStore(path)))
+    assert_that(acks | beam.ParDo(where),
+                equal_to([(0, 0, 3, 0, True), (1, 0, 2, 60_000_000, True)]))
+
+
 def test_write_batches_refuses_bad_flush_rows():
   with pytest.raises(ValueError, match="flush_rows"):
     WriteBatches(SqliteStore(":memory:"), flush_rows=0)
