@@ -123,3 +123,38 @@ def test_no_code_slices_rows_or_splits_keys_outside_rows_py():
         if _SLICING.search(line):
           offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
   assert offenders == [], "\n".join(offenders)
+
+
+def _imports(module_path: Path) -> set:
+  import ast
+  found = set()
+  for node in ast.walk(ast.parse(module_path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      found.add(node.module)
+    elif isinstance(node, ast.Import):
+      found.update(a.name for a in node.names)
+  return found
+
+
+@pytest.mark.parametrize("module, forbidden", [
+    ("transforms/parse.py", ("transforms.sinks",)),
+    ("transforms/events.py", ("transforms.sinks", "transforms.parse")),
+    ("transforms/commit.py", ("transforms.sinks", "transforms.kafka.read")),
+    ("transforms/acks.py", ("transforms.sinks",)),
+    ("transforms/sinks/base.py", ("transforms.kafka",)),
+    ("transforms/rows.py", ("transforms", "apache_beam")),
+    ("transforms/retry.py", ("transforms", "apache_beam")),
+    ("transforms/kafka/client.py", ("transforms.kafka.read", "transforms.sinks", "apache_beam")),
+])
+def test_imports_follow_the_flow(module, forbidden):
+  bad = {m for m in _imports(ROOT / module) for f in forbidden if m == f or m.startswith(f + ".")}
+  assert bad == set(), f"{module} imports {sorted(bad)}"
+
+
+def test_sinks_take_the_time_format_from_timestamps_not_events():
+  import ast
+  tree = ast.parse((ROOT / "transforms/sinks/base.py").read_text())
+  sources = {a.name: n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+             for a in n.names}
+  assert sources["iso_us"] == "transforms.timestamps"
+  assert sources["with_retries"] == "transforms.retry"
