@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from typing import NoReturn
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -136,7 +137,7 @@ class SmartGridOptions(PipelineOptions):
 _BQ_URL = re.compile(r"^bigquery://([a-z][a-z0-9\-]{4,61}[a-z0-9])/([A-Za-z0-9_]{1,1024})$")
 
 
-def _fail(name: str, message: str):
+def _fail(name: str, message: str) -> NoReturn:
   raise OptionError(f"--{name}: {message}")
 
 
