@@ -20,7 +20,8 @@ import uuid
 
 from benchmarks.common import cpu_seconds
 from pipelines.produce import EventFactory
-from transforms.events import iso_us, parse_sensor, sensor_row
+from transforms.events import parse_sensor, sensor_row
+from transforms.timestamps import iso_us
 from transforms.sinks.bigquery import BigQueryStore
 
 PROJECT = "test-project"

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from typing import NoReturn
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.kafka.positions import parse_start, parse_stop
-from transforms.parse import check_registry_url
+from transforms import arguments
+from transforms.parse import MAX_WINDOW_SECS, check_registry_url
 
 DEFAULT_SINK = "sqlite:///output/smartgrid.db"
 
@@ -135,75 +137,86 @@ class SmartGridOptions(PipelineOptions):
 _BQ_URL = re.compile(r"^bigquery://([a-z][a-z0-9\-]{4,61}[a-z0-9])/([A-Za-z0-9_]{1,1024})$")
 
 
+def _fail(name: str, message: str) -> NoReturn:
+  raise OptionError(f"--{name}: {message}")
+
+
 def validate(o: SmartGridOptions) -> None:
   """Raises OptionError naming the first bad option."""
-  def fail(name: str, message: str):
-    raise OptionError(f"--{name}: {message}")
+  for check in (_check_kafka, _check_positions, _check_numbers, _check_local, _check_sink,
+                _check_bigquery):
+    try:
+      check(o)
+    except OptionError:
+      raise
+    except ValueError as e:  # a shared rule of transforms.arguments: "--name: ..."
+      raise OptionError(str(e)) from None
 
+
+def _check_kafka(o: SmartGridOptions) -> None:
   if not o.bootstrap_servers or not all(re.match(r"^[^\s:,]+:\d{1,5}$", s)
                                          for s in o.bootstrap_servers.split(",")):
-    fail("bootstrap_servers", f"expected host:port[,host:port], got {o.bootstrap_servers!r}")
+    _fail("bootstrap_servers", f"expected host:port[,host:port], got {o.bootstrap_servers!r}")
   for name in ("sensor_topic", "meter_topic"):
     value = getattr(o, name)
     if not value or not re.match(r"^[A-Za-z0-9._\-]{1,249}$", value):
-      fail(name, f"not a valid Kafka topic name: {value!r}")
+      _fail(name, f"not a valid Kafka topic name: {value!r}")
   if o.sensor_topic == o.meter_topic:
-    fail("meter_topic", "must differ from --sensor_topic")
+    _fail("meter_topic", "must differ from --sensor_topic")
   if not o.group_id:
-    fail("group_id", "must not be empty")
+    _fail("group_id", "must not be empty")
+  if o.kafka_security_protocol not in (None, "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+    _fail("kafka_security_protocol", f"unknown protocol {o.kafka_security_protocol!r}")
+  check_registry_url(o.schema_registry_url)  # its errors name --schema_registry_url already
+
+
+def _check_positions(o: SmartGridOptions) -> None:
   for name, parse in (("start", parse_start), ("stop", parse_stop)):
     try:
       parse(getattr(o, name))
     except ValueError as e:
-      fail(name, str(e))
-  if o.window_size_secs <= 0:
-    fail("window_size_secs", f"must be > 0, got {o.window_size_secs}")
-  if o.allowed_lateness_secs < 0:
-    fail("allowed_lateness_secs", f"must be >= 0, got {o.allowed_lateness_secs}")
-  if o.batch_size < 1:
-    fail("batch_size", f"must be >= 1, got {o.batch_size}")
-  if o.max_buffering_secs <= 0:
-    fail("max_buffering_secs", f"must be > 0, got {o.max_buffering_secs}")
-  if not 1 <= o.num_shards <= 1024:
-    fail("num_shards", f"must be in 1..1024, got {o.num_shards}")
-  if o.sink_flush_rows < 1:
-    fail("sink_flush_rows", f"must be >= 1, got {o.sink_flush_rows}")
-  if o.sink_retry_deadline_secs <= 0:
-    fail("sink_retry_deadline_secs", f"must be > 0, got {o.sink_retry_deadline_secs}")
-  if o.commit_interval_secs <= 0:
-    fail("commit_interval_secs", f"must be > 0, got {o.commit_interval_secs}")
-  if not 1 <= o.local_workers <= 64:
-    fail("local_workers", f"must be in 1..64, got {o.local_workers}")
+      _fail(name, str(e))
+
+
+def _check_numbers(o: SmartGridOptions) -> None:
+  arguments.above_and_at_most("window_size_secs", o.window_size_secs, 0, MAX_WINDOW_SECS)
+  arguments.at_least("allowed_lateness_secs", o.allowed_lateness_secs, 0)
+  arguments.batch_size(o.batch_size)
+  arguments.above("max_buffering_secs", o.max_buffering_secs, 0)
+  arguments.within("num_shards", o.num_shards, 1, 1024)
+  arguments.at_least("sink_flush_rows", o.sink_flush_rows, 1)
+  arguments.above("sink_retry_deadline_secs", o.sink_retry_deadline_secs, 0)
+  arguments.above("commit_interval_secs", o.commit_interval_secs, 0)
+  arguments.above("poll_timeout_ms", o.poll_timeout_ms, 0)
+  arguments.above("recommit_interval_secs", o.recommit_interval_secs, 0)
+
+
+def _check_local(o: SmartGridOptions) -> None:
+  arguments.within("local_workers", o.local_workers, 1, 64)
   if o.partition_shard is not None:
     m = re.match(r"^(\d+)/(\d+)$", o.partition_shard)
     if not m or not int(m.group(1)) < int(m.group(2)):
-      fail("partition_shard", f"expected I/N with 0 <= I < N, got {o.partition_shard!r}")
-  if o.round_max_records < 1:
-    fail("round_max_records", f"must be >= 1, got {o.round_max_records}")
-  if o.poll_timeout_ms <= 0:
-    fail("poll_timeout_ms", f"must be > 0, got {o.poll_timeout_ms}")
-  if o.recommit_interval_secs <= 0:
-    fail("recommit_interval_secs", f"must be > 0, got {o.recommit_interval_secs}")
-  if o.progress_secs < 0:
-    fail("progress_secs", f"must be >= 0, got {o.progress_secs}")
+      _fail("partition_shard", f"expected I/N with 0 <= I < N, got {o.partition_shard!r}")
+  arguments.at_least("round_max_records", o.round_max_records, 1)
+  arguments.at_least("progress_secs", o.progress_secs, 0)
+
+
+def _check_sink(o: SmartGridOptions) -> None:
   if o.sink.startswith("sqlite:"):
     if not o.sink.startswith("sqlite:///") or len(o.sink) == len("sqlite:///"):
-      fail("sink", f"expected sqlite:///relative/path.db or sqlite:////absolute/path.db, got {o.sink!r}")
+      _fail("sink", f"expected sqlite:///relative/path.db or sqlite:////absolute/path.db, got {o.sink!r}")
   elif o.sink.startswith("bigquery:"):
     if not _BQ_URL.match(o.sink):
-      fail("sink", f"expected bigquery://PROJECT/DATASET, got {o.sink!r}")
+      _fail("sink", f"expected bigquery://PROJECT/DATASET, got {o.sink!r}")
   else:
-    fail("sink", f"unknown sink {o.sink!r}: use sqlite:///path.db or bigquery://PROJECT/DATASET")
-  try:
-    check_registry_url(o.schema_registry_url)
-  except ValueError as e:
-    fail("schema_registry_url", str(e).split(": ", 1)[1])
+    _fail("sink", f"unknown sink {o.sink!r}: use sqlite:///path.db or bigquery://PROJECT/DATASET")
+
+
+def _check_bigquery(o: SmartGridOptions) -> None:
   endpoint = o.bigquery_storage_api_endpoint
   if endpoint is not None and not re.match(r"^[^\s:/]+:\d{1,5}$", endpoint):
-    fail("bigquery_storage_api_endpoint", f"expected host:port, got {endpoint!r}")
+    _fail("bigquery_storage_api_endpoint", f"expected host:port, got {endpoint!r}")
   if (o.sink.startswith("bigquery:") and o.bigquery_api_endpoint and endpoint is None
       and o.bigquery_write_method == "storage_write"):
-    fail("bigquery_storage_api_endpoint", "needed with --bigquery_api_endpoint (an emulator) when "
-         "--bigquery_write_method=storage_write: the emulator's gRPC host:port")
-  if o.kafka_security_protocol not in (None, "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
-    fail("kafka_security_protocol", f"unknown protocol {o.kafka_security_protocol!r}")
+    _fail("bigquery_storage_api_endpoint", "needed with --bigquery_api_endpoint (an emulator) when "
+          "--bigquery_write_method=storage_write: the emulator's gRPC host:port")

@@ -12,11 +12,10 @@ Building needs no broker (partitions are listed when the pipeline runs), and
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
@@ -31,6 +30,7 @@ from transforms.kafka.gaps import OFFSET_GAP, OffsetGap, covered_acks
 from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop
 from transforms.events import DeadLetter
 from transforms.reconcile import SkipStored
+from transforms.rows import KeyedRow
 from transforms.parse import METER, SENSOR, ParseEvents, key_dead_letters
 from transforms.sinks.base import Store, WriteBatches
 from transforms.windows import FixedEventWindows
@@ -69,18 +69,16 @@ def make_store(o: SmartGridOptions) -> Store:
 def _offset_gap_dead_letter(gap: OffsetGap, num_shards: int) -> list:
   """An OFFSET_GAP -> a keyed dead_letters row at its first offset (reason offset_gap).
 
-  Built through the parse module's DeadLetter and row helpers, so it follows the
-  dead_letters columns wherever they go; fields DeadLetter lacks are left out.
+  Built like the parser's dead letters (``DeadLetter`` -> ``key_dead_letters``), so it
+  follows the dead_letters columns of ``transforms.rows`` wherever they go.
   """
   if gap.kind != OFFSET_GAP:
     return []
-  values = dict(kafka_topic=gap.topic, kafka_partition=gap.partition, kafka_offset=gap.start,
-                covers_from=gap.start, raw_key=None, raw_value=None, reason=OFFSET_GAP,
-                error=f"{OFFSET_GAP}: offsets [{gap.start}, {gap.end}) skipped: {gap.detail}",
-                stage="read", failed_at_us=int(time.time() * 1_000_000))
-  names = {f.name for f in dataclasses.fields(DeadLetter)}
-  return [key_dead_letters(DeadLetter(**{k: v for k, v in values.items() if k in names}),
-                           num_shards)]
+  dead = DeadLetter(kafka_topic=gap.topic, kafka_partition=gap.partition, kafka_offset=gap.start,
+                    covers_from=gap.start, raw_key=None, raw_value=None, reason=OFFSET_GAP,
+                    error=f"{OFFSET_GAP}: offsets [{gap.start}, {gap.end}) skipped: {gap.detail}",
+                    stage="read", failed_at_us=int(time.time() * 1_000_000))
+  return [key_dead_letters(dead, num_shards)]
 
 
 def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
@@ -130,10 +128,10 @@ def _batches(records, gaps, o: SmartGridOptions, bounded: bool, clock) -> tuple:
       allowed_lateness_secs=o.allowed_lateness_secs, num_shards=o.num_shards,
       shard_by=o.shard_by, batch_size=o.batch_size, schema_registry_url=o.schema_registry_url)
   dead_rows = dead_letters | "KeyDeadLetters" >> beam.Map(
-      key_dead_letters, o.num_shards).with_output_types(Tuple[str, Any])
+      key_dead_letters, o.num_shards).with_output_types(KeyedRow)
   # Skipped offsets (--on_offset_gap=skip) are written as dead letters like any other.
   gap_rows = gaps | "OffsetGapDeadLetters" >> beam.FlatMap(
-      _offset_gap_dead_letter, o.num_shards).with_output_types(Tuple[str, Any])
+      _offset_gap_dead_letter, o.num_shards).with_output_types(KeyedRow)
   other_rows = (rows, dead_rows, gap_rows) | "OtherRows" >> beam.Flatten()
   batches = (full_batches, other_rows) | "BatchRows" >> BatchRows(
       o.batch_size, FixedEventWindows(o.window_size_secs),

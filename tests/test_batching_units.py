@@ -41,17 +41,17 @@ def _batcher(size=100):
 
 def test_bundle_batcher_emits_full_batches_in_their_window_and_keeps_the_rest():
   b = _batcher()
-  out = [b.add("sensor_readings|0", ("row", i), Timestamp(micros=T0 + i)) for i in range(250)]
+  out = [b.add(("sensor_readings", 0), ("row", i), Timestamp(micros=T0 + i)) for i in range(250)]
   full = [wv for wv in out if wv is not None]
   assert [out.index(wv) for wv in full] == [99, 199]  # the 100th and the 200th row fill
   for n, wv in enumerate(full):
     key, rows = wv.value
-    assert key == "sensor_readings|0"
+    assert key == ("sensor_readings", 0)
     assert rows == [("row", i) for i in range(100 * n, 100 * (n + 1))]
     assert wv.windows == (IntervalWindow(Timestamp(micros=T0), Timestamp(micros=T0 + MIN)),)
     assert wv.timestamp == wv.windows[0].max_timestamp()
   left = list(b.drain())
-  assert [wv.value for wv in left] == [("sensor_readings|0", ("row", i)) for i in range(200, 250)]
+  assert [wv.value for wv in left] == [(("sensor_readings", 0), ("row", i)) for i in range(200, 250)]
   assert all(wv.windows == (GlobalWindow(),) for wv in left)
   assert [wv.timestamp.micros for wv in left] == [T0 + i for i in range(200, 250)]
   assert list(b.drain()) == []  # drained means empty
@@ -69,7 +69,7 @@ def test_bundle_batcher_never_mixes_keys_or_windows():
 def test_batch_rows_completes_leftovers_with_group_into_batches():
   windows = FixedEventWindows(60)
   b = _batcher(size=4)
-  rows = [(f"k{i % 2}", i) for i in range(21)]
+  rows = [(("sensor_readings", i % 2), i) for i in range(21)]  # (table, shard) keys
   full = [wv for k, i in rows if (wv := b.add(k, i, Timestamp(micros=T0 + i))) is not None]
   left = list(b.drain())
 
@@ -77,7 +77,7 @@ def test_batch_rows_completes_leftovers_with_group_into_batches():
     got = sorted(i for _, batch in batches for i in batch)
     assert got == list(range(21)), got  # every row once
     assert all(len(batch) <= 4 for _, batch in batches)
-    assert all({i % 2 for i in batch} == {int(k[1])} for k, batch in batches)  # no mixing
+    assert all({i % 2 for i in batch} == {k[1]} for k, batch in batches)  # no mixing
 
   with beam.Pipeline(runner=FnApiRunner()) as p:
     left_pc = p | "Left" >> beam.Create([(wv.value, wv.timestamp) for wv in left]) | \

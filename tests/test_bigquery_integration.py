@@ -29,8 +29,11 @@ from tests import support
 from tests.faulty_proxy import FaultyProxy
 from tests.pipeline_support import committed, ends, produce_events, run_to_end
 from transforms.acks import Ack
-from transforms.events import decode_raw_value, iso_us, parse_sensor, parse_timestamp_us, sensor_row
-from transforms.sinks.base import SinkWriteError, WriteBatches, with_retries
+from transforms.events import decode_raw_value, parse_sensor, parse_timestamp_us, sensor_row
+from transforms.timestamps import iso_us
+from transforms.retry import RetriesExhausted, with_retries
+from transforms.rows import offset_of
+from transforms.sinks.base import WriteBatches
 from transforms.sinks.bigquery import BigQueryStore
 from transforms.sinks.schema import TABLES
 
@@ -293,7 +296,7 @@ def test_store_rejects_invalid_rows_with_bigquerys_reason_and_writes_the_rest(bq
     rows[2] = (None,) + rows[2][1:]  # event_id is REQUIRED
     rows[5] = rows[5][:3] + ("not a number",) + rows[5][4:]  # value is FLOAT64
     rejected = store.write("sensor_readings", rows, iso_us(int(time.time() * 1e6)))
-    assert [(r[-2], e) for r, e in rejected] == [
+    assert [(offset_of(r), e) for r, e in rejected] == [
         (2, "invalid at event_id: Missing required field: event_id."),
         (5, "invalid at value: Cannot convert value to float (bad value): not a number")]
     # one request refused with 2 invalid and 6 stopped rows, one more for the 6 stopped ones
@@ -329,7 +332,7 @@ def test_write_batches_dead_letters_what_bigquery_refuses_and_acks_everything(bq
   rows = _rows("s", 0, range(6))
   rows[3] = (None,) + rows[3][1:]
   with BeamTestPipeline() as p:
-    acks = (p | beam.Create([("sensor_readings|0", rows)])
+    acks = (p | beam.Create([(("sensor_readings", 0), rows)])
             | WriteBatches(BigQueryStore(PROJECT, dataset, api_endpoint=bq_emulator.endpoint,
                                          storage_api_endpoint=bq_emulator.grpc_address),
                            retry_deadline_s=10))
@@ -367,7 +370,7 @@ def test_store_retries_503_429_and_lost_responses_without_duplicates(bq_emulator
       # a permanent outage: the write fails loudly after the deadline, nothing is written
       proxy.fail_always(503)
       more = _rows("s", 1, range(20, 30), seed=6)  # new events (same seed = same event_ids)
-      with pytest.raises(SinkWriteError, match="still failing"):
+      with pytest.raises(RetriesExhausted, match="still failing"):
         with_retries(lambda: store.write("sensor_readings", more, written_at), store.is_transient,
                      deadline_s=1.5, initial_backoff_s=0.05)
       assert len(bq_offsets(store._client, dataset)["sensor_readings"]) == 20

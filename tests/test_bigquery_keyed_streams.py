@@ -1,6 +1,6 @@
 """WriteBatches with keyed state on the Storage Write API path, against the local emulator.
 
-The stateful DoFn keeps, per batch key ('table|shard'), the name and next offset of the
+The stateful DoFn keeps, per batch key ((table, shard)), the name and next offset of the
 key's COMMITTED streams. These tests drive it as a runner would: ``process()`` with a
 state the runner committed (a plain holder standing in for the runner's state; BigQuery is
 the real emulator through the official clients). A retried bundle is the DoFn run again
@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 PROJECT = "test-project"
 NOW = time.time()
-KEY = "sensor_readings|0"
+KEY = ("sensor_readings", 0)
 
 
 def _dataset() -> str:
@@ -274,7 +274,7 @@ def test_a_pipeline_writes_every_batch_once_on_one_stream_per_key(bq_emulator, r
   for shard in range(3):
     for b in range(4):
       offsets = range(shard * 1000 + b * 50, shard * 1000 + (b + 1) * 50)
-      batches.append((f"sensor_readings|{shard}", _rows("s", shard, offsets, seed=shard * 10 + b)))
+      batches.append((("sensor_readings", shard), _rows("s", shard, offsets, seed=shard * 10 + b)))
   batches.append(batches[1])  # a replay of shard 0's second batch
   expected = [("s", shard, shard * 1000 + o) for shard in range(3) for o in range(200)]
   store = BigQueryStore(PROJECT, dataset, api_endpoint=bq_emulator.endpoint,
@@ -303,7 +303,7 @@ def test_a_later_round_in_the_same_process_resumes_the_streams_the_last_one_left
   where = (PROJECT, dataset, "sensor_readings")
   ends = []
   for round_ in range(2):
-    batches = [(f"sensor_readings|{shard}",
+    batches = [(("sensor_readings", shard),
                 _rows("s", shard, range(round_ * 100, (round_ + 1) * 100), seed=round_ * 10 + shard))
                for shard in range(3)]
     store = BigQueryStore(PROJECT, dataset, api_endpoint=bq_emulator.endpoint,

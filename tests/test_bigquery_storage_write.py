@@ -17,8 +17,11 @@ import pytest
 
 from pipelines.produce import EventFactory
 from tests.faulty_proxy import TcpProxy
-from transforms.events import iso_us, parse_sensor, sensor_row
-from transforms.sinks.base import DuplicateEvent, rejected_dead_letter_row, with_retries
+from transforms.events import parse_sensor, sensor_row
+from transforms.timestamps import iso_us
+from transforms.retry import with_retries
+from transforms.rows import at_offset, offset_of
+from transforms.sinks.base import DuplicateEvent, rejected_dead_letter_row
 from transforms.sinks.bigquery import MAX_INSERT_ID_CHARS, BigQueryStore, row_id
 from transforms.sinks.bigquery_storage import (MAX_REQUEST_BYTES, encode_rows, request_chunks,
                                                row_message, timestamp_micros)
@@ -130,7 +133,7 @@ def test_storage_write_stores_each_row_once_with_its_values(bq_emulator):
     got = {r["kafka_offset"]: dict(r.items()) for r in client.query_and_wait(
         f"SELECT * FROM `{PROJECT}.{dataset}.sensor_readings`")}
     for row in rows[:20]:
-      g = got[row[-2]]
+      g = got[offset_of(row)]
       assert (g["event_id"], g["sensor_id"], g["value"], g["is_late"]) == (row[0], row[1], row[3], False)
       assert int(g["event_time"].timestamp() * 1e6) == timestamp_micros(row[6])
   finally:
@@ -143,11 +146,11 @@ def test_one_row_per_event_id_in_bigquery(bq_emulator):
   try:
     rows = _rows("s", 0, range(5))
     store.write("sensor_readings", rows, _written_at())
-    copies = [rows[1][:-2] + (7, 7), rows[3][:-2] + (8, 8)]
+    copies = [at_offset(rows[1], 7), at_offset(rows[3], 8)]
     fresh = _rows("s", 0, [9], seed=9)
-    inner = fresh[0][:-2] + (10, 10)  # two copies inside one write: the first wins
+    inner = at_offset(fresh[0], 10)  # two copies inside one write: the first wins
     rejected = store.write("sensor_readings", copies + fresh + [inner], _written_at())
-    assert [(r[-2], type(e)) for r, e in rejected] == [(7, DuplicateEvent), (8, DuplicateEvent),
+    assert [(offset_of(r), type(e)) for r, e in rejected] == [(7, DuplicateEvent), (8, DuplicateEvent),
                                                       (10, DuplicateEvent)]
     assert "s-0@1" in rejected[0][1]
     _assert_once(bq_emulator.client(), dataset, [("s", 0, o) for o in (0, 1, 2, 3, 4, 9)])
@@ -394,7 +397,7 @@ def test_a_request_refused_for_one_row_lands_its_neighbours_once(bq_emulator):
     store._write_client = _CorruptingWriteClient(store._write_client)
     rows = _rows("s", 0, range(10))
     rejected = store.write("sensor_readings", rows, _written_at())
-    assert [(r[-2], e.startswith("invalid")) for r, e in rejected] == [(3, True)], rejected
+    assert [(offset_of(r), e.startswith("invalid")) for r, e in rejected] == [(3, True)], rejected
     # the emulator keeps the good rows of a refused request (BigQuery would not): the store
     # checks what landed and sends the rest on a new stream, so nothing is doubled
     assert store._write_client.calls == 2

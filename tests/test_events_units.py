@@ -27,8 +27,9 @@ from transforms.events import (DEAD_LETTER_REASONS, ERROR_TEXT_LIMIT, RAW_TEXT_L
                                InvalidEvent, dead_letter_row, decode_raw_value, meter_from_object,
                                parse_meter, parse_sensor, raw_columns, sensor_from_object)
 from transforms.parse import MAX_WINDOW_SECS, SENSOR, ParseEvents, check_registry_url
+from transforms.rows import METER_ROW, SENSOR_ROW, coordinates, covers_from
 from transforms.sinks.base import rejected_dead_letter_row
-from transforms.sinks.schema import DEAD_LETTERS, METER_READINGS, SENSOR_READINGS
+from transforms.sinks.schema import DEAD_LETTERS
 from transforms.sinks.sqlite import SqliteStore
 from tests.parse_support import (CLOSED_REGISTRY, METER_TOPIC, SENSOR_TOPIC, avro_meter,
                                  avro_sensor, jbytes, make_fn, old_service_meter,
@@ -315,14 +316,13 @@ def test_old_service_events_become_rows_with_its_instants():
   import datetime as dt
   when = dt.datetime(2024, 1, 15, 10, 30, 0, 123456)
   row = parse_one(jbytes(old_service_sensor("s-1", when))).row
-  names = SENSOR_READINGS.names[:-1]
-  got = dict(zip(names, row))
+  got = SENSOR_ROW.as_dict(row)
   assert got["event_id"] == "s-1_1705314600.123456"
   assert got["event_time"] == "2024-01-15T10:30:00.123456Z"
   assert got["window_start"] == "2024-01-15T10:30:00.000000Z"
   assert got["window_end"] == "2024-01-15T10:31:00.000000Z"
   assert json.loads(got["metadata"]) == {"unit": "V", "firmware": "2.1"}
-  meter = dict(zip(METER_READINGS.names[:-1], parse_one(jbytes(old_service_meter()), METER_TOPIC).row))
+  meter = METER_ROW.as_dict(parse_one(jbytes(old_service_meter()), METER_TOPIC).row)
   assert (meter["event_time"], meter["unit"], meter["reading"]) == (
       "2024-01-15T10:30:00.000000Z", "kWh", 1234.56)
 
@@ -391,7 +391,8 @@ def test_window_sizes_that_could_overflow_are_refused_at_construction():
   # the largest allowed window on the latest accepted instant still formats
   fn = make_fn(window_size_secs=MAX_WINDOW_SECS)
   row = parse_one(jbytes(_with(SENSOR_EVENT, timestamp="2199-12-31T23:59:59Z")), fn=fn).row
-  assert row[9].startswith("2200-") or row[9].startswith("2199-")
+  window_end = SENSOR_ROW.as_dict(row)["window_end"]
+  assert window_end.startswith("2200-") or window_end.startswith("2199-")
 
 
 # ---------------------------------------------------------------------------
@@ -474,7 +475,7 @@ def test_long_errors_are_cut_and_the_row_matches_the_schema():
   as_dict = DEAD_LETTERS.row_dict(row)
   assert len(as_dict["error"]) == ERROR_TEXT_LIMIT
   assert list(as_dict) == list(DEAD_LETTERS.names)
-  assert row[-4:] == ("t", 0, 1, 1)
+  assert (*coordinates(row), covers_from(row)) == ("t", 0, 1, 1)
 
 
 def test_sink_rejected_rows_use_the_same_format(tmp_path):
@@ -486,9 +487,12 @@ def test_sink_rejected_rows_use_the_same_format(tmp_path):
       "sink_rejected", "sink", "utf8", 0)
   assert stored["error"].startswith("sink_rejected: sensor_readings: invalid at value")
   assert len(stored["error"]) == ERROR_TEXT_LIMIT
-  assert json.loads(stored["raw_value"]) == dict(zip(SENSOR_READINGS.names, sensor_row[:-4]))
+  assert json.loads(stored["raw_value"]) == {
+      "event_id": "e", "sensor_id": "s", "sensor_type": "voltage", "value": 1.0, "latitude": None,
+      "longitude": None, "event_time": "2024-01-15T10:30:00.000000Z", "metadata": "°C",
+      "window_start": "w0", "window_end": "w1", "is_late": False}
   assert (stored["kafka_topic"], stored["kafka_partition"], stored["kafka_offset"]) == ("topic", 1, 99)
-  assert row[-1] == 95  # covers_from still travels for the ack
+  assert covers_from(row) == 95  # covers_from still travels for the ack
 
 
 def test_reasons_are_a_closed_list():

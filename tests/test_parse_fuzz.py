@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from transforms.events import DEAD_LETTER_REASONS, RAW_TEXT_LIMIT, dead_letter_row
 from transforms.kafka.records import KafkaRecord
+from transforms.rows import coordinates, covers_from, key_table, offset_of
 from transforms.sinks.base import DuplicateEvent
 from transforms.sinks.schema import DEAD_LETTERS, METER_READINGS, SENSOR_READINGS
 from transforms.sinks.sqlite import SqliteStore
@@ -58,8 +59,8 @@ class _Checker:
         self.rows[DEAD_LETTERS.name].append(row)
       else:
         key, row = outcome.rows[0]
-        table = key.split("|")[0]
-        assert row[-4:] == (outcome.record.topic, 0, outcome.record.offset, 0)
+        table = key_table(key)
+        assert (*coordinates(row), covers_from(row)) == (outcome.record.topic, 0, outcome.record.offset, 0)
         assert len(row) == len(
             SENSOR_READINGS.columns if table == SENSOR_READINGS.name else METER_READINGS.columns)
         self.rows[table].append(row)
@@ -262,8 +263,8 @@ def test_with_in_bundle_batching_every_row_leaves_once():
         dead.append(out.value.value.kafka_offset)
       else:
         assert out.tag == FULL_BATCHES_TAG and len(out.value.value[1]) == 100
-        seen += [row[-2] for row in out.value.value[1]]
+        seen += [offset_of(row) for row in out.value.value[1]]
   for leftover in fn.finish_bundle():
-    seen.append(leftover.value[1][-2])
+    seen.append(offset_of(leftover.value[1]))
   assert sorted(seen) == sorted(good) and len(seen) == len(set(seen))
   assert sorted(dead) == [i for i in range(1500) if i % 7 == 0]

@@ -24,11 +24,14 @@ from pipelines.options import OptionError, SmartGridOptions, validate
 from pipelines.produce import BAD_KINDS, EventFactory
 from transforms.acks import Ack, acks_for_rows
 from transforms.commit import PartitionProgress
-from transforms.events import (DEAD_LETTER_REASONS, InvalidEvent, iso_us, parse_meter,
-                               parse_sensor, parse_timestamp_us)
+from transforms.events import (DEAD_LETTER_REASONS, InvalidEvent, parse_meter, parse_sensor,
+                               parse_timestamp_us)
+from transforms.timestamps import iso_us
 from transforms.kafka.records import KafkaRecord
 from transforms.parse import DEAD_LETTER_TAG, METER, SENSOR, ParseEvents
-from transforms.sinks.base import SinkWriteError, WriteBatches, with_retries
+from transforms.retry import RetriesExhausted, with_retries
+from transforms.rows import ROW_TYPES, key_table, offset_of, partition_of
+from transforms.sinks.base import WriteBatches
 from transforms.sinks.sqlite import SqliteStore
 
 NOW = 1_700_000_000.0  # a fixed instant: 2023-11-14T22:13:20Z
@@ -211,9 +214,12 @@ def test_parse_events_transform_routes_every_record_once():
     rows, dead = (p | beam.Create(records)
                   | ParseEvents({"s": SENSOR, "m": METER}, window_size_secs=60,
                                 allowed_lateness_secs=60, num_shards=2))
-    assert_that(rows | "RowKeys" >> beam.Map(lambda kv: (kv[0], kv[1][-4], kv[1][-2], kv[1][-5])),
-                equal_to([("sensor_readings|0", "s", 0, False), ("meter_readings|0", "m", 0, False),
-                          ("sensor_readings|0", "s", 1, True)]), label="Rows")
+    assert_that(rows | "RowKeys" >> beam.Map(
+        lambda kv: (kv[0], *partition_of(kv[1])[:1], offset_of(kv[1]),
+                    ROW_TYPES[key_table(kv[0])].as_dict(kv[1])["is_late"])),
+                equal_to([(("sensor_readings", 0), "s", 0, False),
+                          (("meter_readings", 0), "m", 0, False),
+                          (("sensor_readings", 0), "s", 1, True)]), label="Rows")
     expected_dead = [("s", 2 + i, kind) for i, kind in enumerate(BAD_KINDS)]
     expected_dead.append(("other", 0, "unknown_topic"))
     assert_that(dead | "DeadKeys" >> beam.Map(lambda d: (d.kafka_topic, d.kafka_offset, d.reason)),
@@ -375,7 +381,7 @@ def test_with_retries_raises_non_transient_at_once():
 def test_with_retries_gives_up_after_the_deadline():
   c = FakeClock()
   fn, calls = _flaky(10**6, sqlite3.OperationalError("disk I/O error"))
-  with pytest.raises(SinkWriteError, match="still failing") as e:
+  with pytest.raises(RetriesExhausted, match="still failing") as e:
     with_retries(fn, lambda e: isinstance(e, sqlite3.OperationalError), deadline_s=10,
                  initial_backoff_s=0.1, max_backoff_s=2.0, what="writing", sleep=c.sleep,
                  clock=c.clock)
@@ -441,8 +447,8 @@ def test_write_batches_writes_rows_then_acks_them(tmp_path):
   from transforms.events import meter_row
   m = parse_meter(EventFactory(2).meter(NOW).value)
   meter = [meter_row(m, 0, 60_000_000, False, "m", 0, 4, 0)]  # covers 0..4 (a gap before it)
-  batches = [("sensor_readings|0", rows0[:4]), ("sensor_readings|0", rows0[4:]),
-             ("sensor_readings|1", rows1), ("meter_readings|0", meter)]
+  batches = [(("sensor_readings", 0), rows0[:4]), (("sensor_readings", 0), rows0[4:]),
+             (("sensor_readings", 1), rows1), (("meter_readings", 0), meter)]
   with BeamTestPipeline() as p:
     acks = (p | beam.Create(batches)
             | WriteBatches(SqliteStore(path), flush_rows=3, retry_deadline_s=5, batch_size=4)
@@ -468,7 +474,7 @@ def test_write_batches_replay_is_idempotent(tmp_path):
   rows = _sensor_rows("s", 0, range(5))
   for _ in range(2):
     with BeamTestPipeline() as p:
-      _ = p | beam.Create([("sensor_readings|0", rows)]) | WriteBatches(SqliteStore(path))
+      _ = p | beam.Create([(("sensor_readings", 0), rows)]) | WriteBatches(SqliteStore(path))
   assert _table(path, "sensor_readings") == [("s", 0, o) for o in range(5)]
 
 
@@ -477,7 +483,7 @@ def test_write_batches_failing_store_fails_the_bundle_and_acks_nothing(tmp_path)
   key = path + "#failing"
   with pytest.raises(Exception) as e:
     with BeamTestPipeline() as p:
-      _ = (p | beam.Create([("sensor_readings|0", _sensor_rows("s", 0, range(3)))])
+      _ = (p | beam.Create([(("sensor_readings", 0), _sensor_rows("s", 0, range(3)))])
            | WriteBatches(AlwaysLockedStore(path), retry_deadline_s=0.3)
            | beam.Map(lambda ack: _SEEN.setdefault(key, []).append(ack)))
   assert "still failing" in str(e.value) and "database is locked" in str(e.value)
@@ -490,7 +496,7 @@ def test_write_batches_rejected_rows_go_to_dead_letters_and_are_acked(tmp_path):
   rows = _sensor_rows("s", 0, range(4))
   rows[2] = (None,) + rows[2][1:]  # event_id NULL: a NOT NULL violation
   with BeamTestPipeline() as p:
-    acks = p | beam.Create([("sensor_readings|0", rows)]) | WriteBatches(SqliteStore(path))
+    acks = p | beam.Create([(("sensor_readings", 0), rows)]) | WriteBatches(SqliteStore(path))
     assert_that(acks, equal_to([Ack("s", 0, 0, 4)]))
   assert _table(path, "sensor_readings") == [("s", 0, 0), ("s", 0, 1), ("s", 0, 3)]
   conn = sqlite3.connect(path)
@@ -503,6 +509,23 @@ def test_write_batches_rejected_rows_go_to_dead_letters_and_are_acked(tmp_path):
   topic, partition, offset, error, stage = dead[0]
   assert (topic, partition, offset, stage) == ("s", 0, 2, "sink")
   assert error.startswith("sink_rejected: sensor_readings: ") and "NOT NULL" in error
+
+
+def test_write_batches_acks_each_batch_in_its_own_window(tmp_path):
+  path = str(tmp_path / "sink.db")
+  batches = [((("sensor_readings", 0), _sensor_rows("s", 0, range(0, 3))), 10),  # window [0, 60)
+             ((("sensor_readings", 1), _sensor_rows("s", 1, range(0, 2))), 70)]  # window [60, 120)
+
+  def where(ack, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+    yield ack.partition, ack.start, ack.end, window.start.micros, timestamp == window.max_timestamp()
+
+  with BeamTestPipeline() as p:
+    acks = (p | beam.Create(batches)
+            | "Stamp" >> beam.Map(lambda b: beam.window.TimestampedValue(b[0], b[1]))
+            | beam.WindowInto(beam.window.FixedWindows(60))
+            | WriteBatches(SqliteStore(path)))
+    assert_that(acks | beam.ParDo(where),
+                equal_to([(0, 0, 3, 0, True), (1, 0, 2, 60_000_000, True)]))
 
 
 def test_write_batches_refuses_bad_flush_rows():

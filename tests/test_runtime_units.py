@@ -20,6 +20,7 @@ from pipelines.options import SmartGridOptions
 from transforms.kafka import config as kafka_config
 from transforms.kafka.gaps import OFFSET_GAP, OffsetGap, OffsetGapError, check_start, covered_acks
 from transforms.acks import Ack
+from transforms.rows import coordinates, covers_from
 
 
 def _decoded_payloads(proto: beam_runner_api_pb2.Pipeline) -> list[bytes]:
@@ -112,8 +113,8 @@ def test_an_offset_gap_acks_all_but_its_first_offset_which_its_dead_letter_acks(
 def test_an_offset_gap_becomes_one_dead_letter_row_at_its_first_offset():
   gap = OffsetGap("t", 3, 4, 9, OFFSET_GAP, "deleted by retention")
   [(key, row)] = smartgrid._offset_gap_dead_letter(gap, 4)
-  assert key.startswith("dead_letters|")
-  assert row[-4:] == ("t", 3, 4, 4)  # kafka_topic, kafka_partition, kafka_offset, covers_from
+  assert key == ("dead_letters", 3)  # (table, shard): partition 3 of 4 shards
+  assert (*coordinates(row), covers_from(row)) == ("t", 3, 4, 4)
   assert any(isinstance(v, str) and "offset_gap" in v and "[4, 9)" in v for v in row)
   assert smartgrid._offset_gap_dead_letter(OffsetGap("t", 3, 4, 9, "empty"), 4) == []
 

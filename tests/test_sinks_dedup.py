@@ -19,9 +19,11 @@ from pipelines.produce import EventFactory
 from tests.pipeline_support import (assert_exactly_once, committed, ends, produce_events,
                                     query, run_to_end)
 from transforms.acks import Ack
-from transforms.events import iso_us, parse_sensor, sensor_row
+from transforms.events import parse_sensor, sensor_row
+from transforms.timestamps import iso_us
 from transforms.kafka.records import KafkaRecord
 from transforms.reconcile import SkipStored
+from transforms.rows import at_offset, offset_of, stored
 from transforms.sinks.base import DuplicateEvent, WriteBatches, rejected_dead_letter_row
 from transforms.sinks.sqlite import SinkSchemaError, SqliteStore
 
@@ -36,7 +38,7 @@ def _rows(topic: str, partition: int, offsets, seed: int = 5) -> list[tuple]:
 
 def _copy(row: tuple, offset: int) -> tuple:
   """The same event at another offset (the old producer's retry)."""
-  return row[:-2] + (offset, offset)
+  return at_offset(row, offset)
 
 
 @pytest.fixture
@@ -63,12 +65,12 @@ def test_first_copy_of_an_event_wins_and_later_copies_are_reported(store):
   # a replay of the same coordinates is absorbed silently; copies at new offsets are reported
   again = rows[:2] + [_copy(rows[1], 7), _copy(rows[3], 8)]
   rejected = store.write("sensor_readings", again, _written_at())
-  assert [(r[-2], type(e)) for r, e in rejected] == [(7, DuplicateEvent), (8, DuplicateEvent)]
+  assert [(offset_of(r), type(e)) for r, e in rejected] == [(7, DuplicateEvent), (8, DuplicateEvent)]
   assert "s-0@1" in rejected[0][1] and "s-0@3" in rejected[1][1]
   # two copies inside one write: the first (in order) is stored
   fresh = _rows("s", 0, range(10, 11), seed=9)
   rejected = store.write("sensor_readings", fresh + [_copy(fresh[0], 12)], _written_at())
-  assert [r[-2] for r, _ in rejected] == [12]
+  assert [offset_of(r) for r, _ in rejected] == [12]
   stored = store._conn.execute(
       "SELECT kafka_offset FROM sensor_readings ORDER BY kafka_offset").fetchall()
   assert [o for (o,) in stored] == [0, 1, 2, 3, 4, 10]
@@ -79,7 +81,7 @@ def test_duplicates_are_acked_and_counted_not_written(tmp_path):
   rows = _rows("s", 0, range(4))
   copies = [_copy(rows[0], 4), _copy(rows[2], 5)]
   with BeamTestPipeline() as p:
-    acks = (p | beam.Create([("sensor_readings|0", rows), ("sensor_readings|0", copies)])
+    acks = (p | beam.Create([(("sensor_readings", 0), rows), (("sensor_readings", 0), copies)])
             | WriteBatches(SqliteStore(str(db)), retry_deadline_s=10))
     assert_that(acks, equal_to([Ack("s", 0, 0, 6)]))  # the copies' offsets are acked too
   result = p.result
@@ -104,7 +106,7 @@ def test_existing_database_with_doubled_event_ids_fails_with_a_clear_message(tmp
                  f"UNIQUE (kafka_topic, kafka_partition, kafka_offset))")
     for row in rows + [_copy(rows[1], 3)]:
       conn.execute(f"INSERT INTO sensor_readings VALUES ({', '.join('?' * len(names))})",
-                   row[:-1] + ("2026-01-01T00:00:00Z",))
+                   stored(row) + ("2026-01-01T00:00:00Z",))
   store = SqliteStore(str(db))
   with pytest.raises(SinkSchemaError, match=r"sensor_readings holds 1 event_ids more than once") as e:
     store.open()
@@ -114,7 +116,7 @@ def test_existing_database_with_doubled_event_ids_fails_with_a_clear_message(tmp
     conn.execute("DELETE FROM sensor_readings WHERE rowid NOT IN (SELECT MIN(rowid) FROM "
                  "sensor_readings GROUP BY event_id)")
   store.open()
-  assert store.write("sensor_readings", [_copy(rows[0], 9)], _written_at())[0][0][-2] == 9
+  assert offset_of(store.write("sensor_readings", [_copy(rows[0], 9)], _written_at())[0][0]) == 9
   store.close()
 
 

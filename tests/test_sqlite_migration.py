@@ -9,7 +9,8 @@ import sqlite3
 
 import pytest
 
-from transforms.events import decode_raw_value, iso_us
+from transforms.events import decode_raw_value
+from transforms.timestamps import iso_us
 from transforms.sinks.schema import DEAD_LETTERS, SENSOR_READINGS
 from transforms.sinks.sqlite import SinkSchemaError, SqliteStore
 

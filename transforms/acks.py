@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from transforms.rows import covers_from, offset_of, partition_of
+
 
 @dataclass(frozen=True)
 class Ack:
@@ -20,11 +22,11 @@ class Ack:
 
 
 def acks_for_rows(rows: Iterable[tuple]) -> list[Ack]:
-  """Merges rows ending in (topic, partition, offset, covers_from) into the fewest Acks."""
+  """Merges the rows' offsets (``transforms.rows``: from covers_from to the offset) into the
+  fewest Acks."""
   spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
   for row in rows:
-    topic, partition, offset, covers_from = row[-4:]
-    spans.setdefault((topic, partition), []).append((covers_from, offset + 1))
+    spans.setdefault(partition_of(row), []).append((covers_from(row), offset_of(row) + 1))
   acks = []
   for (topic, partition), ranges in spans.items():
     ranges.sort()

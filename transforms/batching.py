@@ -23,11 +23,12 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 import apache_beam as beam
-from apache_beam import typehints
+from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms.rows import BatchKey, KeyedRow
 from transforms.windows import FixedEventWindows
 
 _GLOBAL = (GlobalWindow(),)
@@ -45,7 +46,7 @@ class BundleBatcher:
     self._windows = windows
     self._buffers: dict = {}  # (key, window start µs) -> [(row, timestamp)]
 
-  def add(self, key: str, row: Any, timestamp: Timestamp) -> Optional[WindowedValue]:
+  def add(self, key: BatchKey, row: Any, timestamp: Timestamp) -> Optional[WindowedValue]:
     """Buffers a row; returns the (key, [rows]) batch it completed, in its window, if any."""
     micros = timestamp.micros
     start = micros - micros % self._windows.size_us
@@ -80,8 +81,6 @@ class BatchRows(beam.PTransform):
                clock: Callable[[], float] = time.time):
     super().__init__()
     self._clock = clock  # GroupIntoBatches' processing time (a fake one in TestStream tests)
-    if batch_size < 1:
-      raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     self._batch_size = batch_size
     self._windows = windows
     self._lateness = Duration.of(allowed_lateness_secs)
@@ -93,7 +92,7 @@ class BatchRows(beam.PTransform):
         self._windows, allowed_lateness=self._lateness)
     windowed_rows = rows | "WindowRows" >> beam.WindowInto(
         self._windows, allowed_lateness=self._lateness)
-    windowed_rows.element_type = typehints.KV[str, Any]
+    windowed_rows.element_type = convert_to_beam_type(KeyedRow)
     completed = windowed_rows | "GroupIntoBatches" >> beam.GroupIntoBatches(
         self._batch_size, self._max_buffering_secs, self._clock)
     return (windowed_full, completed) | "AllBatches" >> beam.Flatten()

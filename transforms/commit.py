@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -34,9 +34,11 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms import progress
+from transforms import arguments, progress
+from transforms.kafka.client import ClientConfig, check_client_config, new_consumer
 from transforms.kafka.records import PartitionRead
-from transforms.sinks.base import with_retries
+from transforms.retry import with_retries
+from transforms.rows import PartitionKey
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
 
 class _CommitOffsetsFn(beam.DoFn):
-  def __init__(self, consumer_config: Mapping[str, Any], interval_s: float,
+  def __init__(self, consumer_config: ClientConfig, interval_s: float,
                retry_deadline_s: float, flush_timer: bool, recommit_s: float = 3600.0,
                commit_fn: Optional[CommitFn] = None):
     self._commit_fn = commit_fn
@@ -120,8 +122,7 @@ class _CommitOffsetsFn(beam.DoFn):
 
   def _get_consumer(self):
     if self._consumer is None:
-      from transforms.kafka.read import _new_consumer
-      self._consumer = _new_consumer(self._config)
+      self._consumer = new_consumer(self._config)
     return self._consumer
 
   def teardown(self):
@@ -174,29 +175,29 @@ class _CommitOffsetsFn(beam.DoFn):
       self._last_commit[key] = time.monotonic()
       state.write(p)
 
-  def _commit(self, key: str, p: PartitionProgress, offset: int) -> Committed:
+  def _commit(self, key: PartitionKey, p: PartitionProgress, offset: int) -> Committed:
     from kafka import TopicPartition
     from kafka.errors import KafkaError
     from kafka.structs import OffsetAndMetadata
 
-    topic, partition = key.rsplit("|", 1)
+    topic, partition = key
     if self._commit_fn is not None:
-      self._commit_fn(topic, int(partition), offset)
+      self._commit_fn(topic, partition, offset)
     else:
-      tp = TopicPartition(topic, int(partition))
+      tp = TopicPartition(topic, partition)
       consumer = self._get_consumer()
       with_retries(lambda: consumer.commit(offsets={tp: OffsetAndMetadata(offset, "", -1)}),
                    lambda e: isinstance(e, KafkaError), deadline_s=self._retry_deadline_s,
                    what=f"committing {topic}-{partition}@{offset}")
     p.committed = offset
     self._commits.inc()
-    progress.set_committed(topic, int(partition), offset)
+    progress.set_committed(topic, partition, offset)
     _LOGGER.debug("committed %s-%s at %d", topic, partition, offset)
-    return Committed(topic, int(partition), offset)
+    return Committed(topic, partition, offset)
 
 
-def _keyed(value) -> tuple:
-  return (f"{value.topic}|{value.partition}", value)
+def _keyed(value) -> Tuple[PartitionKey, Any]:
+  return ((value.topic, value.partition), value)
 
 
 class CommitOffsets(beam.PTransform):
@@ -207,14 +208,12 @@ class CommitOffsets(beam.PTransform):
   the group's Kafka consumer (tests that check the commit order without a broker).
   """
 
-  def __init__(self, consumer_config: Mapping[str, Any], *, interval_s: float = 5.0,
+  def __init__(self, consumer_config: ClientConfig, *, interval_s: float = 5.0,
                retry_deadline_s: float = 60.0, flush_timer: bool = False,
                recommit_s: float = 3600.0, commit_fn: Optional[CommitFn] = None):
     super().__init__()
-    if not consumer_config.get("group_id"):
-      raise ValueError("CommitOffsets needs a consumer group: set --group_id")
-    if interval_s <= 0:
-      raise ValueError(f"--commit_interval_secs must be > 0, got {interval_s}")
+    check_client_config(consumer_config, needs_group=True)
+    arguments.above("commit_interval_secs", interval_s, 0)
     self._fn = _CommitOffsetsFn(consumer_config, interval_s, retry_deadline_s, flush_timer,
                                 recommit_s, commit_fn)
 
@@ -225,5 +224,5 @@ class CommitOffsets(beam.PTransform):
                for i, c in enumerate(covered)]
     return ((starts, acks, *covered)
             | "StartsAndAcks" >> beam.Flatten()
-            | "KeyByPartition" >> beam.Map(_keyed).with_output_types(Tuple[str, Any])
+            | "KeyByPartition" >> beam.Map(_keyed).with_output_types(Tuple[PartitionKey, Any])
             | "Commit" >> beam.ParDo(self._fn))

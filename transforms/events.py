@@ -4,7 +4,7 @@ Pure functions, no Beam (importable on its own): ``sensor_from_object`` /
 ``meter_from_object`` validate a decoded event (from JSON or Avro, the same rules)
 into a ``SensorReading`` / ``MeterReading`` or raise ``InvalidEvent`` carrying a
 reason from ``DEAD_LETTER_REASONS``; ``load_json_object`` decodes a JSON value.
-Rows are plain tuples in the column order of ``transforms.sinks.schema`` (cheap to
+Rows are plain tuples in the layout of ``transforms.rows`` (cheap to
 encode between Beam stages), followed by the record's ``covers_from`` offset,
 which the sink acknowledges. ``dead_letter_row`` builds the agreed dead-letter row.
 
@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime as dt
 import decimal
 import hashlib
 import json
@@ -67,7 +66,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Optional
 
-from transforms.timestamps import TimestampError
+from transforms.rows import coordinates, covers_from
+from transforms.timestamps import TimestampError, iso_us
 from transforms.timestamps import parse_timestamp_us as _parse_timestamp_us
 
 MAX_EVENT_BYTES = 64 * 1024
@@ -86,7 +86,6 @@ DEAD_LETTER_REASONS = (
     "sink_rejected", "duplicate_event",
 )
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _NUMERIC_TEXT = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
 
 
@@ -313,28 +312,8 @@ def parse_meter(value: Optional[bytes]) -> MeterReading:
     raise describe_exception(e) from None
 
 
-_MINUTE_PREFIXES: dict[int, str] = {}
-
-
-def iso_us(us: int) -> str:
-  """Epoch microseconds -> 'YYYY-MM-DDTHH:MM:SS.ffffffZ' (UTC), the stored time format.
-
-  Three calls per row: the 'YYYY-MM-DDTHH:MM:' prefix is cached per minute (strftime
-  costs about 6 µs; this about 0.5 µs).
-  """
-  seconds, micros = divmod(us, 1_000_000)
-  minute, second = divmod(seconds, 60)
-  prefix = _MINUTE_PREFIXES.get(minute)
-  if prefix is None:
-    if len(_MINUTE_PREFIXES) > 100_000:
-      _MINUTE_PREFIXES.clear()
-    prefix = (_EPOCH + dt.timedelta(minutes=minute)).strftime("%Y-%m-%dT%H:%M:")
-    _MINUTE_PREFIXES[minute] = prefix
-  return f"{prefix}{second:02d}.{micros:06d}Z"
-
-
 # ---------------------------------------------------------------------------
-# Rows: the columns of transforms.sinks.schema in order, without written_at (the
+# Rows: the layout of transforms.rows (SENSOR_ROW, METER_ROW), without written_at (the
 # sink stamps it), ending with (kafka_topic, kafka_partition, kafka_offset, covers_from).
 
 
@@ -394,7 +373,7 @@ def raw_columns(raw_key: Optional[bytes], raw_value: Optional[bytes]) -> tuple:
 
 
 def dead_letter_row(d: DeadLetter) -> tuple:
-  """The dead_letters row (``transforms.sinks.schema.DEAD_LETTERS``) of a DeadLetter."""
+  """The dead_letters row (``transforms.rows.DEAD_LETTER_ROW``) of a DeadLetter."""
   return (*raw_columns(d.raw_key, d.raw_value), d.reason, d.error[:ERROR_TEXT_LIMIT], d.stage,
           iso_us(d.failed_at_us), d.kafka_topic, d.kafka_partition, d.kafka_offset, d.covers_from)
 
@@ -407,9 +386,8 @@ def rejected_row_dead_letter(row: tuple, raw: bytes, reason: str, error: str,
   ``raw`` stands for the Kafka value, which is not at hand in the sink: the refused
   row as UTF-8 JSON text. It is cut and hashed like any raw value.
   """
-  topic, partition, offset, covers_from = row[-4:]
   return (*raw_columns(None, raw), reason, error[:ERROR_TEXT_LIMIT], "sink", iso_us(failed_at_us),
-          topic, partition, offset, covers_from)
+          *coordinates(row), covers_from(row))
 
 
 def decode_raw_value(text: Optional[str], encoding: str) -> Optional[bytes]:

@@ -22,17 +22,18 @@ from typing import Any, Iterable, Mapping, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms import progress
+from transforms import arguments, progress
 from transforms.batching import BundleBatcher
 from transforms.events import (DEAD_LETTER_REASONS, MAX_EVENT_BYTES, DeadLetter, InvalidEvent,
                                dead_letter_row, describe_exception, load_json_object,
                                meter_from_object, meter_row, sensor_from_object, sensor_row)
 from transforms.kafka.records import KafkaRecord
-from transforms.sinks.schema import DEAD_LETTERS, METER_READINGS, SENSOR_READINGS
+from transforms.rows import DEAD_LETTERS_TABLE, METER_TABLE, SENSOR_TABLE, BatchKey, KeyedRow
 from transforms.windows import FixedEventWindows
 
 SENSOR, METER = "sensor", "meter"
@@ -92,15 +93,15 @@ class _ParseEventsFn(beam.DoFn):
       return record
     return load_json_object(value)
 
-  def _to_row(self, record: KafkaRecord) -> Tuple[str, str, tuple, Timestamp, bool]:
+  def _to_row(self, record: KafkaRecord) -> Tuple[str, BatchKey, tuple, Timestamp, bool]:
     """A record -> (table, key, row, timestamp, is_late); raises for anything that is no row."""
     kind = self._kinds.get(record.topic)
     if kind == SENSOR:
       event = sensor_from_object(self._decode(record.value))
-      entity_id, table, to_row = event.sensor_id, SENSOR_READINGS.name, sensor_row
+      entity_id, table, to_row = event.sensor_id, SENSOR_TABLE, sensor_row
     elif kind == METER:
       event = meter_from_object(self._decode(record.value))
-      entity_id, table, to_row = event.meter_id, METER_READINGS.name, meter_row
+      entity_id, table, to_row = event.meter_id, METER_TABLE, meter_row
     else:
       raise InvalidEvent("unknown_topic", f"no event type is configured for topic {record.topic!r}")
     event_us = event.event_time_us
@@ -110,7 +111,7 @@ class _ParseEventsFn(beam.DoFn):
     is_late = arrival_us > window_end + self._lateness_us
     row = to_row(event, window_start, window_end, is_late, record.topic, record.partition,
                  record.offset, record.covers_from)
-    key = f"{table}|{self._shard(record, entity_id)}"
+    key = (table, self._shard(record, entity_id))
     return table, key, row, Timestamp(micros=arrival_us if is_late else event_us), is_late
 
   def _dead_letter(self, record: KafkaRecord, exc: BaseException) -> WindowedValue:
@@ -152,7 +153,7 @@ class _ParseEventsFn(beam.DoFn):
 
 
 class ParseEvents(beam.PTransform):
-  """PCollection[KafkaRecord] -> (rows keyed 'table|shard', dead letters[, full batches]).
+  """PCollection[KafkaRecord] -> (rows keyed (table, shard), dead letters[, full batches]).
 
   Returns the main output of ``(key, row)`` and the ``DeadLetter`` output. With
   ``batch_size``, rows are first collected per key and event-time window within the
@@ -168,16 +169,10 @@ class ParseEvents(beam.PTransform):
     bad = {t: k for t, k in topic_kinds.items() if k not in (SENSOR, METER)}
     if bad:
       raise ValueError(f"topic kinds must be '{SENSOR}' or '{METER}', got {bad}")
-    if not 0 < window_size_secs <= MAX_WINDOW_SECS:
-      raise ValueError(f"--window_size_secs must be in (0, {MAX_WINDOW_SECS}], got {window_size_secs}")
-    if allowed_lateness_secs < 0:
-      raise ValueError(f"--allowed_lateness_secs must be >= 0, got {allowed_lateness_secs}")
-    if num_shards < 1:
-      raise ValueError(f"--num_shards must be >= 1, got {num_shards}")
-    if shard_by not in SHARD_BY:
-      raise ValueError(f"--shard_by must be one of {SHARD_BY}, got {shard_by!r}")
-    if batch_size is not None and batch_size < 1:
-      raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    arguments.above_and_at_most("window_size_secs", window_size_secs, 0, MAX_WINDOW_SECS)
+    arguments.at_least("allowed_lateness_secs", allowed_lateness_secs, 0)
+    arguments.at_least("num_shards", num_shards, 1)
+    arguments.one_of("shard_by", shard_by, SHARD_BY)
     check_registry_url(schema_registry_url)
     self._batching = batch_size is not None
     self._fn = _ParseEventsFn(topic_kinds, window_size_secs, allowed_lateness_secs, num_shards,
@@ -189,7 +184,7 @@ class ParseEvents(beam.PTransform):
     results = records | "Parse" >> beam.ParDo(self._fn).with_outputs(
         DEAD_LETTER_TAG, FULL_BATCHES_TAG, main="rows")
     rows = results.rows
-    rows.element_type = Tuple[str, Any]
+    rows.element_type = convert_to_beam_type(KeyedRow)
     if self._batching:
       return rows, results[DEAD_LETTER_TAG], results[FULL_BATCHES_TAG]
     return rows, results[DEAD_LETTER_TAG]
@@ -211,7 +206,7 @@ def check_registry_url(url: Optional[str]) -> None:
     raise ValueError(f"--schema_registry_url: expected http(s)://host[:port][/path], got {url!r}")
 
 
-def key_dead_letters(dead_letter: DeadLetter, num_shards: int) -> Tuple[str, tuple]:
-  """A dead letter -> ('dead_letters|shard', row), batched like any other row."""
-  return (f"{DEAD_LETTERS.name}|{dead_letter.kafka_partition % num_shards}",
+def key_dead_letters(dead_letter: DeadLetter, num_shards: int) -> Tuple[BatchKey, tuple]:
+  """A dead letter -> (('dead_letters', shard), row), batched like any other row."""
+  return ((DEAD_LETTERS_TABLE, dead_letter.kafka_partition % num_shards),
           dead_letter_row(dead_letter))

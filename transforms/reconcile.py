@@ -25,9 +25,11 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms import arguments
 from transforms.acks import Ack
 from transforms.kafka.records import KafkaRecord
-from transforms.sinks.base import Store, with_retries
+from transforms.retry import with_retries
+from transforms.sinks.base import Store
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -109,8 +111,7 @@ class SkipStored(beam.PTransform):
   def __init__(self, store: Store, *, retry_deadline_s: float = 60.0,
                window_offsets: int = 100_000, label: Optional[str] = None):
     super().__init__(label)
-    if retry_deadline_s <= 0:
-      raise ValueError(f"--sink_retry_deadline_secs must be > 0, got {retry_deadline_s}")
+    arguments.above("sink_retry_deadline_secs", retry_deadline_s, 0)
     if window_offsets < 1:
       raise ValueError(f"window_offsets must be >= 1, got {window_offsets}")
     self._fn = _SkipStoredFn(store, retry_deadline_s, window_offsets)

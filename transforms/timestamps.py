@@ -1,6 +1,7 @@
 """Event timestamps: the one parser of the pipeline, the same on Python 3.10 to 3.13.
 
-Owns the accepted forms, the epoch-number rule and the range of event times. Pure
+Owns the accepted forms, the epoch-number rule and the range of event times, and
+the stored time format (``iso_us``). Pure
 standard library with no project import, so a test can run this very file under
 every Python interpreter it finds (``python timestamps.py`` reads JSON values on
 stdin and prints one result per line) and compare them.
@@ -58,6 +59,7 @@ _ISO = re.compile(
     r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
     r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?)?", re.ASCII)
 _DAYS_IN_MONTH = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_EPOCH_DT = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _EPOCH_LIMIT = 10 ** 15  # past 2200 in any unit: refused before any arithmetic
 
 
@@ -188,6 +190,26 @@ def parse_timestamp_us(value: Any) -> int:
     return parse_datetime_us(value)
   raise TimestampError("bad_timestamp",
                        f"'timestamp' must be ISO-8601 text or a number, got {type(value).__name__}")
+
+
+_MINUTE_PREFIXES: dict[int, str] = {}
+
+
+def iso_us(us: int) -> str:
+  """Epoch microseconds -> 'YYYY-MM-DDTHH:MM:SS.ffffffZ' (UTC), the stored time format.
+
+  Three calls per row: the 'YYYY-MM-DDTHH:MM:' prefix is cached per minute (strftime
+  costs about 6 µs; this about 0.5 µs).
+  """
+  seconds, micros = divmod(us, 1_000_000)
+  minute, second = divmod(seconds, 60)
+  prefix = _MINUTE_PREFIXES.get(minute)
+  if prefix is None:
+    if len(_MINUTE_PREFIXES) > 100_000:
+      _MINUTE_PREFIXES.clear()
+    prefix = (_EPOCH_DT + dt.timedelta(minutes=minute)).strftime("%Y-%m-%dT%H:%M:")
+    _MINUTE_PREFIXES[minute] = prefix
+  return f"{prefix}{second:02d}.{micros:06d}Z"
 
 
 def _main() -> None:

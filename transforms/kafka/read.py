@@ -36,6 +36,8 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import progress
 from transforms.kafka import config as kafka_config
+from transforms.kafka.client import KafkaUnavailableError
+from transforms.kafka.client import new_consumer as _new_consumer
 from transforms.kafka.drain import DrainSignal
 from transforms.kafka.gaps import (EMPTY, GAP_POLICIES, OFFSET_GAP, OffsetGap, OffsetGapError,
                                    gap_message)
@@ -54,23 +56,8 @@ IDLE_HEARTBEAT_S = 60.0
 RESOLVE_RETRY_S = 120.0
 
 
-class KafkaUnavailableError(RuntimeError):
-  """The brokers could not be reached, or a topic does not exist."""
-
-
 class UnknownTopicError(KafkaUnavailableError):
   """A topic the read names does not exist (never retried: waiting would not create it)."""
-
-
-def _new_consumer(config: Mapping[str, Any]):
-  from kafka import KafkaConsumer
-  from kafka.errors import KafkaError
-  try:
-    return KafkaConsumer(**kafka_config.materialize(config))
-  except KafkaError as e:
-    raise KafkaUnavailableError(
-        f"cannot reach Kafka at {','.join(config['bootstrap_servers'])} within "
-        f"{config.get('bootstrap_timeout_ms', 30000) / 1000:.0f}s: {type(e).__name__}: {e}") from None
 
 
 def list_partitions(consumer, servers: Sequence[str], topics: Sequence[str],

@@ -1,8 +1,9 @@
 """WriteBatches: the sink contract shared by every store.
 
-Takes ``(key, [row, ...])`` batches (key ``'table|shard'``), buffers rows per
-table, writes them idempotently (unique on topic, partition, offset) when the
-buffer is full and in ``finish_bundle``, and only then emits ``Ack``s for them.
+Takes ``(key, [row, ...])`` batches (key ``(table, shard)``, see ``transforms.rows``),
+buffers rows per table, writes them idempotently (unique on topic, partition, offset) when the
+buffer is full and in ``finish_bundle``, and only then emits ``Ack``s for them, each in
+the event-time window of the batch it acknowledges (keyed streams: the global window).
 Transient store errors are retried with exponential backoff and jitter up to a
 deadline; after that the bundle fails, so nothing unwritten is acked and the
 runner (or a restart) replays it. Rows the store rejects for good are written to
@@ -32,9 +33,8 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
-from typing import Any, Callable, Iterable, Optional, Protocol, Tuple
+from typing import Iterable, Optional, Protocol
 
 import apache_beam as beam
 from apache_beam import coders
@@ -43,10 +43,12 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms import progress
+from transforms import arguments, progress
 from transforms.acks import acks_for_rows
-from transforms.events import iso_us, rejected_row_dead_letter
-from transforms.sinks.schema import DEAD_LETTERS, TABLES
+from transforms.events import rejected_row_dead_letter
+from transforms.retry import with_retries
+from transforms.rows import DEAD_LETTERS_TABLE, ROW_TYPES, BatchKey, KeyedRow, key_table
+from transforms.timestamps import iso_us
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -65,34 +67,12 @@ class DuplicateEvent(str):
 
 
 class SinkWriteError(RuntimeError):
-  """A write kept failing past the retry deadline: the bundle fails, nothing is acked."""
-
-
-def with_retries(fn: Callable[[], object], is_transient: Callable[[BaseException], bool], *,
-                 deadline_s: float, initial_backoff_s: float = 0.1, max_backoff_s: float = 5.0,
-                 what: str = "write", sleep=time.sleep, clock=time.monotonic):
-  """Calls fn until it succeeds; retries transient errors with backoff and full jitter."""
-  give_up_at = clock() + deadline_s
-  backoff = initial_backoff_s
-  attempt = 0
-  while True:
-    attempt += 1
-    try:
-      return fn()
-    except Exception as e:  # noqa: BLE001 - classified just below; non-transient re-raised
-      if not is_transient(e):
-        raise
-      if clock() + backoff > give_up_at:
-        raise SinkWriteError(f"{what} still failing after {attempt} attempts over "
-                             f"{deadline_s:.0f}s: {type(e).__name__}: {e}") from e
-      _LOGGER.warning("%s failed (attempt %d, transient: %s); retrying", what, attempt, e)
-      sleep(random.uniform(0, backoff) + backoff / 2)
-      backoff = min(backoff * 2, max_backoff_s)
+  """The store refused even the dead letters: the bundle fails, nothing is acked. (A write
+  that keeps failing transiently raises ``transforms.retry.RetriesExhausted``.)"""
 
 
 def _row_text(table: str, row: tuple) -> str:
-  values = dict(zip(TABLES[table].names[:-1], row[:-4]))
-  return json.dumps(values, ensure_ascii=False, default=str)
+  return json.dumps(ROW_TYPES[table].payload(row), ensure_ascii=False, default=str)
 
 
 def rejected_dead_letter_row(table: str, row: tuple, error: str) -> tuple:
@@ -127,7 +107,7 @@ class _WriteBatchesFn(beam.DoFn):
 
   def process(self, batch, window=beam.DoFn.WindowParam):
     key, rows = batch
-    table = key.split("|", 1)[0]
+    table = key_table(key)
     self._by_table.setdefault(table, []).extend(rows)
     self._by_window.setdefault(window, []).extend(rows)
     self._buffered += len(rows)
@@ -176,7 +156,7 @@ class _WriteBatchesFn(beam.DoFn):
     for table, rows in self._by_table.items():
       dead = self._count_rejected(table, rows, self._write(table, rows, written_at))
       if dead:
-        still = self._write(DEAD_LETTERS.name, dead, written_at)
+        still = self._write(DEAD_LETTERS_TABLE, dead, written_at)
         if still:
           raise SinkWriteError(f"the store refused even the dead letters for {table}: {still[0][1]}")
     # Every row is durable now (written, or dead-lettered): ack them.
@@ -205,7 +185,7 @@ class _JoinKeyBatchesFn(beam.DoFn):
     self._full_batches = Metrics.counter(self.__class__, "full_batches")
 
   def start_bundle(self):
-    self._by_key: dict[str, list] = {}
+    self._by_key: dict[BatchKey, list] = {}
     self._first_at: dict = {}  # key -> earliest timestamp of its buffered batches
 
   def process(self, batch, timestamp=beam.DoFn.TimestampParam):
@@ -231,7 +211,7 @@ class _JoinKeyBatchesFn(beam.DoFn):
 class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
   """Writes each batch in ``process`` on the streams its key holds in state.
 
-  State (per key 'table|shard', in the global window): table -> (stream name, next offset),
+  State (per key (table, shard), in the global window): table -> (stream name, next offset),
   for the key's table and for the dead letters of the rows it refuses. It is written only
   after the store confirmed the batch, and the runner commits it with the bundle: a retried
   bundle starts from the offsets of the last committed one (see
@@ -247,7 +227,7 @@ class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
 
   def process(self, batch, streams_state=beam.DoFn.StateParam(STREAMS)):
     key, rows = batch
-    table = key.split("|", 1)[0]
+    table = key_table(key)
     rows = list(rows)
     streams = dict(streams_state.read() or {})
     before = {t: held[0] for t, held in streams.items()}
@@ -255,7 +235,7 @@ class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
     rejected, streams = self._write_on(table, rows, written_at, streams)
     dead = self._count_rejected(table, rows, rejected)
     if dead:
-      still, streams = self._write_on(DEAD_LETTERS.name, dead, written_at, streams)
+      still, streams = self._write_on(DEAD_LETTERS_TABLE, dead, written_at, streams)
       if still:
         raise SinkWriteError(f"the store refused even the dead letters for {table}: {still[0][1]}")
     streams_state.write(streams)
@@ -272,20 +252,22 @@ class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
 
 
 class WriteBatches(beam.PTransform):
-  """PCollection[(key 'table|shard', [row])] -> PCollection[Ack].
+  """PCollection[((table, shard), [row])] -> PCollection[Ack].
 
-  A store with ``keyed_streams`` (BigQuery's Storage Write API) is written by a stateful
-  DoFn keyed by the batch key, after the batches move to the global window (state is per
-  key and window: per-window state would start a stream per key and window); its acks
-  are in the global window. Other stores (SQLite, streaming inserts) buffer per bundle and
-  ack in the batch's window.
+  Where the acks are depends on the store. Most stores (SQLite, streaming inserts) buffer
+  rows per bundle and emit each ack in the event-time window of the batch it acknowledges,
+  stamped with that window's end (``_WriteBatchesFn._flush``). A store with
+  ``keyed_streams`` (BigQuery's Storage Write API) is written by a stateful DoFn keyed by
+  the batch key after the batches move to the global window (state is per key and window:
+  per-window state would start a stream per key and window), so its acks are in the
+  global window. ``CommitOffsets`` moves every ack to the global window either way.
   """
 
   def __init__(self, store: Store, *, flush_rows: int = 1000,
                retry_deadline_s: float = 60.0, batch_size: int = 100):
     super().__init__()
-    if flush_rows < 1:
-      raise ValueError(f"flush_rows must be >= 1, got {flush_rows}")
+    arguments.at_least("sink_flush_rows", flush_rows, 1)
+    arguments.batch_size(batch_size)
     self._keyed = bool(getattr(store, "keyed_streams", False))
     self._flush_rows, self._batch_size = flush_rows, batch_size
     fn_class = _WriteOnKeyedStreamsFn if self._keyed else _WriteBatchesFn
@@ -297,5 +279,5 @@ class WriteBatches(beam.PTransform):
     return (batches
             | "BatchesToGlobalWindow" >> beam.WindowInto(GlobalWindows())
             | "JoinKeyBatches" >> beam.ParDo(_JoinKeyBatchesFn(self._flush_rows, self._batch_size)
-                                             ).with_output_types(Tuple[str, Any])
+                                             ).with_output_types(KeyedRow)
             | "WriteRowsOnKeyedStreams" >> beam.ParDo(self._fn))

@@ -27,7 +27,7 @@ Exactly once at any replay distance comes from three layers:
 
 Keyed streams (``keyed_streams``, the storage_write path): ``WriteBatches`` moves the
 batches to the global window and writes them with a stateful DoFn keyed by the batch key
-('table|shard'). Its ``ReadModifyWriteState`` holds, per table the key writes (its own and
+((table, shard)). Its ``ReadModifyWriteState`` holds, per table the key writes (its own and
 ``dead_letters`` for what BigQuery refuses), the name and next offset of a COMMITTED stream
 the key created; ``write_on_streams`` appends each batch there in ``process()`` and the
 state moves only after BigQuery confirmed the append. The runner commits the state with the
@@ -89,6 +89,7 @@ import threading
 from typing import Callable, Iterable, Optional, Sequence
 
 from transforms.sinks.base import DuplicateEvent
+from transforms.rows import DEAD_LETTER_ROW, ROW_TYPES, coordinates, partition_of
 from transforms.sinks.schema import DEAD_LETTERS, TABLES, Table
 
 _LOGGER = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def row_id(row: tuple) -> str:
   A Kafka topic name may have 249 characters, an insertId at most 128: a topic that would
   pass the limit is replaced by the SHA-256 of its name (hex), still unique per record.
   """
-  topic, partition, offset, _covers_from = row[-4:]
+  topic, partition, offset = coordinates(row)
   rid = f"{topic}-{partition}-{offset}"
   if len(rid) <= MAX_INSERT_ID_CHARS:
     return rid
@@ -498,15 +499,15 @@ class BigQueryStore:
     from google.cloud import bigquery
     from transforms.sinks.bigquery_storage import timestamp_micros
     column = table.dedup_column
-    index = table.names.index(column)
-    time_index = table.names.index(table.partition_column)
+    index = ROW_TYPES[table.name].index(column)
+    time_index = ROW_TYPES[table.name].index(table.partition_column)
     micros = [timestamp_micros(row[time_index]) for row in rows]
     day = 86_400_000_000
     lo, hi = min(micros) // day * day, (max(micros) // day + 1) * day
     ids: dict = {}
     for row in rows:
       if isinstance(row[index], str):
-        ids.setdefault(tuple(row[-4:-2]), set()).add(row[index])
+        ids.setdefault(partition_of(row), set()).add(row[index])
     if not ids:
       return {}
     clauses = []
@@ -528,7 +529,7 @@ class BigQueryStore:
     from google.cloud import bigquery
     spans: dict = {}
     for row in rows:
-      topic, partition, offset = row[-4:-1]
+      topic, partition, offset = coordinates(row)
       lo, hi = spans.get((topic, partition), (offset, offset))
       spans[(topic, partition)] = (min(lo, offset), max(hi, offset))
     clauses, params = [], []
@@ -547,12 +548,12 @@ class BigQueryStore:
     """Rows -> (rows to write, [(row, DuplicateEvent)]); replays of stored rows are dropped."""
     if table.dedup_column is None:
       stored = self._stored_coordinates(table, rows)
-      return [row for row in rows if tuple(row[-4:-1]) not in stored], []
+      return [row for row in rows if coordinates(row) not in stored], []
     stored = self._stored_by_event(table, rows)
-    index = table.names.index(table.dedup_column)
+    index = ROW_TYPES[table.name].index(table.dedup_column)
     fresh, duplicates, seen = [], [], {}
     for row in rows:
-      event_id, where = row[index], tuple(row[-4:-1])
+      event_id, where = row[index], coordinates(row)
       offset = stored.get((where[0], where[1], event_id))
       first = (where[0], where[1], offset) if offset is not None else seen.get(event_id)
       if event_id is None or first is None:  # no event_id: the store itself refuses the row
@@ -652,16 +653,16 @@ class BigQueryStore:
     at those offsets are other rows (the state was behind the stream): drop it, raise."""
     from transforms.sinks.bigquery_storage import StreamGone
     self.already_exists_answers += 1
-    refused_at = {tuple(r[-4:-1]) for r in refused}
-    sent = [r for r in fresh if tuple(r[-4:-1]) not in refused_at]
+    refused_at = {coordinates(r) for r in refused}
+    sent = [r for r in fresh if coordinates(r) not in refused_at]
     stored = self._stored_coordinates(schema, sent) if sent else set()
-    missing = [r for r in sent if tuple(r[-4:-1]) not in stored]
+    missing = [r for r in sent if coordinates(r) not in stored]
     if not missing:
       return
     for name in {w.name for w in writers.values()} | ({held[0]} if held else set()):
       self._dropped_streams.add(name)
     raise StreamGone(f"{schema.name}: {len(missing)} rows answered ALREADY_EXISTS are not stored "
-                     f"(the state was behind the stream), e.g. {missing[0][-4:-1]}; a new stream "
+                     f"(the state was behind the stream), e.g. {coordinates(missing[0])}; a new stream "
                      f"takes them")
 
   def _append(self, table: Table, rows: list, written_at: str, writers: Optional[dict] = None,
@@ -704,7 +705,7 @@ class BigQueryStore:
         head = {batch[i] for i in e.head}
         rest = [batch[i] for i in e.unconfirmed if batch[i] not in refused]
         landed = self._landed(table, [rows[i] for i in rest if i in head])
-        rest = [i for i in rest if tuple(rows[i][-4:-1]) not in landed]
+        rest = [i for i in rest if coordinates(rows[i]) not in landed]
         if one_by_one:
           singles = [i for i in rest if i not in refused]
         else:
@@ -792,7 +793,7 @@ _MAX_DEAD_LETTER_TEXT = 1_000_000
 def _fit_dead_letter(row: tuple) -> tuple:
   """A dead_letters row with its raw text cut to ``_MAX_DEAD_LETTER_TEXT`` (marked truncated
   where the table has that column), so it can never exceed the request limit and loop."""
-  names = DEAD_LETTERS.names
+  names = DEAD_LETTER_ROW.columns
   values = list(row)
   cut = False
   for name in ("raw_value", "raw_key", "error"):

@@ -35,6 +35,8 @@ import logging
 import time
 from typing import Callable, Optional, Sequence
 
+from transforms.retry import RetriesExhausted, with_retries
+from transforms.rows import stored
 from transforms.sinks.schema import Table
 
 _LOGGER = logging.getLogger(__name__)
@@ -196,7 +198,7 @@ def encode_rows(table: Table, rows: Sequence[tuple], written_at: str
   encoded: list[Optional[bytes]] = []
   refused: dict[int, str] = {}
   for i, row in enumerate(rows):
-    values = row[:-1] + (written_at,)
+    values = stored(row) + (written_at,)
     problem = _check_row(table, values)
     if problem is not None:
       encoded.append(None)
@@ -234,6 +236,11 @@ def is_connection_error(exc: BaseException) -> bool:
                       gexc.Unknown, gexc.RetryError, ConnectionError, TimeoutError)):
     return True
   return isinstance(exc, grpc.RpcError)
+
+
+def _resendable(exc: BaseException) -> bool:
+  """A failed append call whose requests go again at the same offsets (see ``StreamWriter``)."""
+  return not isinstance(exc, (StreamGone, RowsRefused)) and is_connection_error(exc)
 
 
 class StreamWriter:
@@ -290,28 +297,20 @@ class StreamWriter:
     else:
       queue = request_chunks([len(r) for r in rows], self._max_request_bytes)
     give_up_at = self._clock() + self._append_deadline_s
-    backoff = 0.1
-    while queue:
+    while queue:  # _send returns early when a call ends before every answer: go on at once
       try:
-        self._send(queue, rows)
-        backoff = 0.1
+        with_retries(lambda: self._send(queue, rows), _resendable,
+                     deadline_s=give_up_at - self._clock(), what=f"appending to {self.name}",
+                     sleep=self._sleep, clock=self._clock)
       except RowsRefused as e:
         head = queue[0]
         raise RequestRefused(
             head=head, bad={head[i]: reason for i, reason in e.bad.items() if 0 <= i < len(head)},
             reason=e.reason, unconfirmed=[i for chunk in queue for i in chunk]) from None
-      except StreamGone:
-        raise
-      except Exception as e:  # noqa: BLE001 - classified: connection errors are resent
-        if not is_connection_error(e):
-          raise
-        if self._clock() + backoff > give_up_at:
-          raise StreamUncertain(f"{self.table.name}: {sum(map(len, queue))} rows unconfirmed on "
-                                f"{self.name} after {self._append_deadline_s:.0f}s: {e}") from e
-        _LOGGER.warning("%s: append call failed (%s); resending %d requests at their offsets",
-                        self.table.name, e, len(queue))
-        self._sleep(backoff)
-        backoff = min(backoff * 2, 5.0)
+      except RetriesExhausted as e:
+        raise StreamUncertain(f"{self.table.name}: {sum(map(len, queue))} rows unconfirmed on "
+                              f"{self.name} after {self._append_deadline_s:.0f}s: {e.__cause__}"
+                              ) from e.__cause__
 
   def _send(self, queue: list, rows: Sequence[bytes]) -> None:
     """One call carrying every queued request; pops each chunk BigQuery confirms."""

@@ -21,6 +21,8 @@ import threading
 import uuid
 from typing import Optional
 
+from transforms.rows import coordinates as row_coordinates
+from transforms.rows import stored as stored_part
 from transforms.sinks.base import DuplicateEvent
 from transforms.sinks.schema import TABLES
 
@@ -78,14 +80,14 @@ class MemoryStore:
       events = {r[index]: c for c, r in held.items()} if dedup else {}
       rejected = []
       for row in rows:
-        coordinates = tuple(row[-4:-1])  # (topic, partition, offset); rows.coordinates(row) once merged
+        coordinates = row_coordinates(row)
         if coordinates in held:
           continue  # a replay: already stored
         if index is not None and row[index] in events:
           rejected.append((row, DuplicateEvent(
               f"{dedup} {row[index]!r} is stored already (at {events[row[index]]})")))
           continue
-        held[coordinates] = (*row[:-1], written_at)
+        held[coordinates] = (*stored_part(row), written_at)
         if index is not None:
           events[row[index]] = coordinates
         _JOURNALS[self.name].append(("write", table, *coordinates))

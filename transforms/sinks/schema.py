@@ -1,8 +1,8 @@
 """The three tables every sink writes, with the same names and columns everywhere.
 
-A row travels through the pipeline as a tuple of ``columns`` in order without
-``written_at`` (the sink stamps it), ending with (kafka_topic, kafka_partition,
-kafka_offset, covers_from); ``covers_from`` is not stored, the sink acks it.
+The columns and their order come from the row types of ``transforms.rows`` (the
+layout of rows in flight); this module adds the column types, ``written_at`` (the
+sink stamps it) and the table layout.
 Every table is unique on (kafka_topic, kafka_partition, kafka_offset) (its
 ``primary_key``, declared NOT ENFORCED in BigQuery), and the reading tables also on
 ``event_id`` (their ``dedup_column``: the first copy of an event wins). Tables are
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+from transforms.rows import (DEAD_LETTER_ROW, METER_ROW, ROW_TYPES, SENSOR_ROW, WRITTEN_AT,
+                             RowType)
 
 
 @dataclass(frozen=True)
@@ -39,34 +42,44 @@ class Table:
 
   def row_dict(self, row: tuple, written_at: Optional[str] = None) -> dict:
     """A row tuple (with its trailing covers_from) -> {column: value}."""
-    values = dict(zip(self.names[:-1], row[:-1]))
-    values["written_at"] = written_at
+    values = ROW_TYPES[self.name].as_dict(row)
+    values[WRITTEN_AT] = written_at
     return values
 
 
-_KAFKA = (Column("kafka_topic", "TEXT", "STRING"), Column("kafka_partition", "INTEGER", "INT64"),
-          Column("kafka_offset", "INTEGER", "INT64"))
-_WRITTEN_AT = Column("written_at", "TEXT", "TIMESTAMP")
+_KAFKA = {"kafka_topic": ("TEXT", "STRING"), "kafka_partition": ("INTEGER", "INT64"),
+          "kafka_offset": ("INTEGER", "INT64")}
 
-SENSOR_READINGS = Table("sensor_readings", (
-    Column("event_id", "TEXT", "STRING"), Column("sensor_id", "TEXT", "STRING"),
-    Column("sensor_type", "TEXT", "STRING"), Column("value", "REAL", "FLOAT64"),
+
+def _table(row_type: RowType, types: dict, **layout) -> Table:
+  """The table of a row type: its columns in row order with their types
+  (name -> (sqlite type, BigQuery type[, required])), then ``written_at``."""
+  types = {**types, **_KAFKA, WRITTEN_AT: ("TEXT", "TIMESTAMP")}
+  names = (*row_type.columns, WRITTEN_AT)
+  if set(types) != set(names):
+    raise ValueError(f"{row_type.table}: types for {sorted(set(types) ^ set(names))} do not match "
+                     "the row type's columns")
+  return Table(row_type.table, tuple(Column(n, *types[n]) for n in names), **layout)
+
+
+SENSOR_READINGS = _table(SENSOR_ROW, {
+    "event_id": ("TEXT", "STRING"), "sensor_id": ("TEXT", "STRING"),
+    "sensor_type": ("TEXT", "STRING"), "value": ("REAL", "FLOAT64"),
     # null when the event has no location (the old consumer stored those too)
-    Column("latitude", "REAL", "FLOAT64", required=False),
-    Column("longitude", "REAL", "FLOAT64", required=False),
-    Column("event_time", "TEXT", "TIMESTAMP"), Column("metadata", "TEXT", "JSON", required=False),
-    Column("window_start", "TEXT", "TIMESTAMP"), Column("window_end", "TEXT", "TIMESTAMP"),
-    Column("is_late", "INTEGER", "BOOL"), *_KAFKA, _WRITTEN_AT),
+    "latitude": ("REAL", "FLOAT64", False), "longitude": ("REAL", "FLOAT64", False),
+    "event_time": ("TEXT", "TIMESTAMP"), "metadata": ("TEXT", "JSON", False),
+    "window_start": ("TEXT", "TIMESTAMP"), "window_end": ("TEXT", "TIMESTAMP"),
+    "is_late": ("INTEGER", "BOOL")},
     partition_column="event_time",
     cluster_columns=("kafka_topic", "kafka_partition", "kafka_offset", "sensor_id"),
     dedup_column="event_id")
 
-METER_READINGS = Table("meter_readings", (
-    Column("event_id", "TEXT", "STRING"), Column("meter_id", "TEXT", "STRING"),
-    Column("customer_id", "TEXT", "STRING"), Column("reading", "REAL", "FLOAT64"),
-    Column("unit", "TEXT", "STRING"), Column("event_time", "TEXT", "TIMESTAMP"),
-    Column("window_start", "TEXT", "TIMESTAMP"), Column("window_end", "TEXT", "TIMESTAMP"),
-    Column("is_late", "INTEGER", "BOOL"), *_KAFKA, _WRITTEN_AT),
+METER_READINGS = _table(METER_ROW, {
+    "event_id": ("TEXT", "STRING"), "meter_id": ("TEXT", "STRING"),
+    "customer_id": ("TEXT", "STRING"), "reading": ("REAL", "FLOAT64"),
+    "unit": ("TEXT", "STRING"), "event_time": ("TEXT", "TIMESTAMP"),
+    "window_start": ("TEXT", "TIMESTAMP"), "window_end": ("TEXT", "TIMESTAMP"),
+    "is_late": ("INTEGER", "BOOL")},
     partition_column="event_time",
     cluster_columns=("kafka_topic", "kafka_partition", "kafka_offset", "meter_id"),
     dedup_column="event_id")
@@ -75,16 +88,12 @@ METER_READINGS = Table("meter_readings", (
 # (raw_encoding says which), cut to transforms.events.RAW_TEXT_LIMIT (truncated=1);
 # raw_size and raw_sha256 are the original value's. reason is one of
 # transforms.events.DEAD_LETTER_REASONS.
-DEAD_LETTERS = Table("dead_letters", (
-    Column("raw_key", "TEXT", "STRING", required=False),
-    Column("raw_value", "TEXT", "STRING", required=False),
-    Column("raw_encoding", "TEXT", "STRING"),
-    Column("raw_size", "INTEGER", "INT64", required=False),
-    Column("raw_sha256", "TEXT", "STRING", required=False),
-    Column("truncated", "INTEGER", "BOOL"),
-    Column("reason", "TEXT", "STRING"), Column("error", "TEXT", "STRING"),
-    Column("stage", "TEXT", "STRING"), Column("failed_at", "TEXT", "TIMESTAMP"),
-    *_KAFKA, _WRITTEN_AT),
+DEAD_LETTERS = _table(DEAD_LETTER_ROW, {
+    "raw_key": ("TEXT", "STRING", False), "raw_value": ("TEXT", "STRING", False),
+    "raw_encoding": ("TEXT", "STRING"), "raw_size": ("INTEGER", "INT64", False),
+    "raw_sha256": ("TEXT", "STRING", False), "truncated": ("INTEGER", "BOOL"),
+    "reason": ("TEXT", "STRING"), "error": ("TEXT", "STRING"), "stage": ("TEXT", "STRING"),
+    "failed_at": ("TEXT", "TIMESTAMP")},
     partition_column="failed_at",
     cluster_columns=("kafka_topic", "kafka_partition", "kafka_offset"))
 

@@ -19,6 +19,7 @@ import sqlite3
 from typing import Optional
 
 from transforms.sinks.base import DuplicateEvent
+from transforms.rows import ROW_TYPES, coordinates, stored
 from transforms.sinks.schema import TABLES, Table
 
 _LOGGER = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class SqliteStore:
     if self._conn is None:
       self.open()
     sql = self._sql[table]
-    params = [row[:-1] + (written_at,) for row in rows]
+    params = [stored(row) + (written_at,) for row in rows]
     conn = self._conn
     try:
       conn.execute("BEGIN IMMEDIATE")
@@ -216,11 +217,11 @@ class SqliteStore:
     column = TABLES[table].dedup_column
     if column is None:
       return []
-    index = TABLES[table].names.index(column)
+    index = ROW_TYPES[table].index(column)
     conn = self._conn
     found = []
     for row in rows:
-      topic, partition, offset = row[-4:-1]
+      topic, partition, offset = coordinates(row)
       if conn.execute(f"SELECT 1 FROM {table} WHERE kafka_topic = ? AND kafka_partition = ? "
                       f"AND kafka_offset = ?", (topic, partition, offset)).fetchone():
         continue
