@@ -114,9 +114,9 @@ def read(p: beam.Pipeline, o: SmartGridOptions, *, start: StartPosition, stop: S
 
   Needs no broker while the graph is built: partitions are listed when it runs.
   """
-  return p | "ReadFromKafka" >> ReadFromKafka(
-      o.bootstrap_servers, list(topic_tables(o)), group_id=o.group_id, start=start, stop=stop,
-      consumer_config=_kafka_security(o), poll_timeout_ms=o.poll_timeout_ms,
+  return p | "ReadFromKafka" >> ReadFromKafka.from_client_config(
+      kafka_client_config(o), list(topic_tables(o)), start=start, stop=stop,
+      poll_timeout_ms=o.poll_timeout_ms,
       drain_file=drain_file, shard=parse_shard(o.partition_shard), with_partition_reads=True,
       on_offset_gap=o.on_offset_gap, skip_missing_topics=skip_missing_topics)
 

@@ -396,3 +396,27 @@ def test_bad_events_become_dead_letters_and_their_offsets_are_committed_in_order
   assert reasons == {3: "not_json", 6: "missing_field", 7: "not_utf8"}
   assert sorted(o for _, _, o in store.rows(SENSOR_READINGS.name)) == sorted(set(range(10)) - set(bad))
   _journal_checks(store, {(SENSOR, 0): (0, 10)})
+
+
+def test_the_reader_and_the_committer_get_one_client_config():
+  """One Kafka client config shape: the graph builds it once (secrets as references) and the
+  reader and the committer hold equal settings, group and SASL references included."""
+  options = PipelineOptions(["--bootstrap_servers=127.0.0.1:1,127.0.0.1:2", "--group_id=g",
+                             "--kafka_security_protocol=SASL_PLAINTEXT",
+                             "--kafka_sasl_mechanism=PLAIN"])
+  p = beam.Pipeline(options=options)
+  smartgrid.build(p, options.view_as(SmartGridOptions), store=MemoryStore())
+  found = {}
+
+  class Visitor(beam.pipeline.PipelineVisitor):
+    def enter_composite_transform(self, node):
+      if node.full_label in ("ReadFromKafka", "CommitOffsets"):
+        found[node.full_label] = node.transform
+
+  p.visit(Visitor())
+  reader, committer = found["ReadFromKafka"].config, found["CommitOffsets"]._fn._config
+  assert reader == committer == smartgrid.kafka_client_config(options.view_as(SmartGridOptions))
+  assert reader["bootstrap_servers"] == ["127.0.0.1:1", "127.0.0.1:2"]
+  assert reader["group_id"] == "g" and reader["enable_auto_commit"] is False
+  assert reader["sasl_mechanism"] == "PLAIN"
+  assert type(reader["sasl_plain_password"]).__name__ == "FromEnv"  # a reference, no secret

@@ -36,7 +36,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import progress
 from transforms.kafka import config as kafka_config
-from transforms.kafka.client import KafkaUnavailableError
+from transforms.kafka.client import ClientConfig, KafkaUnavailableError, check_client_config
 from transforms.kafka.client import new_consumer as _new_consumer
 from transforms.kafka.drain import DrainSignal
 from transforms.kafka.gaps import (EMPTY, GAP_POLICIES, OFFSET_GAP, OffsetGap, OffsetGapError,
@@ -541,6 +541,18 @@ class ReadFromKafka(beam.PTransform):
                                 bounded=self.stop.is_bounded, on_offset_gap=on_offset_gap,
                                 with_gaps=with_partition_reads)
     self._on_offset_gap = on_offset_gap
+
+  @classmethod
+  def from_client_config(cls, client_config: ClientConfig, topics: str | Sequence[str],
+                         **kwargs) -> "ReadFromKafka":
+    """The read for a finished client config: ``consumer_config``'s shape, the one
+    ``CommitOffsets`` and the launcher's Kafka view take too, so a pipeline builds its
+    Kafka settings once. ``kwargs``: the constructor's other keywords."""
+    check_client_config(client_config)
+    overrides = {k: v for k, v in client_config.items()
+                 if k not in ("bootstrap_servers", "group_id")}
+    return cls(",".join(client_config["bootstrap_servers"]), topics,
+               group_id=client_config.get("group_id"), consumer_config=overrides, **kwargs)
 
   def partitions(self) -> list[tuple[str, int]]:
     """The partitions this read would get now (asks the broker; the pipeline itself
