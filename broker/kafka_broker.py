@@ -145,6 +145,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def _accepts(port: int, host: str = "127.0.0.1") -> bool:
+  """Whether something accepts TCP connections on host:port (quietly: no client logs)."""
+  try:
+    with socket.create_connection((host, port), timeout=1.0):
+      return True
+  except OSError:
+    return False
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -430,6 +439,11 @@ class Broker:
         raise BrokerError(
             f"the Kafka broker died at start (exit {proc.returncode}); end of "
             f"{self.log_file}:\n{_tail(self.log_file)}\n{_tail(self.run_dir / 'broker.out', 10)}")
+      # A plain TCP probe first: kafka-python logs every refused connection at ERROR,
+      # which would print a screen of ECONNREFUSED while the JVM starts.
+      if not _accepts(self.port):
+        time.sleep(0.2)
+        continue
       try:
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers,
                                  request_timeout_ms=3000)
