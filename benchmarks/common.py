@@ -17,7 +17,10 @@ from typing import Iterator, Optional
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from broker.kafka_broker import Broker, free_port
+# The product's modules the benchmarks run, named here only (they move in the restructuring).
 from pipelines.produce import EventFactory, ensure_topics
+
+PIPELINE_MAIN = "pipelines.main"  # python -m PIPELINE_MAIN --mode=batch|local ...
 
 SINK_TABLES = ("sensor_readings", "meter_readings", "dead_letters")
 
