@@ -16,8 +16,8 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 _LOGGER = logging.getLogger(__name__)
 SAMPLE_SECS = 0.2
@@ -32,7 +32,7 @@ class Measured:
   rss_mb: dict[int, float]
   returncode: int
   stderr: str
-  first_commit_s: Optional[float] = None
+  first_commit_s: float | None = None
 
   @property
   def peak_rss_mb(self) -> float:
@@ -63,7 +63,7 @@ def _tree(root: int) -> list[int]:
   return out
 
 
-def _hwm_mb(pid: int) -> Optional[float]:
+def _hwm_mb(pid: int) -> float | None:
   try:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
       if line.startswith("VmHWM:"):
@@ -100,7 +100,7 @@ class CommitWatch(threading.Thread):
     self.admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     self.group, self.topics = group, set(topics)
     self.baseline = self._committed()
-    self.first: Optional[float] = None
+    self.first: float | None = None
     self.done = threading.Event()
 
   def _committed(self) -> dict:
@@ -124,7 +124,7 @@ class CommitWatch(threading.Thread):
 
 
 def run_measured(argv: Sequence[str], env: dict, cwd: Path, *,
-                 watch: Optional[CommitWatch] = None, while_running=None) -> Measured:
+                 watch: CommitWatch | None = None, while_running=None) -> Measured:
   """Runs argv to its end and measures it. ``while_running(proc)`` is called once after the
   start (e.g. to wait for a condition and send a signal); ``watch`` is started with it."""
   t0 = time.monotonic()

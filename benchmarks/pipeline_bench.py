@@ -29,7 +29,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -122,11 +121,11 @@ def _drain_when_caught_up(bootstrap: str, group: str, topics: list[str]):
   return run, state
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def _ratio(a: float | None, b: float | None) -> float | None:
   return None if a is None or not b else a / b
 
 
-def _worst(values) -> Optional[float]:
+def _worst(values) -> float | None:
   values = list(values)
   return None if None in values else max(values)
 

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,10 +140,15 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
   return False
 
 
-def free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def free_port(exclude: Collection[int] = ()) -> int:
+  """A port on 127.0.0.1 that is free now (not one of exclude: ports picked for the same service
+  but not bound yet). Another program may take it before the caller binds it: callers retry."""
+  while True:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    if port not in exclude:
+      return port
 
 
 def _accepts(port: int, host: str = "127.0.0.1") -> bool:

@@ -1,0 +1,61 @@
+"""Runs the pipeline's entry point in this process and prints, as one JSON line on stderr at
+exit, when it reached each start-up milestone (seconds since the interpreter started):
+
+    python -m benchmarks.startup_probe [pipeline options]
+
+  imports:      the entry point's modules imported (Beam, kafka-python, the transforms);
+  first_poll:   the first KafkaConsumer.poll call (pipeline built, runner started, reader open);
+  first_record: the first poll that returned records.
+The time of the first committed offset is seen from outside (benchmarks.measure.CommitWatch).
+Measurement only: the wrapper records a timestamp and calls the real poll.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import json
+import os
+import sys
+import time
+
+MARKS: dict[str, float] = {}
+
+
+def _since_start() -> float:
+  """Seconds since this process started (the kernel's start time, 10 ms resolution)."""
+  with open("/proc/self/stat", "rb") as f:
+    start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+  return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _mark(name: str) -> None:
+  MARKS.setdefault(name, round(_since_start(), 3))
+
+
+def _wrap_poll() -> None:
+  from kafka import KafkaConsumer  # pylint: disable=import-outside-toplevel
+  real = KafkaConsumer.poll
+
+  def poll(self, *args, **kwargs):
+    _mark("first_poll")
+    out = real(self, *args, **kwargs)
+    if out:
+      _mark("first_record")
+    return out
+
+  KafkaConsumer.poll = poll
+
+
+def main() -> int:
+  from benchmarks.common import PIPELINE_MAIN  # pylint: disable=import-outside-toplevel
+  _mark("python_ready")
+  entry = importlib.import_module(PIPELINE_MAIN)
+  _mark("imports")
+  _wrap_poll()
+  atexit.register(lambda: print("STARTUP_JSON " + json.dumps(MARKS), file=sys.stderr, flush=True))
+  return entry.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+  sys.exit(main())
