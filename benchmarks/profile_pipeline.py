@@ -10,7 +10,8 @@ fresh consumer group and SQLite file, ``--start=earliest``, ``--local_workers=1`
             and the first committed offset seen from another client;
   py-spy:   a sampling profile (py-spy record --format raw, --native off); its stacks are
             grouped by component (``components`` below) into CPU µs per event;
-  cProfile: a deterministic profile (call counts per DoFn, coders, state, SQLite);
+  cProfile: a deterministic profile of the rounds (benchmarks.startup_probe with
+            $BENCH_CPROFILE): call counts per DoFn, state, SQLite;
   rounds:   peak RSS and events/s for each --round_max_records in --rounds.
 Everything lands in --out (stacks, .prof, a JSON summary); the summary is printed.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from benchmarks.common import PIPELINE_MAIN, bench_broker, produce_smartgrid
 from benchmarks.measure import CommitWatch, run_measured
+from benchmarks.startup_probe import CPROFILE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 # (component, pattern on "file:function" of one frame). The innermost frame that matches any
@@ -59,6 +61,12 @@ COMPONENTS = (
     ("logging", r"logging/"),
 )
 _COMPILED = [(name, re.compile(pattern)) for name, pattern in COMPONENTS]
+# Leaf frames of a thread that waits (py-spy samples some waiting threads as active): the
+# kafka-python network thread in select, runner threads on conditions, thread targets in C.
+_IDLE = re.compile(r"selectors\.py:|threading\.py:(Condition\.wait|Event\.wait|Thread\._wait_for_tstate_lock"
+                   r"|Thread\.run|Thread\.join)$|queue\.py:Queue\.get$|time\.sleep")
+IDLE = "idle (waiting threads)"
+_PROJECT = re.compile(r"(transforms|pipelines|runners)/")
 
 
 def _env() -> dict:
@@ -85,7 +93,10 @@ def components(stacks_file: Path) -> tuple[Counter, Counter, int]:
       continue
     n, frames = int(count), [_frame_key(f) for f in stack.split(";")]
     total += n
-    name = "other (python stdlib, idle)"
+    if _IDLE.search(frames[-1]):
+      by_component[IDLE] += n
+      continue
+    name = "other (python stdlib)"
     for frame in reversed(frames):
       hit = next((c for c, rx in _COMPILED if rx.search(frame)), None)
       if hit:
@@ -93,8 +104,8 @@ def components(stacks_file: Path) -> tuple[Counter, Counter, int]:
         break
     by_component[name] += n
     if name.startswith("Beam:"):
-      owner = next((f for f in reversed(frames) if "/transforms/" in f and "apache_beam" not in f), "-")
-      dispatch_after[f"{name} | under {owner.rsplit('/', 1)[-1]}"] += n
+      owner = next((f for f in reversed(frames) if _PROJECT.match(f)), "-")
+      dispatch_after[f"{name} | under {owner}"] += n
   return by_component, dispatch_after, total
 
 
@@ -115,11 +126,11 @@ def plain_runs(common, work: Path, n: int, repeat: int) -> list[dict]:
   return out
 
 
-def py_spy_run(common, work: Path, out: Path) -> Path:
-  stacks = out / "pyspy-stacks.txt"
+def py_spy_run(common, work: Path, out: Path, native: bool = False) -> Path:
+  stacks = out / f"pyspy-stacks{'-native' * native}.txt"
   cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "200", "--format", "raw",
-         "--output", str(stacks), "--", sys.executable, "-m", PIPELINE_MAIN,
-         *_pipeline_args(common, "prof-pyspy", work / "pyspy.db")]
+         *(["--native"] * native), "--output", str(stacks), "--", sys.executable, "-m", PIPELINE_MAIN,
+         *_pipeline_args(common, f"prof-pyspy{'-native' * native}", work / f"pyspy{native}.db")]
   subprocess.run(cmd, env=_env(), cwd=REPO, check=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
   return stacks
@@ -127,9 +138,9 @@ def py_spy_run(common, work: Path, out: Path) -> Path:
 
 def cprofile_run(common, work: Path, out: Path) -> Path:
   prof = out / "cprofile.prof"
-  cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", PIPELINE_MAIN,
+  cmd = [sys.executable, "-m", "benchmarks.startup_probe",
          *_pipeline_args(common, "prof-cprofile", work / "cprofile.db")]
-  m = run_measured(cmd, _env(), REPO)
+  m = run_measured(cmd, {**_env(), CPROFILE_ENV: str(prof)}, REPO)
   if m.returncode != 0:
     raise RuntimeError(m.stderr[-2000:])
   return prof
@@ -167,6 +178,8 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=str(REPO / "output" / "profile"))
   ap.add_argument("--rounds", default="25000,50000,100000,200000,400000")
   ap.add_argument("--bootstrap", default=None)
+  ap.add_argument("--native", action="store_true",
+                  help="py-spy --native as well: Beam's Cython frames (operations, coders) by name")
   a = ap.parse_args(argv)
   out = Path(a.out)
   shutil.rmtree(out, ignore_errors=True)
@@ -178,8 +191,15 @@ def main(argv=None) -> int:
     summary["plain"] = plain_runs(common, work, n, a.repeat)
     by_component, dispatch, total = components(py_spy_run(common, work, out))
     summary["pyspy_samples"] = total
-    summary["pyspy_share"] = {k: round(v / total, 4) for k, v in by_component.most_common()}
-    summary["pyspy_beam_by_owner"] = {k: round(v / total, 4) for k, v in dispatch.most_common(30)}
+    busy = total - by_component[IDLE]
+    summary["pyspy_idle_share"] = round(by_component.pop(IDLE) / total, 4)
+    # Shares of the busy samples: they split the measured CPU.
+    summary["pyspy_share"] = {k: round(v / busy, 4) for k, v in by_component.most_common()}
+    summary["pyspy_beam_by_owner"] = {k: round(v / busy, 4) for k, v in dispatch.most_common(30)}
+    if a.native:
+      native, _, _ = components(py_spy_run(common, work, out, native=True))
+      busy = sum(native.values()) - native.pop(IDLE, 0)
+      summary["pyspy_native_share"] = {k: round(v / busy, 4) for k, v in native.most_common()}
     summary["cprofile_top"] = cprofile_summary(cprofile_run(common, work, out))
     summary["rounds"] = round_runs(common, work, n, [int(s) for s in a.rounds.split(",") if s])
   cpu = sorted(r["cpu_us_per_event"] for r in summary["plain"])[len(summary["plain"]) // 2]

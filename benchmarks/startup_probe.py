@@ -7,7 +7,8 @@ exit, when it reached each start-up milestone (seconds since the interpreter sta
   first_poll:   the first KafkaConsumer.poll call (pipeline built, runner started, reader open);
   first_record: the first poll that returned records.
 The time of the first committed offset is seen from outside (benchmarks.measure.CommitWatch).
-Measurement only: the wrapper records a timestamp and calls the real poll.
+Measurement only: the wrapper records a timestamp and calls the real poll. With
+$BENCH_CPROFILE set to a file, every round (Pipeline.run) is also profiled into it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import time
 
 MARKS: dict[str, float] = {}
+CPROFILE_ENV = "BENCH_CPROFILE"  # a file: cProfile the pipeline's rounds into it
 
 
 def _since_start() -> float:
@@ -47,12 +49,29 @@ def _wrap_poll() -> None:
   KafkaConsumer.poll = poll
 
 
+def _profile_rounds(path: str) -> None:
+  """cProfile every Pipeline.run (a round: it runs in a launcher thread, which ``python -m
+  cProfile`` would not see) into one profile, written to path at exit."""
+  import cProfile  # pylint: disable=import-outside-toplevel
+
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  prof, real = cProfile.Profile(), beam.Pipeline.run
+
+  def run(self, *args, **kwargs):
+    return prof.runcall(real, self, *args, **kwargs)
+
+  beam.Pipeline.run = run
+  atexit.register(prof.dump_stats, path)
+
+
 def main() -> int:
   from benchmarks.common import PIPELINE_MAIN  # pylint: disable=import-outside-toplevel
   _mark("python_ready")
   entry = importlib.import_module(PIPELINE_MAIN)
   _mark("imports")
   _wrap_poll()
+  if os.environ.get(CPROFILE_ENV):
+    _profile_rounds(os.environ[CPROFILE_ENV])
   atexit.register(lambda: print("STARTUP_JSON " + json.dumps(MARKS), file=sys.stderr, flush=True))
   return entry.main(sys.argv[1:])
 
