@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchmarks.common import PIPELINE_MAIN, bench_broker, produce_smartgrid
 from benchmarks.measure import CommitWatch, run_measured
-from benchmarks.startup_probe import CPROFILE_ENV
+from benchmarks.startup_probe import CPROFILE_ENV, GC_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 # (component, pattern on "file:function" of one frame). The innermost frame that matches any
@@ -109,19 +109,20 @@ def components(stacks_file: Path) -> tuple[Counter, Counter, int]:
   return by_component, dispatch_after, total
 
 
-def plain_runs(common, work: Path, n: int, repeat: int) -> list[dict]:
-  out = []
+def plain_runs(common, work: Path, n: int, repeat: int, gc_threshold: str = "") -> list[dict]:
+  out, tag = [], f"gc{gc_threshold.replace(',', '-')}" if gc_threshold else "plain"
   for i in range(repeat):
-    group = f"prof-plain-{i}"
+    group = f"prof-{tag}-{i}"
     argv = [sys.executable, "-m", "benchmarks.startup_probe",
-            *_pipeline_args(common, group, work / f"plain-{i}.db")]
+            *_pipeline_args(common, group, work / f"{tag}-{i}.db")]
     watch = CommitWatch(common[0].split("=", 1)[1], group, [a.split("=", 1)[1] for a in common[1:]])
-    m = run_measured(argv, _env(), REPO, watch=watch)
+    env = {**_env(), GC_ENV: gc_threshold} if gc_threshold else _env()
+    m = run_measured(argv, env, REPO, watch=watch)
     marks = json.loads(re.search(r"STARTUP_JSON (.*)", m.stderr).group(1))
     row = {"wall_s": round(m.wall_s, 2), "events_per_s": round(n / m.wall_s),
            "cpu_us_per_event": round(m.cpu_s / n * 1e6, 1), "peak_rss_mb": round(m.peak_rss_mb),
            "first_commit_s": m.first_commit_s and round(m.first_commit_s, 2), **marks}
-    print(f"  plain run {i}: {row}", flush=True)
+    print(f"  {tag} run {i}: {row}", flush=True)
     out.append(row)
   return out
 
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=str(REPO / "output" / "profile"))
   ap.add_argument("--rounds", default="25000,50000,100000,200000,400000")
   ap.add_argument("--bootstrap", default=None)
+  ap.add_argument("--gc", default="", metavar="G0,G1,G2",
+                  help="only the plain runs, without and with gc.freeze() + these gc thresholds")
   ap.add_argument("--native", action="store_true",
                   help="py-spy --native as well: Beam's Cython frames (operations, coders) by name")
   a = ap.parse_args(argv)
@@ -189,6 +192,10 @@ def main(argv=None) -> int:
     sensor, meter = produce_smartgrid(bootstrap, n)
     common = [f"--bootstrap_servers={bootstrap}", f"--sensor_topic={sensor}", f"--meter_topic={meter}"]
     summary["plain"] = plain_runs(common, work, n, a.repeat)
+    if a.gc:
+      summary["gc"] = plain_runs(common, work, n, a.repeat, a.gc)
+      (out / "summary.json").write_text(json.dumps(summary, indent=1))
+      return 0
     by_component, dispatch, total = components(py_spy_run(common, work, out))
     summary["pyspy_samples"] = total
     busy = total - by_component[IDLE]

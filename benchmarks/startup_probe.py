@@ -8,7 +8,8 @@ exit, when it reached each start-up milestone (seconds since the interpreter sta
   first_record: the first poll that returned records.
 The time of the first committed offset is seen from outside (benchmarks.measure.CommitWatch).
 Measurement only: the wrapper records a timestamp and calls the real poll. With
-$BENCH_CPROFILE set to a file, every round (Pipeline.run) is also profiled into it.
+$BENCH_CPROFILE set to a file, every round (Pipeline.run) is also profiled into it; with
+$BENCH_STAGES, the fused stages of the first round are written to that file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 
 MARKS: dict[str, float] = {}
 CPROFILE_ENV = "BENCH_CPROFILE"  # a file: cProfile the pipeline's rounds into it
+STAGES_ENV = "BENCH_STAGES"  # a file: the first round's fused stages, as JSON
+GC_ENV = "BENCH_GC_THRESHOLD"  # "g0,g1,g2": gc.freeze() after the imports, then these thresholds
 
 
 def _since_start() -> float:
@@ -64,6 +67,22 @@ def _profile_rounds(path: str) -> None:
   atexit.register(prof.dump_stats, path)
 
 
+def _dump_stages(path: str) -> None:
+  """Writes the fused stages of the first round (FnApiRunner.run_stages): for each stage its
+  transforms, so one sees which steps are fused and where elements cross a stage boundary."""
+  from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=import-outside-toplevel
+  real = fn_runner.FnApiRunner.run_stages
+
+  def run_stages(self, stage_context, stages):
+    if not os.path.exists(path):
+      with open(path, "w", encoding="utf-8") as f:
+        json.dump([{"stage": s.name, "transforms": [t.unique_name for t in s.transforms]}
+                   for s in stages], f, indent=1)
+    return real(self, stage_context, stages)
+
+  fn_runner.FnApiRunner.run_stages = run_stages
+
+
 def main() -> int:
   from benchmarks.common import PIPELINE_MAIN  # pylint: disable=import-outside-toplevel
   _mark("python_ready")
@@ -72,6 +91,14 @@ def main() -> int:
   _wrap_poll()
   if os.environ.get(CPROFILE_ENV):
     _profile_rounds(os.environ[CPROFILE_ENV])
+  if os.environ.get(GC_ENV):
+    # An experiment for PROFILE.md: the collector's thresholds (e.g. "50000,20,100"), and the
+    # objects of the imports moved out of its reach.
+    import gc  # pylint: disable=import-outside-toplevel
+    gc.freeze()
+    gc.set_threshold(*(int(x) for x in os.environ[GC_ENV].split(",")))
+  if os.environ.get(STAGES_ENV):
+    _dump_stages(os.environ[STAGES_ENV])
   atexit.register(lambda: print("STARTUP_JSON " + json.dumps(MARKS), file=sys.stderr, flush=True))
   return entry.main(sys.argv[1:])
 
