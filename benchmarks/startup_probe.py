@@ -4,6 +4,8 @@ exit, when it reached each start-up milestone (seconds since the interpreter sta
     python -m benchmarks.startup_probe [pipeline options]
 
   imports:      the entry point's modules imported (Beam, kafka-python, the transforms);
+  first_kafka_client, pipeline_built, stages_planned: the first Kafka client made, the first
+                Pipeline.run called (graph built), FnApiRunner's stages fused and planned;
   first_poll:   the first KafkaConsumer.poll call (pipeline built, runner started, reader open);
   first_record: the first poll that returned records.
 The time of the first committed offset is seen from outside (benchmarks.measure.CommitWatch).
@@ -36,6 +38,28 @@ def _since_start() -> float:
 
 def _mark(name: str) -> None:
   MARKS.setdefault(name, round(_since_start(), 3))
+
+
+def _mark_first_call(owner, name: str, mark: str) -> None:
+  real = getattr(owner, name)
+
+  def wrapper(*args, **kwargs):
+    _mark(mark)
+    return real(*args, **kwargs)
+
+  setattr(owner, name, wrapper)
+
+
+def _wrap_milestones() -> None:
+  """Marks the first Kafka client, the first Pipeline.run (graph built) and the first
+  FnApiRunner.run_stages (stages fused and planned)."""
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=import-outside-toplevel
+  from kafka import KafkaAdminClient, KafkaConsumer  # pylint: disable=import-outside-toplevel
+  _mark_first_call(KafkaConsumer, "__init__", "first_kafka_client")
+  _mark_first_call(KafkaAdminClient, "__init__", "first_kafka_client")
+  _mark_first_call(beam.Pipeline, "run", "pipeline_built")
+  _mark_first_call(fn_runner.FnApiRunner, "run_stages", "stages_planned")
 
 
 def _wrap_poll() -> None:
@@ -89,6 +113,7 @@ def main() -> int:
   entry = importlib.import_module(PIPELINE_MAIN)
   _mark("imports")
   _wrap_poll()
+  _wrap_milestones()
   if os.environ.get(CPROFILE_ENV):
     _profile_rounds(os.environ[CPROFILE_ENV])
   if os.environ.get(GC_ENV):
