@@ -110,7 +110,10 @@ def _drain_when_caught_up(bootstrap: str, group: str, topics: list[str]):
       end = c.end_offsets(tps)
       deadline = time.monotonic() + 600
       while any((c.committed(tp) or 0) < end[tp] for tp in tps):
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if proc.poll() is not None:
+          return
+        if time.monotonic() > deadline:  # never caught up: stop it, no drain figure
+          proc.send_signal(signal.SIGTERM)
           return
         time.sleep(0.2)
     finally:
