@@ -12,7 +12,7 @@
 #   ./run_pipeline.sh flink  [pipeline options]
 #   ./run_pipeline.sh dataflow [pipeline options]
 #   ./run_pipeline.sh drain [local|flink|dataflow] [job]
-#   ./run_pipeline.sh bench [reader|pipeline|bigquery|idle] [--events N]
+#   ./run_pipeline.sh bench [reader|pipeline|bigquery|idle|profile] [--events N]
 #   ./run_pipeline.sh prism build|path           Prism (Go, same version as apache-beam) for local --runner=PrismRunner
 #   ./run_pipeline.sh audit [pipeline options] [--strict] [--json]   the sink vs the topics and the group, offset by offset
 #   ./run_pipeline.sh chaos [--minutes N] [--cycles N] [--seed S]    random faults on a private broker and sink, then audit
@@ -91,7 +91,8 @@ case "$cmd" in
               pipeline) [[ $# -gt 0 ]] && shift; py -m benchmarks.pipeline_bench "$@" ;;
               bigquery) shift; py -m benchmarks.bigquery_bench "$@" ;;
               idle)     shift; py -m benchmarks.idle_cpu "$@" ;;
-              *) die "bench: expected reader, pipeline, bigquery or idle, got $1" ;;
+              profile)  shift; py -m benchmarks.profile_pipeline "$@" ;;
+              *) die "bench: expected reader, pipeline, bigquery, idle or profile, got $1" ;;
             esac ;;
   help|-h|--help)
     # The comment block at the top, however many commands it lists.

@@ -18,8 +18,7 @@ import contextlib
 import time
 import uuid
 
-from benchmarks.common import cpu_seconds
-from pipelines.produce import EventFactory
+from benchmarks.common import EventFactory, cpu_seconds
 from transforms.events import parse_sensor, sensor_row
 from transforms.timestamps import iso_us
 from transforms.sinks.bigquery import BigQueryStore

@@ -75,7 +75,7 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     c.close()
 
 
-def bench_reader(bootstrap: str, topic: str) -> int:
+def bench_reader(bootstrap: str, topic: str | list[str]) -> int:
   import apache_beam as beam
   from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 

@@ -19,10 +19,11 @@ import atexit
 import dataclasses
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from broker.kafka_broker import free_port
 
 SCRIPT = Path(__file__).resolve().with_name("emulator.sh")
 HOST = "127.0.0.1"
@@ -48,15 +49,6 @@ def _run(command: str, env: dict[str, str], timeout: float) -> subprocess.Comple
             f"emulator.sh {command} failed (exit {proc.returncode}):\n{proc.stderr}{proc.stdout}".rstrip()
         )
     return proc
-
-
-def _free_port(exclude: int | None = None) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
-        if port != exclude:
-            return port
 
 
 @dataclasses.dataclass
@@ -123,8 +115,8 @@ def start_emulator(
     own_state_dir = state_dir is None
     attempts = 3 if port is None or grpc_port is None else 1  # a picked free port can be taken meanwhile
     for attempt in range(attempts):
-        http_port = port or _free_port()
-        rpc_port = grpc_port or _free_port(exclude=http_port)
+        http_port = port or free_port()
+        rpc_port = grpc_port or free_port(exclude=(http_port,))
         sdir = Path(tempfile.mkdtemp(prefix="bq-emulator-")) if own_state_dir else Path(state_dir)
         env = {
             **os.environ,

@@ -43,9 +43,11 @@ PID_FILE="$STATE_DIR/emulator.pid"
 INFO_FILE="$STATE_DIR/emulator.info"
 DUCKDB_HOME="$VENV/duckdb-home"
 STAMP="$VENV/.bq-emulator-requirements.sha256"
-
-log() { echo "bq-emulator: $*" >&2; }
-die() { echo "bq-emulator: ERROR: $*" >&2; exit 1; }
+SERVICE_NAME=bq-emulator
+SERVICE_MATCH=local-bigquery
+STOP_GRACE=10
+# shellcheck source=../scripts/lib/service.sh
+source "$REPO_ROOT/scripts/lib/service.sh"
 
 check_platform() {
     # The pinned duckdb-extension-* wheels carry linux x86_64 binaries only.
@@ -127,122 +129,46 @@ do_install() {
     ) 9>"$VENV.lock"
 }
 
-check_number() {
-    [[ "$2" =~ ^[0-9]+$ ]] && (("$2" > 0 && "$2" < 65536)) || die "$1 must be a port number, got '$2'"
-}
-
-port_free() {
-    "$VENV/bin/python" - "$1" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-EOF
-}
-
 http_ready() {
     # Listing datasets makes the emulator open its DuckDB catalog, so an answer means it is usable.
-    local url="http://$HOST:$1/bigquery/v2/projects/$2/datasets"
-    if command -v curl >/dev/null 2>&1; then
-        curl --noproxy '*' -fsS -m 5 -o /dev/null "$url" 2>/dev/null
-    else
-        "$VENV/bin/python" -c 'import sys, urllib.request as u; u.build_opener(u.ProxyHandler({})).open(sys.argv[1], timeout=5).read()' "$url" 2>/dev/null
-    fi
-}
-
-# Prints the PID of the emulator recorded in PID_FILE if that process is alive and is local-bigquery.
-running_pid() {
-    local pid
-    [[ -f "$PID_FILE" ]] || return 1
-    pid="$(cat "$PID_FILE" 2>/dev/null)"
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'local-bigquery' || return 1
-    echo "$pid"
-}
-
-wait_ready() {
-    local pid="$1" port="$2" project="$3" deadline=$((SECONDS + START_TIMEOUT))
-    while ((SECONDS < deadline)); do
-        kill -0 "$pid" 2>/dev/null || {
-            log "emulator process $pid exited during startup; last log lines ($LOG_FILE):"
-            tail -n 30 "$LOG_FILE" >&2 || true
-            return 1
-        }
-        http_ready "$port" "$project" && return 0
-        sleep 0.2
-    done
-    log "emulator (pid $pid) did not answer on http://$HOST:$port within ${START_TIMEOUT}s; last log lines ($LOG_FILE):"
-    tail -n 30 "$LOG_FILE" >&2 || true
-    return 1
-}
-
-kill_pid() {
-    local pid="$1" i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 100); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    log "pid $pid ignored SIGTERM for 10s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
+    service_http_ok "http://$HOST:$1/bigquery/v2/projects/$2/datasets"
 }
 
 do_start() {
-    check_number BQ_EMULATOR_PORT "$PORT"
-    check_number BQ_EMULATOR_GRPC_PORT "$GRPC_PORT"
+    service_check_port BQ_EMULATOR_PORT "$PORT"
+    service_check_port BQ_EMULATOR_GRPC_PORT "$GRPC_PORT"
     [[ "$PORT" != "$GRPC_PORT" ]] || die "BQ_EMULATOR_PORT and BQ_EMULATOR_GRPC_PORT must differ"
     mkdir -p "$STATE_DIR" "$DATA_DIR"
     local pid
-    if pid="$(running_pid)"; then
+    if pid="$(service_running_pid)"; then
         local r_port r_grpc r_project
         read -r r_port r_grpc r_project <"$INFO_FILE" || die "$INFO_FILE unreadable"
         if [[ "$r_port $r_grpc $r_project" != "$PORT $GRPC_PORT $PROJECT" ]]; then
             die "already running (pid $pid) with port=$r_port grpc=$r_grpc project=$r_project from $STATE_DIR; stop it first or use another BQ_EMULATOR_STATE_DIR"
         fi
-        wait_ready "$pid" "$PORT" "$PROJECT" || die "running emulator (pid $pid) does not answer"
+        service_wait_ready "$pid" http_ready "$PORT" "$PROJECT" || die "running emulator (pid $pid) does not answer"
         echo "already running: pid=$pid endpoint=http://$HOST:$PORT grpc=$HOST:$GRPC_PORT project=$PROJECT"
         return 0
     fi
     rm -f "$PID_FILE" "$INFO_FILE"
     do_install
-    port_free "$PORT" || die "port $PORT on $HOST is already in use; free it or set BQ_EMULATOR_PORT"
-    port_free "$GRPC_PORT" || die "port $GRPC_PORT on $HOST is already in use; free it or set BQ_EMULATOR_GRPC_PORT"
+    SERVICE_PYTHON="$VENV/bin/python"
+    service_port_free "$PORT" || die "port $PORT on $HOST is already in use; free it or set BQ_EMULATOR_PORT"
+    service_port_free "$GRPC_PORT" || die "port $GRPC_PORT on $HOST is already in use; free it or set BQ_EMULATOR_GRPC_PORT"
     echo "=== $(date -u +%FT%TZ) start port=$PORT grpc=$GRPC_PORT project=$PROJECT" >>"$LOG_FILE"
     HOME="$DUCKDB_HOME" nohup "$VENV/bin/local-bigquery" --host "$HOST" --port "$PORT" \
         --grpc-port "$GRPC_PORT" --project "$PROJECT" --data-dir "$DATA_DIR" serve \
         </dev/null >>"$LOG_FILE" 2>&1 &
     pid=$!
-    echo "$pid" >"$PID_FILE"
-    echo "$PORT $GRPC_PORT $PROJECT" >"$INFO_FILE"
-    if ! wait_ready "$pid" "$PORT" "$PROJECT"; then
-        kill_pid "$pid"
-        rm -f "$PID_FILE" "$INFO_FILE"
-        die "emulator failed to start"
-    fi
+    service_started "$pid" "$PORT $GRPC_PORT $PROJECT" http_ready "$PORT" "$PROJECT"
     echo "started: pid=$pid endpoint=http://$HOST:$PORT grpc=$HOST:$GRPC_PORT project=$PROJECT log=$LOG_FILE"
 }
 
-do_stop() {
-    local pid
-    if ! pid="$(running_pid)"; then
-        rm -f "$PID_FILE" "$INFO_FILE"
-        echo "not running"
-        return 0
-    fi
-    kill_pid "$pid"
-    rm -f "$PID_FILE" "$INFO_FILE"
-    echo "stopped: pid=$pid"
-}
+do_stop() { service_stop; }
 
 do_status() {
     local pid r_port r_grpc r_project
-    if ! pid="$(running_pid)"; then
+    if ! pid="$(service_running_pid)"; then
         echo "not running"
         return 3
     fi

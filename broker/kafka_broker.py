@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,10 +140,24 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
   return False
 
 
-def free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def free_port(exclude: Collection[int] = ()) -> int:
+  """A port on 127.0.0.1 that is free now (not one of exclude: ports picked for the same service
+  but not bound yet). Another program may take it before the caller binds it: callers retry."""
+  while True:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    if port not in exclude:
+      return port
+
+
+def _accepts(port: int, host: str = "127.0.0.1") -> bool:
+  """Whether something accepts TCP connections on host:port (quietly: no client logs)."""
+  try:
+    with socket.create_connection((host, port), timeout=1.0):
+      return True
+  except OSError:
+    return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -430,6 +445,11 @@ class Broker:
         raise BrokerError(
             f"the Kafka broker died at start (exit {proc.returncode}); end of "
             f"{self.log_file}:\n{_tail(self.log_file)}\n{_tail(self.run_dir / 'broker.out', 10)}")
+      # A plain TCP probe first: kafka-python logs every refused connection at ERROR,
+      # which would print a screen of ECONNREFUSED while the JVM starts.
+      if not _accepts(self.port):
+        time.sleep(0.2)
+        continue
       try:
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers,
                                  request_timeout_ms=3000)

@@ -15,11 +15,12 @@ import atexit
 import dataclasses
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+from broker.kafka_broker import free_port
 
 SCRIPT = Path(__file__).resolve().with_name("registry.sh")
 HOST = "127.0.0.1"
@@ -37,15 +38,6 @@ def _run(command: str, env: dict, timeout: float) -> subprocess.CompletedProcess
     raise RegistryError(f"registry.sh {command} failed (exit {proc.returncode}):\n"
                         f"{proc.stderr}{proc.stdout}".rstrip())
   return proc
-
-
-def _free_port(exclude: Optional[int] = None) -> int:
-  while True:
-    with socket.socket() as s:
-      s.bind((HOST, 0))
-      port = s.getsockname()[1]
-    if port != exclude:
-      return port
 
 
 @dataclasses.dataclass
@@ -98,8 +90,8 @@ def start_registry(port: Optional[int] = None, management_port: Optional[int] = 
   own_state_dir = state_dir is None
   attempts = 3 if port is None and management_port is None else 1  # a picked port may be taken meanwhile
   for attempt in range(attempts):
-    http_port = port or _free_port()
-    mgmt_port = management_port or _free_port(exclude=http_port)
+    http_port = port or free_port()
+    mgmt_port = management_port or free_port(exclude=(http_port,))
     sdir = Path(tempfile.mkdtemp(prefix="schema-registry-")) if own_state_dir else Path(state_dir)
     env = {**os.environ, "SCHEMA_REGISTRY_PORT": str(http_port),
            "SCHEMA_REGISTRY_MGMT_PORT": str(mgmt_port), "SCHEMA_REGISTRY_STATE_DIR": str(sdir),

@@ -40,9 +40,11 @@ HOST=127.0.0.1
 LOG_FILE="$STATE_DIR/registry.log"
 PID_FILE="$STATE_DIR/registry.pid"
 INFO_FILE="$STATE_DIR/registry.info"
-
-log() { echo "schema-registry: $*" >&2; }
-die() { echo "schema-registry: ERROR: $*" >&2; exit 1; }
+SERVICE_NAME=schema-registry
+SERVICE_MATCH=quarkus-run.jar
+STOP_GRACE=15
+# shellcheck source=../scripts/lib/service.sh
+source "$REPO_ROOT/scripts/lib/service.sh"
 
 java_major() {
     # 'openjdk version "25.0.1" ...' or 'java version "1.8.0_400"' -> 25 / 8
@@ -98,87 +100,32 @@ do_install() {
     ) 9>"$CACHE/install.lock"
 }
 
-check_port() {
-    [[ "$2" =~ ^[0-9]+$ ]] && (("$2" > 0 && "$2" < 65536)) || die "$1 must be a port number, got '$2'"
-}
-
-port_free() {
-    # bash's /dev/tcp: a connection that succeeds means something listens there.
-    ! (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
-}
-
-http_ok() {
-    if command -v curl >/dev/null 2>&1; then
-        curl --noproxy '*' -fsS -m 5 -o /dev/null "$1" 2>/dev/null
-    else
-        python3 -c 'import sys, urllib.request as u; u.build_opener(u.ProxyHandler({})).open(sys.argv[1], timeout=5).read()' "$1" 2>/dev/null
-    fi
-}
-
 ready() {
-    http_ok "http://$HOST:$2/health/ready" && http_ok "http://$HOST:$1/apis/ccompat/v7/subjects"
-}
-
-# Prints the PID recorded in PID_FILE if that process is alive and is this registry.
-running_pid() {
-    local pid
-    [[ -f "$PID_FILE" ]] || return 1
-    pid="$(cat "$PID_FILE" 2>/dev/null)"
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'quarkus-run.jar' || return 1
-    echo "$pid"
-}
-
-wait_ready() {
-    local pid="$1" deadline=$((SECONDS + START_TIMEOUT))
-    while ((SECONDS < deadline)); do
-        kill -0 "$pid" 2>/dev/null || {
-            log "registry process $pid exited during startup; last log lines ($LOG_FILE):"
-            tail -n 30 "$LOG_FILE" >&2 || true
-            return 1
-        }
-        ready "$PORT" "$MGMT_PORT" && return 0
-        sleep 0.2
-    done
-    log "registry (pid $pid) not ready on http://$HOST:$MGMT_PORT/health/ready within ${START_TIMEOUT}s; last log lines ($LOG_FILE):"
-    tail -n 30 "$LOG_FILE" >&2 || true
-    return 1
-}
-
-kill_pid() {
-    local pid="$1" i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 150); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    log "pid $pid ignored SIGTERM for 15s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
+    service_http_ok "http://$HOST:$2/health/ready" && service_http_ok "http://$HOST:$1/apis/ccompat/v7/subjects"
 }
 
 url() { echo "http://$HOST:$1/apis/ccompat/v7"; }
 
 do_start() {
-    check_port SCHEMA_REGISTRY_PORT "$PORT"
-    check_port SCHEMA_REGISTRY_MGMT_PORT "$MGMT_PORT"
+    service_check_port SCHEMA_REGISTRY_PORT "$PORT"
+    service_check_port SCHEMA_REGISTRY_MGMT_PORT "$MGMT_PORT"
     [[ "$PORT" != "$MGMT_PORT" ]] || die "SCHEMA_REGISTRY_PORT and SCHEMA_REGISTRY_MGMT_PORT must differ"
     mkdir -p "$STATE_DIR"
     local pid java
-    if pid="$(running_pid)"; then
+    if pid="$(service_running_pid)"; then
         local r_port r_mgmt
         read -r r_port r_mgmt <"$INFO_FILE" || die "$INFO_FILE unreadable"
         [[ "$r_port $r_mgmt" == "$PORT $MGMT_PORT" ]] ||
             die "already running (pid $pid) on ports $r_port/$r_mgmt from $STATE_DIR; stop it first"
-        wait_ready "$pid" || die "running registry (pid $pid) does not answer"
+        service_wait_ready "$pid" ready "$PORT" "$MGMT_PORT" || die "running registry (pid $pid) does not answer"
         echo "already running: pid=$pid url=$(url "$PORT")"
         return 0
     fi
     rm -f "$PID_FILE" "$INFO_FILE"
     java="$(find_java)"
     do_install
-    port_free "$PORT" || die "port $PORT on $HOST is already in use; free it or set SCHEMA_REGISTRY_PORT"
-    port_free "$MGMT_PORT" || die "port $MGMT_PORT on $HOST is already in use; free it or set SCHEMA_REGISTRY_MGMT_PORT"
+    service_port_free "$PORT" || die "port $PORT on $HOST is already in use; free it or set SCHEMA_REGISTRY_PORT"
+    service_port_free "$MGMT_PORT" || die "port $MGMT_PORT on $HOST is already in use; free it or set SCHEMA_REGISTRY_MGMT_PORT"
     echo "=== $(date -u +%FT%TZ) start port=$PORT management=$MGMT_PORT java=$java" >>"$LOG_FILE"
     # From the state dir: Quarkus may write files to its working directory.
     (cd "$STATE_DIR" && exec nohup "$java" -Xmx256m \
@@ -188,31 +135,15 @@ do_start() {
         -Dapicurio.datasource.url="jdbc:h2:mem:registry" \
         -jar "$APP_DIR/quarkus-run.jar" </dev/null >>"$LOG_FILE" 2>&1) &
     pid=$!
-    echo "$pid" >"$PID_FILE"
-    echo "$PORT $MGMT_PORT" >"$INFO_FILE"
-    if ! wait_ready "$pid"; then
-        kill_pid "$pid"
-        rm -f "$PID_FILE" "$INFO_FILE"
-        die "registry failed to start"
-    fi
+    service_started "$pid" "$PORT $MGMT_PORT" ready "$PORT" "$MGMT_PORT"
     echo "started: pid=$pid url=$(url "$PORT") log=$LOG_FILE"
 }
 
-do_stop() {
-    local pid
-    if ! pid="$(running_pid)"; then
-        rm -f "$PID_FILE" "$INFO_FILE"
-        echo "not running"
-        return 0
-    fi
-    kill_pid "$pid"
-    rm -f "$PID_FILE" "$INFO_FILE"
-    echo "stopped: pid=$pid"
-}
+do_stop() { service_stop; }
 
 do_status() {
     local pid r_port r_mgmt
-    if ! pid="$(running_pid)"; then
+    if ! pid="$(service_running_pid)"; then
         echo "not running"
         return 3
     fi
