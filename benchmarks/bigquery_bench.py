@@ -19,7 +19,7 @@ import time
 import uuid
 
 from benchmarks.common import cpu_seconds
-from pipelines.produce import EventFactory
+from tools.produce import EventFactory
 from transforms.events import iso_us, parse_sensor, sensor_row
 from transforms.sinks.bigquery import BigQueryStore
 

@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from broker.kafka_broker import Broker, free_port
-from pipelines.produce import EventFactory, ensure_topics
+from tools.produce import EventFactory, ensure_topics
 
 SINK_TABLES = ("sensor_readings", "meter_readings", "dead_letters")
 
@@ -86,7 +86,7 @@ def raw_consume(bootstrap: str, topics: list[str], n: int) -> int:
 
 def produce_smartgrid(bootstrap: str, n: int, seed: int = 11,
                       topics: Optional[tuple[str, str]] = None) -> tuple[str, str]:
-  """n realistic events (pipelines.produce, no malformed ones) to the (sensor, meter) topics,
+  """n realistic events (tools.produce, no malformed ones) to the (sensor, meter) topics,
   by default fresh ones of 4 partitions each; returns their names."""
   tag = uuid.uuid4().hex[:6]
   sensor, meter = topics or (f"bench-sensor-{tag}", f"bench-meter-{tag}")

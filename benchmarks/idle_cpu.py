@@ -4,7 +4,7 @@
 
 For each kind of topic: write a few hundred events (the transactional producer commits
 most transactions and aborts some, so the log ends with a commit or abort marker),
-start ``pipelines.main --mode=local``, wait until the group's committed offsets equal the
+start ``runners.main --mode=local``, wait until the group's committed offsets equal the
 end offsets (caught up), then measure the CPU time of the whole process tree (the
 launcher or supervisor and its workers) over ``--seconds`` of idleness and print it as
 % of one core. Goal: at most 5%. Before the reader acked offsets that no record covers,
@@ -27,7 +27,7 @@ from typing import Optional
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from benchmarks.common import bench_broker
-from pipelines.produce import EventFactory
+from tools.produce import EventFactory
 from tests import support
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def measure(bootstrap: str, work: Path, kind: str, seconds: float, workers: int)
   group = f"idle-{uuid.uuid4().hex[:8]}"
   log = open(work / f"{kind}.log", "w")
   proc = subprocess.Popen(
-      [sys.executable, "-m", "pipelines.main", "--mode=local", f"--bootstrap_servers={bootstrap}",
+      [sys.executable, "-m", "runners.main", "--mode=local", f"--bootstrap_servers={bootstrap}",
        f"--sensor_topic={topics[0]}", f"--meter_topic={topics[1]}", f"--group_id={group}",
        f"--sink=sqlite:///{work / (kind + '.db')}", f"--drain_file={work / (kind + '.drain')}",
        f"--local_workers={workers}", "--progress_secs=5"],

@@ -3,7 +3,7 @@
     ./run_pipeline.sh bench pipeline [--events 200000] [--bootstrap host:port]
     (or: python -m benchmarks.pipeline_bench ...)
 
-Produces N realistic events (pipelines.produce.EventFactory; sensor and meter
+Produces N realistic events (tools.produce.EventFactory; sensor and meter
 topics, 4 partitions each), then measures, each from the beginning of the topics:
   (a) raw:      kafka-python, assign all partitions, poll(500) + json.loads;
   (b) loop:     kafka-python -> SQLite in batches of 100 (executemany + one commit,
@@ -74,7 +74,7 @@ def run_pipeline(args: list[str], drain_after_catch_up: bool = False) -> dict:
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   cpu_before = cpu_seconds(resource.RUSAGE_CHILDREN)
   t0 = time.monotonic()
-  proc = subprocess.Popen([sys.executable, "-m", "pipelines.main", *args, "--progress_secs=0"],
+  proc = subprocess.Popen([sys.executable, "-m", "runners.main", *args, "--progress_secs=0"],
                           cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
   drain_latency = None
   if drain_after_catch_up:

@@ -72,7 +72,7 @@ def run(name: str, args: list[str], env_extra: dict, streaming: bool, bootstrap:
   cpu_before = cpu_seconds(resource.RUSAGE_CHILDREN)
   t0 = time.monotonic()
   log = open(db.with_suffix(".log"), "w")
-  proc = subprocess.Popen([sys.executable, "-m", "pipelines.main", *args, "--progress_secs=0"],
+  proc = subprocess.Popen([sys.executable, "-m", "runners.main", *args, "--progress_secs=0"],
                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
   peak = {"launcher": 0.0, "prism": 0.0}
   consumer = tps = end = None

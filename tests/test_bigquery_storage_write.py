@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-from pipelines.produce import EventFactory
+from tools.produce import EventFactory
 from tests.faulty_proxy import TcpProxy
 from transforms.events import iso_us, parse_sensor, sensor_row
 from transforms.sinks.base import DuplicateEvent, rejected_dead_letter_row, with_retries

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from apache_beam.internal import pickler
 
-from pipelines import main as pipeline_main
+from runners import main as pipeline_main
 from pipelines.options import OptionError
 from transforms import timestamps
 from transforms.avro import frame, registry_client_config

@@ -19,9 +19,9 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import main as pipeline_main
+from runners import main as pipeline_main
 from pipelines.options import OptionError, SmartGridOptions, validate
-from pipelines.produce import BAD_KINDS, EventFactory
+from tools.produce import BAD_KINDS, EventFactory
 from transforms.acks import Ack, acks_for_rows
 from transforms.commit import PartitionProgress
 from transforms.events import (DEAD_LETTER_REASONS, InvalidEvent, iso_us, parse_meter,

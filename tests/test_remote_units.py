@@ -6,7 +6,7 @@ import pytest
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
                                                   SetupOptions, StandardOptions)
 
-from pipelines import drain, remote
+from runners import drain, remote
 from pipelines.options import OptionError
 
 BQ = "--sink=bigquery://my-project/smartgrid"
@@ -66,7 +66,7 @@ def test_dataflow_refuses_a_local_temp_location_and_a_sqlite_sink():
 
 
 def test_main_exits_2_with_the_message_for_a_missing_region(capsys):
-  from pipelines import main
+  from runners import main
   assert main.main(["--mode=dataflow", "--project=my-project", "--temp_location=gs://b/t", BQ]) == 2
   assert "--region: Dataflow needs a region" in capsys.readouterr().err
 
@@ -115,11 +115,11 @@ def test_partition_shards_cover_every_partition_once_and_balance_topics():
 
 
 def test_worker_command_line_replaces_the_supervisors_own_flags(tmp_path):
-  from pipelines.workers import worker_argv
+  from runners.workers import worker_argv
   argv = ["--local_workers=2", "--sink", "sqlite:///x.db", "--drain_file", "/tmp/d",
           "--progress_secs=5", "--group_id=g", "--mode=batch"]
   cmd = worker_argv(argv, "batch", 1, 2, tmp_path / "drain")
-  assert cmd[1:4] == ["-m", "pipelines.main", "--mode=batch"]
+  assert cmd[1:4] == ["-m", "runners.main", "--mode=batch"]
   assert cmd[4:] == ["--sink", "sqlite:///x.db", "--group_id=g", "--local_workers=1",
                      "--partition_shard=1/2", f"--drain_file={tmp_path / 'drain'}.1",
                      "--progress_secs=0"]
@@ -127,6 +127,6 @@ def test_worker_command_line_replaces_the_supervisors_own_flags(tmp_path):
 
 @pytest.mark.parametrize("bad", ["2", "2/2", "-1/2", "a/b"])
 def test_partition_shard_must_be_i_of_n(bad):
-  from pipelines import main
+  from runners import main
   with pytest.raises(OptionError, match="^--partition_shard:"):
     main.parse([f"--partition_shard={bad}"])

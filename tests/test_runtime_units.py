@@ -80,7 +80,7 @@ def test_metadata_requests_never_create_topics():
 
 
 def test_prism_worker_pool_listens_on_loopback_only():
-  from pipelines import prism
+  from runners import prism
   host, port = prism.worker_pool().rsplit(":", 1)
   assert host == "127.0.0.1" and int(port) > 0
 
@@ -138,14 +138,14 @@ _LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
 
 
 def test_the_worker_pool_listens_on_127_0_0_1_only():
-  from pipelines import prism
+  from runners import prism
   port = int(prism.worker_pool().rsplit(":", 1)[1])
   found = _listening_addresses(port)
   assert found and found <= _LOOPBACK, found
 
 
 def test_prism_job_server_listens_on_127_0_0_1_only():
-  from pipelines import prism
+  from runners import prism
   server = prism.JobServer(prism.binary())
   try:
     found = _listening_addresses(server.port)
@@ -159,7 +159,7 @@ def test_prism_job_server_listens_on_127_0_0_1_only():
 
 
 def test_the_summary_explains_partial_batches_in_streaming_and_batch():
-  from pipelines.local import _batches_line
+  from runners.local import _batches_line
   streaming = _batches_line({"all": 259, "full": 3}, 100, streaming=True)
   assert "259 (3 full of 100 rows; 256 partial" in streaming and "buffering timer" in streaming
   assert "expected" in streaming and "0% full" not in streaming
@@ -169,7 +169,7 @@ def test_the_summary_explains_partial_batches_in_streaming_and_batch():
 
 
 def test_the_progress_line_shows_the_current_rate_not_the_average(monkeypatch):
-  from pipelines import local
+  from runners import local
   from transforms import progress
 
   class View:
@@ -195,8 +195,8 @@ def test_the_progress_line_shows_the_current_rate_not_the_average(monkeypatch):
 
 
 def test_the_progress_line_says_when_kafka_is_unreachable():
-  from pipelines import local
-  from pipelines.kafka_view import KafkaView
+  from runners import local
+  from runners.kafka_view import KafkaView
   view = KafkaView.__new__(KafkaView)
   view.down_since, view.missing = 1_700_000_000.0, []
   text = local.ProgressLine(view)()
@@ -205,7 +205,7 @@ def test_the_progress_line_says_when_kafka_is_unreachable():
 
 def test_kafka_errors_are_told_from_other_failures():
   from kafka.errors import KafkaConnectionError, KafkaTimeoutError
-  from pipelines.kafka_view import is_kafka_error
+  from runners.kafka_view import is_kafka_error
   assert is_kafka_error(KafkaTimeoutError("Failed to get offsets by timestamps in 30000 ms"))
   assert is_kafka_error(KafkaConnectionError("Connection refused"))
   wrapped = RuntimeError("Error processing bundle ... kafka.errors.KafkaTimeoutError: Failed to get offsets")
@@ -215,7 +215,7 @@ def test_kafka_errors_are_told_from_other_failures():
 
 
 def test_a_worker_is_restarted_with_backoff_and_the_run_fails_past_the_limit(monkeypatch):
-  from pipelines import workers
+  from runners import workers
 
   class Dead:
     returncode = 1
@@ -230,7 +230,7 @@ def test_a_worker_is_restarted_with_backoff_and_the_run_fails_past_the_limit(mon
   monkeypatch.setattr(workers, "_Restarted", lambda argv: started.append(argv) or Dead())
   clock = [1000.0]
   monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
-  slot = workers._Slot(1, ["python", "-m", "pipelines.main"], Dead())
+  slot = workers._Slot(1, ["python", "-m", "runners.main"], Dead())
   delays = []
   for _ in range(workers.MAX_RESTARTS):
     assert workers._heal(slot, View(), 2, draining=False) is None
@@ -262,7 +262,7 @@ def test_explicit_start_offsets_on_the_command_line():
 
 
 def test_the_supervisors_progress_line_sums_the_workers_and_shows_the_current_rate(tmp_path, monkeypatch):
-  from pipelines import workers
+  from runners import workers
 
   class View:
     missing: list = []

@@ -50,9 +50,10 @@ from tenacity import Retrying, retry_if_exception, wait_exponential_jitter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_handlers
 
-from pipelines import prism, smartgrid, workers
-from pipelines.kafka_view import KafkaView, is_first_worker, is_kafka_error, unreachable_message
-from pipelines.stopping import SUPERVISED_ENV, StopSignals, offsets_table
+from pipelines import smartgrid
+from runners import prism, workers
+from runners.kafka_view import KafkaView, is_first_worker, is_kafka_error, unreachable_message
+from runners.stopping import SUPERVISED_ENV, StopSignals, offsets_table
 from pipelines.options import SmartGridOptions
 from transforms import progress
 from transforms.kafka import KafkaUnavailableError
@@ -153,7 +154,7 @@ def summary(view: KafkaView, elapsed: float, state: str, o: SmartGridOptions) ->
 
 def _build(options: PipelineOptions, drain_file: Path, *, start: Optional[StartPosition] = None,
            stop: Optional[StopPosition] = None) -> beam.Pipeline:
-  # Prism options (pipelines/prism.py) name their runner; everything else runs on FnApiRunner.
+  # Prism options (runners/prism.py) name their runner; everything else runs on FnApiRunner.
   p = beam.Pipeline(runner=None if prism.is_prism(options) else make_runner(), options=options)
   smartgrid.build(p, options.view_as(SmartGridOptions), drain_file=str(drain_file), start=start,
                   stop=stop, skip_missing_topics=True)
@@ -389,7 +390,7 @@ def _prepare(options: PipelineOptions, view: KafkaView, drain_file: Path) -> Opt
 
 def _run_here(options: PipelineOptions, drain_file: Path, signals: StopSignals) -> int:
   o = options.view_as(SmartGridOptions)
-  # Prism streams for real (pipelines/prism.py): one unbounded pipeline, no rounds.
+  # Prism streams for real (runners/prism.py): one unbounded pipeline, no rounds.
   stop = parse_stop(o.stop)
   use_rounds = not prism.is_prism(options) and stop.kind in ("never", "end")
   view = None

@@ -9,7 +9,7 @@ worker, per partition.
 The supervisor forks the workers before it opens any connection or thread, so
 they start with Beam already imported (a second or so saved per worker), each in
 its own session (a terminal's Ctrl-C reaches only the supervisor) with a
-parent-death signal (they die with it); each then runs ``pipelines.main`` on its
+parent-death signal (they die with it); each then runs ``runners.main`` on its
 own arguments. The supervisor
 forwards the first SIGINT/SIGTERM to each as one SIGTERM (each drains), and on a
 second signal kills them and exits 130. Workers absorb repeated signals
@@ -18,7 +18,7 @@ It prints a progress line from the group's committed offsets and, at the end, th
 committed/end offsets; each worker prints its own summary.
 
 Self-healing: a worker that dies when no drain was asked (a crash, the OOM killer,
-a SIGKILL) is started again (a fresh ``python -m pipelines.main`` process) after a
+a SIGKILL) is started again (a fresh ``python -m runners.main`` process) after a
 backoff of 1, 2, 4, ... s; it resumes from its partitions' committed offsets, and
 the idempotent sink absorbs what it wrote twice. More than ``MAX_RESTARTS`` restarts
 of one worker within ``RESTART_WINDOW_S`` drain the others and end the run with
@@ -40,7 +40,7 @@ from typing import Optional
 
 from pipelines import smartgrid
 from pipelines.options import SmartGridOptions
-from pipelines.stopping import SUPERVISED_ENV, StopSignals, offsets_table
+from runners.stopping import SUPERVISED_ENV, StopSignals, offsets_table
 
 _LOGGER = logging.getLogger(__name__)
 MAX_RESTARTS = 5
@@ -67,7 +67,7 @@ def worker_argv(argv: list[str], mode: str, index: int, count: int, drain_file: 
       skip = "=" not in arg
       continue
     out.append(arg)
-  return [sys.executable, "-m", "pipelines.main", f"--mode={mode}", *out, "--local_workers=1",
+  return [sys.executable, "-m", "runners.main", f"--mode={mode}", *out, "--local_workers=1",
           f"--partition_shard={index}/{count}", f"--drain_file={drain_file}.{index}",
           "--progress_secs=0"]
 
@@ -156,7 +156,7 @@ class _Worker:
         os.environ[SUPERVISED_ENV] = "1"
         for sig in (signal.SIGINT, signal.SIGTERM):
           signal.signal(sig, signal.SIG_DFL)
-        from pipelines import main  # pylint: disable=import-outside-toplevel
+        from runners import main  # pylint: disable=import-outside-toplevel
         code = main.main(argv)
       except BaseException:  # noqa: BLE001 - the worker's exit code says it failed
         import traceback  # pylint: disable=import-outside-toplevel

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m pipelines.main --mode=local|batch|flink|dataflow [options]``.
+"""Entry point: ``python -m runners.main --mode=local|batch|flink|dataflow [options]``.
 
 ``--help`` lists every option (SmartGridOptions, then Beam's own).
 """
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
   if mode in ("local", "batch"):
     runner = options.view_as(StandardOptions).runner
     # PrismRunner (opt-in, streaming only): one really-streaming pipeline on Prism
-    # (pipelines/prism.py; built by ./run_pipeline.sh prism build). It passes the streaming
+    # (runners/prism.py; built by ./run_pipeline.sh prism build). It passes the streaming
     # zero-loss tests; bounded runs are refused (Prism 2.77 loses GroupIntoBatches state there).
     if runner not in (None, "DirectRunner", "FnApiRunner", "PrismRunner"):
       print(f"error: --runner={runner} is not a local runner; use ./run_pipeline.sh flink|dataflow",
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
       _LOGGER.info("--runner=DirectRunner: running on Beam's FnApiRunner engine, because the "
                    "DirectRunner would pick its BundleBasedDirectRunner for this pipeline, which "
                    "drops the Kafka reader's checkpointed residuals (see README, Runners)")
-    from pipelines import local
+    from runners import local
     return local.run(options, mode, sys.argv[1:] if argv is None else argv)
-  from pipelines import remote
+  from runners import remote
   return remote.run(options, mode)
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from broker.kafka_broker import Broker, BrokerError, default_port
-from pipelines import produce
+from tools import produce
 
 REPO = Path(__file__).resolve().parent.parent
 DB = REPO / "output" / "smartgrid.db"
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
   print(f"3. Running the streaming pipeline into {DB.relative_to(REPO)}; it is drained once "
         "it has caught up ...", flush=True)
   env = {**os.environ, "PYTHONPATH": str(REPO)}
-  proc = subprocess.Popen([sys.executable, "-m", "pipelines.main", "--mode=local",
+  proc = subprocess.Popen([sys.executable, "-m", "runners.main", "--mode=local",
                            f"--bootstrap_servers={bootstrap}", f"--group_id={GROUP}",
                            f"--sink=sqlite:///{DB}"], cwd=REPO, env=env)
   try:

@@ -6,12 +6,12 @@
 
 Why it is worth having: FnApiRunner hands a stage's output downstream only when the
 stage finishes, so ``local`` on FnApiRunner runs in rounds of bounded reads
-(pipelines/local.py). Prism schedules bundles continuously and fires watermarks and
+(runners/local.py). Prism schedules bundles continuously and fires watermarks and
 processing-time timers while the read goes on, so ``local`` runs ONE unbounded
 pipeline there: windows close, GroupIntoBatches' buffering timer flushes partial
 batches and offsets are committed while events stream in.
 
-How it fits the launcher (pipelines/local.py: no rounds on Prism, nothing else changes):
+How it fits the launcher (runners/local.py: no rounds on Prism, nothing else changes):
 - Loopback: Prism runs the Python DoFns in an SDK harness thread of the launcher
   process itself, through a worker pool this module starts on 127.0.0.1
   (``environment_type=EXTERNAL``): Beam's own LOOPBACK pool listens on every
@@ -186,11 +186,11 @@ def prism_options(options: PipelineOptions) -> PipelineOptions:
     raise PrismUnsupported(
         f"--runner=PrismRunner runs only unbounded streaming (./run_pipeline.sh local without "
         f"--stop); with --stop={o.stop} (batch) Prism 2.77 drops rows buffered in "
-        f"GroupIntoBatches when the input ends (see pipelines/prism.py). Use the default "
+        f"GroupIntoBatches when the input ends (see runners/prism.py). Use the default "
         f"runner (FnApiRunner) for batch.")
   if o.stop is not None:
     _LOGGER.warning("PRISM_ALLOW_BOUNDED=1: a bounded run on Prism may drop rows buffered in "
-                    "GroupIntoBatches (see pipelines/prism.py); for experiments only")
+                    "GroupIntoBatches (see runners/prism.py); for experiments only")
   flags = options.get_all_options(drop_default=True)
   path = binary()
   log_level = flags.get("prism_log_level") or "warn"
