@@ -159,7 +159,7 @@ def test_prism_job_server_listens_on_127_0_0_1_only():
 
 
 def test_the_summary_explains_partial_batches_in_streaming_and_batch():
-  from runners.local import _batches_line
+  from runners.report import batches_line as _batches_line
   streaming = _batches_line({"all": 259, "full": 3}, 100, streaming=True)
   assert "259 (3 full of 100 rows; 256 partial" in streaming and "buffering timer" in streaming
   assert "expected" in streaming and "0% full" not in streaming
@@ -169,8 +169,7 @@ def test_the_summary_explains_partial_batches_in_streaming_and_batch():
 
 
 def test_the_progress_line_shows_the_current_rate_not_the_average(monkeypatch):
-  from runners import local
-  from transforms import progress
+  from runners import report
 
   class View:
     missing: list = []
@@ -183,23 +182,22 @@ def test_the_progress_line_shows_the_current_rate_not_the_average(monkeypatch):
       return {}, {}
 
   clock = [100.0]
-  monkeypatch.setattr(local.time, "monotonic", lambda: clock[0])
-  progress.reset()
-  line = local.ProgressLine(View())
-  progress.add_written("sensor_readings", 1000)
+  monkeypatch.setattr(report.time, "monotonic", lambda: clock[0])
+  totals = report.Totals()
+  line = report.ProgressLine(View(), totals)
+  totals.add({"written": {"sensor_readings": 1000}})
   clock[0] += 10
   assert "written 1000 (100/s now)" in line()
   clock[0] += 10  # nothing written in the last interval: the current rate is 0, not 50
   assert "written 1000 (0/s now)" in line()
-  progress.reset()
 
 
 def test_the_progress_line_says_when_kafka_is_unreachable():
-  from runners import local
+  from runners import report
   from runners.kafka_view import KafkaView
   view = KafkaView.__new__(KafkaView)
   view.down_since, view.missing = 1_700_000_000.0, []
-  text = local.ProgressLine(view)()
+  text = report.ProgressLine(view, report.Totals())()
   assert "Kafka unreachable since" in text and "retrying" in text
 
 
@@ -227,10 +225,10 @@ def test_a_worker_is_restarted_with_backoff_and_the_run_fails_past_the_limit(mon
     tps = []
 
   started = []
-  monkeypatch.setattr(workers, "_Restarted", lambda argv: started.append(argv) or Dead())
+  monkeypatch.setattr(workers, "_Restarted", lambda job: started.append(job) or Dead())
   clock = [1000.0]
   monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
-  slot = workers._Slot(1, ["python", "-m", "runners.main"], Dead())
+  slot = workers._Slot(1, {"drain_file": "/tmp/d"}, Dead())
   delays = []
   for _ in range(workers.MAX_RESTARTS):
     assert workers._heal(slot, View(), 2, draining=False) is None
@@ -246,7 +244,7 @@ def test_a_worker_is_restarted_with_backoff_and_the_run_fails_past_the_limit(mon
   slot.restart_at = None
   assert workers._heal(slot, View(), 2, draining=True) is None and slot.restart_at is None
   # Exit 2 (an offset gap, required topics missing) is not healed: the run stops.
-  refused = workers._Slot(0, [], type("R", (), {"poll": lambda self: 2, "returncode": 2})())
+  refused = workers._Slot(0, {"drain_file": "/tmp/d"}, type("R", (), {"poll": lambda self: 2, "returncode": 2})())
   stop = workers._heal(refused, View(), 2, draining=False)
   assert "worker 0" in stop and "exit code 2" in stop and refused.restart_at is None
 

@@ -34,7 +34,6 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms import progress
 from transforms.kafka.records import PartitionRead
 from transforms.sinks.base import with_retries
 
@@ -183,7 +182,6 @@ class _CommitOffsetsFn(beam.DoFn):
                  what=f"committing {topic}-{partition}@{offset}")
     p.committed = offset
     self._commits.inc()
-    progress.set_committed(topic, int(partition), offset)
     _LOGGER.debug("committed %s-%s at %d", topic, partition, offset)
     return Committed(topic, int(partition), offset)
 
