@@ -16,8 +16,10 @@ How it fits the launcher (runners/local.py: no rounds on Prism, nothing else cha
   process itself, through a worker pool this module starts on 127.0.0.1
   (``environment_type=EXTERNAL``): Beam's own LOOPBACK pool listens on every
   interface (``worker_pool_main`` binds ``[::]``), and so does Prism's job server
-  unless it is the patched build of ``runners/prism.sh`` (binds 127.0.0.1). So the drain file, the process-local progress counters
-  (transforms/progress.py) and the summary work exactly as on FnApiRunner.
+  unless it is the patched build of ``runners/prism.sh`` (binds 127.0.0.1). So the drain
+  file works exactly as on FnApiRunner; the progress line and the summary read the Beam
+  metrics from the job's PipelineResult (asked again at each line while it runs) and the
+  committed offsets from Kafka.
 - The launcher starts the Prism binary itself (``job_server()``) and hands the runner its
   ``--job_endpoint``, instead of letting PrismRunner start it: PrismRunner's job server
   installs a SIGINT handler (which fails outside the main thread, where local.py runs
@@ -198,8 +200,8 @@ def prism_options(options: PipelineOptions) -> PipelineOptions:
       runner=RUNNER,
       prism_location=str(path),  # documentation only: the runner is given job_endpoint
       job_endpoint=flags.get("job_endpoint") or job_server(log_level).endpoint,
-      # The SDK harness runs in this process: drain file, progress counters and summary
-      # are the launcher's own (see the module doc); its pool listens on 127.0.0.1 only.
+      # The SDK harness runs in this process: the drain file is the launcher's own
+      # (see the module doc); its pool listens on 127.0.0.1 only.
       environment_type="EXTERNAL",
       environment_config=worker_pool(),
       streaming=o.stop is None,

@@ -114,3 +114,15 @@ def test_no_import_cycle():
 ])
 def test_the_cycle_check_finds_a_cycle(graph, expected):
   assert _cycle(graph) == expected
+
+
+@pytest.mark.parametrize("folder", ["runners", "tools"])
+def test_no_function_over_60_lines(folder):
+  long = []
+  for path in sorted((REPO / folder).rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        lines = node.end_lineno - node.lineno + 1
+        if lines > 60:
+          long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+  assert not long, ", ".join(long)
