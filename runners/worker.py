@@ -1,4 +1,5 @@
-"""A restarted worker of ``--local_workers``: ``python -m runners.worker`` (runners/workers.py).
+"""A restarted worker of ``--local_workers``: ``python -m runners.worker --partition_shard=I/N``
+(started by runners/workers.py; the shard in argv only labels the process).
 
 Reads its job from stdin (JSON: the supervisor's options as Beam's ``get_all_options``,
 the mode, its shard index and count, the run's drain file) and calls

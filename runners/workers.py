@@ -207,7 +207,9 @@ class _Restarted:
     # The repository on the path, the working directory kept (relative paths in options).
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, SUPERVISED_ENV: "1", "PYTHONPATH": path}
-    self._proc = subprocess.Popen([sys.executable, "-m", "runners.worker"], env=env,
+    # The shard in argv only labels the process (ps, top); the job comes on stdin.
+    label = f"--partition_shard={job['index']}/{job['count']}"
+    self._proc = subprocess.Popen([sys.executable, "-m", "runners.worker", label], env=env,
                                   stdin=subprocess.PIPE, start_new_session=True,
                                   preexec_fn=_die_with_parent)
     with self._proc.stdin:
