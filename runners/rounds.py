@@ -23,7 +23,8 @@ from typing import Callable, Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_handlers
+from apache_beam.metrics.monitoring_infos import consolidate
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner, fn_runner, worker_handlers
 from kafka.errors import KafkaError
 from tenacity import Retrying, retry_if_exception, wait_exponential_jitter
 
@@ -42,7 +43,16 @@ def make_runner() -> FnApiRunner:
   # GroupIntoBatches' per-element bag appends that is ~40% of the pipeline's
   # time (facts.md). Its state lives in this process either way: no cache.
   worker_handlers.STATE_CACHE_SIZE_MB = 0
+  # FnApiRunner merges each bundle's metrics into the stage's with a lazy generator over
+  # the previous merge: after ~1,000 bundles (the reader checkpoints often) reading the
+  # result's metrics raises RecursionError, and the launcher reads them every round.
+  # Merging eagerly does the same work, one level deep.
+  fn_runner.consolidate_monitoring_infos = _consolidate_now
   return FnApiRunner()
+
+
+def _consolidate_now(infos):
+  return list(consolidate(infos))
 
 
 def build(options: PipelineOptions, drain_file: Path, *, start: Optional[StartPosition] = None,

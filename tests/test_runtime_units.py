@@ -284,3 +284,39 @@ def test_the_supervisors_progress_line_sums_the_workers_and_shows_the_current_ra
   assert "read 500 | written 400 (100/s now) | dead letters 1 | lag 6" in text, text
   clock[0] += 4
   assert "written 400 (0/s now)" in line()
+
+
+def test_a_rounds_metrics_are_read_after_thousands_of_bundles():
+  """FnApiRunner's lazy metric merge recursed once per bundle (RecursionError past ~1,000):
+  the launcher's runner merges eagerly, so a busy round's counts reach the summary."""
+  from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+  from apache_beam.transforms.core import RestrictionProvider
+  from runners.rounds import make_runner
+  from transforms import telemetry
+
+  class OneAtATime(RestrictionProvider):
+    def initial_restriction(self, element):
+      return OffsetRange(0, 1500)
+
+    def create_tracker(self, restriction):
+      return OffsetRestrictionTracker(restriction)
+
+    def restriction_size(self, element, restriction):
+      return restriction.size()
+
+    def split(self, element, restriction):
+      yield restriction
+
+  class ReadOneThenCheckpoint(beam.DoFn):
+    def process(self, element, tracker=beam.DoFn.RestrictionParam(OneAtATime())):
+      position = tracker.current_restriction().start
+      if tracker.try_claim(position):
+        telemetry.count_read("t", 1)
+        yield position
+        tracker.defer_remainder()  # every record in a bundle of its own
+
+  p = beam.Pipeline(runner=make_runner())
+  _ = p | beam.Create([0]) | beam.ParDo(ReadOneThenCheckpoint())
+  result = p.run()
+  result.wait_until_finish()
+  assert telemetry.totals(result)["read"] == {"t": 1500}
