@@ -17,11 +17,11 @@ from pathlib import Path
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from broker.kafka_broker import Broker, free_port
-from pipelines.produce import EventFactory, ensure_topics
+from tools.produce import EventFactory, ensure_topics
 
 # The product's modules the benchmarks run are named in this file only (they move in the
 # restructuring): the generator above and the entry point, python -m PIPELINE_MAIN --mode=...
-PIPELINE_MAIN = "pipelines.main"
+PIPELINE_MAIN = "runners.main"
 
 SINK_TABLES = ("sensor_readings", "meter_readings", "dead_letters")
 
@@ -90,7 +90,7 @@ def raw_consume(bootstrap: str, topics: list[str], n: int) -> int:
 
 def produce_smartgrid(bootstrap: str, n: int, seed: int = 11,
                       topics: tuple[str, str] | None = None) -> tuple[str, str]:
-  """n realistic events (pipelines.produce, no malformed ones) to the (sensor, meter) topics,
+  """n realistic events (tools.produce, no malformed ones) to the (sensor, meter) topics,
   by default fresh ones of 4 partitions each; returns their names."""
   tag = uuid.uuid4().hex[:6]
   sensor, meter = topics or (f"bench-sensor-{tag}", f"bench-meter-{tag}")

@@ -2,10 +2,10 @@
 of each of its processes, and the time to the first offset committed to a consumer group
 (seen from another client, as an operator would see it).
 
-CPU and the subtree's peak come from ``wait4`` on the child (the kernel adds every
-descendant the child reaped); the per-process peaks come from sampling ``VmHWM`` (a
-high-water mark, so a sample misses only growth in the last interval before a process
-exits) of the child and all its descendants in /proc.
+CPU comes from ``wait4`` on the child (the kernel adds every descendant the child reaped);
+the per-process peaks come from sampling ``VmHWM`` (a high-water mark, so a sample misses
+only growth in the last interval before a process exits) of the child and all its
+descendants in /proc, each from its exec on (before it, a child shows its parent's memory).
 """
 
 from __future__ import annotations
@@ -63,6 +63,13 @@ def _tree(root: int) -> list[int]:
   return out
 
 
+def _cmdline(pid: int) -> bytes | None:
+  try:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+  except OSError:
+    return None
+
+
 def _hwm_mb(pid: int) -> float | None:
   try:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -81,10 +88,17 @@ class _RssSampler(threading.Thread):
     self.root, self.peaks, self.done = root, {}, threading.Event()
 
   def run(self) -> None:
+    programs: dict[int, bytes] = {}
     while not self.done.is_set():
       for pid in _tree(self.root):
-        mb = _hwm_mb(pid)
-        if mb is not None and mb > self.peaks.get(pid, 0.0):
+        program, mb = _cmdline(pid), _hwm_mb(pid)
+        if mb is None or program is None:
+          continue
+        # Between fork and exec a child still shows its parent's memory (a benchmark driver
+        # or pytest, hundreds of MB): a new program starts its own high-water mark.
+        if programs.get(pid) != program:
+          programs[pid], self.peaks[pid] = program, mb
+        elif mb > self.peaks[pid]:
           self.peaks[pid] = mb
       self.done.wait(SAMPLE_SECS)
 
@@ -148,12 +162,9 @@ def run_measured(argv: Sequence[str], env: dict, cwd: Path, *,
   if watch is not None:
     watch.done.set()
     watch.join(timeout=5)
+  # Not the kernel's ru_maxrss: it keeps the high-water mark a child had before its exec,
+  # which is the launching process's size.
   peaks = dict(sampler.peaks)
-  # The kernel's maximum over the subtree is exact: when sampling saw less (growth after the
-  # last sample), the unseen peak is credited to the root process.
-  exact = usage.ru_maxrss / 1024.0
-  if exact > max(peaks.values(), default=0.0):
-    peaks[proc.pid] = exact
   first = None if watch is None or watch.first is None else watch.first - t0
   return Measured(wall, usage.ru_utime + usage.ru_stime, peaks, proc.returncode,
                   "".join(err_lines), first)

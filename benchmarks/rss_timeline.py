@@ -70,14 +70,14 @@ def main(argv=None) -> int:
   ap.add_argument("--round_max_records", type=int, default=100_000)
   a = ap.parse_args(argv)
   with bench_broker(None, "rss-timeline") as (bootstrap, work):
-    rows = timeline(bootstrap, work, a.events, a.round_max_records)
+    samples = timeline(bootstrap, work, a.events, a.round_max_records)
   prev = None
-  for row in rows:
-    if prev is None or row[3] != prev[3] or (int(row[0]) % 5 == 0 and int(row[0]) != int(prev[0])):
-      print(f"  {row[0]:6.1f}s  RSS {row[1]:4d} MB  peak {row[2]:4d} MB  committed {row[3]}")
-    prev = row
-  if rows:
-    print(f"max RSS {max(r[1] for r in rows)} MB, peak RSS {rows[-1][2]} MB")
+  for sample in samples:
+    if prev is None or sample[3] != prev[3] or (int(sample[0]) % 5 == 0 and int(sample[0]) != int(prev[0])):
+      print(f"  {sample[0]:6.1f}s  RSS {sample[1]:4d} MB  peak {sample[2]:4d} MB  committed {sample[3]}")
+    prev = sample
+  if samples:
+    print(f"max RSS {max(s[1] for s in samples)} MB, peak RSS {samples[-1][2]} MB")
   return 0
 
 

@@ -1,4 +1,4 @@
-"""The smart-grid pipeline: options, assembly, runner selection and entry points."""
+"""The smart-grid pipeline itself: its options (options.py) and its graph (smartgrid.py)."""
 
 import logging as _logging
 

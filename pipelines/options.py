@@ -1,6 +1,6 @@
 """SmartGridOptions: every setting of the pipeline, validated before anything starts.
 
-``python -m pipelines.main --help`` lists them. A bad value fails at start with a
+``python -m runners.main --help`` lists them. A bad value fails at start with a
 message naming the option (``OptionError``), never deep inside a worker.
 """
 

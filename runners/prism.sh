@@ -13,7 +13,7 @@
 #   runners/prism.sh version   print the Beam version the binary must have
 #
 # Also reachable as `./run_pipeline.sh prism build|path|version`.
-# PRISM_BIN=/path/to/prism overrides the binary for `path` (and pipelines/prism.py).
+# PRISM_BIN=/path/to/prism overrides the binary for `path` (and runners/prism.py).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 
 from kafka import KafkaProducer
 
-from pipelines.produce import EventFactory
+from tools.produce import EventFactory
 from tests import support
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,14 +26,14 @@ TABLES = ("sensor_readings", "meter_readings", "dead_letters")
 
 
 def prism_binary() -> Optional[Path]:
-  """The Prism binary pipelines/prism.py would use ($PRISM_BIN or .cache/prism-127/bin/prism),
+  """The Prism binary runners/prism.py would use ($PRISM_BIN or .cache/prism-127/bin/prism),
   or None when it is not built (``./run_pipeline.sh prism build``)."""
   path = Path(os.environ.get("PRISM_BIN") or REPO / ".cache" / "prism-127" / "bin" / "prism")
   return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
 class Pipeline:
-  """``python -m pipelines.main`` in a subprocess; stderr goes to a file (never a full pipe).
+  """``python -m runners.main`` in a subprocess; stderr goes to a file (never a full pipe).
 
   runner: None or "FnApiRunner" = the default local engine (no --runner flag), else
   passed as --runner (e.g. "PrismRunner")."""
@@ -46,7 +46,7 @@ class Pipeline:
     self.pid_file = self.drain_file.with_suffix(".pid")
     Pipeline._runs = getattr(Pipeline, "_runs", 0) + 1
     self.log = work_dir / (log_name or f"run-{Pipeline._runs}-{mode}.log")
-    self.args = [sys.executable, "-m", "pipelines.main", f"--mode={mode}",
+    self.args = [sys.executable, "-m", "runners.main", f"--mode={mode}",
                  "--bootstrap_servers", bootstrap, "--sensor_topic", sensor_topic,
                  "--meter_topic", meter_topic, "--group_id", group,
                  "--sink", f"sqlite:///{self.db}", "--drain_file", str(self.drain_file),
@@ -211,7 +211,7 @@ def assert_commits_not_past_sink(bootstrap: str, group: str, db: Path, *topics: 
 
 def produce_events(bootstrap: str, sensor_topic: str, meter_topic: str, events, *,
                    timestamp_ms: Optional[int] = None) -> list[tuple[str, int, int]]:
-  """Writes pipelines.produce.Event values; returns their (topic, partition, offset)."""
+  """Writes tools.produce.Event values; returns their (topic, partition, offset)."""
   producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
                            max_request_size=2 * 1024 * 1024)
   try:

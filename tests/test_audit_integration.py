@@ -314,7 +314,7 @@ def test_a_bad_option_is_named(env, capsys):
 
 def test_the_pipeline_s_own_output_passes_the_audit(env, capsys, tmp_path):
   """A batch run of the real pipeline over valid and malformed events, then the audit."""
-  from pipelines.produce import EventFactory
+  from tools.produce import EventFactory
   events = list(EventFactory(seed=5).events(300, bad_ratio=0.1))
   produced = pipeline_support.produce_events(env.bootstrap, env.sensor, env.meter, events)
   env.store.close()

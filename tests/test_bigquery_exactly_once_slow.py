@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from pipelines.produce import EventFactory
+from tools.produce import EventFactory
 from tests import support
 from tests.faulty_proxy import TcpProxy
 from tests.pipeline_support import Pipeline

@@ -1,7 +1,7 @@
 """The BigQuery sink against the local BigQuery emulator (bigquery_emulator/), read back
 with the official client; no mocked client anywhere.
 
-The pipeline runs as a subprocess (``python -m pipelines.main --mode=batch``) on the real
+The pipeline runs as a subprocess (``python -m runners.main --mode=batch``) on the real
 broker with ``--sink=bigquery://test-project/DATASET --bigquery_api_endpoint=...``, each
 test on fresh topics and a fresh dataset, and the sink is compared with the topics offset
 by offset. Faults come from ``tests.faulty_proxy`` between the sink and the emulator (no
@@ -24,7 +24,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.produce import BAD_KINDS, Event, EventFactory
+from tools.produce import BAD_KINDS, Event, EventFactory
 from tests import support
 from tests.faulty_proxy import FaultyProxy
 from tests.pipeline_support import committed, ends, produce_events, run_to_end

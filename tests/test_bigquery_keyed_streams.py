@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.produce import EventFactory
+from tools.produce import EventFactory
 from tests.test_bigquery_storage_write import _assert_once
 from transforms.acks import Ack
 from transforms.events import parse_sensor, sensor_row
@@ -256,7 +256,7 @@ def test_refused_rows_go_to_dead_letters_on_a_stream_the_key_keeps_too(bq_emulat
 def _pipeline(runner: str) -> beam.Pipeline:
   if runner == "FnApiRunner":
     return BeamTestPipeline()
-  from pipelines.prism import job_server
+  from runners.prism import job_server
   return beam.Pipeline(options=PipelineOptions(
       runner="PrismRunner", job_endpoint=job_server().endpoint, environment_type="LOOPBACK"))
 

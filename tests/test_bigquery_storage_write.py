@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-from pipelines.produce import EventFactory
+from tools.produce import EventFactory
 from tests.faulty_proxy import TcpProxy
 from transforms.events import parse_sensor, sensor_row
 from transforms.timestamps import iso_us

@@ -11,7 +11,7 @@ import requests
 from google.api_core import exceptions as gexc
 from google.cloud import bigquery
 
-from pipelines.produce import EventFactory
+from tools.produce import EventFactory
 from transforms.events import meter_row, parse_meter, parse_sensor, sensor_row
 from transforms.sinks.bigquery import (MAX_BYTES_PER_REQUEST, MAX_ROWS_PER_REQUEST, BigQueryStore,
                                        TransientInsertError, chunk_indexes, classify_insert_errors,

@@ -162,7 +162,7 @@ def test_bad_broker_settings_fail_at_start_naming_them(env, needle):
 
 def test_bad_kafka_port_fails_every_command_naming_it():
   for module, args in (("broker.kafka_broker", ["status"]), ("broker.topics", ["describe"]),
-                       ("pipelines.produce", ["--count", "1"])):
+                       ("tools.produce", ["--count", "1"])):
     r = _module(module, *args, KAFKA_PORT="90000")
     assert r.returncode != 0 and "KAFKA_PORT='90000' must be a port number" in r.stderr, (module, r)
 
@@ -199,7 +199,7 @@ def test_topics_command_creates_and_describes(kafka_bootstrap):
 def test_produce_defaults_to_kafka_port_and_creates_topics_with_kafka_partitions(kafka_bootstrap):
   sensor, meter = support.unique_topic("prod-sensor"), support.unique_topic("prod-meter")
   port = kafka_bootstrap.rsplit(":", 1)[1]
-  r = _module("pipelines.produce", "--count", "200", "--sensor_topic", sensor,
+  r = _module("tools.produce", "--count", "200", "--sensor_topic", sensor,
               "--meter_topic", meter, KAFKA_PORT=port, KAFKA_PARTITIONS="5")
   assert r.returncode == 0, r.stderr
   assert support.partitions_of(kafka_bootstrap, sensor) == set(range(5))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.produce import BAD_KINDS
+from tools.produce import BAD_KINDS
 from tools import chaos
 from tools.chaos_faults import SinkLock, _alive, descendants
 from tools.chaos_traffic import CODECS
@@ -146,7 +146,7 @@ def test_ctrl_c_stops_everything_chaos_started_and_removes_its_folder(tmp_path):
     assert folder.is_dir()
     started = descendants(proc.pid)
     cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in started if _alive(p)]
-    assert any(b"kafka.Kafka" in c for c in cmdlines) and any(b"pipelines.main" in c for c in cmdlines)
+    assert any(b"kafka.Kafka" in c for c in cmdlines) and any(b"runners.main" in c for c in cmdlines)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=180) == 130
     deadline = time.monotonic() + 30

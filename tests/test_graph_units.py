@@ -25,7 +25,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_stream
 from apache_beam.transforms.window import IntervalWindow, TimestampedValue
 
-from pipelines import prism, smartgrid
+from pipelines import smartgrid
+from runners import prism
 from pipelines.options import SmartGridOptions
 from transforms.kafka.gaps import OffsetGap
 from transforms.kafka.records import KafkaRecord, PartitionRead
@@ -61,7 +62,7 @@ class FakeClock:
 
 
 def _options(*extra: str, runner: str = "DirectRunner") -> PipelineOptions:
-  """The DirectRunner (streaming) or Prism (pipelines/prism.py: its binary, a worker pool
+  """The DirectRunner (streaming) or Prism (runners/prism.py: its binary, a worker pool
   in this process, so the MemoryStore is shared)."""
   options = PipelineOptions([
       "--runner=DirectRunner", "--streaming", "--bootstrap_servers=127.0.0.1:1",

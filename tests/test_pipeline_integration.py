@@ -1,7 +1,7 @@
 """The whole pipeline against the real broker and a real SQLite file, as a subprocess.
 
 Each test writes to fresh topics with an independent producer, runs
-``python -m pipelines.main --mode=local|batch``, stops it in one of the ways the
+``python -m runners.main --mode=local|batch``, stops it in one of the ways the
 pipeline promises to survive (SIGTERM drain, SIGKILL, a locked sink, a second run),
 and compares the sink with the topic offset by offset: every produced
 (topic, partition, offset) in exactly one table exactly once, committed offsets never
@@ -11,7 +11,7 @@ The streaming tests (``@both_runners``) run on FnApiRunner (the default local en
 streaming in rounds) and on Prism (``--runner=PrismRunner``: one unbounded pipeline); the
 test command builds Prism (``runners/prism.sh build``, cached), and a missing binary fails
 the Prism cases (no skip). Batch runs always use FnApiRunner: Prism refuses bounded runs, because it
-drops rows buffered in GroupIntoBatches when a bounded input ends (pipelines/prism.py).
+drops rows buffered in GroupIntoBatches when a bounded input ends (runners/prism.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import uuid
 
 import pytest
 
-from pipelines.produce import BAD_KINDS, EventFactory
+from tools.produce import BAD_KINDS, EventFactory
 from tests import support
 from tests.support import wait_for
 from tests.pipeline_support import (BackgroundProducer, Pipeline, assert_commits_not_past_sink,

@@ -10,6 +10,7 @@ rows the store refuses for good land in ``dead_letters``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -19,9 +20,9 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import main as pipeline_main
+from runners import main as pipeline_main
 from pipelines.options import OptionError, SmartGridOptions, validate
-from pipelines.produce import BAD_KINDS, EventFactory
+from tools.produce import BAD_KINDS, EventFactory
 from transforms.acks import Ack, acks_for_rows
 from transforms.commit import PartitionProgress
 from transforms.events import (DEAD_LETTER_REASONS, InvalidEvent, parse_meter, parse_sensor,
@@ -534,21 +535,74 @@ def test_write_batches_refuses_bad_flush_rows():
 
 
 # ---------------------------------------------------------------------------
-# The progress counters the launcher's progress line and summary print
+# The Beam metrics (transforms/telemetry.py) the launcher's progress line and summary print
+
+
+@contextlib.contextmanager
+def _metrics_container():
+  """Beam's own way (metric_test.py) to run DoFn code outside a pipeline with a container."""
+  from apache_beam.metrics.execution import MetricsContainer
+  from apache_beam.runners.worker import statesampler
+  from apache_beam.utils import counters
+  sampler = statesampler.StateSampler("", counters.CounterFactory())
+  statesampler.set_current_tracker(sampler)
+  container = MetricsContainer("step")
+  state = sampler.scoped_state("step", "process", metrics_container=container)
+  sampler.start()
+  try:
+    with state:
+      yield container
+  finally:
+    sampler.stop()
+    statesampler.set_current_tracker(None)
+
+
+def _counter(container, kind: str, label: str) -> int:
+  from apache_beam.metrics.metricbase import MetricName
+  from transforms import telemetry
+  return container.get_counter(MetricName(telemetry.NAMESPACE, f"{kind}/{label}")).get_cumulative()
 
 
 def test_reader_counts_every_record_it_emits_when_a_poll_crosses_the_stop():
   from kafka import TopicPartition
 
   from tests.test_kafka_units import FakeConsumer, _reader, _rec, _run
-  from transforms import progress
+  from transforms import telemetry
   from transforms.kafka.records import PartitionRead
   from apache_beam.io.restriction_trackers import OffsetRange
 
   tp = TopicPartition("t", 0)
   # ten records in the log, one poll returns five, the read stops at 3 (its end at start)
   fn = _reader(FakeConsumer(tp, {o: _rec(o) for o in range(10)}, end=10, batch=5))
-  progress.reset()
-  out, residual, _ = _run(fn, PartitionRead("t", 0, 0, 3), OffsetRange(0, 3))
+  with _metrics_container() as container:
+    out, residual, _ = _run(fn, PartitionRead("t", 0, 0, 3), OffsetRange(0, 3))
   assert [tv.value.offset for tv in out] == [0, 1, 2] and residual is None
-  assert progress.snapshot()["read"] == {"t": 3}
+  assert _counter(container, telemetry.READ, "t") == 3
+
+
+def test_telemetry_totals_sum_a_real_runners_counters_over_steps_and_labels():
+  """The launcher's figures come from a PipelineResult: counted in two steps, read once."""
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+  from transforms import telemetry
+
+  def count(kind):
+    def fn(x):
+      if kind == "read":
+        telemetry.count_read(x, 1)
+      else:
+        telemetry.count_written("sensor_readings", 2, rejected=1, duplicates=1 if x == "a" else 0)
+        telemetry.count_dead_letter("not_json")
+        telemetry.count_batch(full=x == "a")
+      return x
+    return fn
+
+  p = beam.Pipeline(runner=FnApiRunner())
+  _ = (p | beam.Create(["a", "b", "a"]) | "Read" >> beam.Map(count("read"))
+       | "Write" >> beam.Map(count("write")))
+  result = p.run()
+  result.wait_until_finish()
+  totals = telemetry.totals(result)
+  assert totals == {"read": {"a": 2, "b": 1}, "written": {"sensor_readings": 6},
+                    "rejected": {"sensor_readings": 3}, "duplicates": {"sensor_readings": 2},
+                    "dead_letters": {"not_json": 3}, "batches": {"all": 3, "full": 2}}
+  assert telemetry.add(telemetry.add(telemetry.empty(), totals), totals)["read"] == {"a": 4, "b": 2}

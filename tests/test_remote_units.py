@@ -6,7 +6,7 @@ import pytest
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
                                                   SetupOptions, StandardOptions)
 
-from pipelines import drain, remote
+from runners import drain, remote
 from pipelines.options import OptionError
 
 BQ = "--sink=bigquery://my-project/smartgrid"
@@ -66,7 +66,7 @@ def test_dataflow_refuses_a_local_temp_location_and_a_sqlite_sink():
 
 
 def test_main_exits_2_with_the_message_for_a_missing_region(capsys):
-  from pipelines import main
+  from runners import main
   assert main.main(["--mode=dataflow", "--project=my-project", "--temp_location=gs://b/t", BQ]) == 2
   assert "--region: Dataflow needs a region" in capsys.readouterr().err
 
@@ -114,19 +114,34 @@ def test_partition_shards_cover_every_partition_once_and_balance_topics():
   assert shard_partitions(parts, None) == parts
 
 
-def test_worker_command_line_replaces_the_supervisors_own_flags(tmp_path):
-  from pipelines.workers import worker_argv
-  argv = ["--local_workers=2", "--sink", "sqlite:///x.db", "--drain_file", "/tmp/d",
-          "--progress_secs=5", "--group_id=g", "--mode=batch"]
-  cmd = worker_argv(argv, "batch", 1, 2, tmp_path / "drain")
-  assert cmd[1:4] == ["-m", "pipelines.main", "--mode=batch"]
-  assert cmd[4:] == ["--sink", "sqlite:///x.db", "--group_id=g", "--local_workers=1",
-                     "--partition_shard=1/2", f"--drain_file={tmp_path / 'drain'}.1",
-                     "--progress_secs=0"]
+def test_a_restarted_workers_job_carries_the_parsed_options_through_json(monkeypatch, tmp_path):
+  """The supervisor hands a restarted worker its parsed options (not the user's argv), and
+  run_worker gives every worker its shard, drain file and silence."""
+  import json
+  from runners import local, main
+  from runners.workers import options_of, worker_job
+  from pipelines.options import SmartGridOptions
+  monkeypatch.setenv("KAFKA_PORT", "19092")  # --bootstrap_servers computed at start
+  _, options = main.parse(["--mode=batch", "--local_workers=2", "--sink", "sqlite:///x.db",
+                           "--progress_secs=5", "--group_id=g", "--require_topics"])
+  job = json.loads(json.dumps(worker_job(options, "batch", 1, 2, tmp_path / "drain")))
+  assert (job["mode"], job["index"], job["count"]) == ("batch", 1, 2)
+  assert job["drain_file"] == str(tmp_path / "drain")
+  ran = []
+  monkeypatch.setattr(local, "run", lambda opts, mode: ran.append((opts, mode)) or 0)
+  assert local.run_worker(options_of(job), job["mode"], 1, 2, tmp_path / "drain") == 0
+  o = ran[0][0].view_as(SmartGridOptions)
+  parent = options.view_as(SmartGridOptions)
+  assert ran[0][1] == "batch"
+  assert (o.sink, o.group_id, o.require_topics, o.stop) == ("sqlite:///x.db", "g", True, "end")
+  assert o.bootstrap_servers == parent.bootstrap_servers == "127.0.0.1:19092"
+  assert (o.local_workers, o.partition_shard, o.progress_secs) == (1, "1/2", 0)
+  assert o.drain_file == f"{tmp_path / 'drain'}.1"
+  assert parent.local_workers == 2 and parent.partition_shard is None  # the supervisor's own
 
 
 @pytest.mark.parametrize("bad", ["2", "2/2", "-1/2", "a/b"])
 def test_partition_shard_must_be_i_of_n(bad):
-  from pipelines import main
+  from runners import main
   with pytest.raises(OptionError, match="^--partition_shard:"):
     main.parse([f"--partition_shard={bad}"])

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pipelines.produce import EventFactory
+from tools.produce import EventFactory
 from tests import support
 from tests.pipeline_support import (PipelineEnv, assert_exactly_once, produce_transactions, query, row_count)
 

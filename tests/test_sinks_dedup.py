@@ -1,6 +1,6 @@
 """One row per event_id, durable SQLite writes and the start-up reconciliation (SkipStored).
 
-SQLite on a real file; the pipeline tests run ``pipelines.main`` against the real broker.
+SQLite on a real file; the pipeline tests run ``runners.main`` against the real broker.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.produce import EventFactory
+from tools.produce import EventFactory
 from tests.pipeline_support import (assert_exactly_once, committed, ends, produce_events,
                                     query, run_to_end)
 from transforms.acks import Ack

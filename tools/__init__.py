@@ -1,1 +1,2 @@
-"""Operator tools that prove the pipeline's promise from the outside: ``audit`` and ``chaos``."""
+"""Operator tools around the pipeline: produce and demo events, ``audit`` and ``chaos`` that
+prove its promise from the outside, and offset ranges."""

@@ -337,7 +337,7 @@ def parse_args(argv: list[str]):
   known, rest = own.parse_known_args(argv)
   if known.help:
     print(__doc__)
-    print("Options: --strict, --json, and the pipeline's (python -m pipelines.main --help): "
+    print("Options: --strict, --json, and the pipeline's (python -m runners.main --help): "
           "--bootstrap_servers, --sensor_topic, --meter_topic, --group_id, --sink, "
           "--bigquery_api_endpoint.")
     raise SystemExit(0)

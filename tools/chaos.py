@@ -95,7 +95,7 @@ class ChaosRun:
 
   def setup(self) -> None:
     from broker.kafka_broker import Broker, free_port
-    from pipelines.produce import ensure_topics
+    from tools.produce import ensure_topics
     from tools.chaos_faults import CommitView, PipelineProcess
     from tools.chaos_traffic import Traffic
     self.broker = Broker(port=free_port(), run_dir=self.dir / "kafka")

@@ -1,6 +1,6 @@
 """The chaos run's moving parts: the local pipeline as a process tree, and the faults.
 
-``PipelineProcess`` starts ``python -m pipelines.main --mode=local`` in its own session
+``PipelineProcess`` starts ``python -m runners.main --mode=local`` in its own session
 and finds its whole tree through ``/proc/<pid>/task/*/children`` (the workers start
 sessions of their own, so a process group would not reach them); every signal goes to
 PIDs it found there, never to a name. ``SinkLock`` makes the SQLite sink fail for a
@@ -69,7 +69,7 @@ class PipelineProcess:
     with open(self._log_path, "ab") as log:
       log.write(f"\n===== chaos: pipeline start #{self.starts + 1} at {time.strftime('%X')}\n".encode())
       log.flush()
-      self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.main", "--mode=local",
+      self.proc = subprocess.Popen([sys.executable, "-m", "runners.main", "--mode=local",
                                     *self._args], cwd=str(REPO), env=env, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)

@@ -2,7 +2,7 @@
 
 Owns two threads. One writes through five producers, one per codec (none, gzip,
 snappy, lz4, zstd), switching codec every burst: valid sensor and meter events,
-malformed input of every kind ``pipelines.produce`` knows, and repeated sends of
+malformed input of every kind ``tools.produce`` knows, and repeated sends of
 an earlier event (same event_id at a new offset, as the old system's producer does).
 The other is a transactional producer that commits some transactions and aborts
 others. Both keep going through broker outages: a failed send is counted and the
@@ -24,7 +24,7 @@ from collections import Counter
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from pipelines.produce import BAD_KINDS, EventFactory
+from tools.produce import BAD_KINDS, EventFactory
 
 _LOGGER = logging.getLogger(__name__)
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")

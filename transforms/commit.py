@@ -34,7 +34,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms import arguments, progress
+from transforms import arguments
 from transforms.kafka.client import ClientConfig, check_client_config, new_consumer
 from transforms.kafka.records import PartitionRead
 from transforms.retry import with_retries
@@ -191,7 +191,6 @@ class _CommitOffsetsFn(beam.DoFn):
                    what=f"committing {topic}-{partition}@{offset}")
     p.committed = offset
     self._commits.inc()
-    progress.set_committed(topic, partition, offset)
     _LOGGER.debug("committed %s-%s at %d", topic, partition, offset)
     return Committed(topic, partition, offset)
 

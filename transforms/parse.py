@@ -27,7 +27,7 @@ from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms import arguments, progress
+from transforms import arguments, telemetry
 from transforms.batching import BundleBatcher
 from transforms.events import (DEAD_LETTER_REASONS, MAX_EVENT_BYTES, DeadLetter, InvalidEvent,
                                dead_letter_row, describe_exception, load_json_object,
@@ -118,7 +118,7 @@ class _ParseEventsFn(beam.DoFn):
     e = describe_exception(exc)
     self._counts["dead_letters"] += 1
     self._counts[f"dead_letters_{e.reason}"] += 1
-    progress.add_dead_letter(e.reason)
+    telemetry.count_dead_letter(e.reason)
     return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, WindowedValue(
         DeadLetter(record.topic, record.partition, record.offset, record.covers_from,
                    record.key, record.value, e.reason, str(e), "parse", int(time.time() * 1_000_000)),

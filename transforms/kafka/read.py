@@ -34,7 +34,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms import progress
+from transforms import telemetry
 from transforms.kafka import config as kafka_config
 from transforms.kafka.client import ClientConfig, KafkaUnavailableError, check_client_config
 from transforms.kafka.client import new_consumer as _new_consumer
@@ -316,7 +316,7 @@ class _ReadPartitionFn(beam.DoFn):
         1 for r in records if batch_start <= r.offset < next_offset)
     if n:
       self._records.inc(n)
-      progress.add_read(topic, n)
+      telemetry.count_read(topic, n)
 
   def _poll_wait_ms(self, *, bounded: bool, first: bool) -> int:
     """How long a poll may block.

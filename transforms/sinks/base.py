@@ -43,7 +43,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms import arguments, progress
+from transforms import arguments, telemetry
 from transforms.acks import acks_for_rows
 from transforms.events import rejected_row_dead_letter
 from transforms.retry import with_retries
@@ -137,8 +137,8 @@ class _WriteBatchesFn(beam.DoFn):
         _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected) - duplicates,
                         next(e for _, e in rejected if not isinstance(e, DuplicateEvent)))
     self._rows_written.inc(len(rows) - len(rejected))
-    progress.add_written(table, len(rows) - len(rejected), len(rejected) - duplicates if rejected else 0,
-                         duplicates if rejected else 0)
+    telemetry.count_written(table, len(rows) - len(rejected), len(rejected) - duplicates if rejected else 0,
+                            duplicates if rejected else 0)
     return [rejected_dead_letter_row(table, row, error) for row, error in rejected
             if not isinstance(error, DuplicateEvent)]
 
@@ -147,7 +147,7 @@ class _WriteBatchesFn(beam.DoFn):
     full = len(rows) >= self._batch_size
     if full:
       self._full_batches.inc()
-    progress.add_batch(full)
+    telemetry.count_batch(full)
 
   def _flush(self) -> Iterable[WindowedValue]:
     if not self._buffered:
@@ -194,7 +194,7 @@ class _JoinKeyBatchesFn(beam.DoFn):
     full = len(rows) >= self._batch_size
     if full:
       self._full_batches.inc()
-    progress.add_batch(full)
+    telemetry.count_batch(full)
     buffer = self._by_key.setdefault(key, [])
     buffer.extend(rows)
     self._first_at[key] = min(self._first_at.get(key, timestamp), timestamp)

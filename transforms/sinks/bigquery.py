@@ -88,6 +88,7 @@ import logging
 import threading
 from typing import Callable, Iterable, Optional, Sequence
 
+from transforms.sinks import chunks
 from transforms.sinks.base import DuplicateEvent
 from transforms.rows import DEAD_LETTER_ROW, ROW_TYPES, coordinates, partition_of
 from transforms.sinks.schema import DEAD_LETTERS, TABLES, Table
@@ -174,24 +175,8 @@ def payload_size(payload: dict, insert_id: str) -> int:
 
 def chunk_indexes(sizes: Sequence[int], max_rows: int = MAX_ROWS_PER_REQUEST,
                   max_bytes: int = MAX_BYTES_PER_REQUEST) -> list[list[int]]:
-  """Consecutive index groups with at most max_rows rows and max_bytes bytes each.
-
-  A row larger than max_bytes travels alone (BigQuery then refuses it, and only it).
-  """
-  if max_rows < 1 or max_bytes < 1:
-    raise ValueError(f"max_rows and max_bytes must be >= 1, got {max_rows}, {max_bytes}")
-  chunks: list[list[int]] = []
-  current: list[int] = []
-  current_bytes = 0
-  for i, size in enumerate(sizes):
-    if current and (len(current) >= max_rows or current_bytes + size > max_bytes):
-      chunks.append(current)
-      current, current_bytes = [], 0
-    current.append(i)
-    current_bytes += size
-  if current:
-    chunks.append(current)
-  return chunks
+  """insertAll's request chunks (transforms/sinks/chunks.py, shared with the Storage Write API)."""
+  return chunks.chunk_indexes(sizes, max_rows, max_bytes)
 
 
 def _describe(error: dict) -> str:

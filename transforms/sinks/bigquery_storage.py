@@ -218,7 +218,7 @@ def encode_rows(table: Table, rows: Sequence[tuple], written_at: str
 
 def request_chunks(sizes: Sequence[int], max_bytes: int = MAX_REQUEST_BYTES) -> list[list[int]]:
   """Consecutive index groups of at most ``max_bytes`` serialized bytes (a larger row alone)."""
-  from transforms.sinks.bigquery import chunk_indexes  # the same grouping as insertAll's, no row cap
+  from transforms.sinks.chunks import chunk_indexes  # the same grouping as insertAll's, no row cap
   return chunk_indexes([size + _ROW_FRAMING_BYTES for size in sizes], max_rows=max(1, len(sizes)),
                        max_bytes=max_bytes)
 

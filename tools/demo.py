@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from broker.kafka_broker import Broker, BrokerError, default_port
-from pipelines import produce
+from tools import produce
 
 REPO = Path(__file__).resolve().parent.parent
 DB = REPO / "output" / "smartgrid.db"
@@ -57,49 +57,42 @@ def _print_table(cursor) -> None:
     print("  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="run_pipeline.sh demo", description=__doc__)
-  ap.add_argument("--count", type=int, default=20_000, help="events to produce (default 20000)")
-  ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the pipeline")
-  a = ap.parse_args(argv)
+def _move_old_db(broker: Broker) -> None:
+  """A new broker's topics start again at offset 0: rows of an older broker's topics in the
+  same file would take the new events for replays (unique topic, partition, offset)."""
+  if (broker.run_dir / "data" / "meta.properties").exists() or not DB.exists():
+    return
+  backup = DB.with_name(f"smartgrid-{time.strftime('%Y%m%d-%H%M%S')}.db")
+  for suffix in ("", "-wal", "-shm"):
+    old_file = Path(str(DB) + suffix)
+    if old_file.exists():
+      old_file.rename(Path(str(backup) + suffix))
+  print(f"   (a new broker: the previous {DB.name} was moved to {backup.name})")
+
+
+def _start_broker() -> Broker | None:
   try:
     broker = Broker(port=default_port())
   except BrokerError as e:  # a bad KAFKA_PORT, KAFKA_VERSION or KAFKA_PARTITIONS
     print(f"error: {e}", file=sys.stderr)
-    return 1
-  fresh_broker = not (broker.run_dir / "data" / "meta.properties").exists()
-  if fresh_broker and DB.exists():
-    # A new broker's topics start again at offset 0: rows of an older broker's topics in the
-    # same file would take the new events for replays (unique topic, partition, offset).
-    backup = DB.with_name(f"smartgrid-{time.strftime('%Y%m%d-%H%M%S')}.db")
-    for suffix in ("", "-wal", "-shm"):
-      old_file = Path(str(DB) + suffix)
-      if old_file.exists():
-        old_file.rename(Path(str(backup) + suffix))
-    print(f"   (a new broker: the previous {DB.name} was moved to {backup.name})")
+    return None
+  _move_old_db(broker)
   try:
     print("1. Starting the local Kafka broker ...", flush=True)
     print("   " + ("started" if broker.start() else "already running") + f": {broker.status()}")
   except BrokerError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
-  bootstrap = broker.bootstrap_servers
-  sensor, meter = "smartgrid-sensor-data", "smartgrid-meter-readings"
+    return None
+  return broker
 
-  print(f"2. Producing {a.count} events (1% malformed) ...", flush=True)
-  counts = produce.produce(bootstrap, sensor, meter, a.count, bad_ratio=0.01, seed=int(time.time()))
-  print(f"   {counts['sensor']} sensor, {counts['meter']} meter, {counts['bad']} malformed")
 
-  print(f"3. Running the streaming pipeline into {DB.relative_to(REPO)}; it is drained once "
-        "it has caught up ...", flush=True)
-  env = {**os.environ, "PYTHONPATH": str(REPO)}
-  proc = subprocess.Popen([sys.executable, "-m", "pipelines.main", "--mode=local",
-                           f"--bootstrap_servers={bootstrap}", f"--group_id={GROUP}",
-                           f"--sink=sqlite:///{DB}"], cwd=REPO, env=env)
+def _wait_and_drain(proc: subprocess.Popen, bootstrap: str, topics: list[str],
+                    timeout: float) -> int:
+  """Waits until the group has committed every end offset, then drains the pipeline."""
   try:
-    deadline = time.monotonic() + a.timeout
+    deadline = time.monotonic() + timeout
     time.sleep(3)
-    while not _caught_up(bootstrap, [sensor, meter]):
+    while not _caught_up(bootstrap, topics):
       if proc.poll() is not None:
         print(f"error: the pipeline exited early with {proc.returncode}", file=sys.stderr)
         return 1
@@ -112,19 +105,47 @@ def main(argv=None) -> int:
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=300)
     print(f"   the pipeline exited {rc} {time.monotonic() - t:.1f}s after the drain signal")
+    return rc
   finally:
     if proc.poll() is None:
       proc.kill()
       proc.wait()
-  if rc != 0:
-    return rc
 
+
+def _show_queries() -> None:
   print(f"4. Two queries over {DB.relative_to(REPO)} (sqlite3 {DB.relative_to(REPO)}):")
   conn = sqlite3.connect(DB)
   for title, sql in QUERIES:
     print(f"\n-- {title}\n{' '.join(sql.split())};")
     _print_table(conn.execute(sql))
   conn.close()
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="run_pipeline.sh demo", description=__doc__)
+  ap.add_argument("--count", type=int, default=20_000, help="events to produce (default 20000)")
+  ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the pipeline")
+  a = ap.parse_args(argv)
+  broker = _start_broker()
+  if broker is None:
+    return 1
+  bootstrap = broker.bootstrap_servers
+  sensor, meter = "smartgrid-sensor-data", "smartgrid-meter-readings"
+
+  print(f"2. Producing {a.count} events (1% malformed) ...", flush=True)
+  counts = produce.produce(bootstrap, sensor, meter, a.count, bad_ratio=0.01, seed=int(time.time()))
+  print(f"   {counts['sensor']} sensor, {counts['meter']} meter, {counts['bad']} malformed")
+
+  print(f"3. Running the streaming pipeline into {DB.relative_to(REPO)}; it is drained once "
+        "it has caught up ...", flush=True)
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  proc = subprocess.Popen([sys.executable, "-m", "runners.main", "--mode=local",
+                           f"--bootstrap_servers={bootstrap}", f"--group_id={GROUP}",
+                           f"--sink=sqlite:///{DB}"], cwd=REPO, env=env)
+  rc = _wait_and_drain(proc, bootstrap, [sensor, meter], a.timeout)
+  if rc != 0:
+    return rc
+  _show_queries()
   print(f"\nThe broker keeps running ({bootstrap}); stop it with ./run_pipeline.sh broker stop.")
   return 0
 

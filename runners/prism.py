@@ -6,18 +6,20 @@
 
 Why it is worth having: FnApiRunner hands a stage's output downstream only when the
 stage finishes, so ``local`` on FnApiRunner runs in rounds of bounded reads
-(pipelines/local.py). Prism schedules bundles continuously and fires watermarks and
+(runners/local.py). Prism schedules bundles continuously and fires watermarks and
 processing-time timers while the read goes on, so ``local`` runs ONE unbounded
 pipeline there: windows close, GroupIntoBatches' buffering timer flushes partial
 batches and offsets are committed while events stream in.
 
-How it fits the launcher (pipelines/local.py: no rounds on Prism, nothing else changes):
+How it fits the launcher (runners/local.py: no rounds on Prism, nothing else changes):
 - Loopback: Prism runs the Python DoFns in an SDK harness thread of the launcher
   process itself, through a worker pool this module starts on 127.0.0.1
   (``environment_type=EXTERNAL``): Beam's own LOOPBACK pool listens on every
   interface (``worker_pool_main`` binds ``[::]``), and so does Prism's job server
-  unless it is the patched build of ``runners/prism.sh`` (binds 127.0.0.1). So the drain file, the process-local progress counters
-  (transforms/progress.py) and the summary work exactly as on FnApiRunner.
+  unless it is the patched build of ``runners/prism.sh`` (binds 127.0.0.1). So the drain
+  file works exactly as on FnApiRunner; the progress line and the summary read the Beam
+  metrics from the job's PipelineResult (asked again at each line while it runs) and the
+  committed offsets from Kafka.
 - The launcher starts the Prism binary itself (``job_server()``) and hands the runner its
   ``--job_endpoint``, instead of letting PrismRunner start it: PrismRunner's job server
   installs a SIGINT handler (which fails outside the main thread, where local.py runs
@@ -186,11 +188,11 @@ def prism_options(options: PipelineOptions) -> PipelineOptions:
     raise PrismUnsupported(
         f"--runner=PrismRunner runs only unbounded streaming (./run_pipeline.sh local without "
         f"--stop); with --stop={o.stop} (batch) Prism 2.77 drops rows buffered in "
-        f"GroupIntoBatches when the input ends (see pipelines/prism.py). Use the default "
+        f"GroupIntoBatches when the input ends (see runners/prism.py). Use the default "
         f"runner (FnApiRunner) for batch.")
   if o.stop is not None:
     _LOGGER.warning("PRISM_ALLOW_BOUNDED=1: a bounded run on Prism may drop rows buffered in "
-                    "GroupIntoBatches (see pipelines/prism.py); for experiments only")
+                    "GroupIntoBatches (see runners/prism.py); for experiments only")
   flags = options.get_all_options(drop_default=True)
   path = binary()
   log_level = flags.get("prism_log_level") or "warn"
@@ -198,8 +200,8 @@ def prism_options(options: PipelineOptions) -> PipelineOptions:
       runner=RUNNER,
       prism_location=str(path),  # documentation only: the runner is given job_endpoint
       job_endpoint=flags.get("job_endpoint") or job_server(log_level).endpoint,
-      # The SDK harness runs in this process: drain file, progress counters and summary
-      # are the launcher's own (see the module doc); its pool listens on 127.0.0.1 only.
+      # The SDK harness runs in this process: the drain file is the launcher's own
+      # (see the module doc); its pool listens on 127.0.0.1 only.
       environment_type="EXTERNAL",
       environment_config=worker_pool(),
       streaming=o.stop is None,

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m pipelines.main --mode=local|batch|flink|dataflow [options]``.
+"""The entry point: ``python -m runners.main --mode=local|batch|flink|dataflow [options]``.
 
 ``--help`` lists every option (SmartGridOptions, then Beam's own).
 """
@@ -12,8 +12,9 @@ import sys
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipelines.options import OptionError, SmartGridOptions, default_bootstrap, validate
+from runners import local, remote
 
-_LOGGER = logging.getLogger("pipelines")
+_LOGGER = logging.getLogger(__name__)
 MODES = ("local", "batch", "flink", "dataflow")
 
 
@@ -42,7 +43,7 @@ def parse(argv: list[str]) -> tuple[str, PipelineOptions]:
   return known.mode, options
 
 
-def main(argv: list[str] | None = None) -> int:
+def configure_logging() -> None:
   # force: a library may have configured the root logger already (a root-level
   # logging.warning() at import time does).
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
   # kafka-python logs every failed connection attempt (dozens of lines a second while a
   # broker is down); the launcher says it once, with what to do ("Kafka unreachable ...").
   logging.getLogger("kafka").setLevel(logging.CRITICAL)
+
+
+def main(argv: list[str] | None = None) -> int:
+  configure_logging()
   try:
     mode, options = parse(sys.argv[1:] if argv is None else argv)
   except OptionError as e:
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
   if mode in ("local", "batch"):
     runner = options.view_as(StandardOptions).runner
     # PrismRunner (opt-in, streaming only): one really-streaming pipeline on Prism
-    # (pipelines/prism.py; built by ./run_pipeline.sh prism build). It passes the streaming
+    # (runners/prism.py; built by ./run_pipeline.sh prism build). It passes the streaming
     # zero-loss tests; bounded runs are refused (Prism 2.77 loses GroupIntoBatches state there).
     if runner not in (None, "DirectRunner", "FnApiRunner", "PrismRunner"):
       print(f"error: --runner={runner} is not a local runner; use ./run_pipeline.sh flink|dataflow",
@@ -70,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
       _LOGGER.info("--runner=DirectRunner: running on Beam's FnApiRunner engine, because the "
                    "DirectRunner would pick its BundleBasedDirectRunner for this pipeline, which "
                    "drops the Kafka reader's checkpointed residuals (see README, Runners)")
-    from pipelines import local
-    return local.run(options, mode, sys.argv[1:] if argv is None else argv)
-  from pipelines import remote
+    return local.run(options, mode)
   return remote.run(options, mode)
 
 

@@ -1,9 +1,9 @@
 """Flink and Dataflow runs of the same pipeline.
 
 Flink: Beam's FlinkRunner with the job-server jar of the pinned Beam version,
-fetched by ``flink/fetch_job_server.sh`` into ``.cache/jars`` and passed
+fetched by ``runners/flink/fetch_job_server.sh`` into ``.cache/jars`` and passed
 explicitly (nothing downloads at run time); ``--flink_master=[local]`` (embedded)
-by default, ``127.0.0.1:8081`` for the cluster of ``flink/flink_cluster.sh``;
+by default, ``127.0.0.1:8081`` for the cluster of ``runners/flink/flink_cluster.sh``;
 LOOPBACK environment (no Docker).
 
 Dataflow: refuses to start without --project, --region and a gs:// --temp_location;
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def flink_job_server_jar() -> Path:
   """The job-server jar of the pinned Beam version, fetched once with Maven."""
-  proc = subprocess.run(["bash", str(REPO / "flink" / "fetch_job_server.sh")],
+  proc = subprocess.run(["bash", str(REPO / "runners" / "flink" / "fetch_job_server.sh")],
                         capture_output=True, text=True)
   if proc.returncode != 0:
     raise OptionError(

@@ -2,7 +2,7 @@
 # Fetch Beam's Flink job-server jar with Maven into <repo>/.cache/jars/ and print its path.
 # Idempotent: once the jar is in .cache/jars/ no network (and no Maven) is used.
 #
-# Usage: flink/fetch_job_server.sh
+# Usage: runners/flink/fetch_job_server.sh
 #
 # Environment (all optional):
 #   BEAM_VERSION         Beam version of the jar  (default: apache_beam.__version__ of <repo>/.venv, else 2.77.0)
@@ -15,7 +15,7 @@
 # Pass the printed path to the pipeline as --flink_job_server_jar=<path>.
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 JARS_DIR="${JARS_DIR:-$REPO_ROOT/.cache/jars}"
 FLINK_LINE="${FLINK_LINE:-2.2}"
 

@@ -9,8 +9,8 @@ worker, per partition.
 The supervisor forks the workers before it opens any connection or thread, so
 they start with Beam already imported (a second or so saved per worker), each in
 its own session (a terminal's Ctrl-C reaches only the supervisor) with a
-parent-death signal (they die with it); each then runs ``pipelines.main`` on its
-own arguments. The supervisor
+parent-death signal (they die with it); each then calls ``local.run_worker`` (handed
+to ``supervise``) with the supervisor's parsed options and its shard. The supervisor
 forwards the first SIGINT/SIGTERM to each as one SIGTERM (each drains), and on a
 second signal kills them and exits 130. Workers absorb repeated signals
 (``stopping.SUPERVISED_ENV``): a SIGTERM sent to every process at once drains.
@@ -18,7 +18,8 @@ It prints a progress line from the group's committed offsets and, at the end, th
 committed/end offsets; each worker prints its own summary.
 
 Self-healing: a worker that dies when no drain was asked (a crash, the OOM killer,
-a SIGKILL) is started again (a fresh ``python -m pipelines.main`` process) after a
+a SIGKILL) is started again (a fresh ``python -m runners.worker`` process, which reads the
+options from its stdin: nothing on disk or in argv) after a
 backoff of 1, 2, 4, ... s; it resumes from its partitions' committed offsets, and
 the idempotent sink absorbs what it wrote twice. More than ``MAX_RESTARTS`` restarts
 of one worker within ``RESTART_WINDOW_S`` drain the others and end the run with
@@ -27,6 +28,7 @@ exit 1, naming that worker's partitions.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import logging
@@ -36,18 +38,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import smartgrid
 from pipelines.options import SmartGridOptions
-from pipelines.stopping import SUPERVISED_ENV, StopSignals, offsets_table
+from runners.stopping import SUPERVISED_ENV, StopSignals, offsets_table
 
 _LOGGER = logging.getLogger(__name__)
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
 
 REPO = Path(__file__).resolve().parent.parent
-_OWN_FLAGS = ("--local_workers", "--partition_shard", "--drain_file", "--progress_secs", "--mode")
+
+# local.run_worker(options, mode, index, count, drain_file) -> exit code
+RunWorker = Callable[[PipelineOptions, str, int, int, Path], int]
 
 
 def _die_with_parent() -> None:  # runs in the worker between fork and exec
@@ -55,21 +61,31 @@ def _die_with_parent() -> None:  # runs in the worker between fork and exec
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def worker_argv(argv: list[str], mode: str, index: int, count: int, drain_file: Path) -> list[str]:
-  """The supervisor's arguments for worker index/count (its own flags replaced)."""
-  out, skip = [], False
-  for arg in argv:
-    if skip:
-      skip = False
-      continue
-    name = arg.split("=", 1)[0]
-    if name in _OWN_FLAGS:
-      skip = "=" not in arg
-      continue
-    out.append(arg)
-  return [sys.executable, "-m", "pipelines.main", f"--mode={mode}", *out, "--local_workers=1",
-          f"--partition_shard={index}/{count}", f"--drain_file={drain_file}.{index}",
-          "--progress_secs=0"]
+def worker_drain_file(drain_file: Path, index: int) -> Path:
+  return Path(f"{drain_file}.{index}")
+
+
+def _own_flags(options: PipelineOptions) -> dict:
+  """The values of every SmartGridOptions flag that is set (defaults included: some are
+  computed at start, e.g. --bootstrap_servers from $KAFKA_PORT)."""
+  parser = argparse.ArgumentParser(add_help=False)
+  SmartGridOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+  o = options.view_as(SmartGridOptions)
+  values = {a.dest: getattr(o, a.dest, None) for a in parser._actions}  # pylint: disable=protected-access
+  return {k: v for k, v in values.items() if v is not None}
+
+
+def worker_job(options: PipelineOptions, mode: str, index: int, count: int,
+               drain_file: Path) -> dict:
+  """What a restarted worker needs to call run_worker, as JSON-able values: the
+  supervisor's options (Beam's ``get_all_options``), its mode and its shard."""
+  flags = {**options.get_all_options(drop_default=True), **_own_flags(options)}
+  return {"options": flags, "mode": mode, "index": index, "count": count,
+          "drain_file": str(drain_file)}
+
+
+def options_of(job: dict) -> PipelineOptions:
+  return PipelineOptions.from_dictionary(job["options"])
 
 
 def progress_file(worker_drain_file: Path) -> Path:
@@ -144,7 +160,7 @@ def _committed_line(end: dict, committed: dict, started: float, baseline: int) -
 class _Worker:
   """A forked worker: poll/send_signal/kill/returncode like a Popen."""
 
-  def __init__(self, argv: list[str]):
+  def __init__(self, start: Callable[[], int]):
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -156,8 +172,7 @@ class _Worker:
         os.environ[SUPERVISED_ENV] = "1"
         for sig in (signal.SIGINT, signal.SIGTERM):
           signal.signal(sig, signal.SIG_DFL)
-        from pipelines import main  # pylint: disable=import-outside-toplevel
-        code = main.main(argv)
+        code = start()
       except BaseException:  # noqa: BLE001 - the worker's exit code says it failed
         import traceback  # pylint: disable=import-outside-toplevel
         traceback.print_exc()
@@ -185,12 +200,20 @@ class _Worker:
 
 class _Restarted:
   """A worker started again: a fresh interpreter (the supervisor has threads and sockets
-  by now, so it does not fork again). Same interface as _Worker."""
+  by now, so it does not fork again) running ``runners.worker``, which reads its job
+  (``worker_job``) from its stdin. Same interface as _Worker."""
 
-  def __init__(self, argv: list[str]):
-    env = {**os.environ, SUPERVISED_ENV: "1"}
-    self._proc = subprocess.Popen(argv, env=env, start_new_session=True,
+  def __init__(self, job: dict):
+    # The repository on the path, the working directory kept (relative paths in options).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, SUPERVISED_ENV: "1", "PYTHONPATH": path}
+    # The shard in argv only labels the process (ps, top); the job comes on stdin.
+    label = f"--partition_shard={job['index']}/{job['count']}"
+    self._proc = subprocess.Popen([sys.executable, "-m", "runners.worker", label], env=env,
+                                  stdin=subprocess.PIPE, start_new_session=True,
                                   preexec_fn=_die_with_parent)
+    with self._proc.stdin:
+      self._proc.stdin.write(json.dumps(job).encode())
     self.pid = self._proc.pid
     self.returncode = None
 
@@ -209,11 +232,10 @@ class _Restarted:
 class _Slot:
   """One worker position (its partition shard) and its restart history."""
 
-  def __init__(self, index: int, argv: list[str], proc):
+  def __init__(self, index: int, job: dict, proc):
     self.index = index
-    self.argv = argv
-    self.drain_file = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("--drain_file=")),
-                                f"worker-{index}.drain"))
+    self.job = job
+    self.drain_file = worker_drain_file(Path(job["drain_file"]), index)
     self.proc = proc
     self.restarts: list[float] = []  # monotonic times of restarts
     self.restart_at: Optional[float] = None
@@ -222,12 +244,16 @@ class _Slot:
     return self.restart_at is not None or self.proc.poll() is None
 
 
-def supervise(argv: list[str], o: SmartGridOptions, mode: str, drain_file: Path,
-              make_view) -> int:
+def supervise(options: PipelineOptions, mode: str, drain_file: Path, make_view,
+              run_worker: RunWorker) -> int:
+  o = options.view_as(SmartGridOptions)
   _remove_progress_files(drain_file, o.local_workers)  # a previous run's must not count
   n = o.local_workers
-  argvs = [worker_argv(argv, mode, i, n, drain_file) for i in range(n)]
-  slots = [_Slot(i, a, _Worker(a[3:])) for i, a in enumerate(argvs)]
+  slots = []
+  for i in range(n):
+    job = worker_job(options, mode, i, n, drain_file)
+    start = lambda i=i: run_worker(options, mode, i, n, drain_file)  # noqa: E731
+    slots.append(_Slot(i, job, _Worker(start)))
   try:
     view = make_view()
   except BaseException:
@@ -258,7 +284,7 @@ def _heal(slot: _Slot, view, n: int, draining: bool) -> Optional[str]:
       counters = progress_file(slot.drain_file)
       if counters.exists():  # what the dead worker did still counts in the progress line
         counters.rename(counters.with_name(f"{counters.name}.before-{len(slot.restarts)}"))
-      slot.proc = _Restarted(slot.argv)
+      slot.proc = _Restarted(slot.job)
     return None
   code = slot.proc.poll()
   # 0: done (batch) or drained. 2: a decision the user must take (an offset gap, missing
