@@ -57,6 +57,8 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from broker.kafka_broker import free_port
+
 from pipelines.options import SmartGridOptions
 
 _LOGGER = logging.getLogger(__name__)
@@ -92,12 +94,6 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 _worker_pool: Optional[str] = None
 
 
@@ -127,7 +123,7 @@ class JobServer:
   """The Prism binary as this process's child: its job endpoint, its log lines forwarded."""
 
   def __init__(self, path: Path, log_level: str = "warn"):
-    self.port = _free_port()
+    self.port = free_port()
     self.endpoint = f"127.0.0.1:{self.port}"
     self._log = logging.getLogger("prism")
     self.proc = subprocess.Popen(

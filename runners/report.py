@@ -71,7 +71,7 @@ def _figures(result: Any, live: bool = False) -> Optional[dict]:
   try:
     return telemetry.totals(result)
   except RecursionError:
-    # FnApiRunner's metrics merge recurses once per bundle (facts.md: ~1,000+ bundles).
+    # FnApiRunner's metrics merge recurses once per bundle (RecursionError past ~1,000 bundles; make_runner merges eagerly).
     _LOGGER.warning("this round's Beam metrics could not be read (too many bundles); "
                     "its counts are missing from the summary")
   except Exception as e:  # noqa: BLE001 - figures must never stop the pipeline

@@ -41,7 +41,7 @@ _LOGGER = logging.getLogger(__name__)
 def make_runner() -> FnApiRunner:
   # The embedded SDK worker weighs every cached state value with objsize; for
   # GroupIntoBatches' per-element bag appends that is ~40% of the pipeline's
-  # time (facts.md). Its state lives in this process either way: no cache.
+  # time (measured, README "Batching"). Its state lives in this process either way: no cache.
   worker_handlers.STATE_CACHE_SIZE_MB = 0
   # FnApiRunner merges each bundle's metrics into the stage's with a lazy generator over
   # the previous merge: after ~1,000 bundles (the reader checkpoints often) reading the

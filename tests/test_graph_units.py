@@ -4,7 +4,7 @@ In the style of Beam's own ``transforms/util_test.py`` (GroupIntoBatches with a
 TestStream and a fake clock): Python runs a TestStream only on the DirectRunner's
 streaming engine, which moves the watermark and processing time exactly as the
 stream says. The reader is not in these graphs (the DirectRunner loses SDF
-residuals, see facts.md); the store is the in-memory ``MemoryStore``, whose journal
+residuals, see README "Runners"); the store is the in-memory ``MemoryStore``, whose journal
 records every stored row and every commit in order, so the tests check offset by
 offset what was written, when, and what was committed after it.
 

@@ -116,13 +116,17 @@ def test_the_cycle_check_finds_a_cycle(graph, expected):
   assert _cycle(graph) == expected
 
 
-@pytest.mark.parametrize("folder", ["runners", "tools"])
+# Option declarations are a list, not logic: the one function allowed to be long.
+LONG_ALLOWED = {("pipelines/options.py", "_add_argparse_args")}
+
+
+@pytest.mark.parametrize("folder", ["transforms", "pipelines", "runners", "tools"])
 def test_no_function_over_60_lines(folder):
   long = []
   for path in sorted((REPO / folder).rglob("*.py")):
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         lines = node.end_lineno - node.lineno + 1
-        if lines > 60:
+        if lines > 60 and (str(path.relative_to(REPO)), node.name) not in LONG_ALLOWED:
           long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
   assert not long, ", ".join(long)
