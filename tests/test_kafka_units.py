@@ -694,19 +694,50 @@ def test_process_stop_timestamp_ends_before_the_first_late_record():
 
 
 def test_process_stops_when_the_runner_split_the_range():
+  """A split between the poll and its claim: the batch's claim fails, the records below
+  the split are emitted (the primary's, read by no one else), none at or past it."""
   tp = TopicPartition("t", 0)
   consumer = FakeConsumer(tp, {o: _rec(o) for o in range(10)}, end=10, batch=10)
   fn = _reader(consumer)
   safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(OffsetRange(0, 10)))
-  gen = fn.process(PartitionRead("t", 0, 0, 10), tracker=RestrictionTrackerView(safe),
+  split = []
+  poll = consumer.poll
+
+  def poll_then_split(timeout_ms):
+    out = poll(timeout_ms)
+    split.append(safe.try_split(0.5))  # the runner takes [4, 10) away before the claim
+    return out
+
+  consumer.poll = poll_then_split
+  out = list(fn.process(PartitionRead("t", 0, 0, 10), tracker=RestrictionTrackerView(safe),
+                        watermark=KafkaWatermarkEstimator(None)))
+  safe.check_done()
+  (_, residual), = split
+  assert residual == OffsetRange(4, 10)
+  offsets = [tv.value.offset for tv in out]
+  assert offsets == list(range(residual.start))
+  assert [tv.value.covers_from for tv in out] == [0, 1, 2, 3]
+  assert fn._next_offset is None  # its buffered records beyond the split are not reused
+
+
+def test_process_a_split_while_a_batch_leaves_cuts_after_the_batch():
+  """The batch's last offset is claimed before its records leave: a split requested
+  while they leave cuts after them; the next batch stops at the split."""
+  tp = TopicPartition("t", 0)
+  consumer = FakeConsumer(tp, {o: _rec(o) for o in range(20)}, end=20, batch=10)
+  fn = _reader(consumer)
+  safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(OffsetRange(0, 20)))
+  gen = fn.process(PartitionRead("t", 0, 0, 20), tracker=RestrictionTrackerView(safe),
                    watermark=KafkaWatermarkEstimator(None))
   first = [next(gen), next(gen)]
-  _, residual = safe.try_split(0.5)  # the runner takes [6, 10) away mid-batch
+  primary, residual = safe.try_split(0.5)
+  assert primary == OffsetRange(0, 14) and residual == OffsetRange(14, 20)
   rest = list(gen)
   safe.check_done()
   offsets = [tv.value.offset for tv in first + rest]
-  assert offsets == list(range(residual.start))
-  assert fn._next_offset is None  # its buffered records beyond the split are not reused
+  assert offsets == list(range(14))
+  assert [tv.value.covers_from for tv in first + rest] == list(range(14))
+  assert fn._next_offset is None
 
 
 def test_unbounded_range_refuses_fractional_splits_but_checkpoints():
