@@ -486,6 +486,10 @@ class FakeConsumer:
   def assign(self, tps):
     assert tps == [self.tp]
 
+  def partitions_for_topic(self, topic):
+    assert topic == self.tp.topic
+    return {self.tp.partition}
+
   def seek(self, tp, offset):
     self.seeks += 1
     self.pos = offset

@@ -244,6 +244,10 @@ class _ReadPartitionFn(beam.DoFn):
     if self._consumer is None:
       self._consumer = _new_consumer(self._config)
     if self._assigned != tp:
+      # Load the topic's metadata now (one request, once per topic and consumer): a
+      # first poll without the partition's leader has nothing to fetch and sleeps
+      # retry_backoff_ms (100 ms) inside kafka-python.
+      self._consumer.partitions_for_topic(tp.topic)
       self._consumer.assign([tp])
       self._assigned = tp
       self._next_offset = None
