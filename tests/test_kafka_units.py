@@ -744,6 +744,28 @@ def test_process_a_split_while_a_batch_leaves_cuts_after_the_batch():
   assert fn._next_offset is None
 
 
+def test_process_claims_once_per_poll_batch_the_last_offset_it_keeps():
+  """Offsets 3, 4 are markers; the stop (7) cuts the second batch (5, 6, 7): claims 2, then
+  6 (its last kept record), then the stop that ends the range."""
+  tp = TopicPartition("t", 0)
+  recs = {o: _rec(o) for o in (0, 1, 2, 5, 6, 7, 8, 9)}
+  fn = _reader(FakeConsumer(tp, recs, end=10, batch=3))
+  claims = []
+
+  class Recording(KafkaOffsetTracker):
+    def try_claim(self, position):
+      claims.append(position)
+      return super().try_claim(position)
+
+  safe = ThreadsafeRestrictionTracker(Recording(OffsetRange(0, 7)))
+  out = list(fn.process(PartitionRead("t", 0, 0, 7), tracker=RestrictionTrackerView(safe),
+                        watermark=KafkaWatermarkEstimator(None)))
+  safe.check_done()
+  assert [tv.value.offset for tv in out] == [0, 1, 2, 5, 6]
+  assert [tv.value.covers_from for tv in out] == [0, 1, 2, 3, 6]
+  assert claims == [2, 6, 7]
+
+
 def test_unbounded_range_refuses_fractional_splits_but_checkpoints():
   from transforms.kafka.tracking import UNBOUNDED, KafkaOffsetTracker
   from apache_beam.io.restriction_trackers import OffsetRange
