@@ -218,7 +218,7 @@ def test_records_read_are_counted_per_topic_in_beam_metrics(kafka_bootstrap, mak
               for t, n in zip(topics, (2_345, 678))}
   assert produced == {topics[0]: 2_345, topics[1]: 678}
   name = uuid.uuid4().hex
-  out = _sink(name)
+  _sink(name)
   p = beam.Pipeline(runner=FnApiRunner())
   _ = (p | ReadFromKafka(kafka_bootstrap, topics, stop="end", max_records_per_call=500)
        | "Collect" >> beam.ParDo(_Collect(name)))

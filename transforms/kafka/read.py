@@ -197,7 +197,7 @@ def _finish(tracker) -> None:
   tracker.try_claim(tracker.current_restriction().stop)
 
 
-def _kept(records, stop: int, stop_ts: Optional[int]) -> int:
+def _kept(records, stop: int, stop_ts: int | None) -> int:
   """How many of a poll's records (offsets increasing) come before the first one at or
   past the stop offset or the stop timestamp."""
   if records[-1].offset < stop and stop_ts is None:
@@ -346,7 +346,8 @@ class _ReadPartitionFn(beam.DoFn):
     self._records.inc(n)
     counter = self._read_per_topic.get(topic)
     if counter is None:
-      counter = self._read_per_topic[topic] = Metrics.counter(READ_NAMESPACE, f"records_read/{topic}")
+      counter = Metrics.counter(READ_NAMESPACE, f"records_read/{topic}")
+      self._read_per_topic[topic] = counter
     counter.inc(n)
     progress.add_read(topic, n)
 
