@@ -766,6 +766,21 @@ def test_process_claims_once_per_poll_batch_the_last_offset_it_keeps():
   assert claims == [2, 6, 7]
 
 
+def test_process_reads_on_when_the_metadata_preload_meets_an_outage():
+  """Loading the topic's metadata before the first poll is only a speed-up: a broker
+  that refuses it then does not fail the read (the polls wait outages out)."""
+  from kafka.errors import KafkaConnectionError
+  tp = TopicPartition("t", 0)
+
+  class Refusing(FakeConsumer):
+    def partitions_for_topic(self, topic):
+      raise KafkaConnectionError("111 ECONNREFUSED")
+
+  fn = _reader(Refusing(tp, {o: _rec(o) for o in range(5)}, end=5))
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0, 5), OffsetRange(0, 5))
+  assert [tv.value.offset for tv in out] == [0, 1, 2, 3, 4] and residual is None
+
+
 def test_unbounded_range_refuses_fractional_splits_but_checkpoints():
   from transforms.kafka.tracking import UNBOUNDED, KafkaOffsetTracker
   from apache_beam.io.restriction_trackers import OffsetRange

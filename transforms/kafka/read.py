@@ -244,10 +244,7 @@ class _ReadPartitionFn(beam.DoFn):
     if self._consumer is None:
       self._consumer = _new_consumer(self._config)
     if self._assigned != tp:
-      # Load the topic's metadata now (one request, once per topic and consumer): a
-      # first poll without the partition's leader has nothing to fetch and sleeps
-      # retry_backoff_ms (100 ms) inside kafka-python.
-      self._consumer.partitions_for_topic(tp.topic)
+      self._load_metadata(tp.topic)
       self._consumer.assign([tp])
       self._assigned = tp
       self._next_offset = None
@@ -255,6 +252,17 @@ class _ReadPartitionFn(beam.DoFn):
       self._consumer.seek(tp, offset)
       self._next_offset = offset
     return self._consumer
+
+  def _load_metadata(self, topic: str) -> None:
+    """Loads the topic's metadata (one request, once per topic and consumer): a first
+    poll without the partition's leader has nothing to fetch and sleeps retry_backoff_ms
+    (100 ms) inside kafka-python. Only a speed-up: in an outage (KafkaConnectionError at
+    once) the polls wait it out as they would have."""
+    from kafka.errors import KafkaError
+    try:
+      self._consumer.partitions_for_topic(topic)
+    except KafkaError as e:
+      _LOGGER.debug("Kafka %s: metadata not loaded before the first poll: %s", topic, e)
 
   def process(self, element: PartitionRead, window=beam.DoFn.WindowParam,
               tracker=beam.DoFn.RestrictionParam(KafkaRestrictionProvider()),
