@@ -209,6 +209,30 @@ def test_bounded_read_returns_exactly_the_produced_records(kafka_bootstrap, make
       assert abs(r.timestamp_ms - time.time() * 1000) < 600_000  # stamped by the producer
 
 
+def test_records_read_are_counted_per_topic_in_beam_metrics(kafka_bootstrap, make_topic):
+  """The reader counts once per poll batch, in namespace smartgrid, one counter per topic
+  (what the launchers read back from the PipelineResult)."""
+  from apache_beam.metrics.metric import MetricsFilter
+  topics = [make_topic(partitions=2), make_topic(partitions=1)]
+  produced = {t: len(support.produce(kafka_bootstrap, t, [(f"k{i}", {"n": i}) for i in range(n)]))
+              for t, n in zip(topics, (2_345, 678))}
+  assert produced == {topics[0]: 2_345, topics[1]: 678}
+  name = uuid.uuid4().hex
+  _sink(name)
+  p = beam.Pipeline(runner=FnApiRunner())
+  _ = (p | ReadFromKafka(kafka_bootstrap, topics, stop="end", max_records_per_call=500)
+       | "Collect" >> beam.ParDo(_Collect(name)))
+  result = p.run()
+  result.wait_until_finish()
+  records = [r for r, _ in _SINKS.pop(name)]
+  for t in topics:
+    assert_no_duplicates([r for r in records if r.topic == t])
+    assert sum(r.topic == t for r in records) == produced[t]
+  counted = {c.key.metric.name: c.committed for c in
+             result.metrics().query(MetricsFilter().with_namespace("smartgrid"))["counters"]}
+  assert counted == {f"records_read/{t}": n for t, n in produced.items()}
+
+
 def _transactional_producer(bootstrap: str) -> KafkaProducer:
   producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"tx-{uuid.uuid4().hex}",
                            enable_idempotence=True, acks="all")

@@ -486,6 +486,10 @@ class FakeConsumer:
   def assign(self, tps):
     assert tps == [self.tp]
 
+  def partitions_for_topic(self, topic):
+    assert topic == self.tp.topic
+    return {self.tp.partition}
+
   def seek(self, tp, offset):
     self.seeks += 1
     self.pos = offset
@@ -694,19 +698,87 @@ def test_process_stop_timestamp_ends_before_the_first_late_record():
 
 
 def test_process_stops_when_the_runner_split_the_range():
+  """A split between the poll and its claim: the batch's claim fails, the records below
+  the split are emitted (the primary's, read by no one else), none at or past it."""
   tp = TopicPartition("t", 0)
   consumer = FakeConsumer(tp, {o: _rec(o) for o in range(10)}, end=10, batch=10)
   fn = _reader(consumer)
   safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(OffsetRange(0, 10)))
-  gen = fn.process(PartitionRead("t", 0, 0, 10), tracker=RestrictionTrackerView(safe),
+  split = []
+  poll = consumer.poll
+
+  def poll_then_split(timeout_ms):
+    out = poll(timeout_ms)
+    split.append(safe.try_split(0.5))  # the runner takes [4, 10) away before the claim
+    return out
+
+  consumer.poll = poll_then_split
+  out = list(fn.process(PartitionRead("t", 0, 0, 10), tracker=RestrictionTrackerView(safe),
+                        watermark=KafkaWatermarkEstimator(None)))
+  safe.check_done()
+  (_, residual), = split
+  assert residual == OffsetRange(4, 10)
+  offsets = [tv.value.offset for tv in out]
+  assert offsets == list(range(residual.start))
+  assert [tv.value.covers_from for tv in out] == [0, 1, 2, 3]
+  assert fn._next_offset is None  # its buffered records beyond the split are not reused
+
+
+def test_process_a_split_while_a_batch_leaves_cuts_after_the_batch():
+  """The batch's last offset is claimed before its records leave: a split requested
+  while they leave cuts after them; the next batch stops at the split."""
+  tp = TopicPartition("t", 0)
+  consumer = FakeConsumer(tp, {o: _rec(o) for o in range(20)}, end=20, batch=10)
+  fn = _reader(consumer)
+  safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(OffsetRange(0, 20)))
+  gen = fn.process(PartitionRead("t", 0, 0, 20), tracker=RestrictionTrackerView(safe),
                    watermark=KafkaWatermarkEstimator(None))
   first = [next(gen), next(gen)]
-  _, residual = safe.try_split(0.5)  # the runner takes [6, 10) away mid-batch
+  primary, residual = safe.try_split(0.5)
+  assert primary == OffsetRange(0, 14) and residual == OffsetRange(14, 20)
   rest = list(gen)
   safe.check_done()
   offsets = [tv.value.offset for tv in first + rest]
-  assert offsets == list(range(residual.start))
-  assert fn._next_offset is None  # its buffered records beyond the split are not reused
+  assert offsets == list(range(14))
+  assert [tv.value.covers_from for tv in first + rest] == list(range(14))
+  assert fn._next_offset is None
+
+
+def test_process_claims_once_per_poll_batch_the_last_offset_it_keeps():
+  """Offsets 3, 4 are markers; the stop (7) cuts the second batch (5, 6, 7): claims 2, then
+  6 (its last kept record), then the stop that ends the range."""
+  tp = TopicPartition("t", 0)
+  recs = {o: _rec(o) for o in (0, 1, 2, 5, 6, 7, 8, 9)}
+  fn = _reader(FakeConsumer(tp, recs, end=10, batch=3))
+  claims = []
+
+  class Recording(KafkaOffsetTracker):
+    def try_claim(self, position):
+      claims.append(position)
+      return super().try_claim(position)
+
+  safe = ThreadsafeRestrictionTracker(Recording(OffsetRange(0, 7)))
+  out = list(fn.process(PartitionRead("t", 0, 0, 7), tracker=RestrictionTrackerView(safe),
+                        watermark=KafkaWatermarkEstimator(None)))
+  safe.check_done()
+  assert [tv.value.offset for tv in out] == [0, 1, 2, 5, 6]
+  assert [tv.value.covers_from for tv in out] == [0, 1, 2, 3, 6]
+  assert claims == [2, 6, 7]
+
+
+def test_process_reads_on_when_the_metadata_preload_meets_an_outage():
+  """Loading the topic's metadata before the first poll is only a speed-up: a broker
+  that refuses it then does not fail the read (the polls wait outages out)."""
+  from kafka.errors import KafkaConnectionError
+  tp = TopicPartition("t", 0)
+
+  class Refusing(FakeConsumer):
+    def partitions_for_topic(self, topic):
+      raise KafkaConnectionError("111 ECONNREFUSED")
+
+  fn = _reader(Refusing(tp, {o: _rec(o) for o in range(5)}, end=5))
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0, 5), OffsetRange(0, 5))
+  assert [tv.value.offset for tv in out] == [0, 1, 2, 3, 4] and residual is None
 
 
 def test_unbounded_range_refuses_fractional_splits_but_checkpoints():

@@ -32,6 +32,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
+from apache_beam.utils.windowed_value import create as create_windowed_value
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms import telemetry
@@ -182,6 +183,17 @@ def _finish(tracker) -> None:
   tracker.try_claim(tracker.current_restriction().stop)
 
 
+def _kept(records, stop: int, stop_ts: int | None) -> int:
+  """How many of a poll's records (offsets increasing) come before the first one at or
+  past the stop offset or the stop timestamp."""
+  if records[-1].offset < stop and stop_ts is None:
+    return len(records)  # the usual case: no per-record check
+  for i, rec in enumerate(records):
+    if rec.offset >= stop or (stop_ts is not None and rec.timestamp >= stop_ts):
+      return i
+  return len(records)
+
+
 class _ReadPartitionFn(beam.DoFn):
   """Reads one partition's restriction; checkpoints when idle or after a budget of work."""
 
@@ -217,6 +229,7 @@ class _ReadPartitionFn(beam.DoFn):
     if self._consumer is None:
       self._consumer = _new_consumer(self._config)
     if self._assigned != tp:
+      self._load_metadata(tp.topic)
       self._consumer.assign([tp])
       self._assigned = tp
       self._next_offset = None
@@ -224,6 +237,17 @@ class _ReadPartitionFn(beam.DoFn):
       self._consumer.seek(tp, offset)
       self._next_offset = offset
     return self._consumer
+
+  def _load_metadata(self, topic: str) -> None:
+    """Loads the topic's metadata (one request, once per topic and consumer): a first
+    poll without the partition's leader has nothing to fetch and sleeps retry_backoff_ms
+    (100 ms) inside kafka-python. Only a speed-up: in an outage (KafkaConnectionError at
+    once) the polls wait it out as they would have."""
+    from kafka.errors import KafkaError
+    try:
+      self._consumer.partitions_for_topic(topic)
+    except KafkaError as e:
+      _LOGGER.debug("Kafka %s: metadata not loaded before the first poll: %s", topic, e)
 
   def process(self, element: PartitionRead, window=beam.DoFn.WindowParam,
               tracker=beam.DoFn.RestrictionParam(KafkaRestrictionProvider()),
@@ -310,13 +334,10 @@ class _ReadPartitionFn(beam.DoFn):
     self._position(tp, resume)
     return resume
 
-  def _count(self, topic: str, records, batch_start: int, next_offset: int) -> None:
-    """Counts the records of a poll batch emitted so far (those with offset < next_offset)."""
-    n = len(records) if next_offset > records[-1].offset else sum(
-        1 for r in records if batch_start <= r.offset < next_offset)
-    if n:
-      self._records.inc(n)
-      telemetry.count_read(topic, n)
+  def _count(self, topic: str, n: int) -> None:
+    """Counts n records read from topic (once per poll batch)."""
+    self._records.inc(n)
+    telemetry.count_read(topic, n)
 
   def _poll_wait_ms(self, *, bounded: bool, first: bool) -> int:
     """How long a poll may block.
@@ -396,38 +417,57 @@ class _ReadPartitionFn(beam.DoFn):
 
   def _emit(self, records, c: _Cursor, tracker, watermark):
     """Claims and emits a poll's records; returns False when the restriction ended in it
-    (its stop offset or timestamp reached, or the runner split it below a record)."""
-    topic, partition, stop, stop_ts, windows = c.tp.topic, c.tp.partition, c.stop, c.stop_ts, c.windows
-    batch_start = covers_from = c.covers_from
-    max_ts = None
-    for rec in records:
-      offset = rec.offset
-      if offset >= stop or (stop_ts is not None and rec.timestamp >= stop_ts):
-        self._next_offset = None
-        _finish(tracker)
-        if max_ts is not None:
-          watermark.observe_record(max_ts)
-        self._count(topic, records, batch_start, covers_from)
-        return False
-      if not tracker.try_claim(offset):
-        self._next_offset = None  # the runner split the range: our buffered records are not ours
-        self._count(topic, records, batch_start, covers_from)
-        return False
-      ts = rec.timestamp
-      # A WindowedValue in the input's window: a TimestampedValue would make the runner
-      # re-run the window assignment per record. Exact micros: float seconds can be 1 µs early.
-      yield WindowedValue(
-          KafkaRecord(topic, partition, offset, covers_from, rec.key, rec.value, ts,
-                      tuple(rec.headers) if rec.headers else ()),
-          Timestamp(micros=ts * 1000), windows)
-      covers_from = offset + 1
-      if max_ts is None or ts > max_ts:
-        max_ts = ts
-    c.covers_from = self._next_offset = covers_from
-    c.emitted += len(records)
-    self._count(topic, records, batch_start, covers_from)
-    watermark.observe_record(max_ts)
+    (its stop offset or timestamp reached, or the runner split it below a record).
+
+    One claim per poll: the offset of the last record this read keeps. An
+    ``OffsetRestrictionTracker`` claim of an offset covers the offsets before it (a
+    split is cut after the last claimed offset), so every record emitted here is in
+    this call's restriction, and a split while the records leave cuts after them.
+    """
+    kept = _kept(records, c.stop, c.stop_ts)
+    if kept and not tracker.try_claim(records[kept - 1].offset):
+      # The runner split the range between this call's last claim and that offset: the
+      # records below the split are still this restriction's and no one else reads them
+      # (the residual starts at the split); the failed claim ended the restriction.
+      kept = _kept(records, tracker.current_restriction().stop, None)
+      self._next_offset = None  # the records buffered past the split are not ours
+      yield from self._emit_records(records, kept, c, watermark)
+      return False
+    yield from self._emit_records(records, kept, c, watermark)
+    if kept < len(records):  # a record at the stop offset or timestamp ends the read
+      self._next_offset = None
+      _finish(tracker)
+      return False
+    self._next_offset = c.covers_from
+    c.emitted += kept
     return True
+
+  def _emit_records(self, records, n: int, c: _Cursor, watermark):
+    """Emits the first n records (claimed), advances ``c.covers_from``, observes the
+    watermark and counts them: once per poll, not per record."""
+    if not n:
+      return
+    topic, partition, windows = c.tp.topic, c.tp.partition, c.windows
+    covers_from = c.covers_from
+    max_ts = records[0].timestamp
+    # The per-record work is kept to what the output needs: tuple.__new__ skips the
+    # NamedTuple's Python-level __new__, and windowed_value.create (Beam's own fast path,
+    # exact micros) skips building a Timestamp the runner may make lazily.
+    new_record = tuple.__new__
+    for rec in (records if n == len(records) else records[:n]):
+      offset, ts, headers = rec.offset, rec.timestamp, rec.headers
+      # In the input's window: a TimestampedValue would make the runner re-run the window
+      # assignment per record.
+      yield create_windowed_value(
+          new_record(KafkaRecord, (topic, partition, offset, covers_from, rec.key, rec.value, ts,
+                                   tuple(headers) if headers else ())),
+          ts * 1000, windows)
+      covers_from = offset + 1
+      if ts > max_ts:
+        max_ts = ts
+    c.covers_from = covers_from
+    watermark.observe_record(max_ts)
+    self._count(topic, n)
 
   def _end_of_batch(self, c: _Cursor, tracker) -> bool:
     """After a poll's records: ends the restriction or checkpoints it (True), or reads on."""

@@ -17,7 +17,9 @@ class KafkaRecord(NamedTuple):
 
   A NamedTuple rather than a frozen dataclass: one is made per record, and a
   frozen dataclass's ``__init__`` (an ``object.__setattr__`` per field) costs
-  about 2 µs more, 5% of the reader's time.
+  about 2 µs more, 5% of the reader's time. The reader builds it with
+  ``tuple.__new__(KafkaRecord, fields)`` (all eight fields, in order): 0.1 µs
+  instead of the generated ``__new__``'s 0.25 µs.
   """
   topic: str
   partition: int
