@@ -69,9 +69,14 @@ case "$cmd" in
     bash "$ROOT/bigquery_emulator/emulator.sh" install \
       || echo "warning: the BigQuery emulator could not be installed; its tests will fail" >&2
     set +e
+    # One formatter and one linter (ruff.toml): a change that breaks either fails the run.
+    "$PY" -m ruff format --check --quiet "$ROOT" && "$PY" -m ruff check --quiet "$ROOT"
+    lint=$?
+    [ $lint -eq 0 ] || echo "error: ruff format/check failed (fix: .venv/bin/ruff format . && .venv/bin/ruff check --fix .)" >&2
     PYTHONPATH="$ROOT" "$PY" -m pytest "$@"
     rc=$?
     set -e
+    [ $rc -ne 0 ] || rc=$lint
     exit $rc
     ;;
   broker)   py -m broker.kafka_broker "$@" ;;

@@ -29,8 +29,10 @@ def sqlite_loop(bootstrap: str, topics: list[str], n: int, db: str) -> int:
   conn = sqlite3.connect(db, isolation_level=None)
   conn.execute("PRAGMA journal_mode=WAL")
   conn.execute("PRAGMA synchronous=NORMAL")
-  conn.execute("CREATE TABLE IF NOT EXISTS events (topic TEXT, partition INTEGER, offset INTEGER, "
-               "event_id TEXT, entity TEXT, value REAL, ts TEXT, UNIQUE (topic, partition, offset))")
+  conn.execute(
+    "CREATE TABLE IF NOT EXISTS events (topic TEXT, partition INTEGER, offset INTEGER, "
+    "event_id TEXT, entity TEXT, value REAL, ts TEXT, UNIQUE (topic, partition, offset))"
+  )
   c = from_beginning(bootstrap, topics)
   batch, seen = [], 0
   sql = "INSERT INTO events VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
@@ -45,8 +47,17 @@ def sqlite_loop(bootstrap: str, topics: list[str], n: int, db: str) -> int:
     for records in c.poll(timeout_ms=500).values():
       for r in records:
         e = json.loads(r.value)
-        batch.append((r.topic, r.partition, r.offset, e["event_id"], e.get("sensor_id") or e.get("meter_id"),
-                      e.get("value", e.get("reading")), e["timestamp"]))
+        batch.append(
+          (
+            r.topic,
+            r.partition,
+            r.offset,
+            e["event_id"],
+            e.get("sensor_id") or e.get("meter_id"),
+            e.get("value", e.get("reading")),
+            e["timestamp"],
+          )
+        )
         if len(batch) == LOOP_BATCH:
           flush()
       seen += len(records)
@@ -70,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     seen = sqlite_loop(bootstrap, topics, n, db)
   else:
     from benchmarks.reader_bench import bench_reader  # pylint: disable=import-outside-toplevel
+
     seen = bench_reader(bootstrap, topics)
   if seen != n:
     print(f"{kind}: read {seen} records, expected {n}", file=sys.stderr)

@@ -66,8 +66,12 @@ def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
 
 def from_beginning(bootstrap: str, topics: list[str]) -> KafkaConsumer:
   """A consumer assigned to every partition of topics, at their beginning, committing nothing."""
-  c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                    isolation_level="read_committed", max_poll_records=2000)
+  c = KafkaConsumer(
+    bootstrap_servers=bootstrap,
+    enable_auto_commit=False,
+    isolation_level="read_committed",
+    max_poll_records=2000,
+  )
   c.assign([TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t))])
   c.seek_to_beginning()
   return c
@@ -88,8 +92,9 @@ def raw_consume(bootstrap: str, topics: list[str], n: int) -> int:
     c.close(autocommit=False)
 
 
-def produce_smartgrid(bootstrap: str, n: int, seed: int = 11,
-                      topics: tuple[str, str] | None = None) -> tuple[str, str]:
+def produce_smartgrid(
+  bootstrap: str, n: int, seed: int = 11, topics: tuple[str, str] | None = None
+) -> tuple[str, str]:
   """n realistic events (tools.produce, no malformed ones) to the (sensor, meter) topics,
   by default fresh ones of 4 partitions each; returns their names."""
   tag = uuid.uuid4().hex[:6]

@@ -22,7 +22,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -60,7 +59,11 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 def _produce(bootstrap: str, topics: tuple[str, str], n: int, transactional: bool) -> None:
-  kwargs = dict(transactional_id=f"tx-{uuid.uuid4().hex}", enable_idempotence=True) if transactional else {}
+  kwargs = (
+    dict(transactional_id=f"tx-{uuid.uuid4().hex}", enable_idempotence=True)
+    if transactional
+    else {}
+  )
   producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kwargs)
   if transactional:
     producer.init_transactions()
@@ -69,8 +72,10 @@ def _produce(bootstrap: str, topics: tuple[str, str], n: int, transactional: boo
     for i in range(0, n, 20):
       if transactional:
         producer.begin_transaction()
-      for ev in events[i:i + 20]:
-        producer.send(topics[0] if ev.topic_kind == "sensor" else topics[1], key=ev.key, value=ev.value)
+      for ev in events[i : i + 20]:
+        producer.send(
+          topics[0] if ev.topic_kind == "sensor" else topics[1], key=ev.key, value=ev.value
+        )
       producer.flush()
       if transactional:
         # Every third transaction aborted; the last one committed: the log ends with markers.
@@ -81,8 +86,12 @@ def _produce(bootstrap: str, topics: tuple[str, str], n: int, transactional: boo
 
 
 def _caught_up(bootstrap: str, group: str, topics: tuple[str, str]) -> bool:
-  c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                    isolation_level="read_committed")
+  c = KafkaConsumer(
+    bootstrap_servers=bootstrap,
+    group_id=group,
+    enable_auto_commit=False,
+    isolation_level="read_committed",
+  )
   try:
     tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t) or ())]
     end = c.end_offsets(tps)
@@ -99,14 +108,32 @@ def measure(bootstrap: str, work: Path, kind: str, seconds: float, workers: int)
   group = f"idle-{uuid.uuid4().hex[:8]}"
   log = open(work / f"{kind}.log", "w")
   proc = subprocess.Popen(
-      [sys.executable, "-m", PIPELINE_MAIN, "--mode=local", f"--bootstrap_servers={bootstrap}",
-       f"--sensor_topic={topics[0]}", f"--meter_topic={topics[1]}", f"--group_id={group}",
-       f"--sink=sqlite:///{work / (kind + '.db')}", f"--drain_file={work / (kind + '.drain')}",
-       f"--local_workers={workers}", "--progress_secs=5"],
-      cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
+    [
+      sys.executable,
+      "-m",
+      PIPELINE_MAIN,
+      "--mode=local",
+      f"--bootstrap_servers={bootstrap}",
+      f"--sensor_topic={topics[0]}",
+      f"--meter_topic={topics[1]}",
+      f"--group_id={group}",
+      f"--sink=sqlite:///{work / (kind + '.db')}",
+      f"--drain_file={work / (kind + '.drain')}",
+      f"--local_workers={workers}",
+      "--progress_secs=5",
+    ],
+    cwd=str(REPO),
+    env={**os.environ, "PYTHONPATH": str(REPO)},
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   try:
-    support.wait_for(lambda: _caught_up(bootstrap, group, topics) or proc.poll() is not None,
-                     timeout=120, interval=0.5, what=f"the {kind} run to catch up")
+    support.wait_for(
+      lambda: _caught_up(bootstrap, group, topics) or proc.poll() is not None,
+      timeout=120,
+      interval=0.5,
+      what=f"the {kind} run to catch up",
+    )
     if proc.poll() is not None:
       raise RuntimeError(f"the pipeline exited with {proc.returncode}: see {work / kind}.log")
     time.sleep(2)  # let the last round's end settle before the measured window
@@ -123,17 +150,21 @@ def measure(bootstrap: str, work: Path, kind: str, seconds: float, workers: int)
   return 100.0 * used / elapsed
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seconds", type=float, default=30.0)
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--bootstrap", default=None, help="an existing broker (default: start one)")
   args = parser.parse_args(argv)
   with bench_broker(args.bootstrap, "idle-cpu") as (bootstrap, work):
-    results = {kind: measure(bootstrap, work, kind, args.seconds, args.workers)
-               for kind in ("plain", "transactional")}
-  print(f"idle CPU of the local pipeline ({args.workers} workers, {args.seconds:.0f} s idle, "
-        f"whole process tree, % of one core):")
+    results = {
+      kind: measure(bootstrap, work, kind, args.seconds, args.workers)
+      for kind in ("plain", "transactional")
+    }
+  print(
+    f"idle CPU of the local pipeline ({args.workers} workers, {args.seconds:.0f} s idle, "
+    f"whole process tree, % of one core):"
+  )
   for kind, pct in results.items():
     print(f"  {kind:14s} {pct:5.1f}%  {'ok' if pct <= 5.0 else 'ABOVE the 5% goal'}")
   return 0 if all(p <= 5.0 for p in results.values()) else 1

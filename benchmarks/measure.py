@@ -27,6 +27,7 @@ COMMIT_POLL_SECS = 0.05
 @dataclasses.dataclass
 class Measured:
   """One command's run: wall seconds, CPU seconds of the tree, peak RSS (MB) per process."""
+
   wall_s: float
   cpu_s: float
   rss_mb: dict[int, float]
@@ -111,6 +112,7 @@ class CommitWatch(threading.Thread):
   def __init__(self, bootstrap: str, group: str, topics: Sequence[str]):
     super().__init__(daemon=True, name="commit-watch")
     from kafka import KafkaAdminClient  # pylint: disable=import-outside-toplevel
+
     self.admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     self.group, self.topics = group, set(topics)
     self.baseline = self._committed()
@@ -123,7 +125,9 @@ class CommitWatch(threading.Thread):
     except Exception as e:  # noqa: BLE001 - the group may not exist yet
       _LOGGER.debug("committed offsets of %s: %s", self.group, e)
       return {}
-    return {tp: om.offset for tp, om in offsets.items() if tp.topic in self.topics and om.offset >= 0}
+    return {
+      tp: om.offset for tp, om in offsets.items() if tp.topic in self.topics and om.offset >= 0
+    }
 
   def run(self) -> None:
     try:
@@ -137,13 +141,15 @@ class CommitWatch(threading.Thread):
       self.admin.close()
 
 
-def run_measured(argv: Sequence[str], env: dict, cwd: Path, *,
-                 watch: CommitWatch | None = None, while_running=None) -> Measured:
+def run_measured(
+  argv: Sequence[str], env: dict, cwd: Path, *, watch: CommitWatch | None = None, while_running=None
+) -> Measured:
   """Runs argv to its end and measures it. ``while_running(proc)`` is called once after the
   start (e.g. to wait for a condition and send a signal); ``watch`` is started with it."""
   t0 = time.monotonic()
-  proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stderr=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, text=True)
+  proc = subprocess.Popen(
+    list(argv), cwd=cwd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+  )
   if watch is not None:
     watch.start()
   sampler = _RssSampler(proc.pid)
@@ -166,5 +172,6 @@ def run_measured(argv: Sequence[str], env: dict, cwd: Path, *,
   # which is the launching process's size.
   peaks = dict(sampler.peaks)
   first = None if watch is None or watch.first is None else watch.first - t0
-  return Measured(wall, usage.ru_utime + usage.ru_stime, peaks, proc.returncode,
-                  "".join(err_lines), first)
+  return Measured(
+    wall, usage.ru_utime + usage.ru_stime, peaks, proc.returncode, "".join(err_lines), first
+  )

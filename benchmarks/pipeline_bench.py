@@ -39,14 +39,14 @@ REPO = Path(__file__).resolve().parent.parent
 DRAIN_EVENTS = 20_000
 # Issue 13's goals: (label, figure key, comparison, bound).
 GOALS = (
-    ("1 worker / loop (events/s)", "w1_over_loop", ">=", 0.6),
-    ("CPU per event, 1 worker / loop", "cpu_w1_over_loop", "<=", 1.5),
-    ("2 workers / loop (events/s)", "w2_over_loop", ">=", 1.1),
-    ("peak RSS per process, MB (any run, any size)", "peak_rss_mb", "<=", 250.0),
-    ("memory flat: peak RSS at N / at N/4", "rss_growth", "<=", 1.15),
-    ("first committed offset, batch, s", "first_commit_batch_s", "<=", 2.0),
-    ("first committed offset, local, s", "first_commit_local_s", "<=", 2.0),
-    ("reader / raw (events/s)", "reader_over_raw", ">=", 0.6),
+  ("1 worker / loop (events/s)", "w1_over_loop", ">=", 0.6),
+  ("CPU per event, 1 worker / loop", "cpu_w1_over_loop", "<=", 1.5),
+  ("2 workers / loop (events/s)", "w2_over_loop", ">=", 1.1),
+  ("peak RSS per process, MB (any run, any size)", "peak_rss_mb", "<=", 250.0),
+  ("memory flat: peak RSS at N / at N/4", "rss_growth", "<=", 1.15),
+  ("first committed offset, batch, s", "first_commit_batch_s", "<=", 2.0),
+  ("first committed offset, local, s", "first_commit_local_s", "<=", 2.0),
+  ("reader / raw (events/s)", "reader_over_raw", ">=", 0.6),
 )
 
 
@@ -61,22 +61,39 @@ def _check(m: Measured, what: str) -> Measured:
 
 
 def _row(name: str, m: Measured, n: int, extra: str = "") -> dict:
-  row = {"name": name, "events": n, "wall_s": round(m.wall_s, 3),
-         "events_per_s": round(n / m.wall_s), "cpu_s": round(m.cpu_s, 3),
-         "cpu_us_per_event": round(m.cpu_s / n * 1e6, 2),
-         "peak_rss_mb": round(m.peak_rss_mb, 1), "processes": len(m.rss_mb),
-         "rss_mb_per_process": sorted((round(v, 1) for v in m.rss_mb.values()), reverse=True),
-         "first_commit_s": None if m.first_commit_s is None else round(m.first_commit_s, 2)}
+  row = {
+    "name": name,
+    "events": n,
+    "wall_s": round(m.wall_s, 3),
+    "events_per_s": round(n / m.wall_s),
+    "cpu_s": round(m.cpu_s, 3),
+    "cpu_us_per_event": round(m.cpu_s / n * 1e6, 2),
+    "peak_rss_mb": round(m.peak_rss_mb, 1),
+    "processes": len(m.rss_mb),
+    "rss_mb_per_process": sorted((round(v, 1) for v in m.rss_mb.values()), reverse=True),
+    "first_commit_s": None if m.first_commit_s is None else round(m.first_commit_s, 2),
+  }
   per = "/".join(f"{v:.0f}" for v in row["rss_mb_per_process"][:4])
   fc = "" if row["first_commit_s"] is None else f"  first commit {row['first_commit_s']:.2f}s"
-  print(f"  {name:40s} {row['events_per_s']:>9,} ev/s  {row['cpu_us_per_event']:6.1f} µs CPU/ev  "
-        f"peak RSS {row['peak_rss_mb']:4.0f} MB ({len(m.rss_mb)} proc: {per}){fc}{extra}", flush=True)
+  print(
+    f"  {name:40s} {row['events_per_s']:>9,} ev/s  {row['cpu_us_per_event']:6.1f} µs CPU/ev  "
+    f"peak RSS {row['peak_rss_mb']:4.0f} MB ({len(m.rss_mb)} proc: {per}){fc}{extra}",
+    flush=True,
+  )
   return row
 
 
 def baseline(kind: str, bootstrap: str, topics: list[str], n: int, work: Path) -> Measured:
-  argv = [sys.executable, "-m", "benchmarks.baselines", kind, bootstrap, str(n),
-          str(work / f"{kind}.db"), *topics]
+  argv = [
+    sys.executable,
+    "-m",
+    "benchmarks.baselines",
+    kind,
+    bootstrap,
+    str(n),
+    str(work / f"{kind}.db"),
+    *topics,
+  ]
   return _check(run_measured(argv, _env(), REPO), kind)
 
 
@@ -87,15 +104,34 @@ def _batches(stderr: str) -> str:
   return f"  batches {total} ({100 * full / total:.0f}% full)" if total else ""
 
 
-def pipeline(mode: str, common: list[str], group: str, db: Path, workers: int,
-             extra: tuple = (), while_running=None) -> Measured:
-  argv = [sys.executable, "-m", PIPELINE_MAIN, f"--mode={mode}", *common, f"--group_id={group}",
-          f"--sink=sqlite:///{db}", f"--local_workers={workers}", "--progress_secs=0", *extra]
+def pipeline(
+  mode: str,
+  common: list[str],
+  group: str,
+  db: Path,
+  workers: int,
+  extra: tuple = (),
+  while_running=None,
+) -> Measured:
+  argv = [
+    sys.executable,
+    "-m",
+    PIPELINE_MAIN,
+    f"--mode={mode}",
+    *common,
+    f"--group_id={group}",
+    f"--sink=sqlite:///{db}",
+    f"--local_workers={workers}",
+    "--progress_secs=0",
+    *extra,
+  ]
   bootstrap = common[0].split("=", 1)[1]
   topics = [a.split("=", 1)[1] for a in common[1:]]
   watch = CommitWatch(bootstrap, group, topics)
-  return _check(run_measured(argv, _env(), REPO, watch=watch, while_running=while_running),
-                f"pipeline {mode} ({workers} workers)")
+  return _check(
+    run_measured(argv, _env(), REPO, watch=watch, while_running=while_running),
+    f"pipeline {mode} ({workers} workers)",
+  )
 
 
 def _drain_when_caught_up(bootstrap: str, group: str, topics: list[str]):
@@ -139,18 +175,18 @@ def figures(rows: dict, n: int) -> dict:
   cpu = {k: r["cpu_us_per_event"] for k, r in rows.items()}
   pipes = [r for k, r in rows.items() if k.startswith(("batch", "local"))]
   return {
-      "w1_over_loop": _ratio(eps["batch_w1"], eps["loop"]),
-      "cpu_w1_over_loop": _ratio(cpu["batch_w1"], cpu["loop"]),
-      "w2_over_loop": _ratio(eps["batch_w2"], eps["loop"]),
-      "cpu_w2_over_loop": _ratio(cpu["batch_w2"], cpu["loop"]),
-      "peak_rss_mb": max(r["peak_rss_mb"] for r in pipes),
-      "rss_at_quarter_mb": rows["batch_w1_quarter"]["peak_rss_mb"],
-      "rss_at_n_mb": rows["batch_w1"]["peak_rss_mb"],
-      "rss_growth": _ratio(rows["batch_w1"]["peak_rss_mb"], rows["batch_w1_quarter"]["peak_rss_mb"]),
-      "first_commit_batch_s": _worst(rows[k]["first_commit_s"] for k in ("batch_w1", "batch_w2")),
-      "first_commit_local_s": rows["local"]["first_commit_s"],
-      "reader_over_raw": _ratio(eps.get("reader"), eps["raw"]),
-      "events": n,
+    "w1_over_loop": _ratio(eps["batch_w1"], eps["loop"]),
+    "cpu_w1_over_loop": _ratio(cpu["batch_w1"], cpu["loop"]),
+    "w2_over_loop": _ratio(eps["batch_w2"], eps["loop"]),
+    "cpu_w2_over_loop": _ratio(cpu["batch_w2"], cpu["loop"]),
+    "peak_rss_mb": max(r["peak_rss_mb"] for r in pipes),
+    "rss_at_quarter_mb": rows["batch_w1_quarter"]["peak_rss_mb"],
+    "rss_at_n_mb": rows["batch_w1"]["peak_rss_mb"],
+    "rss_growth": _ratio(rows["batch_w1"]["peak_rss_mb"], rows["batch_w1_quarter"]["peak_rss_mb"]),
+    "first_commit_batch_s": _worst(rows[k]["first_commit_s"] for k in ("batch_w1", "batch_w2")),
+    "first_commit_local_s": rows["local"]["first_commit_s"],
+    "reader_over_raw": _ratio(eps.get("reader"), eps["raw"]),
+    "events": n,
   }
 
 
@@ -166,9 +202,12 @@ def report(figs: dict) -> dict:
     ok = value >= bound if op == ">=" else value <= bound
     verdicts[key] = "PASS" if ok else "FAIL"
     print(f"  {label:46s} {value:8.2f}   goal {op} {bound:<6} {verdicts[key]}", flush=True)
-  print(f"  (peak RSS of 1 worker: {figs['rss_at_quarter_mb']:.0f} MB at N/4, "
-        f"{figs['rss_at_n_mb']:.0f} MB at N; CPU per event, 2 workers / loop: "
-        f"{figs['cpu_w2_over_loop']:.2f})", flush=True)
+  print(
+    f"  (peak RSS of 1 worker: {figs['rss_at_quarter_mb']:.0f} MB at N/4, "
+    f"{figs['rss_at_n_mb']:.0f} MB at N; CPU per event, 2 workers / loop: "
+    f"{figs['cpu_w2_over_loop']:.2f})",
+    flush=True,
+  )
   return verdicts
 
 
@@ -177,36 +216,62 @@ def run_all(bootstrap: str, work: Path, n: int, with_reader: bool) -> dict:
   quarter = max(1, n // 4)
   sensor, meter = produce_smartgrid(bootstrap, quarter)
   topics = [sensor, meter]
-  common = [f"--bootstrap_servers={bootstrap}", f"--sensor_topic={sensor}", f"--meter_topic={meter}"]
+  common = [
+    f"--bootstrap_servers={bootstrap}",
+    f"--sensor_topic={sensor}",
+    f"--meter_topic={meter}",
+  ]
   m = pipeline("batch", common, "bench-quarter", work / "quarter.db", 1, ("--start=earliest",))
   rows["batch_w1_quarter"] = _row(f"pipeline batch, 1 worker, N/4={quarter}", m, quarter)
   produce_smartgrid(bootstrap, n - quarter, seed=13, topics=(sensor, meter))
   print(f"Measuring over {n} events:", flush=True)
-  rows["raw"] = _row("raw kafka-python + json.loads", baseline("raw", bootstrap, topics, n, work), n)
-  rows["loop"] = _row("kafka-python -> SQLite loop, batches of 100",
-                      baseline("loop", bootstrap, topics, n, work), n)
+  rows["raw"] = _row(
+    "raw kafka-python + json.loads", baseline("raw", bootstrap, topics, n, work), n
+  )
+  rows["loop"] = _row(
+    "kafka-python -> SQLite loop, batches of 100", baseline("loop", bootstrap, topics, n, work), n
+  )
   if with_reader:
-    rows["reader"] = _row("ReadFromKafka | json.loads (FnApiRunner)",
-                          baseline("reader", bootstrap, topics, n, work), n)
+    rows["reader"] = _row(
+      "ReadFromKafka | json.loads (FnApiRunner)", baseline("reader", bootstrap, topics, n, work), n
+    )
   for workers in (1, 2):
     db = work / f"pipeline-{workers}.db"
     m = pipeline("batch", common, f"bench-{workers}", db, workers, ("--start=earliest",))
-    rows[f"batch_w{workers}"] = _row(f"pipeline batch, {workers} worker{'s' * (workers > 1)}", m, n,
-                                     f"  rows {sink_rows(db)}{_batches(m.stderr)}")
+    rows[f"batch_w{workers}"] = _row(
+      f"pipeline batch, {workers} worker{'s' * (workers > 1)}",
+      m,
+      n,
+      f"  rows {sink_rows(db)}{_batches(m.stderr)}",
+    )
   produce_smartgrid(bootstrap, DRAIN_EVENTS, seed=12, topics=(sensor, meter))
   drain, state = _drain_when_caught_up(bootstrap, "bench-1", topics)
-  m = pipeline("local", common, "bench-1", work / "pipeline-1.db", 1,
-               (f"--drain_file={work / 'drain'}",), while_running=drain)
+  m = pipeline(
+    "local",
+    common,
+    "bench-1",
+    work / "pipeline-1.db",
+    1,
+    (f"--drain_file={work / 'drain'}",),
+    while_running=drain,
+  )
   drain_s = (time.monotonic() - state["signalled"]) if "signalled" in state else None
-  rows["local"] = _row(f"pipeline local, 1 worker, {DRAIN_EVENTS} new", m, DRAIN_EVENTS,
-                       f"  drain {drain_s:.2f}s" if drain_s is not None else "  (not drained)")
+  rows["local"] = _row(
+    f"pipeline local, 1 worker, {DRAIN_EVENTS} new",
+    m,
+    DRAIN_EVENTS,
+    f"  drain {drain_s:.2f}s" if drain_s is not None else "  (not drained)",
+  )
   rows["local"]["drain_s"] = drain_s
   return rows
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="benchmarks.pipeline_bench", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    prog="benchmarks.pipeline_bench",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   ap.add_argument("--events", type=int, default=200_000)
   ap.add_argument("--bootstrap", default=None, help="an existing broker (default: start one)")
   ap.add_argument("--no-reader", action="store_true", help="skip the ReadFromKafka-alone run")
@@ -217,7 +282,9 @@ def main(argv=None) -> int:
     rows = run_all(bootstrap, work, a.events, not a.no_reader)
   figs = figures(rows, a.events)
   verdicts = report(figs)
-  print("BENCH_JSON " + json.dumps({"rows": rows, "figures": figs, "verdicts": verdicts}), flush=True)
+  print(
+    "BENCH_JSON " + json.dumps({"rows": rows, "figures": figs, "verdicts": verdicts}), flush=True
+  )
   return 0
 
 

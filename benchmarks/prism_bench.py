@@ -31,13 +31,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
-from benchmarks.common import (
-  PIPELINE_MAIN,
-  bench_broker,
-  cpu_seconds,
-  produce_smartgrid,
-  sink_rows,
-)
+from benchmarks.common import PIPELINE_MAIN, bench_broker, cpu_seconds, produce_smartgrid, sink_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,14 +66,27 @@ def _caught_up(c: KafkaConsumer, tps: list, end: dict, db: Path, n: int) -> bool
   return sink_rows(db) >= n or all((c.committed(tp) or 0) >= end[tp] for tp in tps)
 
 
-def run(name: str, args: list[str], env_extra: dict, streaming: bool, bootstrap: str,
-        topics: list[str], group: str, db: Path) -> dict:
+def run(
+  name: str,
+  args: list[str],
+  env_extra: dict,
+  streaming: bool,
+  bootstrap: str,
+  topics: list[str],
+  group: str,
+  db: Path,
+) -> dict:
   env = {**os.environ, "PYTHONPATH": str(REPO), **env_extra}
   cpu_before = cpu_seconds(resource.RUSAGE_CHILDREN)
   t0 = time.monotonic()
   log = open(db.with_suffix(".log"), "w")
-  proc = subprocess.Popen([sys.executable, "-m", PIPELINE_MAIN, *args, "--progress_secs=0"],
-                          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", PIPELINE_MAIN, *args, "--progress_secs=0"],
+    cwd=REPO,
+    env=env,
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   peak = {"launcher": 0.0, "prism": 0.0}
   consumer = tps = end = None
   if streaming:
@@ -109,15 +116,23 @@ def run(name: str, args: list[str], env_extra: dict, streaming: bool, bootstrap:
   if caught_up_at is not None:
     drain_s = exited - caught_up_at
   rows = sink_rows(db)
-  return {"wall": (caught_up_at or exited) - t0, "total": exited - t0,
-          "cpu": cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_before,
-          "rss_launcher": peak["launcher"], "rss_prism": peak["prism"], "rows": rows,
-          "drain_s": drain_s}
+  return {
+    "wall": (caught_up_at or exited) - t0,
+    "total": exited - t0,
+    "cpu": cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_before,
+    "rss_launcher": peak["launcher"],
+    "rss_prism": peak["prism"],
+    "rows": rows,
+    "drain_s": drain_s,
+  }
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="benchmarks.prism_bench", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    prog="benchmarks.prism_bench",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   ap.add_argument("--events", type=int, default=200_000)
   ap.add_argument("--bootstrap", default=None, help="an existing broker (default: start one)")
   ap.add_argument("--only", default=None, help="comma-separated run names (default: all)")
@@ -125,14 +140,22 @@ def main(argv=None) -> int:
   with bench_broker(a.bootstrap, "prism-bench") as (bootstrap, work):
     n = a.events
     sensor, meter = produce_smartgrid(bootstrap, n)
-    common = [f"--bootstrap_servers={bootstrap}", f"--sensor_topic={sensor}",
-              f"--meter_topic={meter}", "--start=earliest"]
+    common = [
+      f"--bootstrap_servers={bootstrap}",
+      f"--sensor_topic={sensor}",
+      f"--meter_topic={meter}",
+      "--start=earliest",
+    ]
     runs = [
-        ("fnapi-batch", ["--mode=batch"], {}, False),
-        ("prism-stop-end", ["--mode=local", "--runner=PrismRunner", "--stop=end"],
-         {"PRISM_ALLOW_BOUNDED": "1"}, False),
-        ("fnapi-stream", ["--mode=local"], {}, True),
-        ("prism-stream", ["--mode=local", "--runner=PrismRunner"], {}, True),
+      ("fnapi-batch", ["--mode=batch"], {}, False),
+      (
+        "prism-stop-end",
+        ["--mode=local", "--runner=PrismRunner", "--stop=end"],
+        {"PRISM_ALLOW_BOUNDED": "1"},
+        False,
+      ),
+      ("fnapi-stream", ["--mode=local"], {}, True),
+      ("prism-stream", ["--mode=local", "--runner=PrismRunner"], {}, True),
     ]
     only = set(a.only.split(",")) if a.only else None
     for name, args, env_extra, streaming in runs:
@@ -141,12 +164,16 @@ def main(argv=None) -> int:
       group = f"bench-{name}-{sensor}"
       db = work / f"{name}.db"
       extra = [f"--group_id={group}", f"--sink=sqlite:///{db}", f"--drain_file={work / name}.drain"]
-      r = run(name, [*args, *common, *extra], env_extra, streaming, bootstrap, [sensor, meter],
-              group, db)
+      r = run(
+        name, [*args, *common, *extra], env_extra, streaming, bootstrap, [sensor, meter], group, db
+      )
       drain = f"  drain {r['drain_s']:.2f}s" if r["drain_s"] is not None else ""
-      print(f"  {name:15s} {n / r['wall']:>8,.0f} events/s  ({r['wall']:.1f}s)  cpu {r['cpu']:.1f}s  "
-            f"peak RSS launcher {r['rss_launcher']:.0f} MB, prism {r['rss_prism']:.0f} MB  "
-            f"rows {r['rows']}/{n}{drain}", flush=True)
+      print(
+        f"  {name:15s} {n / r['wall']:>8,.0f} events/s  ({r['wall']:.1f}s)  cpu {r['cpu']:.1f}s  "
+        f"peak RSS launcher {r['rss_launcher']:.0f} MB, prism {r['rss_prism']:.0f} MB  "
+        f"rows {r['rows']}/{n}{drain}",
+        flush=True,
+      )
   return 0
 
 

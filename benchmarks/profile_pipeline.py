@@ -37,34 +37,43 @@ REPO = Path(__file__).resolve().parent.parent
 # (component, pattern on "file:function" of one frame). The innermost frame that matches any
 # pattern names the component of a sample; order decides between patterns on the same frame.
 COMPONENTS = (
-    ("startup: imports", r"<frozen importlib|importlib/__init__"),
-    ("SQLite write (executemany, commit, fsync)", r"transforms/sinks/sqlite\.py:.*"),
-    ("JSON decode", r"json/(decoder|__init__)\.py"),
-    ("timestamp parsing", r"transforms/timestamps\.py"),
-    ("parse + validate + row building", r"transforms/(parse|events|avro)\.py"),
-    ("reconcile / SkipStored", r"transforms/reconcile\.py"),
-    ("batching in ParseEvents + keys", r"transforms/batching\.py"),
-    ("windowing (project)", r"transforms/windows\.py"),
-    ("acks + CommitOffsets", r"transforms/(acks|commit)\.py"),
-    ("progress counters", r"transforms/progress\.py"),
-    ("reader: record building + tracking", r"transforms/kafka/"),
-    ("kafka-python: record decode (v2 batches, crc)", r"kafka/record/"),
-    ("kafka-python: fetch, protocol, network", r"kafka/"),
-    ("Beam: GroupIntoBatches (state, timers)", (r"apache_beam/transforms/util\.py|statecache|state_?handler|"
-                                                r"userstate|bundle_processor\.py:.*(State|state|Timer|timer)")),
-    ("Beam: coders", r"apache_beam/coders/"),
-    ("Beam: windowing", r"apache_beam/transforms/(window|trigger|timeutil)\.py|windowed_value"),
-    ("Beam: metrics", r"apache_beam/metrics/"),
-    ("Beam: runner (FnApiRunner, data plane, stage scheduling)",
-     r"apache_beam/runners/portability/|data_plane|apache_beam/runners/worker/(sdk_worker|worker_pool)"),
-    ("Beam: per-element dispatch (operations, DoFnRunner, outputs)", r"apache_beam/"),
-    ("logging", r"logging/"),
+  ("startup: imports", r"<frozen importlib|importlib/__init__"),
+  ("SQLite write (executemany, commit, fsync)", r"transforms/sinks/sqlite\.py:.*"),
+  ("JSON decode", r"json/(decoder|__init__)\.py"),
+  ("timestamp parsing", r"transforms/timestamps\.py"),
+  ("parse + validate + row building", r"transforms/(parse|events|avro)\.py"),
+  ("reconcile / SkipStored", r"transforms/reconcile\.py"),
+  ("batching in ParseEvents + keys", r"transforms/batching\.py"),
+  ("windowing (project)", r"transforms/windows\.py"),
+  ("acks + CommitOffsets", r"transforms/(acks|commit)\.py"),
+  ("progress counters", r"transforms/progress\.py"),
+  ("reader: record building + tracking", r"transforms/kafka/"),
+  ("kafka-python: record decode (v2 batches, crc)", r"kafka/record/"),
+  ("kafka-python: fetch, protocol, network", r"kafka/"),
+  (
+    "Beam: GroupIntoBatches (state, timers)",
+    (
+      r"apache_beam/transforms/util\.py|statecache|state_?handler|"
+      r"userstate|bundle_processor\.py:.*(State|state|Timer|timer)"
+    ),
+  ),
+  ("Beam: coders", r"apache_beam/coders/"),
+  ("Beam: windowing", r"apache_beam/transforms/(window|trigger|timeutil)\.py|windowed_value"),
+  ("Beam: metrics", r"apache_beam/metrics/"),
+  (
+    "Beam: runner (FnApiRunner, data plane, stage scheduling)",
+    r"apache_beam/runners/portability/|data_plane|apache_beam/runners/worker/(sdk_worker|worker_pool)",
+  ),
+  ("Beam: per-element dispatch (operations, DoFnRunner, outputs)", r"apache_beam/"),
+  ("logging", r"logging/"),
 )
 _COMPILED = [(name, re.compile(pattern)) for name, pattern in COMPONENTS]
 # Leaf frames of a thread that waits (py-spy samples some waiting threads as active): the
 # kafka-python network thread in select, runner threads on conditions, thread targets in C.
-_IDLE = re.compile(r"selectors\.py:|threading\.py:(Condition\.wait|Event\.wait|Thread\._wait_for_tstate_lock"
-                   r"|Thread\.run|Thread\.join)$|queue\.py:Queue\.get$|time\.sleep")
+_IDLE = re.compile(
+  r"selectors\.py:|threading\.py:(Condition\.wait|Event\.wait|Thread\._wait_for_tstate_lock"
+  r"|Thread\.run|Thread\.join)$|queue\.py:Queue\.get$|time\.sleep"
+)
 IDLE = "idle (waiting threads)"
 _PROJECT = re.compile(r"(transforms|pipelines|runners)/")
 
@@ -74,8 +83,16 @@ def _env() -> dict:
 
 
 def _pipeline_args(common: list[str], group: str, db: Path, extra: tuple = ()) -> list[str]:
-  return ["--mode=batch", *common, f"--group_id={group}", "--start=earliest",
-          f"--sink=sqlite:///{db}", "--local_workers=1", "--progress_secs=0", *extra]
+  return [
+    "--mode=batch",
+    *common,
+    f"--group_id={group}",
+    "--start=earliest",
+    f"--sink=sqlite:///{db}",
+    "--local_workers=1",
+    "--progress_secs=0",
+    *extra,
+  ]
 
 
 def _frame_key(frame: str) -> str:
@@ -113,15 +130,24 @@ def plain_runs(common, work: Path, n: int, repeat: int, gc_threshold: str = "") 
   out, tag = [], f"gc{gc_threshold.replace(',', '-')}" if gc_threshold else "plain"
   for i in range(repeat):
     group = f"prof-{tag}-{i}"
-    argv = [sys.executable, "-m", "benchmarks.startup_probe",
-            *_pipeline_args(common, group, work / f"{tag}-{i}.db")]
+    argv = [
+      sys.executable,
+      "-m",
+      "benchmarks.startup_probe",
+      *_pipeline_args(common, group, work / f"{tag}-{i}.db"),
+    ]
     watch = CommitWatch(common[0].split("=", 1)[1], group, [a.split("=", 1)[1] for a in common[1:]])
     env = {**_env(), GC_ENV: gc_threshold} if gc_threshold else _env()
     m = run_measured(argv, env, REPO, watch=watch)
     marks = json.loads(re.search(r"STARTUP_JSON (.*)", m.stderr).group(1))
-    row = {"wall_s": round(m.wall_s, 2), "events_per_s": round(n / m.wall_s),
-           "cpu_us_per_event": round(m.cpu_s / n * 1e6, 1), "peak_rss_mb": round(m.peak_rss_mb),
-           "first_commit_s": m.first_commit_s and round(m.first_commit_s, 2), **marks}
+    row = {
+      "wall_s": round(m.wall_s, 2),
+      "events_per_s": round(n / m.wall_s),
+      "cpu_us_per_event": round(m.cpu_s / n * 1e6, 1),
+      "peak_rss_mb": round(m.peak_rss_mb),
+      "first_commit_s": m.first_commit_s and round(m.first_commit_s, 2),
+      **marks,
+    }
     print(f"  {tag} run {i}: {row}", flush=True)
     out.append(row)
   return out
@@ -129,18 +155,36 @@ def plain_runs(common, work: Path, n: int, repeat: int, gc_threshold: str = "") 
 
 def py_spy_run(common, work: Path, out: Path, native: bool = False) -> Path:
   stacks = out / f"pyspy-stacks{'-native' * native}.txt"
-  cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "200", "--format", "raw",
-         *(["--native"] * native), "--output", str(stacks), "--", sys.executable, "-m", PIPELINE_MAIN,
-         *_pipeline_args(common, f"prof-pyspy{'-native' * native}", work / f"pyspy{native}.db")]
-  subprocess.run(cmd, env=_env(), cwd=REPO, check=True, stdout=subprocess.DEVNULL,
-                 stderr=subprocess.DEVNULL)
+  cmd = [
+    str(Path(sys.executable).with_name("py-spy")),
+    "record",
+    "--rate",
+    "200",
+    "--format",
+    "raw",
+    *(["--native"] * native),
+    "--output",
+    str(stacks),
+    "--",
+    sys.executable,
+    "-m",
+    PIPELINE_MAIN,
+    *_pipeline_args(common, f"prof-pyspy{'-native' * native}", work / f"pyspy{native}.db"),
+  ]
+  subprocess.run(
+    cmd, env=_env(), cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   return stacks
 
 
 def cprofile_run(common, work: Path, out: Path) -> Path:
   prof = out / "cprofile.prof"
-  cmd = [sys.executable, "-m", "benchmarks.startup_probe",
-         *_pipeline_args(common, "prof-cprofile", work / "cprofile.db")]
+  cmd = [
+    sys.executable,
+    "-m",
+    "benchmarks.startup_probe",
+    *_pipeline_args(common, "prof-cprofile", work / "cprofile.db"),
+  ]
   m = run_measured(cmd, {**_env(), CPROFILE_ENV: str(prof)}, REPO)
   if m.returncode != 0:
     raise RuntimeError(m.stderr[-2000:])
@@ -150,9 +194,15 @@ def cprofile_run(common, work: Path, out: Path) -> Path:
 def cprofile_summary(prof: Path, top: int = 40) -> list[dict]:
   stats = pstats.Stats(str(prof))
   rows = []
-  for (path, line, func), (cc, nc, tt, ct, _) in stats.stats.items():
-    rows.append({"function": f"{path.replace(str(REPO) + '/', '')}:{line}:{func}", "ncalls": nc,
-                 "tottime_s": round(tt, 3), "cumtime_s": round(ct, 3)})
+  for (path, line, func), (_cc, nc, tt, ct, _) in stats.stats.items():
+    rows.append(
+      {
+        "function": f"{path.replace(str(REPO) + '/', '')}:{line}:{func}",
+        "ncalls": nc,
+        "tottime_s": round(tt, 3),
+        "cumtime_s": round(ct, 3),
+      }
+    )
   rows.sort(key=lambda r: r["tottime_s"], reverse=True)
   return rows[:top]
 
@@ -160,30 +210,49 @@ def cprofile_summary(prof: Path, top: int = 40) -> list[dict]:
 def round_runs(common, work: Path, n: int, sizes: list[int]) -> list[dict]:
   out = []
   for size in sizes:
-    argv = [sys.executable, "-m", PIPELINE_MAIN,
-            *_pipeline_args(common, f"prof-round-{size}", work / f"round-{size}.db",
-                            (f"--round_max_records={size}",))]
+    argv = [
+      sys.executable,
+      "-m",
+      PIPELINE_MAIN,
+      *_pipeline_args(
+        common, f"prof-round-{size}", work / f"round-{size}.db", (f"--round_max_records={size}",)
+      ),
+    ]
     m = run_measured(argv, _env(), REPO)
-    row = {"round_max_records": size, "events_per_s": round(n / m.wall_s),
-           "cpu_us_per_event": round(m.cpu_s / n * 1e6, 1), "peak_rss_mb": round(m.peak_rss_mb)}
+    row = {
+      "round_max_records": size,
+      "events_per_s": round(n / m.wall_s),
+      "cpu_us_per_event": round(m.cpu_s / n * 1e6, 1),
+      "peak_rss_mb": round(m.peak_rss_mb),
+    }
     print(f"  round size: {row}", flush=True)
     out.append(row)
   return out
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="benchmarks.profile_pipeline", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    prog="benchmarks.profile_pipeline",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   ap.add_argument("--events", type=int, default=200_000)
   ap.add_argument("--repeat", type=int, default=3)
   ap.add_argument("--out", default=str(REPO / "output" / "profile"))
   ap.add_argument("--rounds", default="25000,50000,100000,200000,400000")
   ap.add_argument("--bootstrap", default=None)
-  ap.add_argument("--gc", default="", metavar="G0,G1,G2",
-                  help="only the plain runs, without and with gc.freeze() + these gc thresholds")
+  ap.add_argument(
+    "--gc",
+    default="",
+    metavar="G0,G1,G2",
+    help="only the plain runs, without and with gc.freeze() + these gc thresholds",
+  )
   ap.add_argument("--startup-only", action="store_true", help="only the plain runs")
-  ap.add_argument("--native", action="store_true",
-                  help="py-spy --native as well: Beam's Cython frames (operations, coders) by name")
+  ap.add_argument(
+    "--native",
+    action="store_true",
+    help="py-spy --native as well: Beam's Cython frames (operations, coders) by name",
+  )
   a = ap.parse_args(argv)
   out = Path(a.out)
   shutil.rmtree(out, ignore_errors=True)
@@ -191,7 +260,11 @@ def main(argv=None) -> int:
   n, summary = a.events, {}
   with bench_broker(a.bootstrap, "profile") as (bootstrap, work):
     sensor, meter = produce_smartgrid(bootstrap, n)
-    common = [f"--bootstrap_servers={bootstrap}", f"--sensor_topic={sensor}", f"--meter_topic={meter}"]
+    common = [
+      f"--bootstrap_servers={bootstrap}",
+      f"--sensor_topic={sensor}",
+      f"--meter_topic={meter}",
+    ]
     summary["plain"] = plain_runs(common, work, n, a.repeat)
     if a.startup_only:
       (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -214,7 +287,9 @@ def main(argv=None) -> int:
     summary["cprofile_top"] = cprofile_summary(cprofile_run(common, work, out))
     summary["rounds"] = round_runs(common, work, n, [int(s) for s in a.rounds.split(",") if s])
   cpu = sorted(r["cpu_us_per_event"] for r in summary["plain"])[len(summary["plain"]) // 2]
-  print(f"\nCPU per event (median of plain runs): {cpu} µs; py-spy share -> µs per event:", flush=True)
+  print(
+    f"\nCPU per event (median of plain runs): {cpu} µs; py-spy share -> µs per event:", flush=True
+  )
   for k, share in summary["pyspy_share"].items():
     print(f"  {k:62s} {share * 100:5.1f}%  {share * cpu:6.1f} µs", flush=True)
   (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -40,10 +40,19 @@ def peak_rss_mb() -> float:
 
 
 def make_event(i: int, rng: random.Random) -> bytes:
-  event = {"event_id": uuid.UUID(int=rng.getrandbits(128)).hex, "sensor_id": f"sensor-{i % 1000:04d}",
-           "ts": 1_700_000_000_000 + i, "kind": "reading", "value": round(rng.uniform(-40, 60), 3),
-           "unit": "celsius", "battery": round(rng.uniform(0, 1), 3), "seq": i,
-           "site": f"site-{i % 37:02d}", "firmware": "2.14.7-rc3", "note": "x" * 10}
+  event = {
+    "event_id": uuid.UUID(int=rng.getrandbits(128)).hex,
+    "sensor_id": f"sensor-{i % 1000:04d}",
+    "ts": 1_700_000_000_000 + i,
+    "kind": "reading",
+    "value": round(rng.uniform(-40, 60), 3),
+    "unit": "celsius",
+    "battery": round(rng.uniform(0, 1), 3),
+    "seq": i,
+    "site": f"site-{i % 37:02d}",
+    "firmware": "2.14.7-rc3",
+    "note": "x" * 10,
+  }
   return json.dumps(event).encode()
 
 
@@ -54,8 +63,9 @@ def produce(bootstrap: str, topic: str, n: int) -> float:
   finally:
     admin.close()
   rng = random.Random(7)
-  producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20, batch_size=256 * 1024,
-                           compression_type=None)
+  producer = KafkaProducer(
+    bootstrap_servers=bootstrap, acks=1, linger_ms=20, batch_size=256 * 1024, compression_type=None
+  )
   sizes = 0
   try:
     for i in range(n):
@@ -85,6 +95,7 @@ def import_beam() -> float:
   from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: F401
 
   from transforms.kafka import ReadFromKafka  # noqa: F401
+
   return time.perf_counter() - t0
 
 
@@ -97,11 +108,13 @@ def bench_reader(bootstrap: str, topic: str | list[str]) -> int:
   out = Path(tempfile.mkdtemp(prefix="reader-bench-"))
   try:
     with beam.Pipeline(runner=FnApiRunner()) as p:
-      _ = (p
-           | "ReadBenchTopic" >> ReadFromKafka(bootstrap, topic, stop="end")
-           | "ParseJson" >> beam.Map(lambda r: json.loads(r.value))
-           | "Count" >> beam.combiners.Count.Globally()
-           | "WriteCount" >> beam.Map(lambda c: (out / "count").write_text(str(c))))
+      _ = (
+        p
+        | "ReadBenchTopic" >> ReadFromKafka(bootstrap, topic, stop="end")
+        | "ParseJson" >> beam.Map(lambda r: json.loads(r.value))
+        | "Count" >> beam.combiners.Count.Globally()
+        | "WriteCount" >> beam.Map(lambda c: (out / "count").write_text(str(c)))
+      )
     return int((out / "count").read_text())
   finally:
     shutil.rmtree(out, ignore_errors=True)
@@ -113,16 +126,27 @@ def measure(name: str, fn, n: int) -> dict:
   wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
   if count != n:
     raise SystemExit(f"{name}: read {count} events, expected {n}")
-  row = {"name": name, "events": count, "wall_s": wall, "events_per_s": count / wall,
-         "cpu_s": cpu, "cpu_us_per_event": cpu / count * 1e6, "peak_rss_mb": peak_rss_mb()}
-  print(f"{name:>7}: {count} events in {wall:6.2f}s = {row['events_per_s']:9,.0f} events/s, "
-        f"CPU {cpu:6.2f}s ({row['cpu_us_per_event']:.1f} µs/event), peak RSS {row['peak_rss_mb']:.0f} MB",
-        flush=True)
+  row = {
+    "name": name,
+    "events": count,
+    "wall_s": wall,
+    "events_per_s": count / wall,
+    "cpu_s": cpu,
+    "cpu_us_per_event": cpu / count * 1e6,
+    "peak_rss_mb": peak_rss_mb(),
+  }
+  print(
+    f"{name:>7}: {count} events in {wall:6.2f}s = {row['events_per_s']:9,.0f} events/s, "
+    f"CPU {cpu:6.2f}s ({row['cpu_us_per_event']:.1f} µs/event), peak RSS {row['peak_rss_mb']:.0f} MB",
+    flush=True,
+  )
   return row
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--events", type=int, default=200_000)
   ap.add_argument("--bootstrap", help="a running broker; default: start one on a free port")
   ap.add_argument("--profile", help="cProfile the reader run into this file and print the top")
@@ -130,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
   args = ap.parse_args(argv)
 
   import logging
+
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("kafka").setLevel(logging.ERROR)
 
@@ -139,14 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     size = produce(bootstrap, topic, args.events)
     ends = end_offsets(bootstrap, topic)
     assert sum(ends.values()) == args.events, ends
-    print(f"produced {args.events} events of {size:.0f} bytes to {topic} ({PARTITIONS} partitions: "
-          f"{sorted(ends.values())}) in {time.perf_counter() - t0:.1f}s on {bootstrap}", flush=True)
+    print(
+      f"produced {args.events} events of {size:.0f} bytes to {topic} ({PARTITIONS} partitions: "
+      f"{sorted(ends.values())}) in {time.perf_counter() - t0:.1f}s on {bootstrap}",
+      flush=True,
+    )
 
-    raw = None if args.skip_raw else measure("raw", lambda: raw_consume(bootstrap, [topic], args.events), args.events)
+    raw = (
+      None
+      if args.skip_raw
+      else measure("raw", lambda: raw_consume(bootstrap, [topic], args.events), args.events)
+    )
     c0 = cpu_seconds()
     import_s = import_beam()
-    print(f"import apache_beam and the reader: {import_s:.2f}s, CPU {cpu_seconds() - c0:.2f}s "
-          f"(a once-per-process cost, left out of the reader's figures)", flush=True)
+    print(
+      f"import apache_beam and the reader: {import_s:.2f}s, CPU {cpu_seconds() - c0:.2f}s "
+      f"(a once-per-process cost, left out of the reader's figures)",
+      flush=True,
+    )
     if args.profile:
       prof = cProfile.Profile()
       reader = measure("reader", lambda: prof.runcall(bench_reader, bootstrap, topic), args.events)
@@ -158,9 +193,11 @@ def main(argv: list[str] | None = None) -> int:
       reader = measure("reader", lambda: bench_reader(bootstrap, topic), args.events)
     if raw:
       with_import = args.events / (reader["wall_s"] + import_s) / raw["events_per_s"]
-      print(f"ratio reader/raw: {reader['events_per_s'] / raw['events_per_s']:.2f} "
-            f"({with_import:.2f} counting Beam's import; "
-            f"CPU per event {reader['cpu_us_per_event'] / raw['cpu_us_per_event']:.2f}x)")
+      print(
+        f"ratio reader/raw: {reader['events_per_s'] / raw['events_per_s']:.2f} "
+        f"({with_import:.2f} counting Beam's import; "
+        f"CPU per event {reader['cpu_us_per_event'] / raw['cpu_us_per_event']:.2f}x)"
+      )
   return 0
 
 

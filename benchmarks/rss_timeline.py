@@ -26,7 +26,9 @@ GROUP = "rss-timeline"
 
 def _memory_mb(pid: int) -> tuple[int, int] | None:
   try:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    fields = dict(
+      line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
   except OSError:
     return None
   return int(fields["VmRSS"].split()[0]) // 1024, int(fields["VmHWM"].split()[0]) // 1024
@@ -42,14 +44,26 @@ def _committed(admin: KafkaAdminClient) -> int:
 
 def timeline(bootstrap: str, work: Path, n: int, round_max: int) -> list[tuple]:
   sensor, meter = produce_smartgrid(bootstrap, n)
-  argv = [sys.executable, "-m", PIPELINE_MAIN, "--mode=batch", f"--bootstrap_servers={bootstrap}",
-          f"--sensor_topic={sensor}", f"--meter_topic={meter}", f"--group_id={GROUP}",
-          "--start=earliest", f"--sink=sqlite:///{work / 'rss.db'}", "--local_workers=1",
-          "--progress_secs=0", f"--round_max_records={round_max}"]
+  argv = [
+    sys.executable,
+    "-m",
+    PIPELINE_MAIN,
+    "--mode=batch",
+    f"--bootstrap_servers={bootstrap}",
+    f"--sensor_topic={sensor}",
+    f"--meter_topic={meter}",
+    f"--group_id={GROUP}",
+    "--start=earliest",
+    f"--sink=sqlite:///{work / 'rss.db'}",
+    "--local_workers=1",
+    "--progress_secs=0",
+    f"--round_max_records={round_max}",
+  ]
   admin = KafkaAdminClient(bootstrap_servers=bootstrap)
   t0, rows = time.monotonic(), []
-  proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.DEVNULL
+  )
   try:
     while proc.poll() is None:
       mem = _memory_mb(proc.pid)
@@ -64,8 +78,11 @@ def timeline(bootstrap: str, work: Path, n: int, round_max: int) -> list[tuple]:
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="benchmarks.rss_timeline", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    prog="benchmarks.rss_timeline",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   ap.add_argument("--events", type=int, default=600_000)
   ap.add_argument("--round_max_records", type=int, default=100_000)
   a = ap.parse_args(argv)
@@ -73,8 +90,14 @@ def main(argv=None) -> int:
     samples = timeline(bootstrap, work, a.events, a.round_max_records)
   prev = None
   for sample in samples:
-    if prev is None or sample[3] != prev[3] or (int(sample[0]) % 5 == 0 and int(sample[0]) != int(prev[0])):
-      print(f"  {sample[0]:6.1f}s  RSS {sample[1]:4d} MB  peak {sample[2]:4d} MB  committed {sample[3]}")
+    if (
+      prev is None
+      or sample[3] != prev[3]
+      or (int(sample[0]) % 5 == 0 and int(sample[0]) != int(prev[0]))
+    ):
+      print(
+        f"  {sample[0]:6.1f}s  RSS {sample[1]:4d} MB  peak {sample[2]:4d} MB  committed {sample[3]}"
+      )
     prev = sample
   if samples:
     print(f"max RSS {max(s[1] for s in samples)} MB, peak RSS {samples[-1][2]} MB")

@@ -56,6 +56,7 @@ def _wrap_milestones() -> None:
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=import-outside-toplevel
   from kafka import KafkaAdminClient, KafkaConsumer  # pylint: disable=import-outside-toplevel
+
   _mark_first_call(KafkaConsumer, "__init__", "first_kafka_client")
   _mark_first_call(KafkaAdminClient, "__init__", "first_kafka_client")
   _mark_first_call(beam.Pipeline, "run", "pipeline_built")
@@ -64,6 +65,7 @@ def _wrap_milestones() -> None:
 
 def _wrap_poll() -> None:
   from kafka import KafkaConsumer  # pylint: disable=import-outside-toplevel
+
   real = KafkaConsumer.poll
 
   def poll(self, *args, **kwargs):
@@ -82,6 +84,7 @@ def _profile_rounds(path: str) -> None:
   import cProfile  # pylint: disable=import-outside-toplevel
 
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
+
   prof, real = cProfile.Profile(), beam.Pipeline.run
 
   def run(self, *args, **kwargs):
@@ -95,13 +98,17 @@ def _dump_stages(path: str) -> None:
   """Writes the fused stages of the first round (FnApiRunner.run_stages): for each stage its
   transforms, so one sees which steps are fused and where elements cross a stage boundary."""
   from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=import-outside-toplevel
+
   real = fn_runner.FnApiRunner.run_stages
 
   def run_stages(self, stage_context, stages):
     if not os.path.exists(path):
       with open(path, "w", encoding="utf-8") as f:
-        json.dump([{"stage": s.name, "transforms": [t.unique_name for t in s.transforms]}
-                   for s in stages], f, indent=1)
+        json.dump(
+          [{"stage": s.name, "transforms": [t.unique_name for t in s.transforms]} for s in stages],
+          f,
+          indent=1,
+        )
     return real(self, stage_context, stages)
 
   fn_runner.FnApiRunner.run_stages = run_stages
@@ -109,6 +116,7 @@ def _dump_stages(path: str) -> None:
 
 def main() -> int:
   from benchmarks.common import PIPELINE_MAIN  # pylint: disable=import-outside-toplevel
+
   _mark("python_ready")
   entry = importlib.import_module(PIPELINE_MAIN)
   _mark("imports")
@@ -120,6 +128,7 @@ def main() -> int:
     # An experiment for PROFILE.md: the collector's thresholds (e.g. "50000,20,100"), and the
     # objects of the imports moved out of its reach.
     import gc  # pylint: disable=import-outside-toplevel
+
     gc.freeze()
     gc.set_threshold(*(int(x) for x in os.environ[GC_ENV].split(",")))
   if os.environ.get(STAGES_ENV):

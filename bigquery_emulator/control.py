@@ -32,138 +32,140 @@ INSTALL_TIMEOUT_S = 900
 
 
 class EmulatorError(RuntimeError):
-    """emulator.sh failed; the message carries its output (including the emulator's log tail)."""
+  """emulator.sh failed; the message carries its output (including the emulator's log tail)."""
 
 
 def _run(command: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        ["bash", str(SCRIPT), command],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+  proc = subprocess.run(
+    ["bash", str(SCRIPT), command],
+    env=env,
+    stdin=subprocess.DEVNULL,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  if proc.returncode != 0:
+    raise EmulatorError(
+      f"emulator.sh {command} failed (exit {proc.returncode}):\n{proc.stderr}{proc.stdout}".rstrip()
     )
-    if proc.returncode != 0:
-        raise EmulatorError(
-            f"emulator.sh {command} failed (exit {proc.returncode}):\n{proc.stderr}{proc.stdout}".rstrip()
-        )
-    return proc
+  return proc
 
 
 @dataclasses.dataclass
 class Emulator:
-    """A running emulator. ``endpoint`` is its REST root, e.g. ``http://127.0.0.1:9050``."""
+  """A running emulator. ``endpoint`` is its REST root, e.g. ``http://127.0.0.1:9050``."""
 
-    endpoint: str
-    project: str
-    port: int
-    grpc_port: int
-    pid: int
-    state_dir: Path
-    _env: dict[str, str] = dataclasses.field(repr=False)
-    _remove_state_dir: bool = dataclasses.field(default=False, repr=False)
-    _stopped: bool = dataclasses.field(default=False, repr=False)
+  endpoint: str
+  project: str
+  port: int
+  grpc_port: int
+  pid: int
+  state_dir: Path
+  _env: dict[str, str] = dataclasses.field(repr=False)
+  _remove_state_dir: bool = dataclasses.field(default=False, repr=False)
+  _stopped: bool = dataclasses.field(default=False, repr=False)
 
-    @property
-    def grpc_address(self) -> str:
-        """Storage Read/Write API address (plain gRPC, no TLS)."""
-        return f"{HOST}:{self.grpc_port}"
+  @property
+  def grpc_address(self) -> str:
+    """Storage Read/Write API address (plain gRPC, no TLS)."""
+    return f"{HOST}:{self.grpc_port}"
 
-    @property
-    def log_file(self) -> Path:
-        return self.state_dir / "emulator.log"
+  @property
+  def log_file(self) -> Path:
+    return self.state_dir / "emulator.log"
 
-    def client(self):
-        return make_client(self.endpoint, self.project)
+  def client(self):
+    return make_client(self.endpoint, self.project)
 
-    def stop(self) -> None:
-        """Stop the emulator (by PID, via emulator.sh). Safe to call more than once."""
-        if self._stopped:
-            return
-        _run("stop", self._env, timeout=60)
-        self._stopped = True
-        if self._remove_state_dir:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+  def stop(self) -> None:
+    """Stop the emulator (by PID, via emulator.sh). Safe to call more than once."""
+    if self._stopped:
+      return
+    _run("stop", self._env, timeout=60)
+    self._stopped = True
+    if self._remove_state_dir:
+      shutil.rmtree(self.state_dir, ignore_errors=True)
 
-    def __enter__(self) -> Emulator:
-        return self
+  def __enter__(self) -> Emulator:
+    return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+  def __exit__(self, *exc) -> None:
+    self.stop()
 
 
 def install() -> None:
-    """Create or refresh the emulator's venv (what `emulator.sh install` does)."""
-    _run("install", dict(os.environ), timeout=INSTALL_TIMEOUT_S)
+  """Create or refresh the emulator's venv (what `emulator.sh install` does)."""
+  _run("install", dict(os.environ), timeout=INSTALL_TIMEOUT_S)
 
 
 def start_emulator(
-    port: int | None = None,
-    project: str = "test-project",
-    *,
-    grpc_port: int | None = None,
-    state_dir: str | os.PathLike | None = None,
-    start_timeout: float = 60,
+  port: int | None = None,
+  project: str = "test-project",
+  *,
+  grpc_port: int | None = None,
+  state_dir: str | os.PathLike | None = None,
+  start_timeout: float = 60,
 ) -> Emulator:
-    """Start an emulator on 127.0.0.1 and return once its HTTP API answers.
+  """Start an emulator on 127.0.0.1 and return once its HTTP API answers.
 
-    ``port``/``grpc_port``: free ports are picked when None. ``state_dir`` holds data, log and pid file;
-    when None a fresh temporary directory is used and removed by ``stop()``. Installs the venv first if
-    it is missing (slow once). Raises EmulatorError with the reason (no Python 3.13, port in use, ...).
-    """
-    own_state_dir = state_dir is None
-    attempts = 3 if port is None or grpc_port is None else 1  # a picked free port can be taken meanwhile
-    for attempt in range(attempts):
-        http_port = port or free_port()
-        rpc_port = grpc_port or free_port(exclude=(http_port,))
-        sdir = Path(tempfile.mkdtemp(prefix="bq-emulator-")) if own_state_dir else Path(state_dir)
-        env = {
-            **os.environ,
-            "BQ_EMULATOR_PORT": str(http_port),
-            "BQ_EMULATOR_GRPC_PORT": str(rpc_port),
-            "BQ_EMULATOR_PROJECT": project,
-            "BQ_EMULATOR_STATE_DIR": str(sdir),
-            "BQ_EMULATOR_START_TIMEOUT": str(int(start_timeout)),
-        }
-        try:
-            _run("start", env, timeout=INSTALL_TIMEOUT_S + start_timeout + 30)
-        except EmulatorError as error:
-            if own_state_dir:
-                shutil.rmtree(sdir, ignore_errors=True)
-            if "already in use" in str(error) and attempt + 1 < attempts:
-                continue
-            raise
-        emulator = Emulator(
-            endpoint=f"http://{HOST}:{http_port}",
-            project=project,
-            port=http_port,
-            grpc_port=rpc_port,
-            pid=int((sdir / "emulator.pid").read_text().strip()),
-            state_dir=sdir,
-            _env=env,
-            _remove_state_dir=own_state_dir,
-        )
-        atexit.register(_stop_quietly, emulator)  # no orphan if the caller forgets stop()
-        return emulator
-    raise AssertionError("unreachable")
+  ``port``/``grpc_port``: free ports are picked when None. ``state_dir`` holds data, log and pid file;
+  when None a fresh temporary directory is used and removed by ``stop()``. Installs the venv first if
+  it is missing (slow once). Raises EmulatorError with the reason (no Python 3.13, port in use, ...).
+  """
+  own_state_dir = state_dir is None
+  attempts = (
+    3 if port is None or grpc_port is None else 1
+  )  # a picked free port can be taken meanwhile
+  for attempt in range(attempts):
+    http_port = port or free_port()
+    rpc_port = grpc_port or free_port(exclude=(http_port,))
+    sdir = Path(tempfile.mkdtemp(prefix="bq-emulator-")) if own_state_dir else Path(state_dir)
+    env = {
+      **os.environ,
+      "BQ_EMULATOR_PORT": str(http_port),
+      "BQ_EMULATOR_GRPC_PORT": str(rpc_port),
+      "BQ_EMULATOR_PROJECT": project,
+      "BQ_EMULATOR_STATE_DIR": str(sdir),
+      "BQ_EMULATOR_START_TIMEOUT": str(int(start_timeout)),
+    }
+    try:
+      _run("start", env, timeout=INSTALL_TIMEOUT_S + start_timeout + 30)
+    except EmulatorError as error:
+      if own_state_dir:
+        shutil.rmtree(sdir, ignore_errors=True)
+      if "already in use" in str(error) and attempt + 1 < attempts:
+        continue
+      raise
+    emulator = Emulator(
+      endpoint=f"http://{HOST}:{http_port}",
+      project=project,
+      port=http_port,
+      grpc_port=rpc_port,
+      pid=int((sdir / "emulator.pid").read_text().strip()),
+      state_dir=sdir,
+      _env=env,
+      _remove_state_dir=own_state_dir,
+    )
+    atexit.register(_stop_quietly, emulator)  # no orphan if the caller forgets stop()
+    return emulator
+  raise AssertionError("unreachable")
 
 
 def _stop_quietly(emulator: Emulator) -> None:
-    try:
-        emulator.stop()
-    except Exception:  # noqa: BLE001 - best effort at interpreter exit
-        pass
+  try:
+    emulator.stop()
+  except Exception:  # noqa: BLE001 - best effort at interpreter exit
+    pass
 
 
 def make_client(endpoint: str, project: str):
-    """A google.cloud.bigquery.Client talking to the emulator at ``endpoint`` without credentials."""
-    from google.api_core.client_options import ClientOptions
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import bigquery
+  """A google.cloud.bigquery.Client talking to the emulator at ``endpoint`` without credentials."""
+  from google.api_core.client_options import ClientOptions
+  from google.auth.credentials import AnonymousCredentials
+  from google.cloud import bigquery
 
-    return bigquery.Client(
-        project=project,
-        credentials=AnonymousCredentials(),
-        client_options=ClientOptions(api_endpoint=endpoint),
-    )
+  return bigquery.Client(
+    project=project,
+    credentials=AnonymousCredentials(),
+    client_options=ClientOptions(api_endpoint=endpoint),
+  )

@@ -72,8 +72,10 @@ def parse_version(text: str, what: str = "KAFKA_VERSION") -> str:
     raise BrokerError(f"{what}={text!r} is not a Kafka version like {DEFAULT_VERSION}")
   major, minor = int(m.group(1)), int(m.group(2))
   if not (major == 4 or (major == 3 and minor >= 7)):
-    raise BrokerError(f"{what}={text} is not supported: use 3.7.x to 3.9.x or 4.x "
-                      f"(tested: {', '.join(TESTED_VERSIONS)})")
+    raise BrokerError(
+      f"{what}={text} is not supported: use 3.7.x to 3.9.x or 4.x "
+      f"(tested: {', '.join(TESTED_VERSIONS)})"
+    )
   return text
 
 
@@ -186,9 +188,10 @@ def _require_tool(name: str) -> str:
   path = shutil.which(name)
   if not path:
     raise BrokerError(
-        f"'{name}' was not found on PATH: the local Kafka broker needs Java 17+"
-        f"{' and Maven' if name == 'mvn' else ''} (e.g. apt-get install "
-        f"{'maven' if name == 'mvn' else 'openjdk-17-jre-headless'}).")
+      f"'{name}' was not found on PATH: the local Kafka broker needs Java 17+"
+      f"{' and Maven' if name == 'mvn' else ''} (e.g. apt-get install "
+      f"{'maven' if name == 'mvn' else 'openjdk-17-jre-headless'})."
+    )
   return path
 
 
@@ -232,17 +235,29 @@ def fetch_jars(version: str | None = None, quiet: bool = True) -> Path:
     staging = libs.parent / "libs.new"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    cmd = [mvn, "-B", "-f", str(POM), "dependency:copy-dependencies", f"-P{profile}",
-           f"-Dkafka.version={version}", f"-DoutputDirectory={staging}", "-DincludeScope=runtime"]
+    cmd = [
+      mvn,
+      "-B",
+      "-f",
+      str(POM),
+      "dependency:copy-dependencies",
+      f"-P{profile}",
+      f"-Dkafka.version={version}",
+      f"-DoutputDirectory={staging}",
+      "-DincludeScope=runtime",
+    ]
     if quiet:
       cmd.insert(2, "-q")
-    print(f"Fetching the Kafka {version} broker from Maven Central (first run only)...",
-          file=sys.stderr)
+    print(
+      f"Fetching the Kafka {version} broker from Maven Central (first run only)...", file=sys.stderr
+    )
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
       shutil.rmtree(staging, ignore_errors=True)
-      raise BrokerError(f"Maven could not fetch the Kafka {version} broker:\n" +
-                        "\n".join((proc.stdout + proc.stderr).splitlines()[-15:]))
+      raise BrokerError(
+        f"Maven could not fetch the Kafka {version} broker:\n"
+        + "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+      )
     (staging / ".complete").write_text(digest)
     if libs.exists():
       old = libs.parent / f"libs.old-{os.getpid()}"
@@ -334,28 +349,28 @@ class Broker:
   def _write_config(self, controller_port: int) -> None:
     data_dir = self.run_dir / "data"
     props = {
-        "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
-        "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "log.dirs": str(data_dir),
-        # Kafka's default, which the old ingestion service relies on: the first produce or
-        # metadata request for a topic creates it with num.partitions partitions.
-        "auto.create.topics.enable": "true",
-        "num.partitions": str(self.partitions),
-        "default.replication.factor": "1",
-        "offsets.topic.replication.factor": "1",
-        "offsets.topic.num.partitions": "1",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "transaction.state.log.num.partitions": "1",
-        "group.initial.rebalance.delay.ms": "0",
-        "log.cleaner.dedupe.buffer.size": "16777216",
-        "log.retention.hours": "168",
+      "process.roles": "broker,controller",
+      "node.id": "1",
+      "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
+      "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{controller_port}",
+      "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+      "controller.listener.names": "CONTROLLER",
+      "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+      "inter.broker.listener.name": "PLAINTEXT",
+      "log.dirs": str(data_dir),
+      # Kafka's default, which the old ingestion service relies on: the first produce or
+      # metadata request for a topic creates it with num.partitions partitions.
+      "auto.create.topics.enable": "true",
+      "num.partitions": str(self.partitions),
+      "default.replication.factor": "1",
+      "offsets.topic.replication.factor": "1",
+      "offsets.topic.num.partitions": "1",
+      "transaction.state.log.replication.factor": "1",
+      "transaction.state.log.min.isr": "1",
+      "transaction.state.log.num.partitions": "1",
+      "group.initial.rebalance.delay.ms": "0",
+      "log.cleaner.dedupe.buffer.size": "16777216",
+      "log.retention.hours": "168",
     }
     if major_version(self.version) >= 4:
       # Share groups exist from 4.0; 3.x would only warn that these are unknown.
@@ -368,19 +383,28 @@ class Broker:
       log_config = f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}"
     else:
       log_config = f"-Dlog4j.configuration={LOG4J1_CONFIG.as_uri()}"
-    return [_require_tool("java"), *self.heap.split(), "-XX:+UseG1GC",
-            "-Djava.awt.headless=true", log_config,
-            f"-Dkafka.logs.file={self.log_file}",
-            f"-Dkafka.logs.dir={self.run_dir}",
-            "-cp", f"{libs_dir(self.version)}/*", main, *args]
+    return [
+      _require_tool("java"),
+      *self.heap.split(),
+      "-XX:+UseG1GC",
+      "-Djava.awt.headless=true",
+      log_config,
+      f"-Dkafka.logs.file={self.log_file}",
+      f"-Dkafka.logs.dir={self.run_dir}",
+      "-cp",
+      f"{libs_dir(self.version)}/*",
+      main,
+      *args,
+    ]
 
   def _check_formatted_version(self, formatted: str) -> None:
     if formatted == self.version:
       return
     raise BrokerError(
-        f"the broker data in {self.run_dir} was formatted by Kafka {formatted}, not "
-        f"{self.version}: start it with KAFKA_VERSION={formatted}, or delete that folder "
-        f"to start a new {self.version} broker from nothing (its topics and offsets are lost)")
+      f"the broker data in {self.run_dir} was formatted by Kafka {formatted}, not "
+      f"{self.version}: start it with KAFKA_VERSION={formatted}, or delete that folder "
+      f"to start a new {self.version} broker from nothing (its topics and offsets are lost)"
+    )
 
   def start(self, deadline_s: float = READY_DEADLINE_S) -> bool:
     """Starts the broker and waits until it answers. False if it already ran."""
@@ -392,17 +416,22 @@ class Broker:
       self._check_formatted_version(formatted)
     if port_in_use(self.port):
       raise BrokerError(
-          f"port {self.port} on 127.0.0.1 is already in use by another program; "
-          "stop it or choose another port with KAFKA_PORT=...")
+        f"port {self.port} on 127.0.0.1 is already in use by another program; "
+        "stop it or choose another port with KAFKA_PORT=..."
+      )
     fetch_jars(self.version)
     # The log is kept across stop/start like a real broker's: topics, offsets and
     # committed group offsets survive (a recreated topic would reuse offsets, which
     # the sinks' unique keys would take for replays).
     if formatted is not None:
-      controller_port = int(self.config_file.read_text().split("CONTROLLER://127.0.0.1:")[1].split()[0])
+      controller_port = int(
+        self.config_file.read_text().split("CONTROLLER://127.0.0.1:")[1].split()[0]
+      )
       if port_in_use(controller_port):
-        raise BrokerError(f"the broker's controller port {controller_port} on 127.0.0.1 is in use "
-                          f"by another program")
+        raise BrokerError(
+          f"the broker's controller port {controller_port} on 127.0.0.1 is in use "
+          f"by another program"
+        )
       # Rewritten so that a changed $KAFKA_PARTITIONS applies to topics created from now on.
       self._write_config(controller_port)
     else:
@@ -410,9 +439,13 @@ class Broker:
 
     with open(self.run_dir / "broker.out", "wb") as out:
       proc = subprocess.Popen(
-          self._java_cmd("kafka.Kafka", str(self.config_file)),
-          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-          start_new_session=True, cwd=self.run_dir)
+        self._java_cmd("kafka.Kafka", str(self.config_file)),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=self.run_dir,
+      )
     self.pid_file.write_text(str(proc.pid))
     try:
       self._wait_ready(proc, deadline_s)
@@ -427,32 +460,43 @@ class Broker:
     self.run_dir.mkdir(parents=True)
     self._write_config(free_port())
     fmt = subprocess.run(  # noqa: PLW1510 - the return code is checked below
-        self._java_cmd("kafka.tools.StorageTool", "format", "-t", _kraft_cluster_id(),
-                       "-c", str(self.config_file), "-g"),
-        capture_output=True, text=True)
+      self._java_cmd(
+        "kafka.tools.StorageTool",
+        "format",
+        "-t",
+        _kraft_cluster_id(),
+        "-c",
+        str(self.config_file),
+        "-g",
+      ),
+      capture_output=True,
+      text=True,
+    )
     if fmt.returncode != 0:
-      raise BrokerError(f"formatting KRaft storage for Kafka {self.version} failed:\n"
-                        + fmt.stdout + fmt.stderr)
+      raise BrokerError(
+        f"formatting KRaft storage for Kafka {self.version} failed:\n" + fmt.stdout + fmt.stderr
+      )
     self.version_file.write_text(self.version + "\n")
 
   def _wait_ready(self, proc: subprocess.Popen, deadline_s: float) -> None:
     from kafka import KafkaAdminClient  # the project's venv has it
     from kafka.errors import RetriableError
+
     deadline = time.monotonic() + deadline_s
     last_error: Exception | None = None
     while time.monotonic() < deadline:
       if proc.poll() is not None:
         raise BrokerError(
-            f"the Kafka broker died at start (exit {proc.returncode}); end of "
-            f"{self.log_file}:\n{_tail(self.log_file)}\n{_tail(self.run_dir / 'broker.out', 10)}")
+          f"the Kafka broker died at start (exit {proc.returncode}); end of "
+          f"{self.log_file}:\n{_tail(self.log_file)}\n{_tail(self.run_dir / 'broker.out', 10)}"
+        )
       # A plain TCP probe first: kafka-python logs every refused connection at ERROR,
       # which would print a screen of ECONNREFUSED while the JVM starts.
       if not _accepts(self.port):
         time.sleep(0.2)
         continue
       try:
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers,
-                                 request_timeout_ms=3000)
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=3000)
         try:
           admin.describe_cluster()
           return
@@ -463,8 +507,9 @@ class Broker:
         last_error = e
         time.sleep(0.3)
     raise BrokerError(
-        f"the Kafka broker did not answer on {self.bootstrap_servers} within "
-        f"{deadline_s:.0f}s (last error: {last_error}); end of log:\n{_tail(self.log_file)}")
+      f"the Kafka broker did not answer on {self.bootstrap_servers} within "
+      f"{deadline_s:.0f}s (last error: {last_error}); end of log:\n{_tail(self.log_file)}"
+    )
 
   # ---- stop
 
@@ -495,40 +540,57 @@ class Broker:
     pid = self.pid()
     if pid is None:
       return f"stopped ({self.bootstrap_servers})"
-    return (f"running on {self.bootstrap_servers} (pid {pid}, Kafka "
-            f"{self.formatted_version() or self.version}, log {self.log_file})")
+    return (
+      f"running on {self.bootstrap_servers} (pid {pid}, Kafka "
+      f"{self.formatted_version() or self.version}, log {self.log_file})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="run_pipeline.sh broker",
-      description="Manage the local single-node Kafka broker (KRaft, 127.0.0.1 only).")
+    prog="run_pipeline.sh broker",
+    description="Manage the local single-node Kafka broker (KRaft, 127.0.0.1 only).",
+  )
   parser.add_argument("action", choices=["start", "stop", "status", "fetch"])
-  parser.add_argument("--port", type=int, default=None,
-                      help="listener port (default: $KAFKA_PORT or 9092)")
-  parser.add_argument("--kafka_version", default=None,
-                      help=f"broker version (default: $KAFKA_VERSION or {DEFAULT_VERSION}); "
-                           "fetch takes a comma-separated list")
-  parser.add_argument("--tested", action="store_true",
-                      help="fetch: every version the test suite runs against ($KAFKA_TEST_VERSIONS)")
+  parser.add_argument(
+    "--port", type=int, default=None, help="listener port (default: $KAFKA_PORT or 9092)"
+  )
+  parser.add_argument(
+    "--kafka_version",
+    default=None,
+    help=f"broker version (default: $KAFKA_VERSION or {DEFAULT_VERSION}); "
+    "fetch takes a comma-separated list",
+  )
+  parser.add_argument(
+    "--tested",
+    action="store_true",
+    help="fetch: every version the test suite runs against ($KAFKA_TEST_VERSIONS)",
+  )
   args = parser.parse_args(argv)
   try:
     if args.action == "fetch":
-      versions = (versions_under_test() if args.tested else
-                  (args.kafka_version or default_version()).split(","))
+      versions = (
+        versions_under_test()
+        if args.tested
+        else (args.kafka_version or default_version()).split(",")
+      )
       for v in versions:
         print(fetch_jars(parse_version(v, "--kafka_version")))
       return 0
-    broker = Broker(port=args.port if args.port is not None else default_port(),
-                    version=args.kafka_version)
+    broker = Broker(
+      port=args.port if args.port is not None else default_port(), version=args.kafka_version
+    )
     if args.action == "start":
       if broker.start():
         print(f"Kafka broker started: {broker.status()}")
       else:
         print(f"Kafka broker already running: {broker.status()}")
     elif args.action == "stop":
-      print("Kafka broker stopped." if broker.stop() else
-            f"Kafka broker was not running ({broker.bootstrap_servers}).")
+      print(
+        "Kafka broker stopped."
+        if broker.stop()
+        else f"Kafka broker was not running ({broker.bootstrap_servers})."
+      )
     else:
       print(broker.status())
   except BrokerError as e:

@@ -57,26 +57,35 @@ def check_topic_names(topics: Iterable[str]) -> list[str]:
   names = list(dict.fromkeys(topics))
   bad = [t for t in names if not _LEGAL_TOPIC.fullmatch(t) or t in (".", "..")]
   if bad:
-    raise TopicError(f"invalid topic name(s) {', '.join(map(repr, bad))}: Kafka allows 1 to 249 "
-                     "characters of a-z, A-Z, 0-9, '.', '_' and '-'")
+    raise TopicError(
+      f"invalid topic name(s) {', '.join(map(repr, bad))}: Kafka allows 1 to 249 "
+      "characters of a-z, A-Z, 0-9, '.', '_' and '-'"
+    )
   return names
 
 
 def _admin(bootstrap: str):
   from kafka import KafkaAdminClient
   from kafka.errors import KafkaError
+
   try:
-    return KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000,
-                            bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
+    return KafkaAdminClient(
+      bootstrap_servers=bootstrap,
+      request_timeout_ms=15000,
+      bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
+    )
   except KafkaError as e:
-    raise TopicError(f"cannot reach Kafka at {bootstrap}: {e} "
-                     "(start the local broker with ./run_pipeline.sh broker start, or set "
-                     "KAFKA_PORT / --bootstrap_servers)") from None
+    raise TopicError(
+      f"cannot reach Kafka at {bootstrap}: {e} "
+      "(start the local broker with ./run_pipeline.sh broker start, or set "
+      "KAFKA_PORT / --bootstrap_servers)"
+    ) from None
 
 
 def _partition_counts(bootstrap: str, topics: Sequence[str]) -> dict[str, int]:
   """topic -> partitions the cluster metadata lists (0 when it does not list the topic)."""
   from kafka import KafkaConsumer
+
   # A consumer's metadata request names no topic here, so it never auto-creates one.
   consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
   try:
@@ -86,14 +95,16 @@ def _partition_counts(bootstrap: str, topics: Sequence[str]) -> dict[str, int]:
     consumer.close()
 
 
-def create_topics(bootstrap: str, topics: Sequence[str], partitions: int,
-                  replication_factor: int = 1) -> dict[str, tuple[bool, int]]:
+def create_topics(
+  bootstrap: str, topics: Sequence[str], partitions: int, replication_factor: int = 1
+) -> dict[str, tuple[bool, int]]:
   """Creates the topics that do not exist yet; waits until the metadata lists every one.
 
   Returns topic -> (created now, its partition count). An existing topic is left as it is,
   whatever its partition count."""
   from kafka.admin import NewTopic
   from kafka.errors import TopicAlreadyExistsError
+
   names = check_topic_names(topics)
   if partitions < 1:
     raise TopicError(f"--partitions must be >= 1, got {partitions}")
@@ -105,8 +116,12 @@ def create_topics(bootstrap: str, topics: Sequence[str], partitions: int,
     missing = [t for t in names if t not in existing]
     if missing:
       try:
-        admin.create_topics([NewTopic(t, num_partitions=partitions,
-                                      replication_factor=replication_factor) for t in missing])
+        admin.create_topics(
+          [
+            NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+            for t in missing
+          ]
+        )
       except TopicAlreadyExistsError:
         # Another client (or auto-creation) won the race: the topic is there, which is the point.
         _LOGGER.info("some of %s were created meanwhile by another client", missing)
@@ -124,14 +139,17 @@ def _wait_listed(bootstrap: str, topics: Sequence[str]) -> dict[str, int]:
       return counts
     if time.monotonic() > deadline:
       absent = [t for t, n in counts.items() if not n]
-      raise TopicError(f"topic(s) {', '.join(absent)} not in the metadata of {bootstrap} "
-                       f"{METADATA_DEADLINE_S:.0f}s after creation")
+      raise TopicError(
+        f"topic(s) {', '.join(absent)} not in the metadata of {bootstrap} "
+        f"{METADATA_DEADLINE_S:.0f}s after creation"
+      )
     time.sleep(0.2)
 
 
 def describe_topics(bootstrap: str, topics: Sequence[str]) -> list[TopicInfo]:
   """Partitions, leaders and log start/end offsets of each topic (exists=False if missing)."""
   from kafka import KafkaConsumer, TopicPartition
+
   names = check_topic_names(topics)
   _admin(bootstrap).close()  # a clear error when the broker cannot be reached
   consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
@@ -145,9 +163,16 @@ def describe_topics(bootstrap: str, topics: Sequence[str]) -> list[TopicInfo]:
       tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
       starts, ends = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
       cluster = consumer._client.cluster
-      out.append(TopicInfo(name, True, [
-          PartitionInfo(tp.partition, cluster.leader_for_partition(tp), starts[tp], ends[tp])
-          for tp in tps]))
+      out.append(
+        TopicInfo(
+          name,
+          True,
+          [
+            PartitionInfo(tp.partition, cluster.leader_for_partition(tp), starts[tp], ends[tp])
+            for tp in tps
+          ],
+        )
+      )
     return out
   finally:
     consumer.close()
@@ -166,16 +191,28 @@ def _print_description(infos: Sequence[TopicInfo]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(
-      prog="run_pipeline.sh topics",
-      description="Create or describe Kafka topics (default: the two smart-grid topics).")
+    prog="run_pipeline.sh topics",
+    description="Create or describe Kafka topics (default: the two smart-grid topics).",
+  )
   ap.add_argument("action", choices=["create", "describe"])
   ap.add_argument("topics", nargs="*", help=f"topic names (default: {' '.join(SMARTGRID_TOPICS)})")
-  ap.add_argument("--partitions", type=int, default=None,
-                  help="create: partitions of each new topic (default: $KAFKA_PARTITIONS or 4)")
-  ap.add_argument("--replication_factor", type=int, default=1,
-                  help="create: replicas of each new topic (default 1, the local broker)")
-  ap.add_argument("--bootstrap_servers", default=None,
-                  help="Kafka brokers (default: 127.0.0.1:$KAFKA_PORT, i.e. 127.0.0.1:9092)")
+  ap.add_argument(
+    "--partitions",
+    type=int,
+    default=None,
+    help="create: partitions of each new topic (default: $KAFKA_PARTITIONS or 4)",
+  )
+  ap.add_argument(
+    "--replication_factor",
+    type=int,
+    default=1,
+    help="create: replicas of each new topic (default 1, the local broker)",
+  )
+  ap.add_argument(
+    "--bootstrap_servers",
+    default=None,
+    help="Kafka brokers (default: 127.0.0.1:$KAFKA_PORT, i.e. 127.0.0.1:9092)",
+  )
   a = ap.parse_intermixed_args(argv)  # topics may follow --partitions N
   logging.basicConfig(level=logging.WARNING)
   # kafka-python logs every refused connection; the one-line error below says it all.
@@ -185,10 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     topics = a.topics or list(SMARTGRID_TOPICS)
     if a.action == "create":
       partitions = a.partitions if a.partitions is not None else default_partitions()
-      for name, (created, n) in create_topics(bootstrap, topics, partitions,
-                                              a.replication_factor).items():
-        print(f"{name}: created with {n} partition(s)" if created else
-              f"{name}: already exists with {n} partition(s) (left as it is)")
+      for name, (created, n) in create_topics(
+        bootstrap, topics, partitions, a.replication_factor
+      ).items():
+        print(
+          f"{name}: created with {n} partition(s)"
+          if created
+          else f"{name}: already exists with {n} partition(s) (left as it is)"
+        )
       return 0
     infos = describe_topics(bootstrap, topics)
     _print_description(infos)

@@ -6,6 +6,7 @@ import logging as _logging
 class _IrrelevantImportWarnings(_logging.Filter):
   """Drops Beam's import-time warnings about Google Cloud extras this project does not use
   (GCS filesystem, apitools): every command printed them before anything else."""
+
   NOISE = ("Failed to import GCSFileSystem", "apitools not found")
 
   def filter(self, record: _logging.LogRecord) -> bool:

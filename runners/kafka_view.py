@@ -16,7 +16,6 @@ import logging
 import socket
 import threading
 import time
-from typing import Optional
 
 from pipelines import smartgrid
 from pipelines.options import SmartGridOptions
@@ -26,11 +25,23 @@ _LOGGER = logging.getLogger(__name__)
 
 # Names in an exception chain or a runner's wrapped traceback that mean "Kafka did not answer".
 _KAFKA_OUTAGE_MARKERS = (
-    "KafkaTimeoutError", "NoBrokersAvailable", "KafkaConnectionError", "KafkaUnavailableError",
-    "NodeNotReadyError", "RequestTimedOutError", "NotLeaderForPartitionError",
-    "LeaderNotAvailableError", "CoordinatorNotAvailableError", "NotCoordinatorError",
-    "UnknownTopicOrPartitionError", "cannot reach Kafka", "Failed to get offsets",
-    "BrokerNotAvailableError", "MetadataEmptyBrokerList", "NetworkExceptionError")
+  "KafkaTimeoutError",
+  "NoBrokersAvailable",
+  "KafkaConnectionError",
+  "KafkaUnavailableError",
+  "NodeNotReadyError",
+  "RequestTimedOutError",
+  "NotLeaderForPartitionError",
+  "LeaderNotAvailableError",
+  "CoordinatorNotAvailableError",
+  "NotCoordinatorError",
+  "UnknownTopicOrPartitionError",
+  "cannot reach Kafka",
+  "Failed to get offsets",
+  "BrokerNotAvailableError",
+  "MetadataEmptyBrokerList",
+  "NetworkExceptionError",
+)
 
 
 def is_kafka_error(exc: BaseException) -> bool:
@@ -47,7 +58,7 @@ def is_kafka_error(exc: BaseException) -> bool:
   return False
 
 
-def unreachable_message(bootstrap_servers: str) -> Optional[str]:
+def unreachable_message(bootstrap_servers: str) -> str | None:
   """None when some bootstrap server accepts a TCP connection, else one line with a hint."""
   for server in bootstrap_servers.split(","):
     host, _, port = server.rpartition(":")
@@ -56,9 +67,11 @@ def unreachable_message(bootstrap_servers: str) -> Optional[str]:
       return None
     except (OSError, ValueError):
       continue
-  return (f"cannot reach Kafka at {bootstrap_servers}. Start the local broker with "
-          f"./run_pipeline.sh broker start (its port is $KAFKA_PORT, 9092 when unset), or "
-          f"point --bootstrap_servers at your brokers.")
+  return (
+    f"cannot reach Kafka at {bootstrap_servers}. Start the local broker with "
+    f"./run_pipeline.sh broker start (its port is $KAFKA_PORT, 9092 when unset), or "
+    f"point --bootstrap_servers at your brokers."
+  )
 
 
 def is_first_worker(o: SmartGridOptions) -> bool:
@@ -75,19 +88,21 @@ class KafkaView:
 
   def __init__(self, o: SmartGridOptions, request_timeout_ms: int = 10000):
     from kafka import KafkaConsumer
+
     config = smartgrid.kafka_client_config(o)
     config.update(bootstrap_timeout_ms=10000, request_timeout_ms=request_timeout_ms)
     self._consumer = KafkaConsumer(**materialize(config))
     self._topics = (o.sensor_topic, o.meter_topic)
     self._shard = o.partition_shard
     self._lock = threading.Lock()
-    self.down_since: Optional[float] = None
+    self.down_since: float | None = None
     self.tps: list = []
     self.missing: list[str] = list(self._topics)
     self.refresh()
 
   def _call(self, fn):
     from kafka.errors import KafkaError
+
     with self._lock:
       try:
         result = fn()
@@ -107,8 +122,12 @@ class KafkaView:
 
     def listing():
       existing = self._consumer.topics()
-      pairs = [(t, p) for t in self._topics if t in existing
-               for p in sorted(self._consumer.partitions_for_topic(t) or ())]
+      pairs = [
+        (t, p)
+        for t in self._topics
+        if t in existing
+        for p in sorted(self._consumer.partitions_for_topic(t) or ())
+      ]
       return [t for t in self._topics if t not in existing], pairs
 
     self.missing, pairs = self._call(listing)
@@ -121,9 +140,10 @@ class KafkaView:
     def read():
       end = self._consumer.end_offsets(tps) if tps else {}
       return end, {tp: self._consumer.committed(tp) for tp in tps}
+
     return self._call(read)
 
-  def status(self) -> Optional[str]:
+  def status(self) -> str | None:
     if self.down_since is None:
       return None
     since = dt.datetime.fromtimestamp(self.down_since).strftime("%H:%M:%S")

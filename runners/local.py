@@ -46,7 +46,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 from kafka.errors import KafkaError
@@ -97,8 +96,12 @@ def run(options: PipelineOptions, mode: str) -> int:
       pidf.unlink(missing_ok=True)
 
   def drain(signal_name: str) -> None:
-    print(f"\n{signal_name}: draining (stop reading, flush windows, batches and sink, commit). "
-          "Signal again to abort.", file=sys.stderr, flush=True)
+    print(
+      f"\n{signal_name}: draining (stop reading, flush windows, batches and sink, commit). "
+      "Signal again to abort.",
+      file=sys.stderr,
+      flush=True,
+    )
     DrainSignal.request(str(drain_file))
 
   signals = StopSignals(drain)
@@ -109,8 +112,9 @@ def run(options: PipelineOptions, mode: str) -> int:
     drain_file.unlink(missing_ok=True)
 
 
-def run_worker(options: PipelineOptions, mode: str, index: int, count: int,
-               drain_file: Path) -> int:
+def run_worker(
+  options: PipelineOptions, mode: str, index: int, count: int, drain_file: Path
+) -> int:
   """Worker index of count under the supervisor (runners/workers.py): this process runs
   the pipeline on its share of the partitions, with its own drain file and no progress
   line (the supervisor prints one for all). ``options`` are the supervisor's, parsed once."""
@@ -122,7 +126,7 @@ def run_worker(options: PipelineOptions, mode: str, index: int, count: int,
   return run(options, mode)
 
 
-def _prepare(options: PipelineOptions, view: KafkaView, drain_file: Path) -> Optional[int]:
+def _prepare(options: PipelineOptions, view: KafkaView, drain_file: Path) -> int | None:
   """Checks the topics before the first round: an exit code when there is nothing to run."""
   o = options.view_as(SmartGridOptions)
   missing, speak = view.missing, is_first_worker(o)
@@ -131,16 +135,25 @@ def _prepare(options: PipelineOptions, view: KafkaView, drain_file: Path) -> Opt
   names = ", ".join(missing)
   if parse_stop(o.stop).kind != "never":  # batch
     if o.require_topics:
-      print(f"error: --require_topics: topic(s) {names} do not exist on {o.bootstrap_servers}",
-            file=sys.stderr)
+      print(
+        f"error: --require_topics: topic(s) {names} do not exist on {o.bootstrap_servers}",
+        file=sys.stderr,
+      )
       return 2
     if speak:
-      print(f"nothing to read: topic(s) {names} do not exist on {o.bootstrap_servers}",
-            file=sys.stderr, flush=True)
+      print(
+        f"nothing to read: topic(s) {names} do not exist on {o.bootstrap_servers}",
+        file=sys.stderr,
+        flush=True,
+      )
     return None if view.tps else 0
   if speak:
-    print(f"waiting for topic(s) {names} to be created on {o.bootstrap_servers}"
-          + (" (reading the others meanwhile)" if view.tps else ""), file=sys.stderr, flush=True)
+    print(
+      f"waiting for topic(s) {names} to be created on {o.bootstrap_servers}"
+      + (" (reading the others meanwhile)" if view.tps else ""),
+      file=sys.stderr,
+      flush=True,
+    )
   if prism.is_prism(options):  # one pipeline, its partitions fixed when it is built
     while view.refresh() and not drain_file.exists():
       time.sleep(1.0)
@@ -179,8 +192,7 @@ def _watch(launcher: Launcher, o: SmartGridOptions, signals: StopSignals) -> int
   thread = _PipelineThread(launcher)
   plan, totals = launcher.plan, launcher.totals
   line = ProgressLine(launcher.view, totals, None if plan is None else (lambda: plan.count))
-  shared = (workers.progress_file(launcher.drain_file) if os.environ.get(SUPERVISED_ENV)
-            else None)
+  shared = workers.progress_file(launcher.drain_file) if os.environ.get(SUPERVISED_ENV) else None
   while thread.is_alive():
     thread.join(timeout=o.progress_secs or 1.0)
     if thread.is_alive() and o.progress_secs:
@@ -189,8 +201,11 @@ def _watch(launcher: Launcher, o: SmartGridOptions, signals: StopSignals) -> int
       workers.write_progress(shared, totals.snapshot())
   error = thread.error
   state = "FAILED" if error is not None else ("drained" if signals.draining else "finished")
-  print(summary(launcher.view, time.monotonic() - started, state, o, totals.snapshot()),
-        file=sys.stderr, flush=True)
+  print(
+    summary(launcher.view, time.monotonic() - started, state, o, totals.snapshot()),
+    file=sys.stderr,
+    flush=True,
+  )
   if error is not None:
     text = error_line(error)
     print(f"error: {text}", file=sys.stderr)
@@ -205,7 +220,7 @@ class _PipelineThread(threading.Thread):
   def __init__(self, launcher: Launcher):
     super().__init__(name="pipeline", daemon=True)
     self._launcher = launcher
-    self.error: Optional[BaseException] = None
+    self.error: BaseException | None = None
     self.start()
 
   def run(self) -> None:

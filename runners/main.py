@@ -25,14 +25,19 @@ def parse(argv: list[str]) -> tuple[str, PipelineOptions]:
   known, rest = parser.parse_known_args(argv)
   if known.help:
     print(__doc__)
-    print(f"--mode {{{','.join(MODES)}}}: local = streaming until drained; batch = committed "
-          "offsets to the end offsets seen at start, then exit.\n")
+    print(
+      f"--mode {{{','.join(MODES)}}}: local = streaming until drained; batch = committed "
+      "offsets to the end offsets seen at start, then exit.\n"
+    )
     SmartGridOptions(["--help"])  # argparse prints the options and exits
   options = PipelineOptions(rest)
-  unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+  unknown = set(options.get_all_options(retain_unknown_options=True)) - set(
+    options.get_all_options()
+  )
   if unknown:
-    raise OptionError("unknown option(s): " + ", ".join(f"--{u}" for u in sorted(unknown)) +
-                      " (see --help)")
+    raise OptionError(
+      "unknown option(s): " + ", ".join(f"--{u}" for u in sorted(unknown)) + " (see --help)"
+    )
   o = options.view_as(SmartGridOptions)
   if not any(a == "--bootstrap_servers" or a.startswith("--bootstrap_servers=") for a in rest):
     # Beam's KafkaStreamsRunnerOptions declares the same flag with its own default.
@@ -46,8 +51,9 @@ def parse(argv: list[str]) -> tuple[str, PipelineOptions]:
 def configure_logging() -> None:
   # force: a library may have configured the root logger already (a root-level
   # logging.warning() at import time does).
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                      force=True)
+  logging.basicConfig(
+    level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+  )
   # Beam's INFO lines (type hints, job states, workers) say nothing a user needs.
   logging.getLogger("apache_beam").setLevel(logging.WARNING)
   # kafka-python logs every failed connection attempt (dozens of lines a second while a
@@ -68,13 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     # (runners/prism.py; built by ./run_pipeline.sh prism build). It passes the streaming
     # zero-loss tests; bounded runs are refused (Prism 2.77 loses GroupIntoBatches state there).
     if runner not in (None, "DirectRunner", "FnApiRunner", "PrismRunner"):
-      print(f"error: --runner={runner} is not a local runner; use ./run_pipeline.sh flink|dataflow",
-            file=sys.stderr)
+      print(
+        f"error: --runner={runner} is not a local runner; use ./run_pipeline.sh flink|dataflow",
+        file=sys.stderr,
+      )
       return 2
     if runner == "DirectRunner":
-      _LOGGER.info("--runner=DirectRunner: running on Beam's FnApiRunner engine, because the "
-                   "DirectRunner would pick its BundleBasedDirectRunner for this pipeline, which "
-                   "drops the Kafka reader's checkpointed residuals (see README, Runners)")
+      _LOGGER.info(
+        "--runner=DirectRunner: running on Beam's FnApiRunner engine, because the "
+        "DirectRunner would pick its BundleBasedDirectRunner for this pipeline, which "
+        "drops the Kafka reader's checkpointed residuals (see README, Runners)"
+      )
     return local.run(options, mode)
   return remote.run(options, mode)
 

@@ -53,12 +53,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from broker.kafka_broker import free_port
-
 from pipelines.options import SmartGridOptions
 
 _LOGGER = logging.getLogger(__name__)
@@ -84,8 +82,10 @@ def binary() -> Path:
   """$PRISM_BIN, else .cache/prism-127/bin/prism (built by ``./run_pipeline.sh prism build``)."""
   path = Path(os.environ.get("PRISM_BIN") or DEFAULT_BINARY)
   if not (path.is_file() and os.access(path, os.X_OK)):
-    raise PrismNotBuilt(f"--runner=PrismRunner: no Prism binary at {path}; "
-                        f"run ./run_pipeline.sh prism build (needs Go; a few minutes)")
+    raise PrismNotBuilt(
+      f"--runner=PrismRunner: no Prism binary at {path}; "
+      f"run ./run_pipeline.sh prism build (needs Go; a few minutes)"
+    )
   return path
 
 
@@ -94,7 +94,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-_worker_pool: Optional[str] = None
+_worker_pool: str | None = None
 
 
 def worker_pool(state_cache_bytes: int = 0) -> str:
@@ -105,14 +105,18 @@ def worker_pool(state_cache_bytes: int = 0) -> str:
     from apache_beam.portability.api import beam_fn_api_pb2_grpc  # pylint: disable=import-outside-toplevel
     from apache_beam.runners.worker import worker_pool_main  # pylint: disable=import-outside-toplevel
     from apache_beam.utils import thread_pool_executor  # pylint: disable=import-outside-toplevel
-    server = grpc.server(thread_pool_executor.shared_unbounded_instance(),
-                         options=[("grpc.http2.max_pings_without_data", 0),
-                                  ("grpc.http2.max_ping_strikes", 0)])
+
+    server = grpc.server(
+      thread_pool_executor.shared_unbounded_instance(),
+      options=[("grpc.http2.max_pings_without_data", 0), ("grpc.http2.max_ping_strikes", 0)],
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(
-        worker_pool_main.BeamFnExternalWorkerPoolServicer(
-            use_process=False, state_cache_size=state_cache_bytes, data_buffer_time_limit_ms=-1),
-        server)
+      worker_pool_main.BeamFnExternalWorkerPoolServicer(
+        use_process=False, state_cache_size=state_cache_bytes, data_buffer_time_limit_ms=-1
+      ),
+      server,
+    )
     server.start()
     atexit.register(server.stop, 1)
     _worker_pool = f"127.0.0.1:{port}"
@@ -127,10 +131,22 @@ class JobServer:
     self.endpoint = f"127.0.0.1:{self.port}"
     self._log = logging.getLogger("prism")
     self.proc = subprocess.Popen(
-        [str(path), "--job_port", str(self.port), "--log_level", log_level, "--log_kind", "text",
-         "--serve_http=false"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=_die_with_parent)
+      [
+        str(path),
+        "--job_port",
+        str(self.port),
+        "--log_level",
+        log_level,
+        "--log_kind",
+        "text",
+        "--serve_http=false",
+      ],
+      stdin=subprocess.DEVNULL,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+      preexec_fn=_die_with_parent,
+    )
     threading.Thread(target=self._forward, name="prism-log", daemon=True).start()
     deadline = time.monotonic() + 60
     while True:
@@ -142,7 +158,9 @@ class JobServer:
       except OSError:
         if time.monotonic() > deadline:
           self.stop()
-          raise RuntimeError(f"Prism ({path}) did not listen on {self.endpoint} within 60s")
+          raise RuntimeError(
+            f"Prism ({path}) did not listen on {self.endpoint} within 60s"
+          ) from None
         time.sleep(0.05)
 
   def _forward(self) -> None:
@@ -161,7 +179,7 @@ class JobServer:
         self.proc.wait(timeout=5)
 
 
-_server: Optional[JobServer] = None
+_server: JobServer | None = None
 
 
 def job_server(log_level: str = "warn") -> JobServer:
@@ -182,26 +200,29 @@ def prism_options(options: PipelineOptions) -> PipelineOptions:
   o = options.view_as(SmartGridOptions)
   if o.stop is not None and os.environ.get("PRISM_ALLOW_BOUNDED") != "1":
     raise PrismUnsupported(
-        f"--runner=PrismRunner runs only unbounded streaming (./run_pipeline.sh local without "
-        f"--stop); with --stop={o.stop} (batch) Prism 2.77 drops rows buffered in "
-        f"GroupIntoBatches when the input ends (see runners/prism.py). Use the default "
-        f"runner (FnApiRunner) for batch.")
+      f"--runner=PrismRunner runs only unbounded streaming (./run_pipeline.sh local without "
+      f"--stop); with --stop={o.stop} (batch) Prism 2.77 drops rows buffered in "
+      f"GroupIntoBatches when the input ends (see runners/prism.py). Use the default "
+      f"runner (FnApiRunner) for batch."
+    )
   if o.stop is not None:
-    _LOGGER.warning("PRISM_ALLOW_BOUNDED=1: a bounded run on Prism may drop rows buffered in "
-                    "GroupIntoBatches (see runners/prism.py); for experiments only")
+    _LOGGER.warning(
+      "PRISM_ALLOW_BOUNDED=1: a bounded run on Prism may drop rows buffered in "
+      "GroupIntoBatches (see runners/prism.py); for experiments only"
+    )
   flags = options.get_all_options(drop_default=True)
   path = binary()
   log_level = flags.get("prism_log_level") or "warn"
   flags.update(
-      runner=RUNNER,
-      prism_location=str(path),  # documentation only: the runner is given job_endpoint
-      job_endpoint=flags.get("job_endpoint") or job_server(log_level).endpoint,
-      # The SDK harness runs in this process: the drain file is the launcher's own
-      # (see the module doc); its pool listens on 127.0.0.1 only.
-      environment_type="EXTERNAL",
-      environment_config=worker_pool(),
-      streaming=o.stop is None,
-      # Prism's own INFO lines (job submitted, stages) would drown the progress line.
-      prism_log_level=log_level,
+    runner=RUNNER,
+    prism_location=str(path),  # documentation only: the runner is given job_endpoint
+    job_endpoint=flags.get("job_endpoint") or job_server(log_level).endpoint,
+    # The SDK harness runs in this process: the drain file is the launcher's own
+    # (see the module doc); its pool listens on 127.0.0.1 only.
+    environment_type="EXTERNAL",
+    environment_config=worker_pool(),
+    streaming=o.stop is None,
+    # Prism's own INFO lines (job submitted, stages) would drown the progress line.
+    prism_log_level=log_level,
   )
   return PipelineOptions.from_dictionary(flags)

@@ -18,9 +18,14 @@ import time
 from pathlib import Path
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import (FlinkRunnerOptions, GoogleCloudOptions,
-                                                  PipelineOptions, PortableOptions, SetupOptions,
-                                                  StandardOptions)
+from apache_beam.options.pipeline_options import (
+  FlinkRunnerOptions,
+  GoogleCloudOptions,
+  PipelineOptions,
+  PortableOptions,
+  SetupOptions,
+  StandardOptions,
+)
 
 from pipelines import smartgrid
 from pipelines.options import OptionError, SmartGridOptions
@@ -30,12 +35,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def flink_job_server_jar() -> Path:
   """The job-server jar of the pinned Beam version, fetched once with Maven."""
-  proc = subprocess.run(["bash", str(REPO / "runners" / "flink" / "fetch_job_server.sh")],
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+    ["bash", str(REPO / "runners" / "flink" / "fetch_job_server.sh")],
+    capture_output=True,
+    text=True,
+  )
   if proc.returncode != 0:
     raise OptionError(
-        "--mode=flink: the Flink job-server jar of Beam " + beam.__version__ + " could not be "
-        "fetched from Maven Central (" + (proc.stderr.strip().splitlines() or ["?"])[-1] + ")")
+      "--mode=flink: the Flink job-server jar of Beam " + beam.__version__ + " could not be "
+      "fetched from Maven Central (" + (proc.stderr.strip().splitlines() or ["?"])[-1] + ")"
+    )
   return Path(proc.stdout.strip().splitlines()[-1])
 
 
@@ -70,8 +79,10 @@ def configure_dataflow(options: PipelineOptions, now: float | None = None) -> Pi
   if not gcp.job_name:
     gcp.job_name = time.strftime("smartgrid-%Y%m%d-%H%M%S", time.gmtime(now))
   if o.sink.startswith("sqlite:"):
-    raise OptionError("--sink: a SQLite file does not work on Dataflow's many workers; "
-                      "use bigquery://PROJECT/DATASET")
+    raise OptionError(
+      "--sink: a SQLite file does not work on Dataflow's many workers; "
+      "use bigquery://PROJECT/DATASET"
+    )
   std = options.view_as(StandardOptions)
   std.runner = "DataflowRunner"
   std.streaming = o.stop is None
@@ -89,8 +100,10 @@ def run(options: PipelineOptions, mode: str) -> int:
   smartgrid.build(p, options.view_as(SmartGridOptions))
   result = p.run()
   if mode == "dataflow":
-    print(f"Submitted Dataflow job {options.view_as(GoogleCloudOptions).job_name}; drain it with "
-          f"./run_pipeline.sh drain dataflow JOB_ID --region={options.view_as(GoogleCloudOptions).region}")
+    print(
+      f"Submitted Dataflow job {options.view_as(GoogleCloudOptions).job_name}; drain it with "
+      f"./run_pipeline.sh drain dataflow JOB_ID --region={options.view_as(GoogleCloudOptions).region}"
+    )
     return 0
   state = result.wait_until_finish()
   print(f"Flink job ended: {state}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from pipelines.options import SmartGridOptions
 from runners.kafka_view import KafkaView
@@ -38,7 +39,7 @@ class Totals:
     with self._lock:
       self._running = result
 
-  def add_result(self, result: Any) -> Optional[dict]:
+  def add_result(self, result: Any) -> dict | None:
     """Adds a finished pipeline's figures (once) and stops watching it; returns them
     (None when its runner could not say)."""
     figures = _figures(result)
@@ -63,7 +64,7 @@ class Totals:
     return out
 
 
-def _figures(result: Any, live: bool = False) -> Optional[dict]:
+def _figures(result: Any, live: bool = False) -> dict | None:
   """A result's telemetry, or None when its runner cannot say (the summary says less)."""
   if live and hasattr(result, "_metrics"):
     # PortableRunner's result keeps its first metrics answer: ask the job service again.
@@ -71,9 +72,12 @@ def _figures(result: Any, live: bool = False) -> Optional[dict]:
   try:
     return telemetry.totals(result)
   except RecursionError:
-    # FnApiRunner's metrics merge recurses once per bundle (RecursionError past ~1,000 bundles; make_runner merges eagerly).
-    _LOGGER.warning("this round's Beam metrics could not be read (too many bundles); "
-                    "its counts are missing from the summary")
+    # FnApiRunner's metrics merge recurses once per bundle (RecursionError past ~1,000
+    # bundles; make_runner merges eagerly).
+    _LOGGER.warning(
+      "this round's Beam metrics could not be read (too many bundles); "
+      "its counts are missing from the summary"
+    )
   except Exception as e:  # noqa: BLE001 - figures must never stop the pipeline
     if not live:
       _LOGGER.warning("Beam metrics unavailable: %s: %s", type(e).__name__, e)
@@ -90,7 +94,7 @@ def lag_by_topic(end: dict, committed: dict) -> dict:
 class ProgressLine:
   """The launcher's progress line: totals, the CURRENT rate (over the last interval), lag."""
 
-  def __init__(self, view: KafkaView, totals: Totals, rounds: Optional[Callable[[], int]] = None):
+  def __init__(self, view: KafkaView, totals: Totals, rounds: Callable[[], int] | None = None):
     self._view = view
     self._totals = totals
     self._rounds = rounds  # -> rounds done so far (FnApiRunner's plan), or None
@@ -106,9 +110,11 @@ class ProgressLine:
     head = f"[{now - self._started:6.0f}s]"
     if self._rounds is not None:
       head += f" round {self._rounds()}"
-    parts = [f"{head} read {sum(s['read'].values())}",
-             f"written {written} ({rate:,.0f}/s now)",
-             f"dead letters {sum(s['dead_letters'].values())}"]
+    parts = [
+      f"{head} read {sum(s['read'].values())}",
+      f"written {written} ({rate:,.0f}/s now)",
+      f"dead letters {sum(s['dead_letters'].values())}",
+    ]
     return " | ".join(parts + [self._kafka_part()])
 
   def _kafka_part(self) -> str:
@@ -125,15 +131,18 @@ class ProgressLine:
       return part + (self._view.status() or "lag unknown")
 
 
-def batches_line(b: dict, batch_size: int, streaming: bool) -> Optional[str]:
+def batches_line(b: dict, batch_size: int, streaming: bool) -> str | None:
   if not b.get("all"):
     return None
   full, partial = b.get("full", 0), b["all"] - b.get("full", 0)
   line = f"  batches:        {b['all']} ({full} full of {batch_size} rows"
   if partial:
-    why = ("the buffering timer (--max_buffering_secs), window ends and round ends flush them: "
-           "expected when fewer rows of a key arrive per window" if streaming else
-           "the last rows of each key and window at the end of the run")
+    why = (
+      "the buffering timer (--max_buffering_secs), window ends and round ends flush them: "
+      "expected when fewer rows of a key arrive per window"
+      if streaming
+      else "the last rows of each key and window at the end of the run"
+    )
     line += f"; {partial} partial: {why}"
   return line + ")"
 
@@ -143,20 +152,23 @@ def _counts(counts: dict) -> str:
 
 
 def _count_lines(s: dict) -> list[str]:
-  lines = ["  records read:   " + (_counts(s["read"]) or "0"),
-           "  rows written:   " + (_counts(s["written"]) or "0")]
+  lines = [
+    "  records read:   " + (_counts(s["read"]) or "0"),
+    "  rows written:   " + (_counts(s["written"]) or "0"),
+  ]
   if s["dead_letters"]:
     lines.append("  dead letters:   " + _counts(s["dead_letters"]))
   if s["rejected"]:
     lines.append("  sink rejected:  " + _counts(s["rejected"]))
   if s["duplicates"]:
-    lines.append("  duplicate events (later copies of a stored event_id, acked, not written): "
-                 + _counts(s["duplicates"]))
+    lines.append(
+      "  duplicate events (later copies of a stored event_id, acked, not written): "
+      + _counts(s["duplicates"])
+    )
   return lines
 
 
-def summary(view: KafkaView, elapsed: float, state: str, o: SmartGridOptions,
-            figures: dict) -> str:
+def summary(view: KafkaView, elapsed: float, state: str, o: SmartGridOptions, figures: dict) -> str:
   lines = [f"Pipeline {state} after {elapsed:.1f}s.", *_count_lines(figures)]
   batches = batches_line(figures["batches"], o.batch_size, parse_stop(o.stop).kind == "never")
   if batches:
@@ -177,10 +189,10 @@ def error_line(error: BaseException) -> str:
   text = f"{type(error).__name__}: {error}"
   for line in text.splitlines():
     if "OffsetGapError: " in line:
-      return line[line.index("OffsetGapError: "):]
+      return line[line.index("OffsetGapError: ") :]
   return text
 
 
-def short(e: Optional[BaseException]) -> str:
+def short(e: BaseException | None) -> str:
   text = f"{type(e).__name__}: {e}".splitlines()[0] if e is not None else "?"
   return text[:200]

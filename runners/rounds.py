@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.metrics.monitoring_infos import consolidate
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner, fn_runner, worker_handlers
 from kafka.errors import KafkaError
 from tenacity import Retrying, retry_if_exception, wait_exponential_jitter
@@ -55,12 +55,23 @@ def _consolidate_now(infos):
   return list(consolidate(infos))
 
 
-def build(options: PipelineOptions, drain_file: Path, *, start: Optional[StartPosition] = None,
-          stop: Optional[StopPosition] = None) -> beam.Pipeline:
+def build(
+  options: PipelineOptions,
+  drain_file: Path,
+  *,
+  start: StartPosition | None = None,
+  stop: StopPosition | None = None,
+) -> beam.Pipeline:
   # Prism options (runners/prism.py) name their runner; everything else runs on FnApiRunner.
   p = beam.Pipeline(runner=None if prism.is_prism(options) else make_runner(), options=options)
-  smartgrid.build(p, options.view_as(SmartGridOptions), drain_file=str(drain_file), start=start,
-                  stop=stop, skip_missing_topics=True)
+  smartgrid.build(
+    p,
+    options.view_as(SmartGridOptions),
+    drain_file=str(drain_file),
+    start=start,
+    stop=stop,
+    skip_missing_topics=True,
+  )
   return p
 
 
@@ -98,8 +109,9 @@ class Rounds:
   def batch_done(self) -> bool:
     _, committed = self._view.offsets()
     targets = {(t, p): offset for t, p, offset in self.target}
-    return all((committed.get(tp) or 0) >= targets.get((tp.topic, tp.partition), 0)
-               for tp in committed)
+    return all(
+      (committed.get(tp) or 0) >= targets.get((tp.topic, tp.partition), 0) for tp in committed
+    )
 
 
 class DrainedInOutage(Exception):
@@ -111,8 +123,14 @@ class Launcher:
 
   IDLE_CHECK_S = 0.5
 
-  def __init__(self, options: PipelineOptions, view: KafkaView, drain_file: Path,
-               plan: Optional[Rounds], totals: Totals):
+  def __init__(
+    self,
+    options: PipelineOptions,
+    view: KafkaView,
+    drain_file: Path,
+    plan: Rounds | None,
+    totals: Totals,
+  ):
     self.options = options
     self.o = options.view_as(SmartGridOptions)
     self.view = view
@@ -135,8 +153,9 @@ class Launcher:
     except DrainedInOutage:
       _LOGGER.warning("drained while Kafka was unreachable: nothing unwritten was committed")
 
-  def _run_pipeline(self, start: Optional[StartPosition] = None,
-                    stop: Optional[StopPosition] = None) -> Optional[dict]:
+  def _run_pipeline(
+    self, start: StartPosition | None = None, stop: StopPosition | None = None
+  ) -> dict | None:
     """One pipeline to its end; its Beam metrics join the run's totals (and are returned)."""
     result = build(self.options, self.drain_file, start=start, stop=stop).run()
     self.totals.watch(result)
@@ -148,13 +167,22 @@ class Launcher:
 
   def _with_kafka_retries(self, fn: Callable):
     """fn(), retried with backoff while it fails because of Kafka (until a drain)."""
+
     def before_sleep(state):
       self.view.mark_down()
-      _LOGGER.warning("Kafka unreachable (%s); retrying in %.1fs", short(state.outcome.exception()),
-                      state.next_action.sleep)
-    retrying = Retrying(retry=retry_if_exception(is_kafka_error), reraise=True,
-                        wait=wait_exponential_jitter(initial=1, max=30),
-                        stop=lambda _state: self.draining(), before_sleep=before_sleep)
+      _LOGGER.warning(
+        "Kafka unreachable (%s); retrying in %.1fs",
+        short(state.outcome.exception()),
+        state.next_action.sleep,
+      )
+
+    retrying = Retrying(
+      retry=retry_if_exception(is_kafka_error),
+      reraise=True,
+      wait=wait_exponential_jitter(initial=1, max=30),
+      stop=lambda _state: self.draining(),
+      before_sleep=before_sleep,
+    )
     try:
       return retrying(fn)
     except Exception as e:  # noqa: BLE001 - a drain during an outage ends the run cleanly
@@ -162,9 +190,10 @@ class Launcher:
         raise DrainedInOutage() from e
       raise
 
-  def _round(self) -> Optional[dict]:
+  def _round(self) -> dict | None:
     figures = self._with_kafka_retries(
-        lambda: self._run_pipeline(self.plan.start(), self.plan.stop()))
+      lambda: self._run_pipeline(self.plan.start(), self.plan.stop())
+    )
     self.plan.count += 1
     return figures
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 SUPERVISED_ENV = "SMARTGRID_SUPERVISED_WORKER"
 
@@ -43,8 +43,11 @@ class StopSignals:
       return
     if os.environ.get(SUPERVISED_ENV) == "1":
       return  # a worker: the duplicate of a signal sent to the whole tree; still draining
-    print("Second signal: aborting now. Nothing unwritten was committed; the next run "
-          "replays it.", file=sys.stderr, flush=True)
+    print(
+      "Second signal: aborting now. Nothing unwritten was committed; the next run replays it.",
+      file=sys.stderr,
+      flush=True,
+    )
     self._before_abort()
     os._exit(130)
 
@@ -54,6 +57,8 @@ def offsets_table(end: dict, committed: dict) -> list[str]:
   lines = ["  committed/end offsets per partition:"]
   for tp in sorted(end, key=lambda t: (t.topic, t.partition)):
     c = committed.get(tp)
-    lines.append(f"    {tp.topic}-{tp.partition}: {c}/{end[tp]}"
-                 + ("" if c == end[tp] else f"  (lag {end[tp] - (c or 0)})"))
+    lines.append(
+      f"    {tp.topic}-{tp.partition}: {c}/{end[tp]}"
+      + ("" if c == end[tp] else f"  (lag {end[tp] - (c or 0)})")
+    )
   return lines

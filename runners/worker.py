@@ -20,8 +20,9 @@ from runners.main import configure_logging
 def main() -> int:
   configure_logging()
   job = json.loads(sys.stdin.read())
-  return local.run_worker(workers.options_of(job), job["mode"], job["index"], job["count"],
-                          Path(job["drain_file"]))
+  return local.run_worker(
+    workers.options_of(job), job["mode"], job["index"], job["count"], Path(job["drain_file"])
+  )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -75,13 +75,19 @@ def _own_flags(options: PipelineOptions) -> dict:
   return {k: v for k, v in values.items() if v is not None}
 
 
-def worker_job(options: PipelineOptions, mode: str, index: int, count: int,
-               drain_file: Path) -> dict:
+def worker_job(
+  options: PipelineOptions, mode: str, index: int, count: int, drain_file: Path
+) -> dict:
   """What a restarted worker needs to call run_worker, as JSON-able values: the
   supervisor's options (Beam's ``get_all_options``), its mode and its shard."""
   flags = {**options.get_all_options(drop_default=True), **_own_flags(options)}
-  return {"options": flags, "mode": mode, "index": index, "count": count,
-          "drain_file": str(drain_file)}
+  return {
+    "options": flags,
+    "mode": mode,
+    "index": index,
+    "count": count,
+    "drain_file": str(drain_file),
+  }
 
 
 def options_of(job: dict) -> PipelineOptions:
@@ -138,8 +144,10 @@ class _ProgressLine:
     t = _workers_totals(self._drain_file, self._n)
     rate = (t["written"] - self._last_written) / max(now - self._last_t, 1e-9)
     self._last_t, self._last_written = now, t["written"]
-    head = (f"[{now - self._started:6.0f}s] read {t['read']} | written {t['written']} "
-            f"({rate:,.0f}/s now) | dead letters {t['dead_letters']}")
+    head = (
+      f"[{now - self._started:6.0f}s] read {t['read']} | written {t['written']} "
+      f"({rate:,.0f}/s now) | dead letters {t['dead_letters']}"
+    )
     try:
       if self._view.refresh():
         return f"{head} | waiting for topic(s) " + ", ".join(self._view.missing)
@@ -175,6 +183,7 @@ class _Worker:
         code = start()
       except BaseException:  # noqa: BLE001 - the worker's exit code says it failed
         import traceback  # pylint: disable=import-outside-toplevel
+
         traceback.print_exc()
       finally:
         sys.stdout.flush()
@@ -209,9 +218,13 @@ class _Restarted:
     env = {**os.environ, SUPERVISED_ENV: "1", "PYTHONPATH": path}
     # The shard in argv only labels the process (ps, top); the job comes on stdin.
     label = f"--partition_shard={job['index']}/{job['count']}"
-    self._proc = subprocess.Popen([sys.executable, "-m", "runners.worker", label], env=env,
-                                  stdin=subprocess.PIPE, start_new_session=True,
-                                  preexec_fn=_die_with_parent)
+    self._proc = subprocess.Popen(
+      [sys.executable, "-m", "runners.worker", label],
+      env=env,
+      stdin=subprocess.PIPE,
+      start_new_session=True,
+      preexec_fn=_die_with_parent,
+    )
     with self._proc.stdin:
       self._proc.stdin.write(json.dumps(job).encode())
     self.pid = self._proc.pid
@@ -238,14 +251,15 @@ class _Slot:
     self.drain_file = worker_drain_file(Path(job["drain_file"]), index)
     self.proc = proc
     self.restarts: list[float] = []  # monotonic times of restarts
-    self.restart_at: Optional[float] = None
+    self.restart_at: float | None = None
 
   def running(self) -> bool:
     return self.restart_at is not None or self.proc.poll() is None
 
 
-def supervise(options: PipelineOptions, mode: str, drain_file: Path, make_view,
-              run_worker: RunWorker) -> int:
+def supervise(
+  options: PipelineOptions, mode: str, drain_file: Path, make_view, run_worker: RunWorker
+) -> int:
   o = options.view_as(SmartGridOptions)
   _remove_progress_files(drain_file, o.local_workers)  # a previous run's must not count
   n = o.local_workers
@@ -271,10 +285,12 @@ def supervise(options: PipelineOptions, mode: str, drain_file: Path, make_view,
 
 def _partitions_of(view, index: int, n: int) -> str:
   pairs = [(tp.topic, tp.partition) for tp in view.tps]
-  return ", ".join(f"{t}-{p}" for t, p in smartgrid.shard_partitions(pairs, f"{index}/{n}")) or "none"
+  return (
+    ", ".join(f"{t}-{p}" for t, p in smartgrid.shard_partitions(pairs, f"{index}/{n}")) or "none"
+  )
 
 
-def _heal(slot: _Slot, view, n: int, draining: bool) -> Optional[str]:
+def _heal(slot: _Slot, view, n: int, draining: bool) -> str | None:
   """Restarts a worker that died outside a drain; the failure line once past the limit."""
   if slot.restart_at is not None:
     if draining:
@@ -293,18 +309,26 @@ def _heal(slot: _Slot, view, n: int, draining: bool) -> Optional[str]:
   if code is None or code == 0 or draining:
     return None
   if code == 2:
-    return (f"worker {slot.index} (partitions {_partitions_of(view, slot.index, n)}) stopped "
-            f"with exit code 2 (its error is above)")
+    return (
+      f"worker {slot.index} (partitions {_partitions_of(view, slot.index, n)}) stopped "
+      f"with exit code 2 (its error is above)"
+    )
   now = time.monotonic()
   slot.restarts = [t for t in slot.restarts if now - t < RESTART_WINDOW_S] + [now]
   if len(slot.restarts) > MAX_RESTARTS:
-    return (f"worker {slot.index} (partitions {_partitions_of(view, slot.index, n)}) died "
-            f"{len(slot.restarts)} times within {RESTART_WINDOW_S / 60:.0f} min (last exit code "
-            f"{code}); giving up")
+    return (
+      f"worker {slot.index} (partitions {_partitions_of(view, slot.index, n)}) died "
+      f"{len(slot.restarts)} times within {RESTART_WINDOW_S / 60:.0f} min (last exit code "
+      f"{code}); giving up"
+    )
   delay = 2.0 ** (len(slot.restarts) - 1)
-  print(f"worker {slot.index} (partitions {_partitions_of(view, slot.index, n)}) exited with "
-        f"{code}; restarting it in {delay:.0f}s (restart {len(slot.restarts)} of at most "
-        f"{MAX_RESTARTS} in {RESTART_WINDOW_S / 60:.0f} min)", file=sys.stderr, flush=True)
+  print(
+    f"worker {slot.index} (partitions {_partitions_of(view, slot.index, n)}) exited with "
+    f"{code}; restarting it in {delay:.0f}s (restart {len(slot.restarts)} of at most "
+    f"{MAX_RESTARTS} in {RESTART_WINDOW_S / 60:.0f} min)",
+    file=sys.stderr,
+    flush=True,
+  )
   slot.restart_at = now + delay
   return None
 
@@ -316,8 +340,9 @@ def _watch(slots: list, view, o: SmartGridOptions, n: int, drain_file: Path) -> 
     baseline = 0
 
   def drain(signal_name: str) -> None:
-    print(f"\n{signal_name}: draining {n} workers. Signal again to abort.", file=sys.stderr,
-          flush=True)
+    print(
+      f"\n{signal_name}: draining {n} workers. Signal again to abort.", file=sys.stderr, flush=True
+    )
     for slot in slots:
       slot.proc.send_signal(signal.SIGTERM)
 
@@ -350,8 +375,11 @@ def _report(slots, view, n, started, baseline, signals, failure) -> int:
   state = "drained" if signals.draining else "finished"
   if failure or any(codes):
     state = "FAILED"
-  lines = [f"All {n} workers {state} after {time.monotonic() - started:.1f}s (exit codes {codes}"
-           + (f", {restarts} restarts" if restarts else "") + ")."]
+  lines = [
+    f"All {n} workers {state} after {time.monotonic() - started:.1f}s (exit codes {codes}"
+    + (f", {restarts} restarts" if restarts else "")
+    + ")."
+  ]
   try:
     view.refresh()
     end, committed = view.offsets()

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from broker.kafka_broker import free_port
 
@@ -32,17 +31,25 @@ class RegistryError(RuntimeError):
 
 
 def _run(command: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
-  proc = subprocess.run(["bash", str(SCRIPT), command], env=env, stdin=subprocess.DEVNULL,
-                        capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run(
+    ["bash", str(SCRIPT), command],
+    env=env,
+    stdin=subprocess.DEVNULL,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   if proc.returncode != 0:
-    raise RegistryError(f"registry.sh {command} failed (exit {proc.returncode}):\n"
-                        f"{proc.stderr}{proc.stdout}".rstrip())
+    raise RegistryError(
+      f"registry.sh {command} failed (exit {proc.returncode}):\n{proc.stderr}{proc.stdout}".rstrip()
+    )
   return proc
 
 
 @dataclasses.dataclass
 class Registry:
   """A running registry; ``url`` is its Confluent-compatible API root."""
+
   port: int
   management_port: int
   pid: int
@@ -68,7 +75,7 @@ class Registry:
     if self._remove_state_dir:
       shutil.rmtree(self.state_dir, ignore_errors=True)
 
-  def __enter__(self) -> "Registry":
+  def __enter__(self) -> Registry:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -80,22 +87,33 @@ def install() -> None:
   _run("install", dict(os.environ), timeout=INSTALL_TIMEOUT_S)
 
 
-def start_registry(port: Optional[int] = None, management_port: Optional[int] = None, *,
-                   state_dir: Optional[os.PathLike] = None, start_timeout: float = 90) -> Registry:
+def start_registry(
+  port: int | None = None,
+  management_port: int | None = None,
+  *,
+  state_dir: os.PathLike | None = None,
+  start_timeout: float = 90,
+) -> Registry:
   """Starts a registry on 127.0.0.1 and returns once it is ready.
 
   Free ports are picked when None; ``state_dir`` (log, pid file) is a fresh temporary folder,
   removed by ``stop()``, when None. Raises RegistryError with the reason (no Java 21, port in use...).
   """
   own_state_dir = state_dir is None
-  attempts = 3 if port is None and management_port is None else 1  # a picked port may be taken meanwhile
+  attempts = (
+    3 if port is None and management_port is None else 1
+  )  # a picked port may be taken meanwhile
   for attempt in range(attempts):
     http_port = port or free_port()
     mgmt_port = management_port or free_port(exclude=(http_port,))
     sdir = Path(tempfile.mkdtemp(prefix="schema-registry-")) if own_state_dir else Path(state_dir)
-    env = {**os.environ, "SCHEMA_REGISTRY_PORT": str(http_port),
-           "SCHEMA_REGISTRY_MGMT_PORT": str(mgmt_port), "SCHEMA_REGISTRY_STATE_DIR": str(sdir),
-           "SCHEMA_REGISTRY_START_TIMEOUT": str(int(start_timeout))}
+    env = {
+      **os.environ,
+      "SCHEMA_REGISTRY_PORT": str(http_port),
+      "SCHEMA_REGISTRY_MGMT_PORT": str(mgmt_port),
+      "SCHEMA_REGISTRY_STATE_DIR": str(sdir),
+      "SCHEMA_REGISTRY_START_TIMEOUT": str(int(start_timeout)),
+    }
     try:
       _run("start", env, timeout=INSTALL_TIMEOUT_S + start_timeout + 30)
     except RegistryError as error:
@@ -104,8 +122,14 @@ def start_registry(port: Optional[int] = None, management_port: Optional[int] = 
       if "already in use" in str(error) and attempt + 1 < attempts:
         continue
       raise
-    registry = Registry(http_port, mgmt_port, int((sdir / "registry.pid").read_text().strip()),
-                        sdir, env, own_state_dir)
+    registry = Registry(
+      http_port,
+      mgmt_port,
+      int((sdir / "registry.pid").read_text().strip()),
+      sdir,
+      env,
+      own_state_dir,
+    )
     atexit.register(_stop_quietly, registry)  # no orphan if the caller forgets stop()
     return registry
   raise AssertionError("unreachable")

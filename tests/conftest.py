@@ -32,29 +32,37 @@ from broker.kafka_broker import (
 from tests import support
 
 # Must run on every broker version: they hold the reader's and the pipeline's guarantees.
-ALL_VERSIONS_MODULES = frozenset({
-    "test_kafka_reader_integration", "test_pipeline_integration", "test_codecs_integration"})
+ALL_VERSIONS_MODULES = frozenset(
+  {"test_kafka_reader_integration", "test_pipeline_integration", "test_codecs_integration"}
+)
 
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "all_kafka_versions: run on every broker version of $KAFKA_TEST_VERSIONS")
+    "markers", "all_kafka_versions: run on every broker version of $KAFKA_TEST_VERSIONS"
+  )
   config.addinivalue_line(
-      "markers", "kafka_versions(*versions): run only on these broker versions or major lines "
-                 "(e.g. '3' or '3.9.1')")
+    "markers",
+    "kafka_versions(*versions): run only on these broker versions or major lines "
+    "(e.g. '3' or '3.9.1')",
+  )
 
 
 def _versions_for(metafunc) -> list[str]:
   wanted = versions_under_test()
   marker = metafunc.definition.get_closest_marker("kafka_versions")
   if marker is not None:
+
     def fits(version: str) -> bool:
       return any(version == m or version.startswith(f"{m}.") for m in marker.args)
+
     chosen = [v for v in wanted if fits(v)]
     # Not among the chosen test versions: the tested release of that line, fetched on demand.
     return chosen or [v for v in (DEFAULT_VERSION, *TESTED_VERSIONS) if fits(v)][:1]
-  every = (metafunc.definition.get_closest_marker("all_kafka_versions") is not None
-           or metafunc.module.__name__.rsplit(".", 1)[-1] in ALL_VERSIONS_MODULES)
+  every = (
+    metafunc.definition.get_closest_marker("all_kafka_versions") is not None
+    or metafunc.module.__name__.rsplit(".", 1)[-1] in ALL_VERSIONS_MODULES
+  )
   return wanted if every else wanted[:1]
 
 
@@ -63,8 +71,9 @@ def pytest_generate_tests(metafunc):
     return
   versions = _versions_for(metafunc)
   assert versions, f"{metafunc.definition.nodeid}: no Kafka version fits its kafka_versions marker"
-  metafunc.parametrize("kafka_version", versions, indirect=True, scope="session",
-                       ids=[f"kafka{v}" for v in versions])
+  metafunc.parametrize(
+    "kafka_version", versions, indirect=True, scope="session", ids=[f"kafka{v}" for v in versions]
+  )
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +107,10 @@ def kafka_bootstrap(kafka_broker) -> str:
 @pytest.fixture
 def make_topic(kafka_bootstrap):
   """make_topic(partitions=1, prefix='t') -> a new topic name on the session broker."""
+
   def _make(partitions: int = 1, prefix: str = "t") -> str:
     return support.create_topic(kafka_bootstrap, support.unique_topic(prefix), partitions)
+
   return _make
 
 
@@ -114,12 +125,14 @@ def bq_emulator():
 
   given = os.environ.get("BIGQUERY_EMULATOR_ENDPOINT")
   if given:
+
     class _Given:
       endpoint = given
       project = os.environ.get("BIGQUERY_EMULATOR_PROJECT", "test-project")
 
       def client(self):
         return make_client(self.endpoint, self.project)
+
     yield _Given()
     return
   emulator = start_emulator(project="test-project")

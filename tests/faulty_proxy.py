@@ -23,24 +23,37 @@ import http.client
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
 from urllib.parse import urlsplit
 
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-               "trailers", "transfer-encoding", "upgrade", "content-length"}
-_REASONS = {429: ("rateLimitExceeded", "RESOURCE_EXHAUSTED"), 500: ("backendError", "INTERNAL"),
-            502: ("badGateway", "UNAVAILABLE"), 503: ("backendError", "UNAVAILABLE"),
-            504: ("backendError", "DEADLINE_EXCEEDED")}
+_HOP_BY_HOP = {
+  "connection",
+  "keep-alive",
+  "proxy-authenticate",
+  "proxy-authorization",
+  "te",
+  "trailers",
+  "transfer-encoding",
+  "upgrade",
+  "content-length",
+}
+_REASONS = {
+  429: ("rateLimitExceeded", "RESOURCE_EXHAUSTED"),
+  500: ("backendError", "INTERNAL"),
+  502: ("badGateway", "UNAVAILABLE"),
+  503: ("backendError", "UNAVAILABLE"),
+  504: ("backendError", "DEADLINE_EXCEEDED"),
+}
 
 
 class FaultyProxy:
-  def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0,
-               path_contains: str = "insertAll"):
+  def __init__(
+    self, upstream: str, host: str = "127.0.0.1", port: int = 0, path_contains: str = "insertAll"
+  ):
     parts = urlsplit(upstream)
     self._upstream = (parts.hostname, parts.port or 80)
     self._lock = threading.Lock()
     self._queue: collections.deque = collections.deque()  # (status, forward) for the next requests
-    self._outage: Optional[int] = None  # status of every matching request until heal()
+    self._outage: int | None = None  # status of every matching request until heal()
     self._pass_first = 0  # matching requests let through before the outage starts
     self._path_contains = path_contains
     self.requests = 0  # every request seen
@@ -62,8 +75,11 @@ class FaultyProxy:
         if fail_with is None or forward:
           status, headers, data = proxy._forward(self.command, self.path, self.headers, body)
         if fail_with is not None:
-          status, headers, data = fail_with, [("Content-Type", "application/json")], \
-              _error_body(fail_with)
+          status, headers, data = (
+            fail_with,
+            [("Content-Type", "application/json")],
+            _error_body(fail_with),
+          )
         self.send_response(status)
         for k, v in headers:
           if k.lower() not in _HOP_BY_HOP:
@@ -76,15 +92,16 @@ class FaultyProxy:
 
     self._server = ThreadingHTTPServer((host, port), Handler)
     self._server.daemon_threads = True
-    self._thread = threading.Thread(target=self._server.serve_forever, name="faulty-proxy",
-                                    daemon=True)
+    self._thread = threading.Thread(
+      target=self._server.serve_forever, name="faulty-proxy", daemon=True
+    )
 
   @property
   def endpoint(self) -> str:
     host, port = self._server.server_address[:2]
     return f"http://{host}:{port}"
 
-  def start(self) -> "FaultyProxy":
+  def start(self) -> FaultyProxy:
     self._thread.start()
     return self
 
@@ -124,7 +141,7 @@ class FaultyProxy:
     with self._lock:
       return len(self._queue)
 
-  def _decide(self, path: str) -> tuple[Optional[int], bool]:
+  def _decide(self, path: str) -> tuple[int | None, bool]:
     with self._lock:
       self.requests += 1
       if self._path_contains not in path:
@@ -157,12 +174,19 @@ class FaultyProxy:
       conn.close()
 
 
-def _error_body(status: int, message: Optional[str] = None) -> bytes:
+def _error_body(status: int, message: str | None = None) -> bytes:
   reason, code_name = _REASONS.get(status, ("backendError", "UNAVAILABLE"))
   message = message or f"injected by the faulty proxy: HTTP {status}"
-  return json.dumps({"error": {"code": status, "message": message, "status": code_name,
-                               "errors": [{"reason": reason, "message": message,
-                                           "domain": "global"}]}}).encode()
+  return json.dumps(
+    {
+      "error": {
+        "code": status,
+        "message": message,
+        "status": code_name,
+        "errors": [{"reason": reason, "message": message, "domain": "global"}],
+      }
+    }
+  ).encode()
 
 
 class TcpProxy:
@@ -179,6 +203,7 @@ class TcpProxy:
 
   def __init__(self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1"):
     import socket
+
     self._upstream = (upstream_host, upstream_port)
     self._listener = socket.create_server((host, 0))
     self._lock = threading.Lock()
@@ -198,7 +223,7 @@ class TcpProxy:
   def endpoint(self) -> str:
     return f"http://{self.address}"
 
-  def start(self) -> "TcpProxy":
+  def start(self) -> TcpProxy:
     self._thread.start()
     return self
 
@@ -229,6 +254,7 @@ class TcpProxy:
 
   def _cut_all(self) -> None:
     import socket
+
     with self._lock:
       sockets, self._open = list(self._open), set()
     for s in sockets:
@@ -240,6 +266,7 @@ class TcpProxy:
 
   def _accept(self) -> None:
     import socket
+
     while not self._stopped:
       try:
         client, _ = self._listener.accept()
@@ -266,6 +293,7 @@ class TcpProxy:
 
   def _pump(self, src, dst) -> None:
     import socket
+
     try:
       while True:
         data = src.recv(65536)

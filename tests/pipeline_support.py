@@ -13,19 +13,19 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from kafka import KafkaProducer
 
-from tools.produce import EventFactory
 from tests import support
+from tools.produce import EventFactory
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = ("sensor_readings", "meter_readings", "dead_letters")
 
 
-def prism_binary() -> Optional[Path]:
+def prism_binary() -> Path | None:
   """The Prism binary runners/prism.py would use ($PRISM_BIN or .cache/prism-127/bin/prism),
   or None when it is not built (``./run_pipeline.sh prism build``)."""
   path = Path(os.environ.get("PRISM_BIN") or REPO / ".cache" / "prism-127" / "bin" / "prism")
@@ -38,28 +38,53 @@ class Pipeline:
   runner: None or "FnApiRunner" = the default local engine (no --runner flag), else
   passed as --runner (e.g. "PrismRunner")."""
 
-  def __init__(self, bootstrap: str, sensor_topic: str, meter_topic: str, group: str,
-               work_dir: Path, *extra: str, mode: str = "local", log_name: Optional[str] = None,
-               runner: Optional[str] = None):
+  def __init__(
+    self,
+    bootstrap: str,
+    sensor_topic: str,
+    meter_topic: str,
+    group: str,
+    work_dir: Path,
+    *extra: str,
+    mode: str = "local",
+    log_name: str | None = None,
+    runner: str | None = None,
+  ):
     self.db = work_dir / "out.db"
     self.drain_file = work_dir / "drain"
     self.pid_file = self.drain_file.with_suffix(".pid")
     Pipeline._runs = getattr(Pipeline, "_runs", 0) + 1
     self.log = work_dir / (log_name or f"run-{Pipeline._runs}-{mode}.log")
-    self.args = [sys.executable, "-m", "runners.main", f"--mode={mode}",
-                 "--bootstrap_servers", bootstrap, "--sensor_topic", sensor_topic,
-                 "--meter_topic", meter_topic, "--group_id", group,
-                 "--sink", f"sqlite:///{self.db}", "--drain_file", str(self.drain_file),
-                 "--progress_secs", "1",
-                 *([f"--runner={runner}"] if runner not in (None, "FnApiRunner") else []),
-                 # One process unless a test asks for workers: the summaries parsed here are a
-                 # single pipeline's (test_two_local_workers_* covers --local_workers=2).
-                 *([] if any(a.startswith("--local_workers") for a in extra) else
-                   ["--local_workers=1"]), *extra]
+    self.args = [
+      sys.executable,
+      "-m",
+      "runners.main",
+      f"--mode={mode}",
+      "--bootstrap_servers",
+      bootstrap,
+      "--sensor_topic",
+      sensor_topic,
+      "--meter_topic",
+      meter_topic,
+      "--group_id",
+      group,
+      "--sink",
+      f"sqlite:///{self.db}",
+      "--drain_file",
+      str(self.drain_file),
+      "--progress_secs",
+      "1",
+      *([f"--runner={runner}"] if runner not in (None, "FnApiRunner") else []),
+      # One process unless a test asks for workers: the summaries parsed here are a
+      # single pipeline's (test_two_local_workers_* covers --local_workers=2).
+      *([] if any(a.startswith("--local_workers") for a in extra) else ["--local_workers=1"]),
+      *extra,
+    ]
     self._log_handle = open(self.log, "w")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    self.proc = subprocess.Popen(self.args, cwd=str(REPO), env=env, stdout=self._log_handle,
-                                 stderr=subprocess.STDOUT)
+    self.proc = subprocess.Popen(
+      self.args, cwd=str(REPO), env=env, stdout=self._log_handle, stderr=subprocess.STDOUT
+    )
 
   @property
   def output(self) -> str:
@@ -94,7 +119,7 @@ class Pipeline:
     found = re.findall(r"\](?: round \d+)? read (\d+) \|", self.output)
     return int(found[-1]) if found else 0
 
-  def summary_batches(self) -> Optional[int]:
+  def summary_batches(self) -> int | None:
     m = re.search(r"^\s+batches:\s+(\d+)", self.output, re.M)
     return int(m.group(1)) if m else None
 
@@ -136,8 +161,10 @@ def sink_offsets(db: Path) -> dict[str, list[tuple[str, int, int]]]:
     out = {}
     for table in TABLES:
       try:
-        out[table] = [tuple(r) for r in conn.execute(
-            f"SELECT kafka_topic, kafka_partition, kafka_offset FROM {table}")]
+        out[table] = [
+          tuple(r)
+          for r in conn.execute(f"SELECT kafka_topic, kafka_partition, kafka_offset FROM {table}")
+        ]
       except sqlite3.OperationalError as e:
         if "no such table" not in str(e):
           raise
@@ -165,7 +192,9 @@ def assert_exactly_once(db: Path, produced: Iterable[tuple[str, int, int]]) -> d
   by_table = sink_offsets(db)
   everything = Counter(r for rows in by_table.values() for r in rows)
   duplicates = {k: n for k, n in everything.items() if n > 1}
-  assert not duplicates, f"{len(duplicates)} offsets written more than once, e.g. {list(duplicates)[:5]}"
+  assert not duplicates, (
+    f"{len(duplicates)} offsets written more than once, e.g. {list(duplicates)[:5]}"
+  )
   produced = set(produced)
   missing = produced - set(everything)
   extra = set(everything) - produced
@@ -176,15 +205,16 @@ def assert_exactly_once(db: Path, produced: Iterable[tuple[str, int, int]]) -> d
 
 def contiguous_frontier(db: Path, topic: str, partition: int, start: int = 0) -> int:
   """1 + the highest offset written contiguously from start (start if none)."""
-  offsets = {o for rows in sink_offsets(db).values() for (t, p, o) in rows
-             if t == topic and p == partition}
+  offsets = {
+    o for rows in sink_offsets(db).values() for (t, p, o) in rows if t == topic and p == partition
+  }
   f = start
   while f in offsets:
     f += 1
   return f
 
 
-def committed(bootstrap: str, group: str, *topics: str) -> dict[tuple[str, int], Optional[int]]:
+def committed(bootstrap: str, group: str, *topics: str) -> dict[tuple[str, int], int | None]:
   out = {}
   for t in topics:
     for p, o in support.committed_offsets(bootstrap, group, t).items():
@@ -201,7 +231,9 @@ def assert_commits_not_past_sink(bootstrap: str, group: str, db: Path, *topics: 
   for (t, p), o in c.items():
     if o is not None:
       frontier = contiguous_frontier(db, t, p)
-      assert o <= frontier, f"{t}-{p}: committed {o} is past the sink's contiguous frontier {frontier}"
+      assert o <= frontier, (
+        f"{t}-{p}: committed {o} is past the sink's contiguous frontier {frontier}"
+      )
   return c
 
 
@@ -209,17 +241,20 @@ def assert_commits_not_past_sink(bootstrap: str, group: str, db: Path, *topics: 
 # Producing
 
 
-def produce_events(bootstrap: str, sensor_topic: str, meter_topic: str, events, *,
-                   timestamp_ms: Optional[int] = None) -> list[tuple[str, int, int]]:
+def produce_events(
+  bootstrap: str, sensor_topic: str, meter_topic: str, events, *, timestamp_ms: int | None = None
+) -> list[tuple[str, int, int]]:
   """Writes tools.produce.Event values; returns their (topic, partition, offset)."""
-  producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                           max_request_size=2 * 1024 * 1024)
+  producer = KafkaProducer(
+    bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=2 * 1024 * 1024
+  )
   try:
     futures = []
     for ev in events:
       topic = sensor_topic if ev.topic_kind == "sensor" else meter_topic
-      futures.append((topic, producer.send(topic, key=ev.key, value=ev.value,
-                                           timestamp_ms=timestamp_ms)))
+      futures.append(
+        (topic, producer.send(topic, key=ev.key, value=ev.value, timestamp_ms=timestamp_ms))
+      )
     producer.flush()
     return [(t, m.partition, m.offset) for t, m in ((t, f.get(timeout=30)) for t, f in futures)]
   finally:
@@ -229,8 +264,15 @@ def produce_events(bootstrap: str, sensor_topic: str, meter_topic: str, events, 
 class BackgroundProducer:
   """Writes events at about `rate`/s from a thread until stop(); records every acked offset."""
 
-  def __init__(self, bootstrap: str, sensor_topic: str, meter_topic: str, rate: float = 500.0,
-               bad_ratio: float = 0.02, seed: int = 13):
+  def __init__(
+    self,
+    bootstrap: str,
+    sensor_topic: str,
+    meter_topic: str,
+    rate: float = 500.0,
+    bad_ratio: float = 0.02,
+    seed: int = 13,
+  ):
     self._bootstrap = bootstrap
     self._topics = (sensor_topic, meter_topic)
     self._rate = rate
@@ -238,11 +280,11 @@ class BackgroundProducer:
     self._factory = EventFactory(seed)
     self._stop = threading.Event()
     self.produced: list[tuple[str, int, int]] = []
-    self.error: Optional[BaseException] = None
+    self.error: BaseException | None = None
     self._lock = threading.Lock()
     self._thread = threading.Thread(target=self._run, name="producer", daemon=True)
 
-  def start(self) -> "BackgroundProducer":
+  def start(self) -> BackgroundProducer:
     self._thread.start()
     return self
 
@@ -254,11 +296,13 @@ class BackgroundProducer:
     def cb(meta):
       with self._lock:
         self.produced.append((topic, meta.partition, meta.offset))
+
     return cb
 
   def _run(self):
-    producer = KafkaProducer(bootstrap_servers=self._bootstrap, acks="all", linger_ms=5,
-                             max_request_size=2 * 1024 * 1024)
+    producer = KafkaProducer(
+      bootstrap_servers=self._bootstrap, acks="all", linger_ms=5, max_request_size=2 * 1024 * 1024
+    )
     sensor_topic, meter_topic = self._topics
     started = time.monotonic()
     i = 0
@@ -294,9 +338,11 @@ class PipelineEnv:
   """Fresh sensor and meter topics (``partitions`` each), a fresh group, a work dir, and
   the runs and checks the integration tests share. ``runner`` is the streaming engine."""
 
-  def __init__(self, bootstrap: str, make_topic, work_dir: Path, runner: Optional[str] = None,
-               partitions: int = 2):
+  def __init__(
+    self, bootstrap: str, make_topic, work_dir: Path, runner: str | None = None, partitions: int = 2
+  ):
     import uuid  # pylint: disable=import-outside-toplevel
+
     self.bs = bootstrap
     self.sensor = make_topic(partitions, "sensor")
     self.meter = make_topic(partitions, "meter")
@@ -305,13 +351,22 @@ class PipelineEnv:
     self.db = work_dir / "out.db"
     self.runner = runner
 
-  def pipeline(self, *extra, mode: str = "local", runner: Optional[str] = "default") -> Pipeline:
-    return Pipeline(self.bs, self.sensor, self.meter, self.group, self.dir, *extra, mode=mode,
-                    runner=self.runner if runner == "default" else runner)
+  def pipeline(self, *extra, mode: str = "local", runner: str | None = "default") -> Pipeline:
+    return Pipeline(
+      self.bs,
+      self.sensor,
+      self.meter,
+      self.group,
+      self.dir,
+      *extra,
+      mode=mode,
+      runner=self.runner if runner == "default" else runner,
+    )
 
   def batch(self, *extra, timeout: float = 120.0) -> Pipeline:
-    return run_to_end(self.bs, self.sensor, self.meter, self.group, self.dir, *extra,
-                      timeout=timeout)
+    return run_to_end(
+      self.bs, self.sensor, self.meter, self.group, self.dir, *extra, timeout=timeout
+    )
 
   def produce(self, events, **kw) -> list[tuple[str, int, int]]:
     return produce_events(self.bs, self.sensor, self.meter, list(events), **kw)
@@ -331,16 +386,28 @@ class PipelineEnv:
     assert {k: v for k, v in c.items() if v or e[k]} == {k: v for k, v in e.items() if v}, (c, e)
 
 
-def produce_transactions(bootstrap: str, sensor_topic: str, meter_topic: str, events, *,
-                         abort_every: int = 3, per_txn: int = 10) -> list[tuple[str, int, int]]:
+def produce_transactions(
+  bootstrap: str,
+  sensor_topic: str,
+  meter_topic: str,
+  events,
+  *,
+  abort_every: int = 3,
+  per_txn: int = 10,
+) -> list[tuple[str, int, int]]:
   """Writes events in transactions of ``per_txn``, aborting every ``abort_every``-th one.
 
   Returns the (topic, partition, offset) of the committed records only: aborted records
   and the commit/abort markers take offsets that no record covers.
   """
   import uuid  # pylint: disable=import-outside-toplevel
-  producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"tx-{uuid.uuid4().hex}",
-                           enable_idempotence=True, acks="all")
+
+  producer = KafkaProducer(
+    bootstrap_servers=bootstrap,
+    transactional_id=f"tx-{uuid.uuid4().hex}",
+    enable_idempotence=True,
+    acks="all",
+  )
   producer.init_transactions()
   kept: list[tuple[str, int, int]] = []
   try:
@@ -348,11 +415,13 @@ def produce_transactions(bootstrap: str, sensor_topic: str, meter_topic: str, ev
     for n, i in enumerate(range(0, len(events), per_txn)):
       producer.begin_transaction()
       futures = []
-      for ev in events[i:i + per_txn]:
+      for ev in events[i : i + per_txn]:
         topic = sensor_topic if ev.topic_kind == "sensor" else meter_topic
         futures.append((topic, producer.send(topic, key=ev.key, value=ev.value)))
       producer.flush()
-      offsets = [(t, m.partition, m.offset) for t, m in ((t, f.get(timeout=30)) for t, f in futures)]
+      offsets = [
+        (t, m.partition, m.offset) for t, m in ((t, f.get(timeout=30)) for t, f in futures)
+      ]
       if abort_every and n % abort_every == abort_every - 1:
         producer.abort_transaction()
       else:

@@ -25,6 +25,7 @@ def schema_registry():
     yield _GivenRegistry(given)
     return
   from schema_registry.control import start_registry
+
   registry = start_registry()
   try:
     yield registry

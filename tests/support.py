@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
@@ -33,9 +34,15 @@ def partitions_of(bootstrap: str, topic: str) -> set[int]:
     c.close()
 
 
-def produce(bootstrap: str, topic: str, events: Iterable[tuple[bytes | str | None, Any]],
-            *, partition: int | None = None, headers: list | None = None,
-            timestamp_ms: int | None = None) -> list[tuple[int, int]]:
+def produce(
+  bootstrap: str,
+  topic: str,
+  events: Iterable[tuple[bytes | str | None, Any]],
+  *,
+  partition: int | None = None,
+  headers: list | None = None,
+  timestamp_ms: int | None = None,
+) -> list[tuple[int, int]]:
   """Writes keyed events (dict values become JSON) and returns their (partition, offset)."""
   producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
   try:
@@ -47,8 +54,16 @@ def produce(bootstrap: str, topic: str, events: Iterable[tuple[bytes | str | Non
         value = json.dumps(value).encode()
       elif isinstance(value, str):
         value = value.encode()
-      futures.append(producer.send(topic, key=key, value=value, partition=partition,
-                                   headers=headers, timestamp_ms=timestamp_ms))
+      futures.append(
+        producer.send(
+          topic,
+          key=key,
+          value=value,
+          partition=partition,
+          headers=headers,
+          timestamp_ms=timestamp_ms,
+        )
+      )
     producer.flush()
     return [(m.partition, m.offset) for m in (f.get(timeout=30) for f in futures)]
   finally:
@@ -67,14 +82,20 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
   c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
   try:
-    return {p: c.committed(TopicPartition(topic, p))
-            for p in sorted(c.partitions_for_topic(topic) or ())}
+    return {
+      p: c.committed(TopicPartition(topic, p)) for p in sorted(c.partitions_for_topic(topic) or ())
+    }
   finally:
     c.close()
 
 
-def wait_for(condition: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.1,
-             what: str = "condition") -> Any:
+def wait_for(
+  condition: Callable[[], Any],
+  *,
+  timeout: float = 60.0,
+  interval: float = 0.1,
+  what: str = "condition",
+) -> Any:
   """Polls condition() until it is truthy; fails the test with `what` after timeout."""
   deadline = time.monotonic() + timeout
   while True:

@@ -24,14 +24,30 @@ from transforms.sinks.sqlite import SqliteStore
 pytestmark = pytest.mark.integration
 
 WRITTEN_AT = "2026-11-30T12:00:00+00:00"
-_BY_TYPE = {"TIMESTAMP": WRITTEN_AT, "INT64": 0, "INTEGER": 0, "BOOL": 0, "BOOLEAN": 0,
-            "FLOAT64": 1.0, "FLOAT": 1.0, "STRING": "x"}
-_BY_NAME = {"reason": "not_json", "raw_encoding": "utf8", "error": "test row", "stage": "parse",
-            "sensor_type": "voltage", "unit": "kWh", "truncated": 0}
+_BY_TYPE = {
+  "TIMESTAMP": WRITTEN_AT,
+  "INT64": 0,
+  "INTEGER": 0,
+  "BOOL": 0,
+  "BOOLEAN": 0,
+  "FLOAT64": 1.0,
+  "FLOAT": 1.0,
+  "STRING": "x",
+}
+_BY_NAME = {
+  "reason": "not_json",
+  "raw_encoding": "utf8",
+  "error": "test row",
+  "stage": "parse",
+  "sensor_type": "voltage",
+  "unit": "kWh",
+  "truncated": 0,
+}
 
 
-def make_row(table: str, topic: str, partition: int, offset: int, event_id: str | None = None,
-             **values) -> tuple:
+def make_row(
+  table: str, topic: str, partition: int, offset: int, event_id: str | None = None, **values
+) -> tuple:
   """A pipeline row tuple for ``table`` at (topic, partition, offset), covers_from = offset."""
   out = []
   for c in TABLES[table].columns:
@@ -67,19 +83,28 @@ def commit(bootstrap: str, group: str, offsets: dict) -> None:
   """{(topic, partition): offset} committed to the group without joining it."""
   c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
   try:
-    c.commit(offsets={TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                      for (t, p), o in offsets.items()})
+    c.commit(
+      offsets={TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+    )
   finally:
     c.close(autocommit=False)
 
 
-def produce_json(bootstrap: str, topic: str, bodies: list[dict], partition: int | None = None,
-                 **producer_config) -> list[tuple[int, int]]:
+def produce_json(
+  bootstrap: str, topic: str, bodies: list[dict], partition: int | None = None, **producer_config
+) -> list[tuple[int, int]]:
   """Sends JSON bodies (keyed by their event_id); returns (partition, offset) of each."""
   producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", **producer_config)
   try:
-    futures = [producer.send(topic, key=str(b.get("event_id")).encode(),
-                             value=json.dumps(b).encode(), partition=partition) for b in bodies]
+    futures = [
+      producer.send(
+        topic,
+        key=str(b.get("event_id")).encode(),
+        value=json.dumps(b).encode(),
+        partition=partition,
+      )
+      for b in bodies
+    ]
     producer.flush()
     return [(m.partition, m.offset) for m in (f.get(timeout=30) for f in futures)]
   finally:
@@ -87,14 +112,25 @@ def produce_json(bootstrap: str, topic: str, bodies: list[dict], partition: int 
 
 
 def sensor_body(i: int, event_id: str | None = None) -> dict:
-  return {"event_id": event_id or str(uuid.uuid4()), "sensor_id": f"sensor-{i % 7}",
-          "sensor_type": "voltage", "value": 230.0 + i, "location": {"lat": 50.0, "lon": 8.0},
-          "timestamp": "2026-11-30T12:00:00+00:00"}
+  return {
+    "event_id": event_id or str(uuid.uuid4()),
+    "sensor_id": f"sensor-{i % 7}",
+    "sensor_type": "voltage",
+    "value": 230.0 + i,
+    "location": {"lat": 50.0, "lon": 8.0},
+    "timestamp": "2026-11-30T12:00:00+00:00",
+  }
 
 
 def meter_body(i: int) -> dict:
-  return {"event_id": str(uuid.uuid4()), "meter_id": f"meter-{i % 5}", "customer_id": "c-1",
-          "reading": 10.0 + i, "unit": "kWh", "timestamp": "2026-11-30T12:00:00+00:00"}
+  return {
+    "event_id": str(uuid.uuid4()),
+    "meter_id": f"meter-{i % 5}",
+    "customer_id": "c-1",
+    "reading": 10.0 + i,
+    "unit": "kWh",
+    "timestamp": "2026-11-30T12:00:00+00:00",
+  }
 
 
 class Env:
@@ -110,9 +146,19 @@ class Env:
     self.store.open()
 
   def args(self, *extra: str) -> list[str]:
-    return ["--bootstrap_servers", self.bootstrap, "--sensor_topic", self.sensor,
-            "--meter_topic", self.meter, "--group_id", self.group, "--sink", f"sqlite:///{self.db}",
-            *extra]
+    return [
+      "--bootstrap_servers",
+      self.bootstrap,
+      "--sensor_topic",
+      self.sensor,
+      "--meter_topic",
+      self.meter,
+      "--group_id",
+      self.group,
+      "--sink",
+      f"sqlite:///{self.db}",
+      *extra,
+    ]
 
   def audit(self, capsys, *extra: str) -> tuple[int, dict, str]:
     """(exit code, --json report, text report) of the command line, run in this process."""
@@ -128,8 +174,9 @@ class Env:
     """Produces events and writes every one of them to the sink; returns {(topic, p): [offsets]}."""
     coords: dict = {}
     for topic, table, bodies in (
-        (self.sensor, "sensor_readings", [sensor_body(i) for i in range(n_sensor)]),
-        (self.meter, "meter_readings", [meter_body(i) for i in range(n_meter)])):
+      (self.sensor, "sensor_readings", [sensor_body(i) for i in range(n_sensor)]),
+      (self.meter, "meter_readings", [meter_body(i) for i in range(n_meter)]),
+    ):
       placed = produce_json(self.bootstrap, topic, bodies)
       rows = [make_row(table, topic, p, o, b["event_id"]) for (p, o), b in zip(placed, bodies)]
       write_rows(self.store, table, rows)
@@ -143,8 +190,10 @@ class Env:
   def delete(self, table: str, topic: str, partition: int, offset: int) -> None:
     conn = sqlite3.connect(self.db)
     with conn:
-      n = conn.execute(f"DELETE FROM {table} WHERE kafka_topic = ? AND kafka_partition = ? "
-                       f"AND kafka_offset = ?", (topic, partition, offset)).rowcount
+      n = conn.execute(
+        f"DELETE FROM {table} WHERE kafka_topic = ? AND kafka_partition = ? AND kafka_offset = ?",
+        (topic, partition, offset),
+      ).rowcount
     conn.close()
     assert n == 1
 
@@ -169,7 +218,12 @@ def test_a_clean_sink_passes_offset_by_offset(env, capsys):
   assert report["ok"] is True
   totals = report["totals"]
   assert totals["records"] == 42 and totals["in_sink"] == 42
-  assert (totals["missing"], totals["doubled"], totals["pending"], totals["not_records"]) == (0, 0, 0, 0)
+  assert (totals["missing"], totals["doubled"], totals["pending"], totals["not_records"]) == (
+    0,
+    0,
+    0,
+    0,
+  )
   assert len(report["partitions"]) == 4
   for (topic, p), offsets in coords.items():
     part = _part(report, topic, p)
@@ -192,7 +246,11 @@ def test_a_deleted_row_is_missing_with_its_offset_and_the_commit_is_ahead(env, c
   assert report["totals"]["missing"] == 1 and report["totals"]["in_sink"] == 41
   assert f"first missing: {victim})" in text
   assert f"committed offset {part['committed']} is ahead of the sink" in text
-  assert all(q["ok"] for q in report["partitions"] if q is not part and (q["topic"], q["partition"]) != (topic, p))
+  assert all(
+    q["ok"]
+    for q in report["partitions"]
+    if q is not part and (q["topic"], q["partition"]) != (topic, p)
+  )
 
 
 def test_records_past_the_committed_offset_are_pending_unless_strict(env, capsys):
@@ -260,8 +318,10 @@ def test_aborted_transactions_are_not_expected_but_not_records_in_the_sink_are(e
     tx.init_transactions()
     for i, keep in enumerate((True, False, True, False, True)):
       tx.begin_transaction()
-      futures = [tx.send(topic, value=json.dumps(sensor_body(i * 10 + j)).encode(), partition=0)
-                 for j in range(3)]
+      futures = [
+        tx.send(topic, value=json.dumps(sensor_body(i * 10 + j)).encode(), partition=0)
+        for j in range(3)
+      ]
       tx.flush()
       metas = [f.get(timeout=30) for f in futures]
       if keep:
@@ -272,7 +332,9 @@ def test_aborted_transactions_are_not_expected_but_not_records_in_the_sink_are(e
         aborted += [m.offset for m in metas]
   finally:
     tx.close()
-  write_rows(env.store, "sensor_readings", [make_row("sensor_readings", topic, p, o) for p, o in placed])
+  write_rows(
+    env.store, "sensor_readings", [make_row("sensor_readings", topic, p, o) for p, o in placed]
+  )
   end = max(o for _, o in placed) + 2  # past the last commit marker
   commit(env.bootstrap, env.group, {(topic, 0): end})
   code, report, text = env.audit(capsys)
@@ -284,7 +346,11 @@ def test_aborted_transactions_are_not_expected_but_not_records_in_the_sink_are(e
   write_rows(env.store, "dead_letters", [make_row("dead_letters", topic, 0, aborted[0])])
   code, report, text = env.audit(capsys)
   part = _part(report, topic, 0)
-  assert code == 1 and part["not_records"] == 1 and part["not_record_ranges"] == [[aborted[0], aborted[0] + 1]]
+  assert (
+    code == 1
+    and part["not_records"] == 1
+    and part["not_record_ranges"] == [[aborted[0], aborted[0] + 1]]
+  )
   assert "hold no committed record" in text
 
 
@@ -293,15 +359,22 @@ def test_a_later_copy_of_a_stored_event_id_is_a_duplicate_event_not_missing(env,
   first = sensor_body(1)
   placed = produce_json(env.bootstrap, topic, [first, sensor_body(2), dict(first)], partition=1)
   # the sink keeps the first copy only (one row per event_id)
-  write_rows(env.store, "sensor_readings",
-             [make_row("sensor_readings", topic, 1, o, b["event_id"])
-              for (_, o), b in zip(placed[:2], [first, {"event_id": None}])])
+  write_rows(
+    env.store,
+    "sensor_readings",
+    [
+      make_row("sensor_readings", topic, 1, o, b["event_id"])
+      for (_, o), b in zip(placed[:2], [first, {"event_id": None}])
+    ],
+  )
   commit(env.bootstrap, env.group, {(topic, 1): placed[-1][1] + 1})
   code, report, text = env.audit(capsys)
   assert code == 0, text
   part = _part(report, topic, 1)
   assert (part["records"], part["missing"], part["duplicate_events"]) == (3, 0, 1)
-  assert part["duplicate_examples"] == [[placed[2][1], first["event_id"], f"{topic}-1@{placed[0][1]}"]]
+  assert part["duplicate_examples"] == [
+    [placed[2][1], first["event_id"], f"{topic}-1@{placed[0][1]}"]
+  ]
   assert f"duplicate event at {placed[2][1]}" in text
 
 
@@ -315,12 +388,14 @@ def test_a_bad_option_is_named(env, capsys):
 def test_the_pipeline_s_own_output_passes_the_audit(env, capsys, tmp_path):
   """A batch run of the real pipeline over valid and malformed events, then the audit."""
   from tools.produce import EventFactory
+
   events = list(EventFactory(seed=5).events(300, bad_ratio=0.1))
   produced = pipeline_support.produce_events(env.bootstrap, env.sensor, env.meter, events)
   env.store.close()
   env.db.unlink()
-  run = pipeline_support.run_to_end(env.bootstrap, env.sensor, env.meter, env.group, tmp_path,
-                                    timeout=240)
+  run = pipeline_support.run_to_end(
+    env.bootstrap, env.sensor, env.meter, env.group, tmp_path, timeout=240
+  )
   assert run.proc.returncode == 0, run.tail()
   env.db = run.db
   code, report, text = env.audit(capsys, "--strict")
@@ -332,8 +407,12 @@ def test_the_pipeline_s_own_output_passes_the_audit(env, capsys, tmp_path):
   t, p, o = produced[len(produced) // 2]
   conn = sqlite3.connect(run.db)
   with conn:
-    n = sum(conn.execute(f"DELETE FROM {tb} WHERE kafka_topic=? AND kafka_partition=? AND "
-                         f"kafka_offset=?", (t, p, o)).rowcount for tb in TABLES)
+    n = sum(
+      conn.execute(
+        f"DELETE FROM {tb} WHERE kafka_topic=? AND kafka_partition=? AND kafka_offset=?", (t, p, o)
+      ).rowcount
+      for tb in TABLES
+    )
   conn.close()
   assert n == 1
   code, report, _ = env.audit(capsys)
@@ -342,9 +421,14 @@ def test_the_pipeline_s_own_output_passes_the_audit(env, capsys, tmp_path):
 
 def test_audit_reads_bigquery_doubled_and_missing_rows(env, capsys, bq_emulator):
   from transforms.sinks.bigquery import BigQueryStore, json_row
+
   dataset = f"audit_{uuid.uuid4().hex[:8]}"
-  store = BigQueryStore(bq_emulator.project, dataset, api_endpoint=bq_emulator.endpoint,
-                        write_method="streaming_inserts")
+  store = BigQueryStore(
+    bq_emulator.project,
+    dataset,
+    api_endpoint=bq_emulator.endpoint,
+    write_method="streaming_inserts",
+  )
   topic = env.sensor
   bodies = [sensor_body(i) for i in range(12)]
   bodies[11] = dict(bodies[0])  # a later copy of the first event: not stored, not missing
@@ -355,13 +439,19 @@ def test_audit_reads_bigquery_doubled_and_missing_rows(env, capsys, bq_emulator)
   write_rows(store, "dead_letters", [make_row("dead_letters", topic, 0, offsets[7])])  # doubled
   # and a second copy of offset 9 in the same table, past insertId de-duplication
   client = bq_emulator.client()
-  errors = client.insert_rows_json(f"{bq_emulator.project}.{dataset}.sensor_readings",
-                                   [json_row(TABLES["sensor_readings"], rows[9], WRITTEN_AT)],
-                                   row_ids=["another-insert-id"])
+  errors = client.insert_rows_json(
+    f"{bq_emulator.project}.{dataset}.sensor_readings",
+    [json_row(TABLES["sensor_readings"], rows[9], WRITTEN_AT)],
+    row_ids=["another-insert-id"],
+  )
   assert not errors
   commit(env.bootstrap, env.group, {(topic, 0): offsets[-1] + 1})
-  sink = ["--sink", f"bigquery://{bq_emulator.project}/{dataset}",
-          "--bigquery_api_endpoint", bq_emulator.endpoint]
+  sink = [
+    "--sink",
+    f"bigquery://{bq_emulator.project}/{dataset}",
+    "--bigquery_api_endpoint",
+    bq_emulator.endpoint,
+  ]
   capsys.readouterr()
   code = audit.main([*env.args("--json"), *sink])
   report = json.loads(capsys.readouterr().out)
@@ -369,7 +459,9 @@ def test_audit_reads_bigquery_doubled_and_missing_rows(env, capsys, bq_emulator)
   part = _part(report, topic, 0)
   assert (part["records"], part["in_sink"], part["missing"]) == (12, 10, 1)
   assert part["duplicate_events"] == 1
-  assert part["duplicate_examples"] == [[offsets[11], bodies[0]["event_id"], f"{topic}-0@{offsets[0]}"]]
+  assert part["duplicate_examples"] == [
+    [offsets[11], bodies[0]["event_id"], f"{topic}-0@{offsets[0]}"]
+  ]
   assert part["first_missing"] == [offsets[5]] and part["committed_ahead"] is True
   assert part["doubled"] == 2 and part["doubled_rows"] == 2
   assert sorted(e[0] for e in part["doubled_examples"]) == [offsets[7], offsets[9]]
@@ -381,15 +473,28 @@ def test_audit_reads_bigquery_doubled_and_missing_rows(env, capsys, bq_emulator)
 def test_run_pipeline_sh_audit_runs_the_tool(env):
   import subprocess
   from pathlib import Path
+
   repo = Path(__file__).resolve().parent.parent
   coords = env.produce_all(n_sensor=3, n_meter=2)
   env.commit_ends(coords)
-  proc = subprocess.run([str(repo / "run_pipeline.sh"), "audit", *env.args("--strict")],
-                        cwd=repo, capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run(
+    [str(repo / "run_pipeline.sh"), "audit", *env.args("--strict")],
+    cwd=repo,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "OK: 5 records, 5 in the sink" in proc.stdout
-  proc = subprocess.run([str(repo / "run_pipeline.sh"), "audit", *env.args("--group_id=")],
-                        cwd=repo, capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run(
+    [str(repo / "run_pipeline.sh"), "audit", *env.args("--group_id=")],
+    cwd=repo,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 2 and "--group_id" in proc.stderr, proc.stderr
 
 
@@ -404,24 +509,38 @@ def test_recorded_gaps_are_listed_and_duplicate_dead_letters_counted(env, capsys
   conn = sqlite3.connect(env.db)
   with conn:
     for table in ("sensor_readings", "meter_readings"):
-      conn.execute(f"CREATE TABLE {table} (event_id TEXT, kafka_topic TEXT, kafka_partition INTEGER, "
-                   "kafka_offset INTEGER)")
-    conn.execute("CREATE TABLE dead_letters (reason TEXT, error TEXT, kafka_topic TEXT, "
-                 "kafka_partition INTEGER, kafka_offset INTEGER)")
-    conn.executemany("INSERT INTO sensor_readings VALUES (?, ?, 0, ?)",
-                     [(f"e{o}", topic, o) for o in offsets[:5]])
-    conn.execute("INSERT INTO dead_letters VALUES ('duplicate_event', 'e0 stored at 0', ?, 0, ?)",
-                 (topic, offsets[5]))
+      conn.execute(
+        f"CREATE TABLE {table} (event_id TEXT, kafka_topic TEXT, kafka_partition INTEGER, "
+        "kafka_offset INTEGER)"
+      )
+    conn.execute(
+      "CREATE TABLE dead_letters (reason TEXT, error TEXT, kafka_topic TEXT, "
+      "kafka_partition INTEGER, kafka_offset INTEGER)"
+    )
+    conn.executemany(
+      "INSERT INTO sensor_readings VALUES (?, ?, 0, ?)", [(f"e{o}", topic, o) for o in offsets[:5]]
+    )
+    conn.execute(
+      "INSERT INTO dead_letters VALUES ('duplicate_event', 'e0 stored at 0', ?, 0, ?)",
+      (topic, offsets[5]),
+    )
     # a gap recorded at an offset where the topic holds a record: a marker, not that record
-    conn.execute("INSERT INTO dead_letters VALUES ('offset_gap', 'skipped offsets 900-999', ?, 0, ?)",
-                 (topic, offsets[2]))
+    conn.execute(
+      "INSERT INTO dead_letters VALUES ('offset_gap', 'skipped offsets 900-999', ?, 0, ?)",
+      (topic, offsets[2]),
+    )
   conn.close()
   commit(env.bootstrap, env.group, {(topic, 0): offsets[-1] + 1})
   code, report, text = env.audit(capsys)
   assert code == 0, text
   part = _part(report, topic, 0)
   assert part["recorded_gaps"] == [{"offset": offsets[2], "error": "skipped offsets 900-999"}]
-  assert (part["records"], part["in_sink"], part["duplicate_events"], part["doubled"]) == (6, 6, 1, 0)
+  assert (part["records"], part["in_sink"], part["duplicate_events"], part["doubled"]) == (
+    6,
+    6,
+    1,
+    0,
+  )
   assert report["totals"]["recorded_gaps"] == 1
   assert f"recorded gap at {offsets[2]}: skipped offsets 900-999" in text
   # without its reading row, the record under the gap marker is missing

@@ -54,7 +54,9 @@ def test_clip_and_head():
 
 def test_format_ranges_is_inclusive_and_limited():
   assert format_ranges([(3, 4), (7, 10)]) == "3, 7-9"
-  assert format_ranges([(i * 10, i * 10 + 1) for i in range(5)], limit=2) == "0, 10 (+3 more ranges)"
+  assert (
+    format_ranges([(i * 10, i * 10 + 1) for i in range(5)], limit=2) == "0, 10 (+3 more ranges)"
+  )
   assert format_ranges([]) == ""
 
 

@@ -19,14 +19,18 @@ def _rep(log_start=0, end=20, committed=20, records=((0, 20),)) -> PartitionRepo
 
 def test_sink_rows_fold_into_present_doubled_and_out_of_range_counts():
   rep = _rep(log_start=5, end=20)
-  rows = [("t", 0, 3, "sensor_readings"),              # below the log start
-          ("t", 0, 5, "sensor_readings"),
-          ("t", 0, 6, "dead_letters"), ("t", 0, 6, "sensor_readings"),  # doubled across tables
-          ("t", 0, 7, "meter_readings"), ("t", 0, 7, "meter_readings"),
-          ("t", 0, 7, "dead_letters"),                   # three rows at one offset
-          ("t", 0, 8, "dead_letters:duplicate"),
-          ("t", 0, 25, "sensor_readings"),             # past the end
-          ("t", 9, 1, "sensor_readings")]              # a partition Kafka does not have
+  rows = [
+    ("t", 0, 3, "sensor_readings"),  # below the log start
+    ("t", 0, 5, "sensor_readings"),
+    ("t", 0, 6, "dead_letters"),
+    ("t", 0, 6, "sensor_readings"),  # doubled across tables
+    ("t", 0, 7, "meter_readings"),
+    ("t", 0, 7, "meter_readings"),
+    ("t", 0, 7, "dead_letters"),  # three rows at one offset
+    ("t", 0, 8, "dead_letters:duplicate"),
+    ("t", 0, 25, "sensor_readings"),  # past the end
+    ("t", 9, 1, "sensor_readings"),
+  ]  # a partition Kafka does not have
   unknown = audit.absorb_sink_rows({("t", 0): rep}, rows)
   assert unknown == {"t-9": 1}
   assert rep.present.ranges() == [(3, 4), (5, 9), (25, 26)]
@@ -86,8 +90,12 @@ def test_lacking_records_whose_event_id_is_stored_elsewhere_are_duplicate_events
   rep = _rep(committed=10)
   rep.present = RangeSet([(0, 3), (5, 12)])
   audit.classify(rep, strict=False)  # missing 3, 4; pending 12..19
-  values = [(3, json.dumps({"event_id": "a"}).encode()), (4, b"not json"),
-            (12, json.dumps({"event_id": "b"}).encode()), (13, json.dumps({"event_id": "zz"}).encode())]
+  values = [
+    (3, json.dumps({"event_id": "a"}).encode()),
+    (4, b"not json"),
+    (12, json.dumps({"event_id": "b"}).encode()),
+    (13, json.dumps({"event_id": "zz"}).encode()),
+  ]
   sink = _FakeSink({"a": [Coordinate("t", 0, 1)], "b": [Coordinate("u", 2, 7)]})
   audit.explain_duplicates(rep, values, EventIds(), sink)
   assert rep.missing.ranges() == [(4, 5)]
@@ -101,8 +109,15 @@ def test_event_ids_of_json_values_only_when_they_are_strings_or_numbers():
   ids = EventIds()
   assert ids.of(b'{"event_id": "x-1"}') == "x-1"
   assert ids.of(b'{"event_id": 17}') == "17"
-  for value in (None, b"", b"[1]", b'{"event_id": true}', b'{"event_id": {"a": 1}}', b"\xff\x00",
-                b'{"other": 1}'):
+  for value in (
+    None,
+    b"",
+    b"[1]",
+    b'{"event_id": true}',
+    b'{"event_id": {"a": 1}}',
+    b"\xff\x00",
+    b'{"other": 1}',
+  ):
     assert ids.of(value) is None, value
 
 
@@ -122,15 +137,20 @@ def test_reports_serialise_and_read_as_sentences():
 
 def test_scattered_offsets_are_read_in_few_passes():
   from tools.audit_kafka import scan_windows
-  assert scan_windows([(1, 2), (10, 11), (9000, 9001), (9500, 9600)], 5000) == [(1, 11), (9000, 9600)]
+
+  assert scan_windows([(1, 2), (10, 11), (9000, 9001), (9500, 9600)], 5000) == [
+    (1, 11),
+    (9000, 9600),
+  ]
   assert scan_windows([], 5000) == []
   assert scan_windows([(0, 5), (5000, 5001)], 4995) == [(0, 5), (5000, 5001)]
   assert scan_windows([(0, 5), (5000, 5001)], 4996) == [(0, 5001)]
 
 
 def test_rows_of_a_partition_kafka_lacks_fail_the_audit():
-  report = audit.AuditReport("s", "b", "g", False, partitions=[_rep()],
-                             unknown_partitions={"t-7": 3})
+  report = audit.AuditReport(
+    "s", "b", "g", False, partitions=[_rep()], unknown_partitions={"t-7": 3}
+  )
   report.partitions[0].present = RangeSet([(0, 20)])
   assert not report.ok
   assert "3 rows of partition t-7, which Kafka does not have" in audit.format_report(report)
@@ -141,10 +161,17 @@ def test_event_ids_of_confluent_framed_avro_through_the_registry():
   import struct
 
   import fastavro
-  schema = {"type": "record", "name": "MeterReading", "namespace": "com.smartgrid.analytics",
-            "fields": [{"name": "event_id", "type": "string"}, {"name": "reading", "type": "double"}]}
+
+  schema = {
+    "type": "record",
+    "name": "MeterReading",
+    "namespace": "com.smartgrid.analytics",
+    "fields": [{"name": "event_id", "type": "string"}, {"name": "reading", "type": "double"}],
+  }
   body = io.BytesIO()
-  fastavro.schemaless_writer(body, fastavro.parse_schema(schema), {"event_id": "m-1", "reading": 2.5})
+  fastavro.schemaless_writer(
+    body, fastavro.parse_schema(schema), {"event_id": "m-1", "reading": 2.5}
+  )
   value = b"\x00" + struct.pack(">I", 7) + body.getvalue()
 
   class _Registry:  # stands in for confluent_kafka's SchemaRegistryClient

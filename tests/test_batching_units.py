@@ -51,7 +51,9 @@ def test_bundle_batcher_emits_full_batches_in_their_window_and_keeps_the_rest():
     assert wv.windows == (IntervalWindow(Timestamp(micros=T0), Timestamp(micros=T0 + MIN)),)
     assert wv.timestamp == wv.windows[0].max_timestamp()
   left = list(b.drain())
-  assert [wv.value for wv in left] == [(("sensor_readings", 0), ("row", i)) for i in range(200, 250)]
+  assert [wv.value for wv in left] == [
+    (("sensor_readings", 0), ("row", i)) for i in range(200, 250)
+  ]
   assert all(wv.windows == (GlobalWindow(),) for wv in left)
   assert [wv.timestamp.micros for wv in left] == [T0 + i for i in range(200, 250)]
   assert list(b.drain()) == []  # drained means empty
@@ -80,12 +82,19 @@ def test_batch_rows_completes_leftovers_with_group_into_batches():
     assert all({i % 2 for i in batch} == {k[1]} for k, batch in batches)  # no mixing
 
   with beam.Pipeline(runner=FnApiRunner()) as p:
-    left_pc = p | "Left" >> beam.Create([(wv.value, wv.timestamp) for wv in left]) | \
-        "Stamp" >> beam.Map(lambda kv: beam.window.TimestampedValue(kv[0], kv[1]))
+    left_pc = (
+      p
+      | "Left" >> beam.Create([(wv.value, wv.timestamp) for wv in left])
+      | "Stamp" >> beam.Map(lambda kv: beam.window.TimestampedValue(kv[0], kv[1]))
+    )
     # Create cannot carry WindowedValues: re-stamp the full batches inside their windows.
-    full_pc = p | "FullBatches" >> beam.Create([(wv.value, wv.timestamp) for wv in full]) | \
-        "StampFull" >> beam.Map(lambda kv: beam.window.TimestampedValue(kv[0], kv[1]))
+    full_pc = (
+      p
+      | "FullBatches" >> beam.Create([(wv.value, wv.timestamp) for wv in full])
+      | "StampFull" >> beam.Map(lambda kv: beam.window.TimestampedValue(kv[0], kv[1]))
+    )
     out = (full_pc, left_pc) | BatchRows(4, windows)
-    everything = (out | "GlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows())
-                  | beam.combiners.ToList())
+    everything = (
+      out | "GlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows()) | beam.combiners.ToList()
+    )
     assert_that(everything, lambda lists: check(lists[0]))

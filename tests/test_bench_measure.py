@@ -42,8 +42,9 @@ def test_run_measured_sees_the_whole_process_tree():
 
 
 def test_run_measured_reports_failure_and_stderr():
-  m = run_measured([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"],
-                   {}, REPO)
+  m = run_measured(
+    [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], {}, REPO
+  )
   assert m.returncode == 3
   assert "boom" in m.stderr
 
@@ -119,8 +120,15 @@ def test_broker_start_prints_no_connection_errors(tmp_path):
       b.stop()
       print("started and stopped")
   """)
-  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                       timeout=180, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=180,
+    env={**os.environ, "PYTHONPATH": str(REPO)},
+    check=False,
+  )
   assert out.returncode == 0, out.stderr
   assert "started and stopped" in out.stdout
   assert "ECONNREFUSED" not in out.stderr and "ERROR" not in out.stderr, out.stderr

@@ -11,31 +11,31 @@ replay here happens within a few seconds of the write it repeats.
 
 from __future__ import annotations
 
-import hashlib
 import datetime as dt
+import hashlib
 import json
 import time
 import uuid
 from collections import Counter
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from tools.produce import BAD_KINDS, Event, EventFactory
 from tests import support
 from tests.faulty_proxy import FaultyProxy
 from tests.pipeline_support import committed, ends, produce_events, run_to_end
+from tools.produce import BAD_KINDS, Event, EventFactory
 from transforms.acks import Ack
 from transforms.events import decode_raw_value, parse_sensor, parse_timestamp_us, sensor_row
-from transforms.timestamps import iso_us
 from transforms.retry import RetriesExhausted, with_retries
 from transforms.rows import offset_of
 from transforms.sinks.base import WriteBatches
 from transforms.sinks.bigquery import BigQueryStore
 from transforms.sinks.schema import TABLES
+from transforms.timestamps import iso_us
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -53,14 +53,22 @@ def _dataset() -> str:
 
 def bq_offsets(client, dataset: str) -> dict[str, list[tuple[str, int, int]]]:
   """table -> every (topic, partition, offset) row, duplicates kept."""
-  return {t: [tuple(r.values()) for r in client.query_and_wait(
-      f"SELECT kafka_topic, kafka_partition, kafka_offset FROM `{PROJECT}.{dataset}.{t}`")]
-          for t in TABLES}
+  return {
+    t: [
+      tuple(r.values())
+      for r in client.query_and_wait(
+        f"SELECT kafka_topic, kafka_partition, kafka_offset FROM `{PROJECT}.{dataset}.{t}`"
+      )
+    ]
+    for t in TABLES
+  }
 
 
 def bq_rows(client, dataset: str, table: str) -> dict[tuple[str, int, int], dict]:
-  return {(r["kafka_topic"], r["kafka_partition"], r["kafka_offset"]): dict(r.items())
-          for r in client.query_and_wait(f"SELECT * FROM `{PROJECT}.{dataset}.{table}`")}
+  return {
+    (r["kafka_topic"], r["kafka_partition"], r["kafka_offset"]): dict(r.items())
+    for r in client.query_and_wait(f"SELECT * FROM `{PROJECT}.{dataset}.{table}`")
+  }
 
 
 def assert_exactly_once(client, dataset: str, produced: Iterable[tuple[str, int, int]]) -> dict:
@@ -68,7 +76,9 @@ def assert_exactly_once(client, dataset: str, produced: Iterable[tuple[str, int,
   by_table = bq_offsets(client, dataset)
   everything = Counter(r for rows in by_table.values() for r in rows)
   duplicates = {k: n for k, n in everything.items() if n > 1}
-  assert not duplicates, f"{len(duplicates)} offsets written more than once, e.g. {list(duplicates)[:5]}"
+  assert not duplicates, (
+    f"{len(duplicates)} offsets written more than once, e.g. {list(duplicates)[:5]}"
+  )
   produced = set(produced)
   missing, extra = produced - set(everything), set(everything) - produced
   assert not missing, f"{len(missing)} produced offsets not in BigQuery, e.g. {sorted(missing)[:5]}"
@@ -97,24 +107,42 @@ class Env:
     self.client = emulator.client()
     self.dir = work_dir
 
-  def batch(self, *extra: str, endpoint: Optional[str] = None, group: Optional[str] = None,
-            timeout: float = 120.0, method: str = "storage_write"):
-    return run_to_end(self.bs, self.sensor, self.meter, group or self.group, self.dir,
-                      "--sink", f"bigquery://{PROJECT}/{self.dataset}",
-                      "--bigquery_api_endpoint", endpoint or self.emulator.endpoint,
-                      "--bigquery_storage_api_endpoint", self.emulator.grpc_address,
-                      "--bigquery_write_method", method, *extra, timeout=timeout)
+  def batch(
+    self,
+    *extra: str,
+    endpoint: str | None = None,
+    group: str | None = None,
+    timeout: float = 120.0,
+    method: str = "storage_write",
+  ):
+    return run_to_end(
+      self.bs,
+      self.sensor,
+      self.meter,
+      group or self.group,
+      self.dir,
+      "--sink",
+      f"bigquery://{PROJECT}/{self.dataset}",
+      "--bigquery_api_endpoint",
+      endpoint or self.emulator.endpoint,
+      "--bigquery_storage_api_endpoint",
+      self.emulator.grpc_address,
+      "--bigquery_write_method",
+      method,
+      *extra,
+      timeout=timeout,
+    )
 
   def produce(self, events, **kw):
     return produce_events(self.bs, self.sensor, self.meter, list(events), **kw)
 
-  def committed(self, group: Optional[str] = None):
+  def committed(self, group: str | None = None):
     return committed(self.bs, group or self.group, self.sensor, self.meter)
 
   def ends(self):
     return ends(self.bs, self.sensor, self.meter)
 
-  def assert_committed_equals_end(self, group: Optional[str] = None):
+  def assert_committed_equals_end(self, group: str | None = None):
     c, e = self.committed(group), self.ends()
     assert {k: v for k, v in c.items() if e[k]} == {k: v for k, v in e.items() if v}, (c, e)
 
@@ -152,8 +180,10 @@ def _surrogate_sensor(f: EventFactory, metadata: dict) -> Event:
 @pytest.fixture(scope="module")
 def loaded(kafka_bootstrap, bq_emulator, tmp_path_factory):
   """300 good events, every malformed kind and two events BigQuery refuses, in one batch run."""
+
   def make_topic(partitions, prefix):
     return support.create_topic(kafka_bootstrap, support.unique_topic(prefix), partitions)
+
   env = Env(kafka_bootstrap, make_topic, bq_emulator, tmp_path_factory.mktemp("bq-e2e"))
   f = EventFactory(31)
   good = list(f.events(300, meter_ratio=0.3, start=NOW - 120, spacing_s=0.2))
@@ -163,8 +193,9 @@ def loaded(kafka_bootstrap, bq_emulator, tmp_path_factory):
   neighbours = [Event("sensor", b"surrogate", f.sensor(NOW).value) for _ in range(4)]
   mixed = [neighbours[0], refused[0], neighbours[1], neighbours[2], refused[1], neighbours[3]]
   coords = env.produce(good + bad + mixed)
-  env.coords = dict(good=coords[:300], bad=coords[300:300 + len(bad)],
-                    mixed=coords[300 + len(bad):])
+  env.coords = dict(
+    good=coords[:300], bad=coords[300 : 300 + len(bad)], mixed=coords[300 + len(bad) :]
+  )
   env.events = dict(good=good, bad=bad, mixed=mixed)
   env.produced = coords
   started = time.monotonic()
@@ -184,7 +215,8 @@ def test_every_event_is_queryable_once_with_its_columns_and_types(loaded):
   for name, table in TABLES.items():
     got = env.client.get_table(f"{PROJECT}.{env.dataset}.{name}")
     assert [(f.name, f.mode) for f in got.schema] == [
-        (c.name, "REQUIRED" if c.required else "NULLABLE") for c in table.columns]
+      (c.name, "REQUIRED" if c.required else "NULLABLE") for c in table.columns
+    ]
     assert got.time_partitioning.type_ == "DAY"
     assert got.time_partitioning.field == table.partition_column
     assert got.clustering_fields == list(table.cluster_columns)
@@ -196,12 +228,16 @@ def test_every_event_is_queryable_once_with_its_columns_and_types(loaded):
   with_metadata = 0
   for event, coords in zip(env.events["good"], env.coords["good"]):
     body = json.loads(event.value)
-    want_time = dt.datetime.fromtimestamp(parse_timestamp_us(body["timestamp"]) / 1e6,
-                                          dt.timezone.utc)
+    want_time = dt.datetime.fromtimestamp(
+      parse_timestamp_us(body["timestamp"]) / 1e6, dt.timezone.utc
+    )
     if event.topic_kind == "sensor":
       r = sensors[coords]
       assert (r["event_id"], r["sensor_id"], r["sensor_type"]) == (
-          body["event_id"], body["sensor_id"], body["sensor_type"])
+        body["event_id"],
+        body["sensor_id"],
+        body["sensor_type"],
+      )
       assert isinstance(r["value"], float) and r["value"] == body["value"]
       assert (r["latitude"], r["longitude"]) == (body["location"]["lat"], body["location"]["lon"])
       if "metadata" in body:
@@ -213,7 +249,11 @@ def test_every_event_is_queryable_once_with_its_columns_and_types(loaded):
     else:
       r = meters[coords]
       assert (r["event_id"], r["meter_id"], r["customer_id"], r["unit"]) == (
-          body["event_id"], body["meter_id"], body["customer_id"], body.get("unit", "kWh"))
+        body["event_id"],
+        body["meter_id"],
+        body["customer_id"],
+        body.get("unit", "kWh"),
+      )
       assert r["reading"] == body["reading"]
     assert r["event_time"] == want_time
     assert isinstance(r["is_late"], bool) and r["is_late"] is False
@@ -246,7 +286,8 @@ def test_replay_after_a_restart_does_not_double_rows(loaded):
   assert replay.summary_read() == len(env.produced), replay.tail()  # everything was sent again
   assert_exactly_once(env.client, env.dataset, env.produced)
   assert {t: sorted(r) for t, r in bq_offsets(env.client, env.dataset).items()} == {
-      t: sorted(r) for t, r in before.items()}
+    t: sorted(r) for t, r in before.items()
+  }
   env.assert_committed_equals_end(group)
 
 
@@ -277,11 +318,13 @@ def test_poison_rows_are_dead_lettered_and_their_neighbours_written(loaded):
 
 def _rows(topic: str, partition: int, offsets, seed: int = 5) -> list[tuple]:
   f = EventFactory(seed)
-  return [sensor_row(parse_sensor(f.sensor(NOW).value), 0, 60_000_000, False,
-                     topic, partition, o, o) for o in offsets]
+  return [
+    sensor_row(parse_sensor(f.sensor(NOW).value), 0, 60_000_000, False, topic, partition, o, o)
+    for o in offsets
+  ]
 
 
-def _open_store(emulator, dataset: str, endpoint: Optional[str] = None, **kw) -> BigQueryStore:
+def _open_store(emulator, dataset: str, endpoint: str | None = None, **kw) -> BigQueryStore:
   kw.setdefault("write_method", "streaming_inserts")  # these tests fault the HTTP insertAll path
   store = BigQueryStore(PROJECT, dataset, api_endpoint=endpoint or emulator.endpoint, **kw)
   store.open()
@@ -297,8 +340,9 @@ def test_store_rejects_invalid_rows_with_bigquerys_reason_and_writes_the_rest(bq
     rows[5] = rows[5][:3] + ("not a number",) + rows[5][4:]  # value is FLOAT64
     rejected = store.write("sensor_readings", rows, iso_us(int(time.time() * 1e6)))
     assert [(offset_of(r), e) for r, e in rejected] == [
-        (2, "invalid at event_id: Missing required field: event_id."),
-        (5, "invalid at value: Cannot convert value to float (bad value): not a number")]
+      (2, "invalid at event_id: Missing required field: event_id."),
+      (5, "invalid at value: Cannot convert value to float (bad value): not a number"),
+    ]
     # one request refused with 2 invalid and 6 stopped rows, one more for the 6 stopped ones
     assert store.requests_sent == 2
     got = bq_offsets(store._client, dataset)["sensor_readings"]
@@ -314,11 +358,17 @@ def test_store_chunks_large_writes_and_measures_its_rate(bq_emulator):
     started = time.perf_counter()
     assert store.write("sensor_readings", rows, iso_us(int(time.time() * 1e6))) == []
     elapsed = time.perf_counter() - started
-    print(f"BigQueryStore.write: {len(rows)} rows in {elapsed:.2f}s = {len(rows) / elapsed:.0f} "
-          f"rows/s, {store.requests_sent} requests")
+    print(
+      f"BigQueryStore.write: {len(rows)} rows in {elapsed:.2f}s = {len(rows) / elapsed:.0f} "
+      f"rows/s, {store.requests_sent} requests"
+    )
     assert store.requests_sent >= 6  # 500-row and 200 kB caps both bind
-    n, = [r[0] for r in store._client.query_and_wait(
-        f"SELECT COUNT(DISTINCT kafka_offset) FROM `{PROJECT}.{store.dataset}.sensor_readings`")]
+    (n,) = [
+      r[0]
+      for r in store._client.query_and_wait(
+        f"SELECT COUNT(DISTINCT kafka_offset) FROM `{PROJECT}.{store.dataset}.sensor_readings`"
+      )
+    ]
     assert n == 3000
   finally:
     store.close()
@@ -332,18 +382,34 @@ def test_write_batches_dead_letters_what_bigquery_refuses_and_acks_everything(bq
   rows = _rows("s", 0, range(6))
   rows[3] = (None,) + rows[3][1:]
   with BeamTestPipeline() as p:
-    acks = (p | beam.Create([(("sensor_readings", 0), rows)])
-            | WriteBatches(BigQueryStore(PROJECT, dataset, api_endpoint=bq_emulator.endpoint,
-                                         storage_api_endpoint=bq_emulator.grpc_address),
-                           retry_deadline_s=10))
+    acks = (
+      p
+      | beam.Create([(("sensor_readings", 0), rows)])
+      | WriteBatches(
+        BigQueryStore(
+          PROJECT,
+          dataset,
+          api_endpoint=bq_emulator.endpoint,
+          storage_api_endpoint=bq_emulator.grpc_address,
+        ),
+        retry_deadline_s=10,
+      )
+    )
     assert_that(acks, equal_to([Ack("s", 0, 0, 6)]))
   client = bq_emulator.client()
   assert sorted(bq_offsets(client, dataset)["sensor_readings"]) == [
-      ("s", 0, o) for o in (0, 1, 2, 4, 5)]
+    ("s", 0, o) for o in (0, 1, 2, 4, 5)
+  ]
   (d,) = bq_rows(client, dataset, "dead_letters").values()
-  assert (d["kafka_topic"], d["kafka_partition"], d["kafka_offset"], d["stage"]) == ("s", 0, 3, "sink")
-  assert d["error"] == ("sink_rejected: sensor_readings: invalid at event_id: "
-                        "Missing required field: event_id.")
+  assert (d["kafka_topic"], d["kafka_partition"], d["kafka_offset"], d["stage"]) == (
+    "s",
+    0,
+    3,
+    "sink",
+  )
+  assert d["error"] == (
+    "sink_rejected: sensor_readings: invalid at event_id: Missing required field: event_id."
+  )
 
 
 def test_store_retries_503_429_and_lost_responses_without_duplicates(bq_emulator):
@@ -357,22 +423,34 @@ def test_store_retries_503_429_and_lost_responses_without_duplicates(bq_emulator
       proxy.fail_next(1, 503, forward=True)
       rows = _rows("s", 1, range(20))
       written_at = iso_us(int(time.time() * 1e6))
-      rejected = with_retries(lambda: store.write("sensor_readings", rows, written_at),
-                              store.is_transient, deadline_s=30, initial_backoff_s=0.05)
+      rejected = with_retries(
+        lambda: store.write("sensor_readings", rows, written_at),
+        store.is_transient,
+        deadline_s=30,
+        initial_backoff_s=0.05,
+      )
       assert rejected == []
       # the first lost response ends it: the retried write finds its rows stored (write-time
       # check), so it sends no insert again and the last two queued failures stay unused
-      assert proxy.failed >= 4 and proxy.forwarded_then_failed >= 1, (proxy.failed, proxy.forwarded_then_failed)
+      assert proxy.failed >= 4 and proxy.forwarded_then_failed >= 1, (
+        proxy.failed,
+        proxy.forwarded_then_failed,
+      )
       proxy.heal()
       assert sorted(bq_offsets(store._client, dataset)["sensor_readings"]) == [
-          ("s", 1, o) for o in range(20)]
+        ("s", 1, o) for o in range(20)
+      ]
 
       # a permanent outage: the write fails loudly after the deadline, nothing is written
       proxy.fail_always(503)
       more = _rows("s", 1, range(20, 30), seed=6)  # new events (same seed = same event_ids)
       with pytest.raises(RetriesExhausted, match="still failing"):
-        with_retries(lambda: store.write("sensor_readings", more, written_at), store.is_transient,
-                     deadline_s=1.5, initial_backoff_s=0.05)
+        with_retries(
+          lambda: store.write("sensor_readings", more, written_at),
+          store.is_transient,
+          deadline_s=1.5,
+          initial_backoff_s=0.05,
+        )
       assert len(bq_offsets(store._client, dataset)["sensor_readings"]) == 20
     finally:
       store.close()
@@ -381,9 +459,14 @@ def test_store_retries_503_429_and_lost_responses_without_duplicates(bq_emulator
 def test_unreachable_endpoint_is_transient(bq_emulator):
   with FaultyProxy(bq_emulator.endpoint) as proxy:
     dead_endpoint = proxy.endpoint
-  store = BigQueryStore(PROJECT, _dataset(), api_endpoint=dead_endpoint, client_retry_s=0.3,
-                        write_method="streaming_inserts",
-                        request_timeout_s=2)
+  store = BigQueryStore(
+    PROJECT,
+    _dataset(),
+    api_endpoint=dead_endpoint,
+    client_retry_s=0.3,
+    write_method="streaming_inserts",
+    request_timeout_s=2,
+  )
   with pytest.raises(Exception) as e:
     store.open()
   assert store.is_transient(e.value), repr(e.value)
@@ -395,16 +478,22 @@ def test_unreachable_endpoint_is_transient(bq_emulator):
 
 
 def test_pipeline_through_503s_and_429s_loses_nothing_and_doubles_nothing(env):
-  produced = env.produce(EventFactory(41).events(400, meter_ratio=0.3, start=NOW - 60,
-                                                 spacing_s=0.1))
+  produced = env.produce(
+    EventFactory(41).events(400, meter_ratio=0.3, start=NOW - 60, spacing_s=0.1)
+  )
   with FaultyProxy(env.emulator.endpoint) as proxy:
     # more failures in a row than the client's own retry absorbs (WriteBatches retries too),
     # half of them after BigQuery did the insert
     for _ in range(6):
       proxy.fail_next(1, 503)
       proxy.fail_next(1, 429, forward=True)
-    run = env.batch("--sink_flush_rows=100", "--batch_size=50", "--sink_retry_deadline_secs=60",
-                    endpoint=proxy.endpoint, method="streaming_inserts")
+    run = env.batch(
+      "--sink_flush_rows=100",
+      "--batch_size=50",
+      "--sink_retry_deadline_secs=60",
+      endpoint=proxy.endpoint,
+      method="streaming_inserts",
+    )
     _clean_exit(run)
     assert proxy.failed == 12 and proxy.pending_failures() == 0, (proxy.failed, run.tail())
     assert proxy.forwarded_then_failed == 6
@@ -418,13 +507,21 @@ def test_pipeline_in_a_permanent_outage_fails_commits_nothing_unwritten_and_rest
   env.assert_committed_equals_end()
   committed_before = env.committed()
 
-  second = env.produce(EventFactory(44).events(400, meter_ratio=0.3, start=NOW - 30,
-                                               spacing_s=0.05))
+  second = env.produce(
+    EventFactory(44).events(400, meter_ratio=0.3, start=NOW - 30, spacing_s=0.05)
+  )
   with FaultyProxy(env.emulator.endpoint) as proxy:
     proxy.fail_after(2, 503)  # two inserts get through, then BigQuery is gone
-    failed = env.batch("--sink_flush_rows=50", "--batch_size=50", "--num_shards=1",
-                       "--sink_retry_deadline_secs=2", "--commit_interval_secs=0.2",
-                       endpoint=proxy.endpoint, timeout=120, method="streaming_inserts")
+    failed = env.batch(
+      "--sink_flush_rows=50",
+      "--batch_size=50",
+      "--num_shards=1",
+      "--sink_retry_deadline_secs=2",
+      "--commit_interval_secs=0.2",
+      endpoint=proxy.endpoint,
+      timeout=120,
+      method="streaming_inserts",
+    )
     assert failed.proc.returncode not in (0, None), failed.tail()
     assert "still failing" in failed.output and "503" in failed.output, failed.tail()
     assert proxy.failed > 0
@@ -434,8 +531,10 @@ def test_pipeline_in_a_permanent_outage_fails_commits_nothing_unwritten_and_rest
   c = env.assert_commits_not_past_sink()
   for tp, before in committed_before.items():
     assert (c[tp] or 0) >= (before or 0), (tp, before, c[tp])  # never moved back
-  print(f"outage: {written - len(first)} of {len(second)} new rows written, committed "
-        f"{sum(v or 0 for v in c.values())} of {len(first) + len(second)} offsets")
+  print(
+    f"outage: {written - len(first)} of {len(second)} new rows written, committed "
+    f"{sum(v or 0 for v in c.values())} of {len(first) + len(second)} offsets"
+  )
 
   restart = env.batch()  # straight to the emulator: the outage is over
   _clean_exit(restart)

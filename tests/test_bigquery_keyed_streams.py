@@ -20,8 +20,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from tools.produce import EventFactory
 from tests.test_bigquery_storage_write import _assert_once
+from tools.produce import EventFactory
 from transforms.acks import Ack
 from transforms.events import parse_sensor, sensor_row
 from transforms.sinks.base import WriteBatches, _WriteBatchesFn, _WriteOnKeyedStreamsFn
@@ -41,8 +41,10 @@ def _dataset() -> str:
 
 def _rows(topic: str, partition: int, offsets, seed: int = 5) -> list[tuple]:
   f = EventFactory(seed)
-  return [sensor_row(parse_sensor(f.sensor(NOW).value), 0, 60_000_000, False,
-                     topic, partition, o, o) for o in offsets]
+  return [
+    sensor_row(parse_sensor(f.sensor(NOW).value), 0, 60_000_000, False, topic, partition, o, o)
+    for o in offsets
+  ]
 
 
 class _State:
@@ -85,14 +87,16 @@ class _CountingWriteClient:
     if self.lost < self.lose:
       self.lost += 1
       from google.api_core import exceptions as gexc
+
       raise gexc.ServiceUnavailable("injected: the answer was lost after the append was applied")
     return iter(responses)
 
 
 def _worker(emulator, dataset: str, lose: int = 0):
   """One worker's DoFn (set up: its store open) and its counting write client."""
-  store = BigQueryStore(PROJECT, dataset, api_endpoint=emulator.endpoint,
-                        storage_api_endpoint=emulator.grpc_address)
+  store = BigQueryStore(
+    PROJECT, dataset, api_endpoint=emulator.endpoint, storage_api_endpoint=emulator.grpc_address
+  )
   fn = _WriteOnKeyedStreamsFn(store, 1000, 30.0, 100)
   fn.setup()
   client = _CountingWriteClient(store._write_client, lose)
@@ -107,7 +111,10 @@ def _process(fn, rows: list, state: _State, key: str = KEY) -> list:
 def test_only_the_storage_write_path_is_stateful(tmp_path):
   def fn_of(store):
     return type(WriteBatches(store)._fn)
-  assert fn_of(BigQueryStore(PROJECT, "d", storage_api_endpoint="127.0.0.1:1")) is _WriteOnKeyedStreamsFn
+
+  assert (
+    fn_of(BigQueryStore(PROJECT, "d", storage_api_endpoint="127.0.0.1:1")) is _WriteOnKeyedStreamsFn
+  )
   assert fn_of(BigQueryStore(PROJECT, "d", write_method="streaming_inserts")) is _WriteBatchesFn
   assert fn_of(SqliteStore(str(tmp_path / "x.db"))) is _WriteBatchesFn
   assert _WriteOnKeyedStreamsFn.STREAMS.name == "streams"
@@ -149,6 +156,7 @@ def test_a_retried_bundle_on_the_same_state_lands_once_through_already_exists(bq
       assert len(fresh) == 150  # nothing of the batch stored yet
       assert _process(fn_x, batch, x_state) == [Ack("s", 0, 100, 250)]
       return fresh, duplicates
+
     store_y._new_rows = check_then_let_the_other_attempt_write
 
     assert _process(fn_y, batch, y_state) == [Ack("s", 0, 100, 250)]
@@ -257,14 +265,21 @@ def _pipeline(runner: str) -> beam.Pipeline:
   if runner == "FnApiRunner":
     return BeamTestPipeline()
   from runners.prism import job_server
-  return beam.Pipeline(options=PipelineOptions(
-      runner="PrismRunner", job_endpoint=job_server().endpoint, environment_type="LOOPBACK"))
+
+  return beam.Pipeline(
+    options=PipelineOptions(
+      runner="PrismRunner", job_endpoint=job_server().endpoint, environment_type="LOOPBACK"
+    )
+  )
 
 
-@pytest.mark.parametrize("runner", [
+@pytest.mark.parametrize(
+  "runner",
+  [
     "FnApiRunner",
     "PrismRunner",  # built by ./run_pipeline.sh test: a missing binary fails the case
-])
+  ],
+)
 def test_a_pipeline_writes_every_batch_once_on_one_stream_per_key(bq_emulator, runner):
   """Batches of three keys (one batch delivered twice, as a replay) through WriteBatches on
   a real runner; each key starts one stream and keeps appending to it; the acks cover every
@@ -277,18 +292,28 @@ def test_a_pipeline_writes_every_batch_once_on_one_stream_per_key(bq_emulator, r
       batches.append((("sensor_readings", shard), _rows("s", shard, offsets, seed=shard * 10 + b)))
   batches.append(batches[1])  # a replay of shard 0's second batch
   expected = [("s", shard, shard * 1000 + o) for shard in range(3) for o in range(200)]
-  store = BigQueryStore(PROJECT, dataset, api_endpoint=bq_emulator.endpoint,
-                        storage_api_endpoint=bq_emulator.grpc_address)
+  store = BigQueryStore(
+    PROJECT,
+    dataset,
+    api_endpoint=bq_emulator.endpoint,
+    storage_api_endpoint=bq_emulator.grpc_address,
+  )
   p = _pipeline(runner)
   # flush_rows=60: two batches of a key are joined into one write of 100 rows, so each key
   # writes at least twice, the second time on the stream its state kept
   acks = p | beam.Create(batches) | WriteBatches(store, retry_deadline_s=30, flush_rows=60)
-  assert_that(acks | beam.FlatMap(lambda a: [(a.topic, a.partition, o) for o in range(a.start, a.end)])
-              | beam.Distinct(), equal_to(expected))
+  assert_that(
+    acks
+    | beam.FlatMap(lambda a: [(a.topic, a.partition, o) for o in range(a.start, a.end)])
+    | beam.Distinct(),
+    equal_to(expected),
+  )
   result = p.run()
   result.wait_until_finish()
-  counters = {(c.key.metric.namespace.rsplit(".", 1)[-1], c.key.metric.name): c.committed
-              for c in result.metrics().query()["counters"]}
+  counters = {
+    (c.key.metric.namespace.rsplit(".", 1)[-1], c.key.metric.name): c.committed
+    for c in result.metrics().query()["counters"]
+  }
   assert counters[("_WriteOnKeyedStreamsFn", "streams_started")] == 3, counters
   assert counters[("_WriteOnKeyedStreamsFn", "rows_written")] == 650
   assert counters[("_JoinKeyBatchesFn", "batches")] == 13
@@ -299,20 +324,30 @@ def test_a_later_round_in_the_same_process_resumes_the_streams_the_last_one_left
   """FnApiRunner rounds are pipelines of their own (new state): the streams a finished
   round's keys wrote are resumed by the next round's keys instead of new ones."""
   from transforms.sinks import bigquery as bq
+
   dataset = _dataset()
   where = (PROJECT, dataset, "sensor_readings")
   ends = []
   for round_ in range(2):
-    batches = [(("sensor_readings", shard),
-                _rows("s", shard, range(round_ * 100, (round_ + 1) * 100), seed=round_ * 10 + shard))
-               for shard in range(3)]
-    store = BigQueryStore(PROJECT, dataset, api_endpoint=bq_emulator.endpoint,
-                          storage_api_endpoint=bq_emulator.grpc_address)
+    batches = [
+      (
+        ("sensor_readings", shard),
+        _rows("s", shard, range(round_ * 100, (round_ + 1) * 100), seed=round_ * 10 + shard),
+      )
+      for shard in range(3)
+    ]
+    store = BigQueryStore(
+      PROJECT,
+      dataset,
+      api_endpoint=bq_emulator.endpoint,
+      storage_api_endpoint=bq_emulator.grpc_address,
+    )
     with BeamTestPipeline() as p:
       _ = p | beam.Create(batches) | WriteBatches(store, retry_deadline_s=30)
     ends.append(sorted(bq._IDLE_STREAMS.get(where, [])))
   assert [end for _, end in ends[0]] == [100] * 3
   assert {name for name, _ in ends[1]} == {name for name, _ in ends[0]}
   assert [end for _, end in ends[1]] == [200] * 3
-  _assert_once(bq_emulator.client(), dataset,
-               [("s", shard, o) for shard in range(3) for o in range(200)])
+  _assert_once(
+    bq_emulator.client(), dataset, [("s", shard, o) for shard in range(3) for o in range(200)]
+  )

@@ -15,17 +15,22 @@ from collections import Counter
 
 import pytest
 
-from tools.produce import EventFactory
 from tests.faulty_proxy import TcpProxy
+from tools.produce import EventFactory
 from transforms.events import parse_sensor, sensor_row
-from transforms.timestamps import iso_us
 from transforms.retry import with_retries
 from transforms.rows import at_offset, offset_of
 from transforms.sinks.base import DuplicateEvent, rejected_dead_letter_row
 from transforms.sinks.bigquery import MAX_INSERT_ID_CHARS, BigQueryStore, row_id
-from transforms.sinks.bigquery_storage import (MAX_REQUEST_BYTES, encode_rows, request_chunks,
-                                               row_message, timestamp_micros)
+from transforms.sinks.bigquery_storage import (
+  MAX_REQUEST_BYTES,
+  encode_rows,
+  request_chunks,
+  row_message,
+  timestamp_micros,
+)
 from transforms.sinks.schema import DEAD_LETTERS, SENSOR_READINGS, TABLES
+from transforms.timestamps import iso_us
 
 PROJECT = "test-project"
 NOW = time.time()
@@ -38,8 +43,10 @@ def _dataset() -> str:
 
 def _rows(topic: str, partition: int, offsets, seed: int = 5) -> list[tuple]:
   f = EventFactory(seed)
-  return [sensor_row(parse_sensor(f.sensor(NOW).value), 0, 60_000_000, False,
-                     topic, partition, o, o) for o in offsets]
+  return [
+    sensor_row(parse_sensor(f.sensor(NOW).value), 0, 60_000_000, False, topic, partition, o, o)
+    for o in offsets
+  ]
 
 
 def _written_at() -> str:
@@ -54,16 +61,22 @@ def _store(emulator, dataset: str, **kw) -> BigQueryStore:
 
 
 def _offsets(client, dataset: str, table: str = "sensor_readings") -> Counter:
-  return Counter(tuple(r.values()) for r in client.query_and_wait(
-      f"SELECT kafka_topic, kafka_partition, kafka_offset FROM `{PROJECT}.{dataset}.{table}`"))
+  return Counter(
+    tuple(r.values())
+    for r in client.query_and_wait(
+      f"SELECT kafka_topic, kafka_partition, kafka_offset FROM `{PROJECT}.{dataset}.{table}`"
+    )
+  )
 
 
 def _assert_once(client, dataset: str, expected, table: str = "sensor_readings") -> None:
   got = _offsets(client, dataset, table)
   doubled = {k: n for k, n in got.items() if n > 1}
   assert not doubled, f"{len(doubled)} offsets stored more than once, e.g. {list(doubled)[:3]}"
-  assert set(got) == set(expected), (sorted(set(expected) - set(got))[:5],
-                                     sorted(set(got) - set(expected))[:5])
+  assert set(got) == set(expected), (
+    sorted(set(expected) - set(got))[:5],
+    sorted(set(got) - set(expected))[:5],
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -130,11 +143,18 @@ def test_storage_write_stores_each_row_once_with_its_values(bq_emulator):
     assert writer.next_offset == 250 and writer.calls == 1  # 250 rows, one call
     client = bq_emulator.client()
     _assert_once(client, dataset, [("s", 0, o) for o in range(250)])
-    got = {r["kafka_offset"]: dict(r.items()) for r in client.query_and_wait(
-        f"SELECT * FROM `{PROJECT}.{dataset}.sensor_readings`")}
+    got = {
+      r["kafka_offset"]: dict(r.items())
+      for r in client.query_and_wait(f"SELECT * FROM `{PROJECT}.{dataset}.sensor_readings`")
+    }
     for row in rows[:20]:
       g = got[offset_of(row)]
-      assert (g["event_id"], g["sensor_id"], g["value"], g["is_late"]) == (row[0], row[1], row[3], False)
+      assert (g["event_id"], g["sensor_id"], g["value"], g["is_late"]) == (
+        row[0],
+        row[1],
+        row[3],
+        False,
+      )
       assert int(g["event_time"].timestamp() * 1e6) == timestamp_micros(row[6])
   finally:
     store.close()
@@ -150,8 +170,11 @@ def test_one_row_per_event_id_in_bigquery(bq_emulator):
     fresh = _rows("s", 0, [9], seed=9)
     inner = at_offset(fresh[0], 10)  # two copies inside one write: the first wins
     rejected = store.write("sensor_readings", copies + fresh + [inner], _written_at())
-    assert [(offset_of(r), type(e)) for r, e in rejected] == [(7, DuplicateEvent), (8, DuplicateEvent),
-                                                      (10, DuplicateEvent)]
+    assert [(offset_of(r), type(e)) for r, e in rejected] == [
+      (7, DuplicateEvent),
+      (8, DuplicateEvent),
+      (10, DuplicateEvent),
+    ]
     assert "s-0@1" in rejected[0][1]
     _assert_once(bq_emulator.client(), dataset, [("s", 0, o) for o in (0, 1, 2, 3, 4, 9)])
   finally:
@@ -173,6 +196,7 @@ class _LosingWriteClient:
     if self.lost < self.lose:
       self.lost += 1
       from google.api_core import exceptions as gexc
+
       raise gexc.ServiceUnavailable("injected: the answer was lost after the append was applied")
     return iter(responses)
 
@@ -203,8 +227,12 @@ def test_a_finalized_stream_is_replaced_and_nothing_doubles(bq_emulator):
     first = store._writers["sensor_readings"].name
     store._write_client.finalize_write_stream(name=first)  # e.g. expired after 3 idle days
     more = _rows("s", 0, range(10, 30), seed=6)
-    rejected = with_retries(lambda: store.write("sensor_readings", more, _written_at()),
-                            store.is_transient, deadline_s=30, initial_backoff_s=0.05)
+    rejected = with_retries(
+      lambda: store.write("sensor_readings", more, _written_at()),
+      store.is_transient,
+      deadline_s=30,
+      initial_backoff_s=0.05,
+    )
     assert rejected == []
     assert store._writers["sensor_readings"].name != first
     _assert_once(bq_emulator.client(), dataset, [("s", 0, o) for o in range(30)])
@@ -216,8 +244,13 @@ def test_a_grpc_outage_in_the_middle_of_a_write_is_waited_out(bq_emulator):
   host, port = bq_emulator.grpc_address.split(":")
   dataset = _dataset()
   with TcpProxy(host, int(port)) as proxy:
-    store = _store(bq_emulator, dataset, storage_api_endpoint=proxy.address, append_deadline_s=5,
-                   request_timeout_s=5)
+    store = _store(
+      bq_emulator,
+      dataset,
+      storage_api_endpoint=proxy.address,
+      append_deadline_s=5,
+      request_timeout_s=5,
+    )
     try:
       store.write("sensor_readings", _rows("s", 0, range(100)), _written_at())
       proxy.outage()
@@ -226,8 +259,12 @@ def test_a_grpc_outage_in_the_middle_of_a_write_is_waited_out(bq_emulator):
 
       def write():
         result["rejected"] = with_retries(
-            lambda: store.write("sensor_readings", more, _written_at()), store.is_transient,
-            deadline_s=120, initial_backoff_s=0.2)
+          lambda: store.write("sensor_readings", more, _written_at()),
+          store.is_transient,
+          deadline_s=120,
+          initial_backoff_s=0.2,
+        )
+
       t = threading.Thread(target=write)
       t.start()
       deadline = time.monotonic() + 60
@@ -249,14 +286,19 @@ def test_a_dead_letter_larger_than_a_request_is_truncated_not_looped(bq_emulator
     huge = rejected_dead_letter_row("sensor_readings", _rows("s", 0, [0])[0], "x")
     names = DEAD_LETTERS.names
     i = names.index("raw_value")
-    huge = huge[:i] + ("y" * 12_000_000,) + huge[i + 1:]  # past the 10 MB request limit
+    huge = huge[:i] + ("y" * 12_000_000,) + huge[i + 1 :]  # past the 10 MB request limit
     small = rejected_dead_letter_row("sensor_readings", _rows("s", 0, [1])[0], "x")
     assert store.write("dead_letters", [huge, small], _written_at()) == []
     assert store._writers["dead_letters"].calls == 1
     client = bq_emulator.client()
     _assert_once(client, dataset, [("s", 0, 0), ("s", 0, 1)], table="dead_letters")
-    (length,) = next(iter(client.query_and_wait(
-        f"SELECT LENGTH(raw_value) FROM `{PROJECT}.{dataset}.dead_letters` WHERE kafka_offset = 0")))
+    (length,) = next(
+      iter(
+        client.query_and_wait(
+          f"SELECT LENGTH(raw_value) FROM `{PROJECT}.{dataset}.dead_letters` WHERE kafka_offset = 0"
+        )
+      )
+    )
     assert 0 < length <= 1_000_000
   finally:
     store.close()
@@ -282,14 +324,19 @@ def test_two_workers_creating_the_dataset_at_once_both_succeed(bq_emulator):
   start = threading.Barrier(4)
 
   def open_one():
-    s = BigQueryStore(PROJECT, dataset, api_endpoint=bq_emulator.endpoint,
-                      storage_api_endpoint=bq_emulator.grpc_address)
+    s = BigQueryStore(
+      PROJECT,
+      dataset,
+      api_endpoint=bq_emulator.endpoint,
+      storage_api_endpoint=bq_emulator.grpc_address,
+    )
     stores.append(s)
     start.wait()
     try:
       s.open()
     except Exception as e:  # noqa: BLE001 - collected for the assertion
       errors.append(e)
+
   threads = [threading.Thread(target=open_one) for _ in range(4)]
   for t in threads:
     t.start()
@@ -300,8 +347,11 @@ def test_two_workers_creating_the_dataset_at_once_both_succeed(bq_emulator):
     client = bq_emulator.client()
     for name in TABLES:
       t = client.get_table(f"{PROJECT}.{dataset}.{name}")
-      assert t.table_constraints.primary_key.columns == ["kafka_topic", "kafka_partition",
-                                                         "kafka_offset"]
+      assert t.table_constraints.primary_key.columns == [
+        "kafka_topic",
+        "kafka_partition",
+        "kafka_offset",
+      ]
       assert t.clustering_fields[:3] == ["kafka_topic", "kafka_partition", "kafka_offset"]
   finally:
     for s in stores:
@@ -313,8 +363,11 @@ def test_reconciliation_query_finds_offsets_in_every_table_and_reports_its_cost(
   store = _store(bq_emulator, dataset)
   try:
     store.write("sensor_readings", _rows("s", 0, range(0, 2000, 2)), _written_at())
-    store.write("dead_letters", [rejected_dead_letter_row("sensor_readings", r, "x")
-                                 for r in _rows("s", 0, [1, 3], seed=7)], _written_at())
+    store.write(
+      "dead_letters",
+      [rejected_dead_letter_row("sensor_readings", r, "x") for r in _rows("s", 0, [1, 3], seed=7)],
+      _written_at(),
+    )
     store.write("sensor_readings", _rows("s", 1, range(50), seed=8), _written_at())
     queries, scanned = store.queries_run, store.bytes_processed
     found = store.stored_offsets("s", 0, 1000)
@@ -322,8 +375,10 @@ def test_reconciliation_query_finds_offsets_in_every_table_and_reports_its_cost(
     assert store.stored_offsets("s", 0, 0) == set(range(0, 2000, 2)) | {1, 3}
     assert store.stored_offsets("s", 0, 2, 10) == {2, 3, 4, 6, 8}
     assert store.queries_run == queries + 3
-    print(f"reconciliation query: {store.bytes_processed - scanned} bytes processed "
-          f"(as the emulator reports it) for 3 queries over 2,052 rows")
+    print(
+      f"reconciliation query: {store.bytes_processed - scanned} bytes processed "
+      f"(as the emulator reports it) for 3 queries over 2,052 rows"
+    )
   finally:
     store.close()
 
@@ -348,12 +403,17 @@ class _DroppingWriteClient:
 
 def test_out_of_range_resends_from_the_last_confirmed_offset(bq_emulator):
   from transforms.sinks.bigquery_storage import StreamWriter
+
   dataset = _dataset()
   store = _store(bq_emulator, dataset)
   try:
     client = _DroppingWriteClient(store._write_client)
-    writer = StreamWriter(client, client.table_path(PROJECT, dataset, "sensor_readings"),
-                          SENSOR_READINGS, max_request_bytes=3000)
+    writer = StreamWriter(
+      client,
+      client.table_path(PROJECT, dataset, "sensor_readings"),
+      SENSOR_READINGS,
+      max_request_bytes=3000,
+    )
     rows = _rows("s", 0, range(60))
     encoded, refused = encode_rows(SENSOR_READINGS, rows, _written_at())
     assert not refused
@@ -376,16 +436,19 @@ class _CorruptingWriteClient:
 
   def append_rows(self, requests, **kw):
     from google.cloud.bigquery_storage_v1 import types
+
     requests = list(requests)
     if self.calls == 0:
       first = requests[0]
       rows = list(first.proto_rows.rows.serialized_rows)
       rows[3] = b"\x0a\x00"  # field 1 (event_id) = "", every other REQUIRED field missing
       requests[0] = types.AppendRowsRequest(
-          write_stream=first.write_stream, offset=first.offset,
-          proto_rows=types.AppendRowsRequest.ProtoData(
-              rows=types.ProtoRows(serialized_rows=rows),
-              writer_schema=first.proto_rows.writer_schema))
+        write_stream=first.write_stream,
+        offset=first.offset,
+        proto_rows=types.AppendRowsRequest.ProtoData(
+          rows=types.ProtoRows(serialized_rows=rows), writer_schema=first.proto_rows.writer_schema
+        ),
+      )
     self.calls += 1
     return self._real.append_rows(iter(requests), **kw)
 
@@ -410,38 +473,83 @@ def test_tables_of_the_first_version_get_the_new_columns_and_nullable_coordinate
   """A dataset written by the first version (dead_letters without raw_encoding, reason...,
   REQUIRED coordinates) is brought up to date at open, and then takes new rows."""
   from google.cloud import bigquery
+
   from transforms.sinks.bigquery import BigQueryStore
   from transforms.sinks.schema import DEAD_LETTERS, SENSOR_READINGS
 
   client = bq_emulator.client()
   dataset = f"old_{uuid.uuid4().hex[:8]}"
   client.create_dataset(dataset)
-  old_dead = [bigquery.SchemaField(n, t, mode=m) for n, t, m in (
-      ("raw_key", "STRING", "NULLABLE"), ("raw_value", "STRING", "NULLABLE"),
-      ("error", "STRING", "REQUIRED"), ("stage", "STRING", "REQUIRED"),
-      ("failed_at", "TIMESTAMP", "REQUIRED"), ("kafka_topic", "STRING", "REQUIRED"),
-      ("kafka_partition", "INT64", "REQUIRED"), ("kafka_offset", "INT64", "REQUIRED"),
-      ("written_at", "TIMESTAMP", "REQUIRED"))]
-  old_sensor = [bigquery.SchemaField(c.name, c.bq_type, mode="REQUIRED" if c.required or c.name in (
-      "latitude", "longitude") else "NULLABLE") for c in SENSOR_READINGS.columns]
-  client.create_table(bigquery.Table(f"{bq_emulator.project}.{dataset}.dead_letters", schema=old_dead))
-  client.create_table(bigquery.Table(f"{bq_emulator.project}.{dataset}.sensor_readings",
-                                     schema=old_sensor))
-  store = BigQueryStore(bq_emulator.project, dataset, api_endpoint=bq_emulator.endpoint,
-                        write_method="streaming_inserts")
+  old_dead = [
+    bigquery.SchemaField(n, t, mode=m)
+    for n, t, m in (
+      ("raw_key", "STRING", "NULLABLE"),
+      ("raw_value", "STRING", "NULLABLE"),
+      ("error", "STRING", "REQUIRED"),
+      ("stage", "STRING", "REQUIRED"),
+      ("failed_at", "TIMESTAMP", "REQUIRED"),
+      ("kafka_topic", "STRING", "REQUIRED"),
+      ("kafka_partition", "INT64", "REQUIRED"),
+      ("kafka_offset", "INT64", "REQUIRED"),
+      ("written_at", "TIMESTAMP", "REQUIRED"),
+    )
+  ]
+  old_sensor = [
+    bigquery.SchemaField(
+      c.name,
+      c.bq_type,
+      mode="REQUIRED" if c.required or c.name in ("latitude", "longitude") else "NULLABLE",
+    )
+    for c in SENSOR_READINGS.columns
+  ]
+  client.create_table(
+    bigquery.Table(f"{bq_emulator.project}.{dataset}.dead_letters", schema=old_dead)
+  )
+  client.create_table(
+    bigquery.Table(f"{bq_emulator.project}.{dataset}.sensor_readings", schema=old_sensor)
+  )
+  store = BigQueryStore(
+    bq_emulator.project,
+    dataset,
+    api_endpoint=bq_emulator.endpoint,
+    write_method="streaming_inserts",
+  )
   store.open()
   try:
     dead = client.get_table(f"{bq_emulator.project}.{dataset}.dead_letters")
     assert {f.name for f in dead.schema} == set(DEAD_LETTERS.names)
-    sensor = {f.name: f.mode for f in client.get_table(
-        f"{bq_emulator.project}.{dataset}.sensor_readings").schema}
+    sensor = {
+      f.name: f.mode
+      for f in client.get_table(f"{bq_emulator.project}.{dataset}.sensor_readings").schema
+    }
     assert (sensor["latitude"], sensor["longitude"], sensor["event_id"]) == (
-        "NULLABLE", "NULLABLE", "REQUIRED")
-    row = ("e9", "s9", "power", 3.5, None, None, "2024-01-15T10:30:00.000000Z", None,
-           "2024-01-15T10:30:00.000000Z", "2024-01-15T10:31:00.000000Z", False, "t", 0, 3, 3)
+      "NULLABLE",
+      "NULLABLE",
+      "REQUIRED",
+    )
+    row = (
+      "e9",
+      "s9",
+      "power",
+      3.5,
+      None,
+      None,
+      "2024-01-15T10:30:00.000000Z",
+      None,
+      "2024-01-15T10:30:00.000000Z",
+      "2024-01-15T10:31:00.000000Z",
+      False,
+      "t",
+      0,
+      3,
+      3,
+    )
     assert store.write(SENSOR_READINGS.name, [row], "2024-01-15T10:30:00.000000Z") == []
-    got = list(client.query(f"SELECT event_id, latitude FROM `{bq_emulator.project}.{dataset}."
-                            f"sensor_readings`").result())
+    got = list(
+      client.query(
+        f"SELECT event_id, latitude FROM `{bq_emulator.project}.{dataset}.sensor_readings`"
+      ).result()
+    )
     assert [(r["event_id"], r["latitude"]) for r in got] == [("e9", None)]
   finally:
     store.close()

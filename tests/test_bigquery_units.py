@@ -13,10 +13,20 @@ from google.cloud import bigquery
 
 from tools.produce import EventFactory
 from transforms.events import meter_row, parse_meter, parse_sensor, sensor_row
-from transforms.sinks.bigquery import (MAX_BYTES_PER_REQUEST, MAX_ROWS_PER_REQUEST, BigQueryStore,
-                                       TransientInsertError, chunk_indexes, classify_insert_errors,
-                                       is_transient_error, json_row, payload_size, row_id,
-                                       table_resource, table_schema)
+from transforms.sinks.bigquery import (
+  MAX_BYTES_PER_REQUEST,
+  MAX_ROWS_PER_REQUEST,
+  BigQueryStore,
+  TransientInsertError,
+  chunk_indexes,
+  classify_insert_errors,
+  is_transient_error,
+  json_row,
+  payload_size,
+  row_id,
+  table_resource,
+  table_schema,
+)
 from transforms.sinks.schema import DEAD_LETTERS, METER_READINGS, SENSOR_READINGS, TABLES
 
 NOW = 1_700_000_000.0
@@ -90,10 +100,19 @@ def test_store_chunks_a_large_write_under_both_limits():
 
 def test_invalid_rows_are_rejected_and_stopped_ones_resent():
   errors = [
-      {"index": 0, "errors": [{"reason": "stopped", "location": "", "message": ""}]},
-      {"index": 1, "errors": [{"reason": "invalid", "location": "meter_id",
-                               "message": "Missing required field: meter_id.", "debugInfo": ""}]},
-      {"index": 3, "errors": [{"reason": "stopped", "location": "", "message": ""}]},
+    {"index": 0, "errors": [{"reason": "stopped", "location": "", "message": ""}]},
+    {
+      "index": 1,
+      "errors": [
+        {
+          "reason": "invalid",
+          "location": "meter_id",
+          "message": "Missing required field: meter_id.",
+          "debugInfo": "",
+        }
+      ],
+    },
+    {"index": 3, "errors": [{"reason": "stopped", "location": "", "message": ""}]},
   ]
   rejected, stopped, transient = classify_insert_errors(errors, 4)
   assert rejected == {1: "invalid at meter_id: Missing required field: meter_id."}
@@ -102,9 +121,11 @@ def test_invalid_rows_are_rejected_and_stopped_ones_resent():
 
 
 def test_transient_row_reasons_are_retried_not_rejected():
-  errors = [{"index": 0, "errors": [{"reason": "backendError", "message": "try again"}]},
-            {"index": 1, "errors": [{"reason": "timeout", "message": "slow"}]},
-            {"index": 2, "errors": [{"reason": "stopped"}]}]
+  errors = [
+    {"index": 0, "errors": [{"reason": "backendError", "message": "try again"}]},
+    {"index": 1, "errors": [{"reason": "timeout", "message": "slow"}]},
+    {"index": 2, "errors": [{"reason": "stopped"}]},
+  ]
   rejected, stopped, transient = classify_insert_errors(errors, 3)
   assert rejected == {}
   assert stopped == [2]
@@ -112,9 +133,11 @@ def test_transient_row_reasons_are_retried_not_rejected():
 
 
 def test_a_row_with_any_permanent_reason_is_rejected():
-  errors = [{"index": 0, "errors": [{"reason": "stopped"}, {"reason": "invalid", "message": "bad"}]},
-            {"index": 1, "errors": [{"reason": "someNewReason", "message": "?"}]},
-            {"index": 2, "errors": []}]
+  errors = [
+    {"index": 0, "errors": [{"reason": "stopped"}, {"reason": "invalid", "message": "bad"}]},
+    {"index": 1, "errors": [{"reason": "someNewReason", "message": "?"}]},
+    {"index": 2, "errors": []},
+  ]
   rejected, stopped, transient = classify_insert_errors(errors, 3)
   assert rejected == {0: "invalid: bad", 1: "someNewReason: ?", 2: "unknown: no detail"}
   assert stopped == [] and transient == {}
@@ -134,29 +157,48 @@ def _api_error(cls, reason=None):
   return cls("m", errors=errors)
 
 
-@pytest.mark.parametrize("exc", [
-    _api_error(gexc.TooManyRequests), _api_error(gexc.InternalServerError),
-    _api_error(gexc.BadGateway), _api_error(gexc.ServiceUnavailable),
-    _api_error(gexc.GatewayTimeout), _api_error(gexc.NotFound),
-    _api_error(gexc.Forbidden, "rateLimitExceeded"), _api_error(gexc.Forbidden, "quotaExceeded"),
+@pytest.mark.parametrize(
+  "exc",
+  [
+    _api_error(gexc.TooManyRequests),
+    _api_error(gexc.InternalServerError),
+    _api_error(gexc.BadGateway),
+    _api_error(gexc.ServiceUnavailable),
+    _api_error(gexc.GatewayTimeout),
+    _api_error(gexc.NotFound),
+    _api_error(gexc.Forbidden, "rateLimitExceeded"),
+    _api_error(gexc.Forbidden, "quotaExceeded"),
     _api_error(gexc.BadRequest, "backendError"),
     gexc.RetryError("deadline", cause=_api_error(gexc.ServiceUnavailable)),
-    requests.exceptions.ConnectionError("refused"), requests.exceptions.ReadTimeout("slow"),
-    requests.exceptions.ChunkedEncodingError("cut"), ConnectionResetError("reset"),
-    TimeoutError("t"), TransientInsertError("stopped rows"),
-], ids=lambda e: type(e).__name__)
+    requests.exceptions.ConnectionError("refused"),
+    requests.exceptions.ReadTimeout("slow"),
+    requests.exceptions.ChunkedEncodingError("cut"),
+    ConnectionResetError("reset"),
+    TimeoutError("t"),
+    TransientInsertError("stopped rows"),
+  ],
+  ids=lambda e: type(e).__name__,
+)
 def test_transient_errors(exc):
   assert is_transient_error(exc)
   assert BigQueryStore("p-roject", "d").is_transient(exc)
 
 
-@pytest.mark.parametrize("exc", [
-    _api_error(gexc.BadRequest, "invalid"), _api_error(gexc.BadRequest),
-    _api_error(gexc.Forbidden, "accessDenied"), _api_error(gexc.Unauthorized),
-    _api_error(gexc.Conflict), requests.exceptions.SSLError("cert"),
+@pytest.mark.parametrize(
+  "exc",
+  [
+    _api_error(gexc.BadRequest, "invalid"),
+    _api_error(gexc.BadRequest),
+    _api_error(gexc.Forbidden, "accessDenied"),
+    _api_error(gexc.Unauthorized),
+    _api_error(gexc.Conflict),
+    requests.exceptions.SSLError("cert"),
     gexc.RetryError("deadline", cause=_api_error(gexc.BadRequest, "invalid")),
-    ValueError("bug"), KeyError("sensor_readings"),
-], ids=lambda e: type(e).__name__)
+    ValueError("bug"),
+    KeyError("sensor_readings"),
+  ],
+  ids=lambda e: type(e).__name__,
+)
 def test_permanent_errors(exc):
   assert not is_transient_error(exc)
 
@@ -184,9 +226,11 @@ def test_schema_fields_follow_the_shared_schema():
 
 def test_tables_are_day_partitioned_and_clustered():
   coordinates = ["kafka_topic", "kafka_partition", "kafka_offset"]
-  expected = {"sensor_readings": ("event_time", coordinates + ["sensor_id"]),
-              "meter_readings": ("event_time", coordinates + ["meter_id"]),
-              "dead_letters": ("failed_at", coordinates)}
+  expected = {
+    "sensor_readings": ("event_time", coordinates + ["sensor_id"]),
+    "meter_readings": ("event_time", coordinates + ["meter_id"]),
+    "dead_letters": ("failed_at", coordinates),
+  }
   for name, (partition, cluster) in expected.items():
     t = table_resource("proj-1", "ds", TABLES[name])
     assert (t.project, t.dataset_id, t.table_id) == ("proj-1", "ds", name)
@@ -204,7 +248,10 @@ def test_sensor_row_becomes_json_with_a_real_bool_and_iso_timestamps():
   assert payload["event_time"].endswith("Z") and "T" in payload["event_time"]
   assert json.loads(payload["metadata"]) == {"firmware": "1.2", "phase": 3}
   assert (payload["kafka_topic"], payload["kafka_partition"], payload["kafka_offset"]) == (
-      "sensors", 2, 7)
+    "sensors",
+    2,
+    7,
+  )
   assert "covers_from" not in payload and set(payload) == set(SENSOR_READINGS.names)
   json.dumps(payload, allow_nan=False)  # serialisable as insertAll sends it
 
@@ -226,13 +273,22 @@ def test_row_id_is_topic_partition_offset():
 
 
 def test_store_pickles_without_a_client_and_refuses_bad_limits():
-  s = BigQueryStore("my-project", "grid", api_endpoint="http://127.0.0.1:1", client_retry_s=2,
-                    storage_api_endpoint="127.0.0.1:2")
+  s = BigQueryStore(
+    "my-project",
+    "grid",
+    api_endpoint="http://127.0.0.1:1",
+    client_retry_s=2,
+    storage_api_endpoint="127.0.0.1:2",
+  )
   s._client = object()  # an opened store: the client must not travel
   copy = pickle.loads(pickle.dumps(s))
   assert copy._client is None and not copy._tables_ready
   assert (copy.project, copy.dataset, copy.api_endpoint, copy.client_retry_s) == (
-      "my-project", "grid", "http://127.0.0.1:1", 2)
+    "my-project",
+    "grid",
+    "http://127.0.0.1:1",
+    2,
+  )
   assert copy.storage_api_endpoint == "127.0.0.1:2" and copy.write_method == "storage_write"
   with pytest.raises(ValueError, match="bigquery_storage_api_endpoint"):
     BigQueryStore("p", "d", api_endpoint="http://127.0.0.1:1")
@@ -245,9 +301,9 @@ def test_store_pickles_without_a_client_and_refuses_bad_limits():
 
 
 def test_make_store_builds_a_bigquery_store_from_the_options():
-  from pipelines.options import SmartGridOptions, validate
+  from pipelines.options import OptionError, SmartGridOptions, validate
   from pipelines.smartgrid import make_store
-  from pipelines.options import OptionError
+
   args = ["--sink=bigquery://my-project/grid_data", "--bigquery_api_endpoint=http://127.0.0.1:9050"]
   with pytest.raises(OptionError, match="--bigquery_storage_api_endpoint"):
     validate(SmartGridOptions(args))
@@ -260,9 +316,13 @@ def test_make_store_builds_a_bigquery_store_from_the_options():
   validate(o)
   store = make_store(o)
   assert isinstance(store, BigQueryStore)
-  assert (store.project, store.dataset, store.api_endpoint, store.storage_api_endpoint,
-          store.write_method) == ("my-project", "grid_data", "http://127.0.0.1:9050",
-                                  "127.0.0.1:9060", "storage_write")
+  assert (
+    store.project,
+    store.dataset,
+    store.api_endpoint,
+    store.storage_api_endpoint,
+    store.write_method,
+  ) == ("my-project", "grid_data", "http://127.0.0.1:9050", "127.0.0.1:9060", "storage_write")
 
 
 # ---------------------------------------------------------------------------
@@ -278,10 +338,12 @@ class _Scripted:
 
   def create_write_stream(self, parent, write_stream, timeout=None):
     from google.cloud.bigquery_storage_v1 import types
+
     return types.WriteStream(name=f"{parent}/streams/s1")
 
   def append_rows(self, requests, **kw):
     from google.cloud.bigquery_storage_v1 import types
+
     requests = list(requests)
     self.sent.append([r.offset for r in requests])
     step = self.script.pop(0)
@@ -298,13 +360,21 @@ class _Scripted:
 
 def _writer(script, **kw):
   from transforms.sinks.bigquery_storage import StreamWriter
+
   client = _Scripted(script)
-  return client, StreamWriter(client, "projects/p/datasets/d/tables/t", TABLES["sensor_readings"],
-                              max_request_bytes=40, sleep=lambda s: None, **kw)
+  return client, StreamWriter(
+    client,
+    "projects/p/datasets/d/tables/t",
+    TABLES["sensor_readings"],
+    max_request_bytes=40,
+    sleep=lambda s: None,
+    **kw,
+  )
 
 
 def test_stream_writer_resends_unconfirmed_requests_at_their_offsets():
   from google.api_core import exceptions as gexc
+
   rows = [b"x" * 10] * 6  # 2 rows a request: offsets 0, 2, 4
   client, w = _writer([[0], gexc.ServiceUnavailable("dropped"), [6, 0]])
   w.append(rows)
@@ -316,6 +386,7 @@ def test_stream_writer_resends_unconfirmed_requests_at_their_offsets():
 
 def test_stream_writer_out_of_range_first_means_the_stream_is_gone_and_later_means_resend():
   from transforms.sinks.bigquery_storage import StreamGone
+
   client, w = _writer([[11]])
   with pytest.raises(StreamGone, match="OUT_OF_RANGE"):
     w.append([b"x" * 10])
@@ -326,10 +397,13 @@ def test_stream_writer_out_of_range_first_means_the_stream_is_gone_and_later_mea
 
 def test_stream_writer_gives_up_when_unconfirmed_past_its_deadline():
   from google.api_core import exceptions as gexc
+
   from transforms.sinks.bigquery_storage import StreamUncertain
+
   now = [0.0]
-  client, w = _writer([gexc.ServiceUnavailable("down")] * 100, append_deadline_s=3,
-                      clock=lambda: now[0])
+  client, w = _writer(
+    [gexc.ServiceUnavailable("down")] * 100, append_deadline_s=3, clock=lambda: now[0]
+  )
   w._sleep = lambda s: now.__setitem__(0, now[0] + s)
   with pytest.raises(StreamUncertain, match="unconfirmed"):
     w.append([b"x" * 10] * 2)

@@ -29,15 +29,27 @@ pytestmark = pytest.mark.integration
 
 
 def _cli(*args: str, port: int, **env: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "broker.kafka_broker", *args, "--port", str(port)],
-                        check=False, cwd=REPO, capture_output=True, text=True, timeout=180,
-                        env={**os.environ, "PYTHONPATH": str(REPO), **env})
+  return subprocess.run(
+    [sys.executable, "-m", "broker.kafka_broker", *args, "--port", str(port)],
+    check=False,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=180,
+    env={**os.environ, "PYTHONPATH": str(REPO), **env},
+  )
 
 
 def _module(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=REPO,
-                        capture_output=True, text=True, timeout=180,
-                        env={**os.environ, "PYTHONPATH": str(REPO), **env})
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    check=False,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=180,
+    env={**os.environ, "PYTHONPATH": str(REPO), **env},
+  )
 
 
 def test_keyed_round_trip_across_partitions(kafka_bootstrap, make_topic):
@@ -47,8 +59,12 @@ def test_keyed_round_trip_across_partitions(kafka_bootstrap, make_topic):
   assert len(set(coords)) == 300
   assert {p for p, _ in coords} == {0, 1, 2}
 
-  consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False,
-                           auto_offset_reset="earliest", consumer_timeout_ms=5000)
+  consumer = KafkaConsumer(
+    bootstrap_servers=kafka_bootstrap,
+    enable_auto_commit=False,
+    auto_offset_reset="earliest",
+    consumer_timeout_ms=5000,
+  )
   consumer.assign([TopicPartition(topic, p) for p in range(3)])
   consumer.seek_to_beginning()
   seen = {}
@@ -123,8 +139,9 @@ def test_each_version_logs_to_its_file_and_creates_topics_on_first_use(tmp_path,
     assert broker.start()
     assert f"Kafka {version}" in broker.status()
     # The old service's way: no topic created first; the first send creates it.
-    coords = support.produce(broker.bootstrap_servers, "never-created",
-                             [(f"k{i}", {"n": i}) for i in range(60)])
+    coords = support.produce(
+      broker.bootstrap_servers, "never-created", [(f"k{i}", {"n": i}) for i in range(60)]
+    )
     assert len(set(coords)) == 60
     assert support.partitions_of(broker.bootstrap_servers, "never-created") == {0, 1, 2}
     assert sum(support.end_offsets(broker.bootstrap_servers, "never-created").values()) == 60
@@ -134,7 +151,9 @@ def test_each_version_logs_to_its_file_and_creates_topics_on_first_use(tmp_path,
     broker.stop()
   assert (broker.run_dir / "kafka.version").read_text().strip() == version
   # The data of one version is never opened by another: a clear refusal, no process.
-  with pytest.raises(BrokerError, match=rf"formatted by Kafka {version}, not {other}.*KAFKA_VERSION={version}"):
+  with pytest.raises(
+    BrokerError, match=rf"formatted by Kafka {version}, not {other}.*KAFKA_VERSION={version}"
+  ):
     Broker(port=broker.port, run_dir=broker.run_dir, version=other).start()
   assert broker.pid() is None
   # Restarting with the same version keeps the topic and its records.
@@ -145,12 +164,15 @@ def test_each_version_logs_to_its_file_and_creates_topics_on_first_use(tmp_path,
     broker.stop()
 
 
-@pytest.mark.parametrize("env, needle", [
+@pytest.mark.parametrize(
+  "env, needle",
+  [
     ({"KAFKA_VERSION": "2.8.1"}, "KAFKA_VERSION=2.8.1 is not supported"),
     ({"KAFKA_VERSION": "latest"}, "KAFKA_VERSION='latest' is not a Kafka version"),
     ({"KAFKA_PARTITIONS": "0"}, "KAFKA_PARTITIONS='0' must be a whole number"),
     ({"KAFKA_PARTITIONS": "four"}, "KAFKA_PARTITIONS='four' must be a whole number"),
-])
+  ],
+)
 def test_bad_broker_settings_fail_at_start_naming_them(env, needle):
   port = free_port()
   r = _cli("start", port=port, **env)
@@ -161,8 +183,11 @@ def test_bad_broker_settings_fail_at_start_naming_them(env, needle):
 
 
 def test_bad_kafka_port_fails_every_command_naming_it():
-  for module, args in (("broker.kafka_broker", ["status"]), ("broker.topics", ["describe"]),
-                       ("tools.produce", ["--count", "1"])):
+  for module, args in (
+    ("broker.kafka_broker", ["status"]),
+    ("broker.topics", ["describe"]),
+    ("tools.produce", ["--count", "1"]),
+  ):
     r = _module(module, *args, KAFKA_PORT="90000")
     assert r.returncode != 0 and "KAFKA_PORT='90000' must be a port number" in r.stderr, (module, r)
 
@@ -173,25 +198,34 @@ def test_topics_command_creates_and_describes(kafka_bootstrap):
   # The default bootstrap is 127.0.0.1:$KAFKA_PORT; topics may follow the options.
   r = _module("broker.topics", "create", "--partitions", "3", a, b, KAFKA_PORT=port)
   assert r.returncode == 0, r.stderr
-  assert r.stdout.splitlines() == [f"{a}: created with 3 partition(s)", f"{b}: created with 3 partition(s)"]
+  assert r.stdout.splitlines() == [
+    f"{a}: created with 3 partition(s)",
+    f"{b}: created with 3 partition(s)",
+  ]
   assert support.partitions_of(kafka_bootstrap, a) == {0, 1, 2}
   r = _module("broker.topics", "create", "--bootstrap_servers", kafka_bootstrap, a)
-  assert r.returncode == 0 and r.stdout.strip() == f"{a}: already exists with 3 partition(s) (left as it is)"
+  assert (
+    r.returncode == 0
+    and r.stdout.strip() == f"{a}: already exists with 3 partition(s) (left as it is)"
+  )
   support.produce(kafka_bootstrap, a, [(None, {"n": i}) for i in range(7)], partition=1)
   r = _module("broker.topics", "describe", a, KAFKA_PORT=port)
   assert r.returncode == 0, r.stderr
   assert r.stdout.splitlines() == [
-      f"{a}: 3 partition(s), 7 record(s) in the log",
-      "  partition 0: leader 1, offsets [0, 0)",
-      "  partition 1: leader 1, offsets [0, 7)",
-      "  partition 2: leader 1, offsets [0, 0)"]
+    f"{a}: 3 partition(s), 7 record(s) in the log",
+    "  partition 0: leader 1, offsets [0, 0)",
+    "  partition 1: leader 1, offsets [0, 7)",
+    "  partition 2: leader 1, offsets [0, 0)",
+  ]
   missing = support.unique_topic("missing")
   r = _module("broker.topics", "describe", a, missing, KAFKA_PORT=port)
   assert r.returncode == 1 and f"{missing}: not found" in r.stdout
   # Describing never creates (auto-creation is on): the topic is still absent.
   assert not support.partitions_of(kafka_bootstrap, missing)
-  for bad, needle in ((["create", "bad name!"], "invalid topic name(s) 'bad name!'"),
-                      (["create", "--partitions", "0", "x"], "--partitions must be >= 1")):
+  for bad, needle in (
+    (["create", "bad name!"], "invalid topic name(s) 'bad name!'"),
+    (["create", "--partitions", "0", "x"], "--partitions must be >= 1"),
+  ):
     r = _module("broker.topics", *bad, KAFKA_PORT=port)
     assert r.returncode == 1 and needle in r.stderr, r.stderr
 
@@ -199,11 +233,21 @@ def test_topics_command_creates_and_describes(kafka_bootstrap):
 def test_produce_defaults_to_kafka_port_and_creates_topics_with_kafka_partitions(kafka_bootstrap):
   sensor, meter = support.unique_topic("prod-sensor"), support.unique_topic("prod-meter")
   port = kafka_bootstrap.rsplit(":", 1)[1]
-  r = _module("tools.produce", "--count", "200", "--sensor_topic", sensor,
-              "--meter_topic", meter, KAFKA_PORT=port, KAFKA_PARTITIONS="5")
+  r = _module(
+    "tools.produce",
+    "--count",
+    "200",
+    "--sensor_topic",
+    sensor,
+    "--meter_topic",
+    meter,
+    KAFKA_PORT=port,
+    KAFKA_PARTITIONS="5",
+  )
   assert r.returncode == 0, r.stderr
   assert support.partitions_of(kafka_bootstrap, sensor) == set(range(5))
   assert support.partitions_of(kafka_bootstrap, meter) == set(range(5))
   total = sum(support.end_offsets(kafka_bootstrap, sensor).values()) + sum(
-      support.end_offsets(kafka_bootstrap, meter).values())
+    support.end_offsets(kafka_bootstrap, meter).values()
+  )
   assert total == 200

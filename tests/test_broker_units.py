@@ -14,11 +14,18 @@ def test_supported_versions(text):
   assert kb.parse_version(text) == text.strip()
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("3.6.2", "is not supported"), ("2.8.1", "is not supported"), ("5.0.0", "is not supported"),
-    ("4.1", "is not a Kafka version"), ("latest", "is not a Kafka version"),
-    ("", "is not a Kafka version"), ("4.1.1-rc1", "is not a Kafka version"),
-])
+@pytest.mark.parametrize(
+  "text, needle",
+  [
+    ("3.6.2", "is not supported"),
+    ("2.8.1", "is not supported"),
+    ("5.0.0", "is not supported"),
+    ("4.1", "is not a Kafka version"),
+    ("latest", "is not a Kafka version"),
+    ("", "is not a Kafka version"),
+    ("4.1.1-rc1", "is not a Kafka version"),
+  ],
+)
 def test_unsupported_versions_are_refused_naming_the_setting(text, needle):
   with pytest.raises(kb.BrokerError, match=needle) as e:
     kb.parse_version(text)
@@ -36,26 +43,36 @@ def test_defaults_and_environment(monkeypatch):
   monkeypatch.setenv("KAFKA_PORT", "19092")
   monkeypatch.setenv("KAFKA_TEST_VERSIONS", "4.1.1, 3.9.1,4.1.1")
   assert (kb.default_version(), kb.default_partitions(), kb.default_bootstrap()) == (
-      "4.1.1", 6, "127.0.0.1:19092")
+    "4.1.1",
+    6,
+    "127.0.0.1:19092",
+  )
   assert kb.versions_under_test() == ["4.1.1", "3.9.1"]  # order kept, repeats dropped
   broker = kb.Broker(port=1234, run_dir="/nonexistent")
   assert (broker.version, broker.partitions) == ("4.1.1", 6)
 
 
-@pytest.mark.parametrize("var, value, needle", [
+@pytest.mark.parametrize(
+  "var, value, needle",
+  [
     ("KAFKA_PARTITIONS", "0", "KAFKA_PARTITIONS='0'"),
     ("KAFKA_PARTITIONS", "-3", "KAFKA_PARTITIONS='-3'"),
     ("KAFKA_PARTITIONS", "many", "KAFKA_PARTITIONS='many'"),
-    ("KAFKA_PORT", "0", "KAFKA_PORT='0'"), ("KAFKA_PORT", "65536", "KAFKA_PORT='65536'"),
+    ("KAFKA_PORT", "0", "KAFKA_PORT='0'"),
+    ("KAFKA_PORT", "65536", "KAFKA_PORT='65536'"),
     ("KAFKA_PORT", "ninety", "KAFKA_PORT='ninety'"),
     ("KAFKA_TEST_VERSIONS", "3.9.1,nope", "KAFKA_TEST_VERSIONS='nope'"),
     ("KAFKA_TEST_VERSIONS", ",", "KAFKA_TEST_VERSIONS is empty"),
-])
+  ],
+)
 def test_bad_settings_name_the_variable(monkeypatch, var, value, needle):
   monkeypatch.setenv(var, value)
   with pytest.raises(kb.BrokerError, match=needle):
-    {"KAFKA_PARTITIONS": kb.default_partitions, "KAFKA_PORT": kb.default_port,
-     "KAFKA_TEST_VERSIONS": kb.versions_under_test}[var]()
+    {
+      "KAFKA_PARTITIONS": kb.default_partitions,
+      "KAFKA_PORT": kb.default_port,
+      "KAFKA_TEST_VERSIONS": kb.versions_under_test,
+    }[var]()
 
 
 def _props(tmp_path, version: str, partitions: int) -> dict[str, str]:
@@ -75,11 +92,16 @@ def test_config_creates_topics_on_first_use_and_binds_loopback_only(tmp_path, ve
   assert ("share.coordinator.state.topic.replication.factor" in props) == version.startswith("4.")
 
 
-@pytest.mark.parametrize("version, flag, config", [
+@pytest.mark.parametrize(
+  "version, flag, config",
+  [
     ("3.9.1", "-Dlog4j.configuration=", "log4j.properties"),
     ("4.1.1", "-Dlog4j2.configurationFile=", "log4j2.properties"),
-])
-def test_each_major_version_gets_its_logging_backend_and_its_own_jars(tmp_path, version, flag, config):
+  ],
+)
+def test_each_major_version_gets_its_logging_backend_and_its_own_jars(
+  tmp_path, version, flag, config
+):
   cmd = kb.Broker(port=29092, run_dir=tmp_path, version=version)._java_cmd("kafka.Kafka", "x")
   log_flags = [a for a in cmd if a.startswith(("-Dlog4j.", "-Dlog4j2."))]
   assert len(log_flags) == 1 and log_flags[0].startswith(flag) and log_flags[0].endswith(config)

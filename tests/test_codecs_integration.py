@@ -49,8 +49,7 @@ def read_all(bootstrap: str, topic: str) -> list[KafkaRecord]:
   name = uuid.uuid4().hex
   _SINKS[name] = []
   p = beam.Pipeline(runner=FnApiRunner())
-  _ = (p | ReadFromKafka(bootstrap, topic, start="earliest", stop="end")
-       | beam.ParDo(_Collect(name)))
+  _ = p | ReadFromKafka(bootstrap, topic, start="earliest", stop="end") | beam.ParDo(_Collect(name))
   p.run().wait_until_finish()
   return _SINKS.pop(name)
 
@@ -68,8 +67,14 @@ def messages(count: int = 300, tag: str = "") -> list[Message]:
   out = []
   for i in range(count):
     key = None if i % 50 == 7 else f"meter-{i % 11}".encode()
-    body = {"event_id": f"{tag}{i}", "meter_id": f"meter-{i % 11}", "customer_id": "customer-000042",
-            "reading": 1000 + i * 0.25, "unit": "kWh", "timestamp": "2026-11-30T12:00:00Z"}
+    body = {
+      "event_id": f"{tag}{i}",
+      "meter_id": f"meter-{i % 11}",
+      "customer_id": "customer-000042",
+      "reading": 1000 + i * 0.25,
+      "unit": "kWh",
+      "timestamp": "2026-11-30T12:00:00Z",
+    }
     value = json.dumps(body).encode()
     if i == 100:
       value = b""
@@ -80,25 +85,40 @@ def messages(count: int = 300, tag: str = "") -> list[Message]:
   return out
 
 
-def produce_kafka_python(bootstrap: str, topic: str, codec: str,
-                         msgs: list[Message]) -> dict[tuple[int, int], Message]:
-  producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=50,
-                           batch_size=64 * 1024, max_request_size=2 * 1024 * 1024,
-                           compression_type=None if codec == "none" else codec)
+def produce_kafka_python(
+  bootstrap: str, topic: str, codec: str, msgs: list[Message]
+) -> dict[tuple[int, int], Message]:
+  producer = KafkaProducer(
+    bootstrap_servers=bootstrap,
+    acks="all",
+    linger_ms=50,
+    batch_size=64 * 1024,
+    max_request_size=2 * 1024 * 1024,
+    compression_type=None if codec == "none" else codec,
+  )
   try:
-    futures = [(m, producer.send(topic, key=m[1], value=m[2], partition=m[0], headers=m[3]))
-               for m in msgs]
+    futures = [
+      (m, producer.send(topic, key=m[1], value=m[2], partition=m[0], headers=m[3])) for m in msgs
+    ]
     producer.flush()
     return {(f.get(timeout=30).partition, f.get(timeout=30).offset): m for m, f in futures}
   finally:
     producer.close()
 
 
-def produce_confluent(bootstrap: str, topic: str, codec: str,
-                      msgs: list[Message]) -> dict[tuple[int, int], Message]:
-  producer = ConfluentProducer({
-      "bootstrap.servers": bootstrap, "compression.type": codec, "acks": "all",
-      "enable.idempotence": True, "linger.ms": 50, "message.max.bytes": 2 * 1024 * 1024})
+def produce_confluent(
+  bootstrap: str, topic: str, codec: str, msgs: list[Message]
+) -> dict[tuple[int, int], Message]:
+  producer = ConfluentProducer(
+    {
+      "bootstrap.servers": bootstrap,
+      "compression.type": codec,
+      "acks": "all",
+      "enable.idempotence": True,
+      "linger.ms": 50,
+      "message.max.bytes": 2 * 1024 * 1024,
+    }
+  )
   acked: dict[tuple[int, int], Message] = {}
   errors = []
 
@@ -108,19 +128,23 @@ def produce_confluent(bootstrap: str, topic: str, codec: str,
         errors.append(err)
       else:
         acked[(msg.partition(), msg.offset())] = m
+
     return callback
 
   for m in msgs:
-    producer.produce(topic, key=m[1], value=m[2], partition=m[0], headers=m[3] or None,
-                     on_delivery=on_delivery(m))
+    producer.produce(
+      topic, key=m[1], value=m[2], partition=m[0], headers=m[3] or None, on_delivery=on_delivery(m)
+    )
     producer.poll(0)
   assert producer.flush(30) == 0, "confluent-kafka left messages unsent"
   assert not errors, errors[:3]
   return acked
 
 
-PRODUCERS: dict[str, Callable] = {"kafka-python": produce_kafka_python,
-                                  "confluent-kafka": produce_confluent}
+PRODUCERS: dict[str, Callable] = {
+  "kafka-python": produce_kafka_python,
+  "confluent-kafka": produce_confluent,
+}
 
 
 # ---------------------------------------------------------------------------
@@ -141,8 +165,7 @@ def batch_codecs(broker: Broker, topic: str) -> Counter:
       if length <= 0:
         break
       magic = data[pos + 16]
-      attributes = (struct.unpack_from(">h", data, pos + 21)[0] if magic == 2
-                    else data[pos + 17])
+      attributes = struct.unpack_from(">h", data, pos + 21)[0] if magic == 2 else data[pos + 17]
       found[attributes & 0x07] += 1
       pos += 12 + length
   return found
@@ -152,8 +175,9 @@ def batch_codecs(broker: Broker, topic: str) -> Counter:
 # Checks
 
 
-def assert_read_exactly(records: list[KafkaRecord], written: dict[tuple[int, int], Message],
-                        end: dict[int, int]) -> None:
+def assert_read_exactly(
+  records: list[KafkaRecord], written: dict[tuple[int, int], Message], end: dict[int, int]
+) -> None:
   """Every written offset exactly once with its key, value and headers, nothing else, and
   [covers_from, offset] tiling each partition from 0 to its end."""
   assert written, "nothing was written: the test would pass vacuously"
@@ -161,8 +185,10 @@ def assert_read_exactly(records: list[KafkaRecord], written: dict[tuple[int, int
   doubled = [c for c, n in got.items() if n > 1]
   assert not doubled, f"read twice: {sorted(doubled)[:10]}"
   missing, extra = set(written) - set(got), set(got) - set(written)
-  assert not missing and not extra, (f"missing {sorted(missing)[:10]} ({len(missing)}), "
-                                     f"unexpected {sorted(extra)[:10]} ({len(extra)})")
+  assert not missing and not extra, (
+    f"missing {sorted(missing)[:10]} ({len(missing)}), "
+    f"unexpected {sorted(extra)[:10]} ({len(extra)})"
+  )
   for r in records:
     _, key, value, headers = written[(r.partition, r.offset)]
     assert (r.key, r.value or b"") == (key, value), f"p{r.partition}@{r.offset}: content differs"
@@ -191,16 +217,18 @@ def test_codec_is_read_back_exactly(kafka_bootstrap, kafka_broker, make_topic, c
   assert_read_exactly(records, written, support.end_offsets(kafka_bootstrap, topic))
 
 
-def test_every_codec_and_both_clients_interleaved_on_one_topic(kafka_bootstrap, kafka_broker,
-                                                               make_topic):
+def test_every_codec_and_both_clients_interleaved_on_one_topic(
+  kafka_bootstrap, kafka_broker, make_topic
+):
   """Batches of every codec from both clients follow each other in the same partitions."""
   topic = make_topic(PARTITIONS, "codec-mix")
   written: dict[tuple[int, int], Message] = {}
   for round_ in range(2):
     for codec in CODECS:
       for client, produce in PRODUCERS.items():
-        written.update(produce(kafka_bootstrap, topic, codec,
-                               messages(60, tag=f"{round_}-{client}-{codec}-")))
+        written.update(
+          produce(kafka_bootstrap, topic, codec, messages(60, tag=f"{round_}-{client}-{codec}-"))
+        )
   if kafka_broker is not None:
     assert set(batch_codecs(kafka_broker, topic)) == set(CODECS.values())
 

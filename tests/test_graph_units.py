@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from typing import Optional
 
 import apache_beam as beam
 import pytest
@@ -26,8 +25,8 @@ from apache_beam.testing import test_stream
 from apache_beam.transforms.window import IntervalWindow, TimestampedValue
 
 from pipelines import smartgrid
-from runners import prism
 from pipelines.options import SmartGridOptions
+from runners import prism
 from transforms.kafka.gaps import OffsetGap
 from transforms.kafka.records import KafkaRecord, PartitionRead
 from transforms.sinks.memory import MemoryStore
@@ -36,8 +35,10 @@ from transforms.sinks.schema import DEAD_LETTERS, SENSOR_READINGS
 SENSOR, METER = "sensor-topic", "meter-topic"
 WINDOW_S, LATENESS_S, BATCH, BUFFERING_S = 60, 300, 5, 10
 LATE_COLUMN = SENSOR_READINGS.names.index("is_late")
-WINDOW_COLUMNS = (SENSOR_READINGS.names.index("window_start"),
-                  SENSOR_READINGS.names.index("window_end"))
+WINDOW_COLUMNS = (
+  SENSOR_READINGS.names.index("window_start"),
+  SENSOR_READINGS.names.index("window_end"),
+)
 
 # name -> [(value, window)] collected by _Collect: the DirectRunner runs DoFns in this process.
 _COLLECTED: dict[str, list] = {}
@@ -64,42 +65,82 @@ class FakeClock:
 def _options(*extra: str, runner: str = "DirectRunner") -> PipelineOptions:
   """The DirectRunner (streaming) or Prism (runners/prism.py: its binary, a worker pool
   in this process, so the MemoryStore is shared)."""
-  options = PipelineOptions([
-      "--runner=DirectRunner", "--streaming", "--bootstrap_servers=127.0.0.1:1",
-      f"--sensor_topic={SENSOR}", f"--meter_topic={METER}", f"--batch_size={BATCH}",
-      f"--window_size_secs={WINDOW_S}", f"--allowed_lateness_secs={LATENESS_S}",
-      f"--max_buffering_secs={BUFFERING_S}", "--num_shards=1",
+  options = PipelineOptions(
+    [
+      "--runner=DirectRunner",
+      "--streaming",
+      "--bootstrap_servers=127.0.0.1:1",
+      f"--sensor_topic={SENSOR}",
+      f"--meter_topic={METER}",
+      f"--batch_size={BATCH}",
+      f"--window_size_secs={WINDOW_S}",
+      f"--allowed_lateness_secs={LATENESS_S}",
+      f"--max_buffering_secs={BUFFERING_S}",
+      "--num_shards=1",
       # Every ack is committed at once, so the journal shows each commit the acks allow.
-      "--commit_interval_secs=0.000001", *extra])
+      "--commit_interval_secs=0.000001",
+      *extra,
+    ]
+  )
   return prism.prism_options(options) if runner == "PrismRunner" else options
 
 
-def _record(offset: int, event_s: float, arrival_s: Optional[float] = None, partition: int = 0,
-            topic: str = SENSOR) -> TimestampedValue:
+def _record(
+  offset: int,
+  event_s: float,
+  arrival_s: float | None = None,
+  partition: int = 0,
+  topic: str = SENSOR,
+) -> TimestampedValue:
   """A sensor event as the reader emits it: stamped with its Kafka (arrival) time."""
   arrival_s = event_s if arrival_s is None else arrival_s
-  event = {"event_id": f"{topic}-{partition}-{offset}", "sensor_id": f"s{offset % 3}",
-           "sensor_type": "voltage", "value": 230.0 + offset, "timestamp": event_s}
+  event = {
+    "event_id": f"{topic}-{partition}-{offset}",
+    "sensor_id": f"s{offset % 3}",
+    "sensor_type": "voltage",
+    "value": 230.0 + offset,
+    "timestamp": event_s,
+  }
   if topic == METER:
-    event = {"event_id": event["event_id"], "meter_id": "m1", "customer_id": "c1",
-             "reading": float(offset), "timestamp": event_s}
-  record = KafkaRecord(topic, partition, offset, offset, None, json.dumps(event).encode(),
-                       int(arrival_s * 1000))
+    event = {
+      "event_id": event["event_id"],
+      "meter_id": "m1",
+      "customer_id": "c1",
+      "reading": float(offset),
+      "timestamp": event_s,
+    }
+  record = KafkaRecord(
+    topic, partition, offset, offset, None, json.dumps(event).encode(), int(arrival_s * 1000)
+  )
   return TimestampedValue(record, arrival_s)
 
 
-def _run(stream: test_stream.TestStream, starts: dict, options: PipelineOptions, store: MemoryStore,
-         collect_acks: bool = False) -> list:
+def _run(
+  stream: test_stream.TestStream,
+  starts: dict,
+  options: PipelineOptions,
+  store: MemoryStore,
+  collect_acks: bool = False,
+) -> list:
   """Runs process() on the stream; returns the acks [(Ack, window)] if asked."""
   name = uuid.uuid4().hex
   _COLLECTED[name] = []
   with beam.Pipeline(options=options) as p:
     records = p | "Records" >> stream
     reads = p | "Reads" >> beam.Create(
-        [PartitionRead(t, q, start) for (t, q), start in sorted(starts.items())])
+      [PartitionRead(t, q, start) for (t, q), start in sorted(starts.items())]
+    )
     gaps = p | "Gaps" >> beam.Create([]).with_output_types(OffsetGap)
-    out = smartgrid.process(records, reads, gaps, options.view_as(SmartGridOptions), store=store,
-                            bounded=False, commit_fn=store.commit_fn(), clock=FakeClock())
+    out = smartgrid.process(
+      records,
+      reads,
+      gaps,
+      options.view_as(SmartGridOptions),
+      store=store,
+      bounded=False,
+      commit_fn=store.commit_fn(),
+      clock=FakeClock(),
+    )
     if collect_acks:
       _ = out.acks | "CollectAcks" >> beam.ParDo(_Collect(name))
   return _COLLECTED.pop(name)
@@ -149,7 +190,9 @@ def _journal_checks(store: MemoryStore, expected: dict) -> None:
     assert offset >= committed.get((topic, partition), start), f"commit went back: {entry}"
     committed[(topic, partition)] = offset
   for tp, (start, end) in expected.items():
-    assert written[tp] == set(range(start, end)), f"{tp}: gaps {set(range(start, end)) - written[tp]}"
+    assert written[tp] == set(range(start, end)), (
+      f"{tp}: gaps {set(range(start, end)) - written[tp]}"
+    )
     assert committed.get(tp) == end, f"{tp}: last commit {committed.get(tp)}, expected {end}"
 
 
@@ -161,11 +204,15 @@ def _journal_checks(store: MemoryStore, expected: dict) -> None:
 def test_events_land_in_their_fixed_event_time_window(store, runner):
   # Three windows, interleaved in arrival order; arrival close to the event time.
   events = [1000, 1130, 1015, 1060, 1001, 1179, 1119, 1061, 1002, 1019]
-  stream = (test_stream.TestStream().advance_watermark_to(990)
-            .add_elements([_record(i, t, 1000 + i) for i, t in enumerate(events)])
-            .advance_watermark_to_infinity())
-  acks = _run(stream, {(SENSOR, 0): 0}, _options("--reconcile=off", runner=runner), store,
-              collect_acks=True)
+  stream = (
+    test_stream.TestStream()
+    .advance_watermark_to(990)
+    .add_elements([_record(i, t, 1000 + i) for i, t in enumerate(events)])
+    .advance_watermark_to_infinity()
+  )
+  acks = _run(
+    stream, {(SENSOR, 0): 0}, _options("--reconcile=off", runner=runner), store, collect_acks=True
+  )
 
   rows = store.rows(SENSOR_READINGS.name)
   assert sorted(o for _, _, o in rows) == list(range(len(events)))
@@ -173,7 +220,9 @@ def test_events_land_in_their_fixed_event_time_window(store, runner):
     window = _window(t)
     row = rows[(SENSOR, 0, i)]
     assert (row[WINDOW_COLUMNS[0]], row[WINDOW_COLUMNS[1]]) == (
-        _iso(window.start.micros / 1e6), _iso(window.end.micros / 1e6))
+      _iso(window.start.micros / 1e6),
+      _iso(window.end.micros / 1e6),
+    )
     assert row[LATE_COLUMN] is False
   # Acks leave in the window of their batch: every offset acked exactly once, in its window.
   acked = {}
@@ -192,25 +241,28 @@ def test_events_land_in_their_fixed_event_time_window(store, runner):
 @RUNNERS
 def test_late_events_are_kept_and_flagged_within_and_beyond_allowed_lateness(store, runner):
   window_end = 1020  # of the window [960, 1020) the events belong to
-  stream = (test_stream.TestStream().advance_watermark_to(990)
-            .add_elements([_record(0, 1000)])
-            # The watermark passes the window's end; still within the allowed lateness.
-            .advance_watermark_to(window_end + LATENESS_S - 100)
-            .add_elements([_record(1, 1005, window_end + LATENESS_S - 100)])
-            # Beyond the allowed lateness: kept, flagged, in the window of its arrival.
-            .advance_watermark_to(window_end + LATENESS_S + 60)
-            .add_elements([_record(2, 1010, window_end + LATENESS_S + 60)])
-            .advance_watermark_to_infinity())
-  acks = _run(stream, {(SENSOR, 0): 0}, _options("--reconcile=off", runner=runner), store,
-              collect_acks=True)
+  stream = (
+    test_stream.TestStream()
+    .advance_watermark_to(990)
+    .add_elements([_record(0, 1000)])
+    # The watermark passes the window's end; still within the allowed lateness.
+    .advance_watermark_to(window_end + LATENESS_S - 100)
+    .add_elements([_record(1, 1005, window_end + LATENESS_S - 100)])
+    # Beyond the allowed lateness: kept, flagged, in the window of its arrival.
+    .advance_watermark_to(window_end + LATENESS_S + 60)
+    .add_elements([_record(2, 1010, window_end + LATENESS_S + 60)])
+    .advance_watermark_to_infinity()
+  )
+  acks = _run(
+    stream, {(SENSOR, 0): 0}, _options("--reconcile=off", runner=runner), store, collect_acks=True
+  )
 
   rows = store.rows(SENSOR_READINGS.name)
   assert [rows[(SENSOR, 0, i)][LATE_COLUMN] for i in range(3)] == [False, False, True]
   for i in range(3):  # the stored window is the event's, late or not
     assert rows[(SENSOR, 0, i)][WINDOW_COLUMNS[0]] == _iso(960)
   windows = {o: w for ack, w in acks for o in range(ack.start, ack.end)}
-  assert windows == {0: _window(1000), 1: _window(1000),
-                     2: _window(window_end + LATENESS_S + 60)}
+  assert windows == {0: _window(1000), 1: _window(1000), 2: _window(window_end + LATENESS_S + 60)}
   _journal_checks(store, {(SENSOR, 0): (0, 3)})
 
 
@@ -223,13 +275,16 @@ def test_partial_batch_is_flushed_by_the_buffering_timer_in_processing_time(stor
   GroupIntoBatches until processing time passes max_buffering_secs, with the watermark
   still inside the window. Only that flush lets offset 7 be committed before offsets 7..9
   arrive; without it the next commit would be 10."""
-  stream = (test_stream.TestStream().advance_watermark_to(1000)
-            .add_elements([_record(i, 1000 + i) for i in range(7)])
-            .advance_processing_time(BUFFERING_S / 2)
-            .add_elements([_record(7, 1007)])  # a bundle boundary; no flush yet
-            .advance_processing_time(BUFFERING_S)
-            .add_elements([_record(i, 1000 + i) for i in range(8, 10)])
-            .advance_watermark_to_infinity())
+  stream = (
+    test_stream.TestStream()
+    .advance_watermark_to(1000)
+    .add_elements([_record(i, 1000 + i) for i in range(7)])
+    .advance_processing_time(BUFFERING_S / 2)
+    .add_elements([_record(7, 1007)])  # a bundle boundary; no flush yet
+    .advance_processing_time(BUFFERING_S)
+    .add_elements([_record(i, 1000 + i) for i in range(8, 10)])
+    .advance_watermark_to_infinity()
+  )
   _run(stream, {(SENSOR, 0): 0}, _options(), store)
 
   commits = [e[3] for e in store.journal() if e[0] == "commit"]
@@ -248,10 +303,16 @@ def test_watermark_to_infinity_flushes_every_partial_batch(store, runner):
   counts = {(SENSOR, 0): 13, (SENSOR, 1): 7, (METER, 0): 3, (METER, 2): 11}
   elements = []
   for (topic, partition), n in counts.items():
-    elements += [_record(o, 1000 + 37 * o + partition, partition=partition, topic=topic)
-                 for o in range(n)]
-  stream = (test_stream.TestStream().advance_watermark_to(990).add_elements(elements[::2])
-            .add_elements(elements[1::2]).advance_watermark_to_infinity())
+    elements += [
+      _record(o, 1000 + 37 * o + partition, partition=partition, topic=topic) for o in range(n)
+    ]
+  stream = (
+    test_stream.TestStream()
+    .advance_watermark_to(990)
+    .add_elements(elements[::2])
+    .add_elements(elements[1::2])
+    .advance_watermark_to_infinity()
+  )
   _run(stream, {tp: 0 for tp in counts}, _options("--num_shards=2", runner=runner), store)
   _journal_checks(store, {tp: (0, n) for tp, n in counts.items()})
 
@@ -266,13 +327,18 @@ def test_offsets_are_committed_only_after_the_sink_holds_every_offset_below(stor
   written first (a full batch at once, the rest when their window closes): the commit
   must wait at the start until 0..3 are stored too. A resolved start of 20 on another
   partition is committed at once, then follows its acks."""
-  stream = (test_stream.TestStream().advance_watermark_to(990)
-            .add_elements([_record(o, 1200 + o) for o in range(4)]
-                          + [_record(o, 1000 + o) for o in range(4, 10)]
-                          + [_record(o, 1000 + o, partition=1) for o in range(20, 23)])
-            .advance_watermark_to(1100)  # the first window [960, 1020) closes
-            .advance_watermark_to(1300)  # the second [1200, 1260) closes
-            .advance_watermark_to_infinity())
+  stream = (
+    test_stream.TestStream()
+    .advance_watermark_to(990)
+    .add_elements(
+      [_record(o, 1200 + o) for o in range(4)]
+      + [_record(o, 1000 + o) for o in range(4, 10)]
+      + [_record(o, 1000 + o, partition=1) for o in range(20, 23)]
+    )
+    .advance_watermark_to(1100)  # the first window [960, 1020) closes
+    .advance_watermark_to(1300)  # the second [1200, 1260) closes
+    .advance_watermark_to_infinity()
+  )
   _run(stream, {(SENSOR, 0): 0, (SENSOR, 1): 20}, _options(runner=runner), store)
 
   journal = store.journal()
@@ -287,18 +353,25 @@ def test_offsets_are_committed_only_after_the_sink_holds_every_offset_below(stor
 
 def test_transient_sink_failures_are_retried_and_nothing_is_committed_before(store):
   store.fail_next(3)
-  stream = (test_stream.TestStream().advance_watermark_to(990)
-            .add_elements([_record(o, 1000 + o) for o in range(12)])
-            .advance_watermark_to_infinity())
+  stream = (
+    test_stream.TestStream()
+    .advance_watermark_to(990)
+    .add_elements([_record(o, 1000 + o) for o in range(12)])
+    .advance_watermark_to_infinity()
+  )
   _run(stream, {(SENSOR, 0): 0}, _options("--sink_retry_deadline_secs=60"), store)
   _journal_checks(store, {(SENSOR, 0): (0, 12)})
 
 
 def test_a_replay_writes_nothing_twice_and_commits_to_the_end(store):
   def stream():
-    return (test_stream.TestStream().advance_watermark_to(990)
-            .add_elements([_record(o, 1000 + o) for o in range(8)])
-            .advance_watermark_to_infinity())
+    return (
+      test_stream.TestStream()
+      .advance_watermark_to(990)
+      .add_elements([_record(o, 1000 + o) for o in range(8)])
+      .advance_watermark_to_infinity()
+    )
+
   _run(stream(), {(SENSOR, 0): 0}, _options(), store)
   before = store.rows(SENSOR_READINGS.name)
   _run(stream(), {(SENSOR, 0): 0}, _options(), store)  # SkipStored: acked, not written
@@ -348,8 +421,10 @@ def test_build_constructs_the_whole_graph_with_no_broker(tmp_path, sink, stop):
   options = PipelineOptions(args + ([f"--stop={stop}"] if stop else []))
   p = beam.Pipeline(options=options)
   out = smartgrid.build(p, options.view_as(SmartGridOptions))  # 127.0.0.1:1: nobody listens
-  assert {out.records.producer.full_label.split("/")[0], out.committed.producer.full_label.split("/")[0]} \
-      == {"ReadFromKafka", "CommitOffsets"}
+  assert {
+    out.records.producer.full_label.split("/")[0],
+    out.committed.producer.full_label.split("/")[0],
+  } == {"ReadFromKafka", "CommitOffsets"}
   steps = _all_steps(p)
   assert "ReadFromKafka/ResolvePartitions/ResolveOffsets" in steps
   keyed = any(s.startswith("WriteBatches/WriteRowsOnKeyedStreams") for s in steps)
@@ -364,12 +439,20 @@ def test_graph_steps_follow_the_readme_diagram():
   top = _top_level_steps(p)
   # Kafka -> ReadFromKafka -> SkipStored -> ParseEvents -> windows -> GroupIntoBatches
   #   -> WriteBatches -> Acks -> CommitOffsets
-  diagram = ["ReadFromKafka", "SkipStored", "ParseEvents", "BatchRows", "WriteBatches",
-             "CommitOffsets"]
+  diagram = [
+    "ReadFromKafka",
+    "SkipStored",
+    "ParseEvents",
+    "BatchRows",
+    "WriteBatches",
+    "CommitOffsets",
+  ]
   assert [s for s in top if s in diagram] == diagram
   steps = _all_steps(p)
-  order = [steps.index(s) for s in ("BatchRows/WindowRows", "BatchRows/GroupIntoBatches",
-                                    "WriteBatches", "CommitOffsets")]
+  order = [
+    steps.index(s)
+    for s in ("BatchRows/WindowRows", "BatchRows/GroupIntoBatches", "WriteBatches", "CommitOffsets")
+  ]
   assert order == sorted(order), "windows come before GroupIntoBatches, the sink before commits"
   assert top.index("OffsetGapDeadLetters") < top.index("BatchRows")  # skipped offsets are rows too
   assert top.index("CoveredOffsets") < top.index("CommitOffsets")
@@ -388,23 +471,34 @@ def test_bad_events_become_dead_letters_and_their_offsets_are_committed_in_order
   for offset, value in bad.items():
     good = elements[offset].value
     elements[offset] = TimestampedValue(good._replace(value=value), elements[offset].timestamp)
-  stream = (test_stream.TestStream().advance_watermark_to(990).add_elements(elements)
-            .advance_watermark_to_infinity())
+  stream = (
+    test_stream.TestStream()
+    .advance_watermark_to(990)
+    .add_elements(elements)
+    .advance_watermark_to_infinity()
+  )
   _run(stream, {(SENSOR, 0): 0}, _options(), store)
   dead = store.rows("dead_letters")
   assert sorted(o for _, _, o in dead) == sorted(bad)
   reasons = {o: row[DEAD_LETTERS.names.index("reason")] for (_, _, o), row in dead.items()}
   assert reasons == {3: "not_json", 6: "missing_field", 7: "not_utf8"}
-  assert sorted(o for _, _, o in store.rows(SENSOR_READINGS.name)) == sorted(set(range(10)) - set(bad))
+  assert sorted(o for _, _, o in store.rows(SENSOR_READINGS.name)) == sorted(
+    set(range(10)) - set(bad)
+  )
   _journal_checks(store, {(SENSOR, 0): (0, 10)})
 
 
 def test_the_reader_and_the_committer_get_one_client_config():
   """One Kafka client config shape: the graph builds it once (secrets as references) and the
   reader and the committer hold equal settings, group and SASL references included."""
-  options = PipelineOptions(["--bootstrap_servers=127.0.0.1:1,127.0.0.1:2", "--group_id=g",
-                             "--kafka_security_protocol=SASL_PLAINTEXT",
-                             "--kafka_sasl_mechanism=PLAIN"])
+  options = PipelineOptions(
+    [
+      "--bootstrap_servers=127.0.0.1:1,127.0.0.1:2",
+      "--group_id=g",
+      "--kafka_security_protocol=SASL_PLAINTEXT",
+      "--kafka_sasl_mechanism=PLAIN",
+    ]
+  )
   p = beam.Pipeline(options=options)
   smartgrid.build(p, options.view_as(SmartGridOptions), store=MemoryStore())
   found = {}

@@ -13,7 +13,7 @@ import json
 import threading
 import time
 import uuid
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import apache_beam as beam
 import pytest
@@ -24,8 +24,14 @@ from kafka.structs import OffsetAndMetadata
 
 from broker.kafka_broker import free_port
 from tests import support
-from transforms.kafka import (KafkaRecord, KafkaUnavailableError, ReadFromKafka, ReadPartitions,
-                              ResolvePartitions, UnknownTopicError)
+from transforms.kafka import (
+  KafkaRecord,
+  KafkaUnavailableError,
+  ReadFromKafka,
+  ReadPartitions,
+  ResolvePartitions,
+  UnknownTopicError,
+)
 from transforms.kafka.drain import DrainSignal
 from transforms.kafka.positions import parse_start, parse_stop
 
@@ -117,13 +123,18 @@ class BackgroundProducer:
   def _run(self):
     i = 0
     while not self._stop.is_set():
-      self._futures.append(self._producer.send(
-          self._topic, key=f"k{i % 13}".encode(), value=json.dumps({"n": i}).encode(),
-          partition=i % self._partitions))
+      self._futures.append(
+        self._producer.send(
+          self._topic,
+          key=f"k{i % 13}".encode(),
+          value=json.dumps({"n": i}).encode(),
+          partition=i % self._partitions,
+        )
+      )
       i += 1
       time.sleep(self._every)
 
-  def start(self) -> "BackgroundProducer":
+  def start(self) -> BackgroundProducer:
     self._thread.start()
     return self
 
@@ -151,8 +162,7 @@ def assert_no_duplicates(records: list[KafkaRecord]) -> None:
   assert not dupes, f"duplicates: {sorted(dupes)[:10]}"
 
 
-def assert_tiles(records: list[KafkaRecord], starts: dict[int, int],
-                 last: dict[int, int]) -> None:
+def assert_tiles(records: list[KafkaRecord], starts: dict[int, int], last: dict[int, int]) -> None:
   """Per partition, [covers_from, offset] ranges cover starts[p]..last[p] exactly once."""
   assert_no_duplicates(records)
   by_p: dict[int, list[KafkaRecord]] = {}
@@ -163,7 +173,9 @@ def assert_tiles(records: list[KafkaRecord], starts: dict[int, int],
     rs.sort(key=lambda r: r.offset)
     expected_from = starts[p]
     for r in rs:
-      assert r.covers_from == expected_from, f"p{p}: {r.covers_from=} {r.offset=}, expected from {expected_from}"
+      assert r.covers_from == expected_from, (
+        f"p{p}: {r.covers_from=} {r.offset=}, expected from {expected_from}"
+      )
       assert r.covers_from <= r.offset
       expected_from = r.offset + 1
     assert rs[-1].offset == last[p], f"p{p}: last offset read {rs[-1].offset}, expected {last[p]}"
@@ -173,8 +185,10 @@ def assert_contiguous(records: list[KafkaRecord], expected: set[tuple[int, int]]
   assert expected, "the test produced nothing: it would pass vacuously"
   assert_no_duplicates(records)
   got = set(coords(records))
-  assert got == expected, (f"missing {sorted(expected - got)[:10]} ({len(expected - got)}), "
-                           f"unexpected {sorted(got - expected)[:10]} ({len(got - expected)})")
+  assert got == expected, (
+    f"missing {sorted(expected - got)[:10]} ({len(expected - got)}), "
+    f"unexpected {sorted(got - expected)[:10]} ({len(got - expected)})"
+  )
 
 
 # --------------------------------------------------------------------------
@@ -185,12 +199,20 @@ def test_bounded_read_returns_exactly_the_produced_records(kafka_bootstrap, make
   topic = make_topic(partitions=4)
   events = [(f"sensor-{i % 11}", {"n": i, "pad": "x" * (i % 50)}) for i in range(400)]
   plain = support.produce(kafka_bootstrap, topic, events)
-  expected = {pc: (f"sensor-{i % 11}".encode(), json.dumps(v).encode(), None, ())
-              for i, (pc, (_, v)) in enumerate(zip(plain, events))}
+  expected = {
+    pc: (f"sensor-{i % 11}".encode(), json.dumps(v).encode(), None, ())
+    for i, (pc, (_, v)) in enumerate(zip(plain, events))
+  }
   headers = [("trace", b"abc"), ("empty", b"")]
   for p in range(4):
-    stamped = support.produce(kafka_bootstrap, topic, [(None, f"p{p}-{j}") for j in range(3)],
-                              partition=p, headers=headers, timestamp_ms=1_600_000_000_123 + p)
+    stamped = support.produce(
+      kafka_bootstrap,
+      topic,
+      [(None, f"p{p}-{j}") for j in range(3)],
+      partition=p,
+      headers=headers,
+      timestamp_ms=1_600_000_000_123 + p,
+    )
     for j, pc in enumerate(stamped):
       expected[pc] = (None, f"p{p}-{j}".encode(), 1_600_000_000_123 + p, tuple(headers))
   assert len({p for p, _ in expected}) == 4
@@ -213,37 +235,52 @@ def test_records_read_are_counted_per_topic_in_beam_metrics(kafka_bootstrap, mak
   """The reader counts once per poll batch, in namespace smartgrid, one counter per topic
   (what the launchers read back from the PipelineResult)."""
   from apache_beam.metrics.metric import MetricsFilter
+
   topics = [make_topic(partitions=2), make_topic(partitions=1)]
-  produced = {t: len(support.produce(kafka_bootstrap, t, [(f"k{i}", {"n": i}) for i in range(n)]))
-              for t, n in zip(topics, (2_345, 678))}
+  produced = {
+    t: len(support.produce(kafka_bootstrap, t, [(f"k{i}", {"n": i}) for i in range(n)]))
+    for t, n in zip(topics, (2_345, 678))
+  }
   assert produced == {topics[0]: 2_345, topics[1]: 678}
   name = uuid.uuid4().hex
   _sink(name)
   p = beam.Pipeline(runner=FnApiRunner())
-  _ = (p | ReadFromKafka(kafka_bootstrap, topics, stop="end", max_records_per_call=500)
-       | "Collect" >> beam.ParDo(_Collect(name)))
+  _ = (
+    p
+    | ReadFromKafka(kafka_bootstrap, topics, stop="end", max_records_per_call=500)
+    | "Collect" >> beam.ParDo(_Collect(name))
+  )
   result = p.run()
   result.wait_until_finish()
   records = [r for r, _ in _SINKS.pop(name)]
   for t in topics:
     assert_no_duplicates([r for r in records if r.topic == t])
     assert sum(r.topic == t for r in records) == produced[t]
-  counted = {c.key.metric.name: c.committed for c in
-             result.metrics().query(MetricsFilter().with_namespace("smartgrid"))["counters"]}
+  counted = {
+    c.key.metric.name: c.committed
+    for c in result.metrics().query(MetricsFilter().with_namespace("smartgrid"))["counters"]
+  }
   assert counted == {f"records_read/{t}": n for t, n in produced.items()}
 
 
 def _transactional_producer(bootstrap: str) -> KafkaProducer:
-  producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"tx-{uuid.uuid4().hex}",
-                           enable_idempotence=True, acks="all")
+  producer = KafkaProducer(
+    bootstrap_servers=bootstrap,
+    transactional_id=f"tx-{uuid.uuid4().hex}",
+    enable_idempotence=True,
+    acks="all",
+  )
   producer.init_transactions()
   return producer
 
 
-def _transaction(producer: KafkaProducer, topic: str, partition: int, keys: list[str],
-                 commit: bool) -> list[int]:
+def _transaction(
+  producer: KafkaProducer, topic: str, partition: int, keys: list[str], commit: bool
+) -> list[int]:
   producer.begin_transaction()
-  futures = [producer.send(topic, key=k.encode(), value=k.encode(), partition=partition) for k in keys]
+  futures = [
+    producer.send(topic, key=k.encode(), value=k.encode(), partition=partition) for k in keys
+  ]
   producer.flush()
   offsets = [f.get(timeout=30).offset for f in futures]
   (producer.commit_transaction if commit else producer.abort_transaction)()
@@ -290,28 +327,41 @@ def test_transactions_only_committed_records_and_covers_tile_the_log(kafka_boots
 # start positions
 
 
-def test_start_committed_reads_from_the_group_offsets_and_commits_nothing(kafka_bootstrap, make_topic):
+def test_start_committed_reads_from_the_group_offsets_and_commits_nothing(
+  kafka_bootstrap, make_topic
+):
   topic = make_topic(partitions=3)
   for p in range(3):
     support.produce(kafka_bootstrap, topic, [(None, f"{p}-{i}") for i in range(30)], partition=p)
   group = f"g-{uuid.uuid4().hex[:8]}"
-  committer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+  committer = KafkaConsumer(
+    bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False
+  )
   try:
-    committer.commit(offsets={TopicPartition(topic, 0): OffsetAndMetadata(10, "", -1),
-                              TopicPartition(topic, 1): OffsetAndMetadata(30, "", -1)})
+    committer.commit(
+      offsets={
+        TopicPartition(topic, 0): OffsetAndMetadata(10, "", -1),
+        TopicPartition(topic, 1): OffsetAndMetadata(30, "", -1),
+      }
+    )
   finally:
     committer.close()
   before = support.committed_offsets(kafka_bootstrap, group, topic)
   assert before == {0: 10, 1: 30, 2: None}
 
-  records = run_read(lambda p: p | ReadFromKafka(kafka_bootstrap, [topic], group_id=group,
-                                                 start="committed", stop="end"))
+  records = run_read(
+    lambda p: (
+      p | ReadFromKafka(kafka_bootstrap, [topic], group_id=group, start="committed", stop="end")
+    )
+  )
 
   # p0 from its committed offset, p1 fully consumed, p2 never committed: from the earliest.
   expected = {(0, o) for o in range(10, 30)} | {(2, o) for o in range(30)}
   assert_contiguous(records, expected)
   assert_tiles(records, {0: 10, 2: 0}, {0: 29, 2: 29})
-  assert support.committed_offsets(kafka_bootstrap, group, topic) == before  # the reader never commits
+  assert (
+    support.committed_offsets(kafka_bootstrap, group, topic) == before
+  )  # the reader never commits
 
 
 def test_start_timestamp(kafka_bootstrap, make_topic):
@@ -319,14 +369,19 @@ def test_start_timestamp(kafka_bootstrap, make_topic):
   base = 1_700_000_000_000
   for p in range(2):
     for i in range(10):
-      support.produce(kafka_bootstrap, topic, [(None, f"{p}-{i}")], partition=p,
-                      timestamp_ms=base + i * 1000 + p)
+      support.produce(
+        kafka_bootstrap, topic, [(None, f"{p}-{i}")], partition=p, timestamp_ms=base + i * 1000 + p
+      )
   expected = {(p, o) for p in range(2) for o in range(5, 10)}  # stamped at or after base + 4.5 s
-  as_ms = run_read(lambda p: p | ReadFromKafka(kafka_bootstrap, topic, start=base + 4500, stop="end"))
+  as_ms = run_read(
+    lambda p: p | ReadFromKafka(kafka_bootstrap, topic, start=base + 4500, stop="end")
+  )
   assert_contiguous(as_ms, expected)
   assert_tiles(as_ms, {0: 5, 1: 5}, {0: 9, 1: 9})
   when = dt.datetime.fromtimestamp((base + 4500) / 1000, tz=dt.timezone.utc)
-  as_datetime = run_read(lambda p: p | ReadFromKafka(kafka_bootstrap, topic, start=when, stop="end"))
+  as_datetime = run_read(
+    lambda p: p | ReadFromKafka(kafka_bootstrap, topic, start=when, stop="end")
+  )
   assert sorted(coords(as_datetime)) == sorted(coords(as_ms))
 
 
@@ -334,31 +389,46 @@ def test_start_explicit_offsets_others_from_committed(kafka_bootstrap, make_topi
   topic = make_topic(partitions=3)
   for p in range(3):
     support.produce(kafka_bootstrap, topic, [(None, f"{p}-{i}") for i in range(12)], partition=p)
-  records = run_read(lambda p: p | ReadFromKafka(
-      kafka_bootstrap, topic, start={(topic, 0): 4, (topic, 2): 11}, stop="end"))
+  records = run_read(
+    lambda p: (
+      p | ReadFromKafka(kafka_bootstrap, topic, start={(topic, 0): 4, (topic, 2): 11}, stop="end")
+    )
+  )
   # p1 is not listed: 'committed', and without a group that is the earliest offset.
   expected = {(0, o) for o in range(4, 12)} | {(1, o) for o in range(12)} | {(2, 11)}
   assert_contiguous(records, expected)
   assert_tiles(records, {0: 4, 1: 0, 2: 11}, {0: 11, 1: 11, 2: 11})
 
 
-def test_start_latest_reads_only_what_is_written_after_the_read_starts(kafka_bootstrap, make_topic, tmp_path):
+def test_start_latest_reads_only_what_is_written_after_the_read_starts(
+  kafka_bootstrap, make_topic, tmp_path
+):
   topic = make_topic(partitions=2)
   support.produce(kafka_bootstrap, topic, [(f"old{i}", "old") for i in range(40)])
   old_end = support.end_offsets(kafka_bootstrap, topic)
 
-  with BackgroundPipeline(lambda p, drain: p | ReadFromKafka(
-      kafka_bootstrap, topic, start="latest", poll_timeout_ms=200, drain_file=drain),
-      str(tmp_path / "drain")) as pipeline:
+  with BackgroundPipeline(
+    lambda p, drain: (
+      p
+      | ReadFromKafka(kafka_bootstrap, topic, start="latest", poll_timeout_ms=200, drain_file=drain)
+    ),
+    str(tmp_path / "drain"),
+  ) as pipeline:
     producer = BackgroundProducer(kafka_bootstrap, topic, 2).start()
     try:
-      support.wait_for(lambda: len({r.partition for r in pipeline.records()}) == 2, timeout=60,
-                       what="new records on both partitions")
+      support.wait_for(
+        lambda: len({r.partition for r in pipeline.records()}) == 2,
+        timeout=60,
+        what="new records on both partitions",
+      )
     finally:
       produced = producer.stop()
     last = {p: max(o for q, o in produced if q == p) for p in (0, 1)}
-    support.wait_for(lambda: {(r.partition, r.offset) for r in pipeline.records()} >=
-                     set(last.items()), timeout=30, what="the reader to catch up")
+    support.wait_for(
+      lambda: {(r.partition, r.offset) for r in pipeline.records()} >= set(last.items()),
+      timeout=30,
+      what="the reader to catch up",
+    )
     pipeline.drain_and_wait()
     records = pipeline.records()
 
@@ -384,8 +454,11 @@ def test_empty_topic_bounded_read_finishes(kafka_bootstrap, make_topic):
   p = beam.Pipeline(runner=FnApiRunner())
   reads = p | ResolvePartitions([topic], config, parse_start("earliest"), parse_stop("end"))
   _ = reads | "CollectReads" >> beam.ParDo(_Collect(reads_sink))
-  _ = (reads | ReadPartitions(config, bounded=True, poll_timeout_ms=200)
-       | "CollectRecords" >> beam.ParDo(_Collect(records_sink)))
+  _ = (
+    reads
+    | ReadPartitions(config, bounded=True, poll_timeout_ms=200)
+    | "CollectRecords" >> beam.ParDo(_Collect(records_sink))
+  )
   begun = time.monotonic()
   p.run().wait_until_finish()
   resolved = sorted((r.partition, r.start_offset, r.stop_offset) for r, _ in _SINKS.pop(reads_sink))
@@ -417,8 +490,9 @@ def test_partitions_are_listed_when_the_pipeline_runs(kafka_bootstrap, make_topi
     admin.create_partitions({topic: NewPartitions(total_count=3)})
   finally:
     admin.close()
-  support.wait_for(lambda: len(support.partitions_of(kafka_bootstrap, topic)) == 3,
-                   what="the third partition")
+  support.wait_for(
+    lambda: len(support.partitions_of(kafka_bootstrap, topic)) == 3, what="the third partition"
+  )
   support.produce(kafka_bootstrap, topic, [(None, f"2-{i}") for i in range(5)], partition=2)
   assert read.partitions() == [(topic, 0), (topic, 1), (topic, 2)]
 
@@ -433,13 +507,22 @@ def test_partitions_are_listed_when_the_pipeline_runs(kafka_bootstrap, make_topi
 
 def test_unbounded_read_drain_then_resume_without_gap(kafka_bootstrap, make_topic, tmp_path):
   topic = make_topic(partitions=4)
-  with BackgroundPipeline(lambda p, drain: p | ReadFromKafka(
-      kafka_bootstrap, topic, start="earliest", poll_timeout_ms=200, drain_file=drain),
-      str(tmp_path / "drain")) as pipeline:
+  with BackgroundPipeline(
+    lambda p, drain: (
+      p
+      | ReadFromKafka(
+        kafka_bootstrap, topic, start="earliest", poll_timeout_ms=200, drain_file=drain
+      )
+    ),
+    str(tmp_path / "drain"),
+  ) as pipeline:
     producer = BackgroundProducer(kafka_bootstrap, topic, 4, every_s=0.002).start()
     try:
-      support.wait_for(lambda: len(pipeline.records()) >= 300, timeout=60,
-                       what="300 records read while the producer writes")
+      support.wait_for(
+        lambda: len(pipeline.records()) >= 300,
+        timeout=60,
+        what="300 records read while the producer writes",
+      )
     finally:
       before_drain = producer.stop()
     took = pipeline.drain_and_wait()
@@ -454,32 +537,58 @@ def test_unbounded_read_drain_then_resume_without_gap(kafka_bootstrap, make_topi
 
   # Resume after the drain from the saved offsets; more was written meanwhile.
   after = set(support.produce(kafka_bootstrap, topic, [(f"k{i}", {"late": i}) for i in range(100)]))
-  second = run_read(lambda p: p | ReadFromKafka(
-      kafka_bootstrap, topic, start={(topic, p): o + 1 for p, o in last.items()}, stop="end"))
+  second = run_read(
+    lambda p: (
+      p
+      | ReadFromKafka(
+        kafka_bootstrap, topic, start={(topic, p): o + 1 for p, o in last.items()}, stop="end"
+      )
+    )
+  )
   assert_contiguous(second, after)
   assert_contiguous(first + second, before_drain | after)
-  assert_tiles(first + second, {p: 0 for p in range(4)},
-               {p: max(o for q, o in before_drain | after if q == p) for p in range(4)})
+  assert_tiles(
+    first + second,
+    {p: 0 for p in range(4)},
+    {p: max(o for q, o in before_drain | after if q == p) for p in range(4)},
+  )
 
 
 def test_stop_at_timestamp_then_resume_from_saved_offsets(kafka_bootstrap, make_topic):
   topic = make_topic(partitions=2)
   base = 1_700_000_000_000
   for p in range(2):
-    support.produce(kafka_bootstrap, topic, [(None, f"early-{i}") for i in range(15)], partition=p,
-                    timestamp_ms=base)
-    support.produce(kafka_bootstrap, topic, [(None, f"late-{i}") for i in range(10)], partition=p,
-                    timestamp_ms=base + 60_000)
+    support.produce(
+      kafka_bootstrap,
+      topic,
+      [(None, f"early-{i}") for i in range(15)],
+      partition=p,
+      timestamp_ms=base,
+    )
+    support.produce(
+      kafka_bootstrap,
+      topic,
+      [(None, f"late-{i}") for i in range(10)],
+      partition=p,
+      timestamp_ms=base + 60_000,
+    )
 
-  first = run_read(lambda p: p | ReadFromKafka(kafka_bootstrap, topic, start="earliest",
-                                               stop=base + 30_000))
+  first = run_read(
+    lambda p: p | ReadFromKafka(kafka_bootstrap, topic, start="earliest", stop=base + 30_000)
+  )
   assert_contiguous(first, {(p, o) for p in range(2) for o in range(15)})
   saved = {}
   for r in first:
     saved[r.partition] = max(saved.get(r.partition, -1), r.offset)
 
-  second = run_read(lambda p: p | ReadFromKafka(
-      kafka_bootstrap, topic, start={(topic, p): o + 1 for p, o in saved.items()}, stop="end"))
+  second = run_read(
+    lambda p: (
+      p
+      | ReadFromKafka(
+        kafka_bootstrap, topic, start={(topic, p): o + 1 for p, o in saved.items()}, stop="end"
+      )
+    )
+  )
   assert_contiguous(second, {(p, o) for p in range(2) for o in range(15, 25)})
   assert_tiles(first + second, {0: 0, 1: 0}, {0: 24, 1: 24})
 
@@ -490,8 +599,12 @@ def test_stop_at_timestamp_then_resume_from_saved_offsets(kafka_bootstrap, make_
 
 def test_unreachable_broker_builds_then_fails_the_run_quickly_and_clearly():
   port = free_port()
-  read = ReadFromKafka(f"127.0.0.1:{port}", "anything", resolve_retry_s=0,
-                       consumer_config={"bootstrap_timeout_ms": 3000})
+  read = ReadFromKafka(
+    f"127.0.0.1:{port}",
+    "anything",
+    resolve_retry_s=0,
+    consumer_config={"bootstrap_timeout_ms": 3000},
+  )
   begun = time.monotonic()
   p = beam.Pipeline(runner=FnApiRunner())
   _ = p | read  # no broker round trip while the graph is built
@@ -522,11 +635,15 @@ def test_unknown_topic_fails_the_run_naming_it_without_retrying(kafka_bootstrap,
 
 
 def test_skip_missing_topics_reads_the_topics_that_exist_when_the_run_starts(
-    kafka_bootstrap, make_topic):
+  kafka_bootstrap, make_topic
+):
   known = make_topic(partitions=2)
   missing = f"missing-{uuid.uuid4().hex[:8]}"
   for p in range(2):
     support.produce(kafka_bootstrap, known, [(None, f"{p}-{i}") for i in range(3)], partition=p)
-  records = run_read(lambda p: p | ReadFromKafka(
-      kafka_bootstrap, [known, missing], stop="end", skip_missing_topics=True))
+  records = run_read(
+    lambda p: (
+      p | ReadFromKafka(kafka_bootstrap, [known, missing], stop="end", skip_missing_topics=True)
+    )
+  )
   assert_contiguous(records, {(p, o) for p in range(2) for o in range(3)})

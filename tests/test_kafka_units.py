@@ -15,12 +15,12 @@ from collections import namedtuple
 import apache_beam as beam
 import pytest
 from apache_beam.io.restriction_trackers import OffsetRange
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
 from apache_beam.transforms.display import DisplayData
-from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 from kafka import TopicPartition
 
 from broker.kafka_broker import free_port
@@ -29,12 +29,22 @@ from transforms.kafka import config as kafka_config
 from transforms.kafka import read as kafka_read
 from transforms.kafka.drain import DrainSignal
 from transforms.kafka.gaps import EMPTY, OFFSET_GAP, OffsetGap, OffsetGapError
-from transforms.kafka.positions import (StartPosition, StopPosition, parse_start, parse_stop,
-                                        resolve, to_epoch_ms)
-from transforms.kafka.tracking import (UNBOUNDED, EndOffsets, KafkaOffsetTracker,
-                                       KafkaRestrictionProvider, backlog)
-from transforms.kafka.watermark import (KafkaWatermarkEstimator,
-                                        KafkaWatermarkEstimatorProvider)
+from transforms.kafka.positions import (
+  StartPosition,
+  StopPosition,
+  parse_start,
+  parse_stop,
+  resolve,
+  to_epoch_ms,
+)
+from transforms.kafka.tracking import (
+  UNBOUNDED,
+  EndOffsets,
+  KafkaOffsetTracker,
+  KafkaRestrictionProvider,
+  backlog,
+)
+from transforms.kafka.watermark import KafkaWatermarkEstimator, KafkaWatermarkEstimatorProvider
 
 SECRET = "hunter2-DO-NOT-LOG"
 BOOT = "127.0.0.1:1"
@@ -48,8 +58,9 @@ def ts_ms(micros_timestamp: Timestamp) -> int:
 # positions: parsing
 
 
-@pytest.mark.parametrize("text,kind", [("committed", "committed"), (" Earliest ", "earliest"),
-                                       ("LATEST", "latest")])
+@pytest.mark.parametrize(
+  "text,kind", [("committed", "committed"), (" Earliest ", "earliest"), ("LATEST", "latest")]
+)
 def test_parse_start_keywords(text, kind):
   assert parse_start(text) == StartPosition(kind)
 
@@ -59,14 +70,17 @@ def test_parse_start_explicit_offsets_sorted():
   assert start == StartPosition("offsets", offsets=(("a", 2, 3), ("b", 1, 7)))
 
 
-@pytest.mark.parametrize("bad,needle", [
+@pytest.mark.parametrize(
+  "bad,needle",
+  [
     ({("a", 0): -1}, "negative offset"),
     ({"abc": 1}, "expected {(topic, partition): offset}"),
     ({("a", "x"): 1}, "expected {(topic, partition): offset}"),
     ("yesterday", "start"),
     (True, "not a timestamp"),
     (object(), "unsupported value"),
-])
+  ],
+)
 def test_parse_start_refuses_bad_values_naming_the_option(bad, needle):
   with pytest.raises(ValueError) as err:
     parse_start(bad)
@@ -75,18 +89,33 @@ def test_parse_start_refuses_bad_values_naming_the_option(bad, needle):
 
 def test_timestamps_all_forms_agree():
   expected = 1_700_000_000_000
-  forms = [expected, float(expected), str(expected),
-           dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=dt.timezone.utc),
-           dt.datetime(2023, 11, 14, 22, 13, 20),  # naive means UTC
-           "2023-11-14T22:13:20Z", "2023-11-14T22:13:20+00:00", "2023-11-15T00:13:20+02:00"]
+  forms = [
+    expected,
+    float(expected),
+    str(expected),
+    dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=dt.timezone.utc),
+    dt.datetime(2023, 11, 14, 22, 13, 20),  # naive means UTC
+    "2023-11-14T22:13:20Z",
+    "2023-11-14T22:13:20+00:00",
+    "2023-11-15T00:13:20+02:00",
+  ]
   for form in forms:
     assert to_epoch_ms(form, "start") == expected, form
   assert parse_start("2023-11-14T22:13:20Z") == StartPosition("timestamp", timestamp_ms=expected)
   assert parse_stop(expected) == StopPosition("timestamp", timestamp_ms=expected)
 
 
-@pytest.mark.parametrize("stop,kind", [(None, "never"), ("", "never"), ("never", "never"),
-                                       ("None", "never"), ("end", "end"), (" END ", "end")])
+@pytest.mark.parametrize(
+  "stop,kind",
+  [
+    (None, "never"),
+    ("", "never"),
+    ("never", "never"),
+    ("None", "never"),
+    ("end", "end"),
+    (" END ", "end"),
+  ],
+)
 def test_parse_stop_keywords(stop, kind):
   assert parse_stop(stop).kind == kind
 
@@ -140,8 +169,11 @@ def _starts(reads):
 def test_resolve_earliest_latest_and_stop_end():
   c = FakeOffsetsConsumer(beginning={0: 0, 1: 5, 2: 0}, end={0: 10, 1: 9, 2: 0})
   earliest = resolve(c, PARTS, StartPosition("earliest"), StopPosition("end"))
-  assert earliest == [PartitionRead("t", 0, 0, 10), PartitionRead("t", 1, 5, 9),
-                      PartitionRead("t", 2, 0, 0)]
+  assert earliest == [
+    PartitionRead("t", 0, 0, 10),
+    PartitionRead("t", 1, 5, 9),
+    PartitionRead("t", 2, 0, 0),
+  ]
   latest = resolve(c, PARTS, StartPosition("latest"), StopPosition("never"))
   assert latest == [PartitionRead("t", 0, 10), PartitionRead("t", 1, 9), PartitionRead("t", 2, 0)]
   assert all(not r.is_bounded for r in latest) and all(r.is_bounded for r in earliest)
@@ -149,8 +181,9 @@ def test_resolve_earliest_latest_and_stop_end():
 
 
 def test_resolve_explicit_stop_offsets_and_a_per_partition_cap():
-  c = FakeOffsetsConsumer(beginning={0: 0, 1: 0, 2: 0}, end={0: 100, 1: 50, 2: 3},
-                          committed={0: 20, 1: 45})
+  c = FakeOffsetsConsumer(
+    beginning={0: 0, 1: 0, 2: 0}, end={0: 100, 1: 50, 2: 3}, committed={0: 20, 1: 45}
+  )
   # a batch round: towards the end offsets seen when the run started, at most 10 a partition
   stop = StopPosition("offsets", offsets=(("t", 0, 60), ("t", 1, 48)), max_records=10)
   assert stop.is_bounded
@@ -164,23 +197,35 @@ def test_resolve_explicit_stop_offsets_and_a_per_partition_cap():
 
 def test_resolve_committed_falls_back_to_beginning():
   c2 = FakeOffsetsConsumer(beginning={0: 2, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10})
-  assert _starts(resolve(c2, PARTS, StartPosition("committed"), StopPosition("end"))) == {0: 2, 1: 0, 2: 0}
+  assert _starts(resolve(c2, PARTS, StartPosition("committed"), StopPosition("end"))) == {
+    0: 2,
+    1: 0,
+    2: 0,
+  }
 
 
-@pytest.mark.parametrize("committed, expected", [
+@pytest.mark.parametrize(
+  "committed, expected",
+  [
     ({0: 1}, "t-0: offsets [1, 3) were deleted"),  # below the log start (retention)
     ({2: 99}, "t-2: offset 99 is past the partition's end offset 10"),  # topic recreated
-])
-def test_resolve_committed_outside_the_log_fails_naming_partition_offsets_and_choices(committed, expected):
-  c = FakeOffsetsConsumer(beginning={0: 3, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10}, committed=committed)
+  ],
+)
+def test_resolve_committed_outside_the_log_fails_naming_partition_offsets_and_choices(
+  committed, expected
+):
+  c = FakeOffsetsConsumer(
+    beginning={0: 3, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10}, committed=committed
+  )
   with pytest.raises(OffsetGapError) as e:
     resolve(c, PARTS, StartPosition("committed"), StopPosition("end"))
   assert expected in str(e.value) and "--on_offset_gap=skip" in str(e.value)
 
 
 def test_resolve_committed_outside_the_log_with_skip():
-  c = FakeOffsetsConsumer(beginning={0: 3, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10},
-                          committed={0: 1, 1: 4, 2: 99})
+  c = FakeOffsetsConsumer(
+    beginning={0: 3, 1: 0, 2: 0}, end={0: 10, 1: 10, 2: 10}, committed={0: 1, 1: 4, 2: 99}
+  )
   reads = resolve(c, PARTS, StartPosition("committed"), StopPosition("end"), on_offset_gap="skip")
   # 0: kept below the log start, so the reader meets the gap and records it;
   # 2: past the end of a recreated topic -> its new log start, no new record skipped.
@@ -202,10 +247,14 @@ def test_resolve_explicit_offsets_without_a_group_start_the_others_at_the_beginn
 def test_resolve_timestamps_for_start_and_stop():
   times = {0: [(100, 0), (200, 1), (300, 2)], 1: [(100, 0)], 2: []}
   c = FakeOffsetsConsumer(beginning={0: 0, 1: 0, 2: 0}, end={0: 3, 1: 1, 2: 0}, times=times)
-  reads = resolve(c, PARTS, StartPosition("timestamp", timestamp_ms=150),
-                  StopPosition("timestamp", timestamp_ms=250))
+  reads = resolve(
+    c,
+    PARTS,
+    StartPosition("timestamp", timestamp_ms=150),
+    StopPosition("timestamp", timestamp_ms=250),
+  )
   by_p = {r.partition: r for r in reads}
-  assert by_p[0] == PartitionRead("t", 0, 1, 2)          # read offset 1 only
+  assert by_p[0] == PartitionRead("t", 0, 1, 2)  # read offset 1 only
   # No record at or after the start time: start at the end. No record at or after the
   # stop time yet: the read stays open and stops on the first record stamped >= 250.
   assert by_p[1] == PartitionRead("t", 1, 1, None, 250)
@@ -223,14 +272,20 @@ def test_consumer_config_safe_defaults_and_overrides():
   assert cfg["isolation_level"] == "read_committed"
   assert cfg["auto_offset_reset"] == "earliest"
   assert cfg["max_poll_records"] == 5 and cfg["client_id"] == "x"
-  assert kafka_config.consumer_config("a:1", None, {"enable_auto_commit": False})["enable_auto_commit"] is False
+  assert (
+    kafka_config.consumer_config("a:1", None, {"enable_auto_commit": False})["enable_auto_commit"]
+    is False
+  )
 
 
-@pytest.mark.parametrize("overrides,needle", [
+@pytest.mark.parametrize(
+  "overrides,needle",
+  [
     ({"bootstrap_servers": "x:1"}, "'bootstrap_servers'"),
     ({"group_id": "g"}, "'group_id'"),
     ({"enable_auto_commit": True}, "enable_auto_commit"),
-])
+  ],
+)
 def test_consumer_config_refusals_name_the_option(overrides, needle):
   with pytest.raises(ValueError) as err:
     kafka_config.consumer_config("a:1", None, overrides)
@@ -244,8 +299,14 @@ def test_consumer_config_refuses_bad_bootstrap(bad):
 
 
 def test_redact_masks_every_secret_key_and_keeps_the_rest():
-  cfg = {"sasl_plain_password": SECRET, "ssl_password": SECRET, "sasl_oauth_token_provider": SECRET,
-         "ssl_keyfile": "/k.pem", "sasl_plain_username": "alice", "security_protocol": "SASL_SSL"}
+  cfg = {
+    "sasl_plain_password": SECRET,
+    "ssl_password": SECRET,
+    "sasl_oauth_token_provider": SECRET,
+    "ssl_keyfile": "/k.pem",
+    "sasl_plain_username": "alice",
+    "security_protocol": "SASL_SSL",
+  }
   red = kafka_config.redact(cfg)
   assert SECRET not in str(red)
   assert red["sasl_plain_password"] == red["ssl_password"] == "***"
@@ -254,8 +315,12 @@ def test_redact_masks_every_secret_key_and_keeps_the_rest():
 
 
 def test_secrets_never_in_display_data_repr_or_construction_errors():
-  secret_cfg = {"sasl_plain_password": SECRET, "security_protocol": "SASL_PLAINTEXT",
-                "sasl_mechanism": "PLAIN", "sasl_plain_username": "alice"}
+  secret_cfg = {
+    "sasl_plain_password": SECRET,
+    "security_protocol": "SASL_PLAINTEXT",
+    "sasl_mechanism": "PLAIN",
+    "sasl_plain_username": "alice",
+  }
   t = ReadFromKafka(BOOT, "topic", consumer_config=secret_cfg)
   shown = DisplayData.create_from(t)
   text = " ".join(f"{i.key}={i.value}" for i in shown.items) + repr(t) + str(t.display_data())
@@ -270,8 +335,11 @@ def test_secrets_never_in_display_data_repr_or_construction_errors():
 def test_secret_not_in_unreachable_broker_error():
   """Needs no broker: the address is a port nobody listens on."""
   port = free_port()
-  t = ReadFromKafka(f"127.0.0.1:{port}", "topic",
-                    consumer_config={"sasl_plain_password": SECRET, "bootstrap_timeout_ms": 1000})
+  t = ReadFromKafka(
+    f"127.0.0.1:{port}",
+    "topic",
+    consumer_config={"sasl_plain_password": SECRET, "bootstrap_timeout_ms": 1000},
+  )
   begun = time.monotonic()
   with pytest.raises(KafkaUnavailableError) as err:
     t.partitions()
@@ -316,8 +384,9 @@ def test_tracker_claims_and_boundedness():
     KafkaOffsetTracker(OffsetRange(5, 8)).try_claim(4)
 
 
-@pytest.mark.parametrize("restriction", [OffsetRange(0, 10), OffsetRange(3, UNBOUNDED),
-                                         OffsetRange(4, 4)])
+@pytest.mark.parametrize(
+  "restriction", [OffsetRange(0, 10), OffsetRange(3, UNBOUNDED), OffsetRange(4, 4)]
+)
 @pytest.mark.parametrize("claimed", [[], [0], [3, 4, 6]])
 def test_finish_by_claiming_stop_satisfies_check_done(restriction, claimed):
   """The reader ends a restriction early (drain, trailing markers) by claiming its stop."""
@@ -387,17 +456,20 @@ def test_restriction_provider():
 # backlog arithmetic and the end offsets registry
 
 
-@pytest.mark.parametrize("restriction,end,expected", [
-    (OffsetRange(0, 10), None, 10),          # bounded, end unknown: all of it
-    (OffsetRange(0, 10), 4, 4),              # the log ends inside the range
-    (OffsetRange(0, 10), 50, 10),            # the range ends first
-    (OffsetRange(6, 10), 4, 0),              # end behind the start (stale end offset)
-    (OffsetRange(7, 7), 50, 0),              # empty
-    (OffsetRange(5, UNBOUNDED), None, 0),    # unbounded, end unknown
-    (OffsetRange(5, UNBOUNDED), 5, 0),       # caught up
-    (OffsetRange(5, UNBOUNDED), 3, 0),       # stale end offset: never negative
+@pytest.mark.parametrize(
+  "restriction,end,expected",
+  [
+    (OffsetRange(0, 10), None, 10),  # bounded, end unknown: all of it
+    (OffsetRange(0, 10), 4, 4),  # the log ends inside the range
+    (OffsetRange(0, 10), 50, 10),  # the range ends first
+    (OffsetRange(6, 10), 4, 0),  # end behind the start (stale end offset)
+    (OffsetRange(7, 7), 50, 0),  # empty
+    (OffsetRange(5, UNBOUNDED), None, 0),  # unbounded, end unknown
+    (OffsetRange(5, UNBOUNDED), 5, 0),  # caught up
+    (OffsetRange(5, UNBOUNDED), 3, 0),  # stale end offset: never negative
     (OffsetRange(5, UNBOUNDED), 1_005, 1_000),
-])
+  ],
+)
 def test_backlog(restriction, end, expected):
   assert backlog(restriction, end) == expected
 
@@ -419,7 +491,8 @@ def test_end_offsets_only_move_forward():
 
 def test_watermark_starts_at_min_and_follows_the_newest_emitted_record():
   w = KafkaWatermarkEstimatorProvider(1000).create_watermark_estimator(
-      KafkaWatermarkEstimatorProvider().initial_estimator_state(None, None))
+    KafkaWatermarkEstimatorProvider().initial_estimator_state(None, None)
+  )
   assert w.current_watermark() == MIN_TIMESTAMP
   w.observe_record(5_000)
   assert ts_ms(w.current_watermark()) == 5_000
@@ -503,6 +576,7 @@ class FakeConsumer:
     self.polls += 1
     if self.pos < self.beginning or self.pos > self.end:
       from kafka.errors import OffsetOutOfRangeError
+
       raise OffsetOutOfRangeError({self.tp: self.pos})
     out = []
     while self.pos < self.end and len(out) < self.batch:
@@ -535,8 +609,11 @@ def _reader(consumer, drain_path=None, bounded=True, max_records=1_000, on_offse
 def _run(fn, read: PartitionRead, restriction: OffsetRange, watermark=None):
   safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(restriction))
   watermark = watermark or KafkaWatermarkEstimator(None)
-  out = list(fn.process(read, window=GlobalWindow(), tracker=RestrictionTrackerView(safe),
-                        watermark=watermark))
+  out = list(
+    fn.process(
+      read, window=GlobalWindow(), tracker=RestrictionTrackerView(safe), watermark=watermark
+    )
+  )
   safe.check_done()
   _run.gaps = [o.value.value for o in out if isinstance(o, TaggedOutput)]
   assert all(o.tag == kafka_read.GAPS_TAG for o in out if isinstance(o, TaggedOutput))
@@ -546,8 +623,13 @@ def _run(fn, read: PartitionRead, restriction: OffsetRange, watermark=None):
 
 
 def _rec(o, ts=None):
-  return Rec(o, 1_000 + o if ts is None else ts, f"k{o}".encode(), f"v{o}".encode(),
-             [("h", b"x")] if o % 2 else [])
+  return Rec(
+    o,
+    1_000 + o if ts is None else ts,
+    f"k{o}".encode(),
+    f"v{o}".encode(),
+    [("h", b"x")] if o % 2 else [],
+  )
 
 
 def test_process_bounded_read_with_trailing_markers_finishes_and_tiles():
@@ -563,7 +645,9 @@ def test_process_bounded_read_with_trailing_markers_finishes_and_tiles():
   assert [(r.covers_from, r.offset) for r in records] == [(0, 0), (1, 1), (2, 2), (3, 6), (7, 7)]
   assert records[1] == KafkaRecord("t", 0, 1, 1, b"k1", b"v1", 1_001, (("h", b"x"),))
   assert records[0].headers == ()
-  assert [tv.timestamp for tv in out] == [Timestamp(micros=(1_000 + r.offset) * 1000) for r in records]
+  assert [tv.timestamp for tv in out] == [
+    Timestamp(micros=(1_000 + r.offset) * 1000) for r in records
+  ]
   assert ts_ms(w.current_watermark()) == 1_007
   # The trailing markers are covered by no record: they leave as an empty range to ack.
   assert _run.gaps == [OffsetGap("t", 0, 8, 10, EMPTY)]
@@ -597,7 +681,9 @@ def test_process_offsets_deleted_under_the_reader_fail_by_default_naming_the_cho
   consumer = FakeConsumer(tp, {o: _rec(o) for o in range(5, 8)}, end=8)
   consumer.beginning = 5  # offsets 0..4 deleted by retention before they were read
   fn = _reader(consumer)
-  with pytest.raises(OffsetGapError, match=r"t-0: offsets \[0, 5\) were deleted.*--on_offset_gap=skip"):
+  with pytest.raises(
+    OffsetGapError, match=r"t-0: offsets \[0, 5\) were deleted.*--on_offset_gap=skip"
+  ):
     _run(fn, PartitionRead("t", 0, 0, 8), OffsetRange(0, 8))
 
 
@@ -647,8 +733,11 @@ def test_process_checkpoints_after_its_record_budget():
 def test_process_watermark_waits_for_backlog():
   """Records still to be read keep the watermark at the newest emitted record."""
   tp = TopicPartition("t", 0)
-  fn = _reader(FakeConsumer(tp, {o: _rec(o, ts=10_000 + o) for o in range(20)}, end=20),
-               bounded=False, max_records=3)
+  fn = _reader(
+    FakeConsumer(tp, {o: _rec(o, ts=10_000 + o) for o in range(20)}, end=20),
+    bounded=False,
+    max_records=3,
+  )
   out, residual, w = _run(fn, PartitionRead("t", 0, 0), OffsetRange(0, UNBOUNDED))
   assert len(out) == 3 and residual == OffsetRange(3, UNBOUNDED)
   assert ts_ms(w.current_watermark()) == 10_002
@@ -713,10 +802,15 @@ def test_process_stops_when_the_runner_split_the_range():
     return out
 
   consumer.poll = poll_then_split
-  out = list(fn.process(PartitionRead("t", 0, 0, 10), tracker=RestrictionTrackerView(safe),
-                        watermark=KafkaWatermarkEstimator(None)))
+  out = list(
+    fn.process(
+      PartitionRead("t", 0, 0, 10),
+      tracker=RestrictionTrackerView(safe),
+      watermark=KafkaWatermarkEstimator(None),
+    )
+  )
   safe.check_done()
-  (_, residual), = split
+  ((_, residual),) = split
   assert residual == OffsetRange(4, 10)
   offsets = [tv.value.offset for tv in out]
   assert offsets == list(range(residual.start))
@@ -731,8 +825,11 @@ def test_process_a_split_while_a_batch_leaves_cuts_after_the_batch():
   consumer = FakeConsumer(tp, {o: _rec(o) for o in range(20)}, end=20, batch=10)
   fn = _reader(consumer)
   safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(OffsetRange(0, 20)))
-  gen = fn.process(PartitionRead("t", 0, 0, 20), tracker=RestrictionTrackerView(safe),
-                   watermark=KafkaWatermarkEstimator(None))
+  gen = fn.process(
+    PartitionRead("t", 0, 0, 20),
+    tracker=RestrictionTrackerView(safe),
+    watermark=KafkaWatermarkEstimator(None),
+  )
   first = [next(gen), next(gen)]
   primary, residual = safe.try_split(0.5)
   assert primary == OffsetRange(0, 14) and residual == OffsetRange(14, 20)
@@ -758,8 +855,13 @@ def test_process_claims_once_per_poll_batch_the_last_offset_it_keeps():
       return super().try_claim(position)
 
   safe = ThreadsafeRestrictionTracker(Recording(OffsetRange(0, 7)))
-  out = list(fn.process(PartitionRead("t", 0, 0, 7), tracker=RestrictionTrackerView(safe),
-                        watermark=KafkaWatermarkEstimator(None)))
+  out = list(
+    fn.process(
+      PartitionRead("t", 0, 0, 7),
+      tracker=RestrictionTrackerView(safe),
+      watermark=KafkaWatermarkEstimator(None),
+    )
+  )
   safe.check_done()
   assert [tv.value.offset for tv in out] == [0, 1, 2, 5, 6]
   assert [tv.value.covers_from for tv in out] == [0, 1, 2, 3, 6]
@@ -770,6 +872,7 @@ def test_process_reads_on_when_the_metadata_preload_meets_an_outage():
   """Loading the topic's metadata before the first poll is only a speed-up: a broker
   that refuses it then does not fail the read (the polls wait outages out)."""
   from kafka.errors import KafkaConnectionError
+
   tp = TopicPartition("t", 0)
 
   class Refusing(FakeConsumer):
@@ -782,8 +885,10 @@ def test_process_reads_on_when_the_metadata_preload_meets_an_outage():
 
 
 def test_unbounded_range_refuses_fractional_splits_but_checkpoints():
-  from transforms.kafka.tracking import UNBOUNDED, KafkaOffsetTracker
   from apache_beam.io.restriction_trackers import OffsetRange
+
+  from transforms.kafka.tracking import UNBOUNDED, KafkaOffsetTracker
+
   t = KafkaOffsetTracker(OffsetRange(462, UNBOUNDED))
   assert t.try_claim(462)
   assert t.try_split(0.5) is None  # Prism's busy-bundle split would land near sys.maxsize/2
@@ -796,8 +901,9 @@ def test_unbounded_range_refuses_fractional_splits_but_checkpoints():
 
 
 def test_process_an_idle_partition_sends_a_heartbeat_that_acks_nothing(monkeypatch):
-  from transforms.kafka.gaps import covered_acks
   from transforms.commit import PartitionProgress
+  from transforms.kafka.gaps import covered_acks
+
   monkeypatch.setattr(kafka_read, "IDLE_HEARTBEAT_S", 0.0)
   tp = TopicPartition("t", 0)
   fn = _reader(FakeConsumer(tp, {o: _rec(o) for o in range(5)}, end=5), bounded=False)
@@ -844,8 +950,15 @@ def _resolve_fn(monkeypatch, consumers, *, shard=None, skip_missing=False):
     return answer
 
   monkeypatch.setattr(kafka_read, "_new_consumer", new_consumer)
-  fn = kafka_read._ResolvePartitionsFn({"bootstrap_servers": [BOOT]}, StartPosition("earliest"),
-                                       StopPosition("end"), "fail", shard, skip_missing, 120.0)
+  fn = kafka_read._ResolvePartitionsFn(
+    {"bootstrap_servers": [BOOT]},
+    StartPosition("earliest"),
+    StopPosition("end"),
+    "fail",
+    shard,
+    skip_missing,
+    120.0,
+  )
   return fn, calls
 
 
@@ -855,8 +968,11 @@ def _listing():
 
 def test_resolve_partitions_fn_lists_shards_and_resolves(monkeypatch):
   fn, calls = _resolve_fn(monkeypatch, [_listing()])
-  assert list(fn.process(("t",))) == [PartitionRead("t", 0, 0, 10), PartitionRead("t", 1, 5, 9),
-                                      PartitionRead("t", 2, 0, 3)]
+  assert list(fn.process(("t",))) == [
+    PartitionRead("t", 0, 0, 10),
+    PartitionRead("t", 1, 5, 9),
+    PartitionRead("t", 2, 0, 3),
+  ]
   fn, calls = _resolve_fn(monkeypatch, [_listing()], shard=(1, 2))
   assert list(fn.process(("t",))) == [PartitionRead("t", 1, 5, 9)]
   assert calls == [[BOOT]]  # one consumer lists and resolves
@@ -881,8 +997,9 @@ def test_resolve_partitions_fn_waits_out_an_unreachable_broker(monkeypatch):
 
 def test_read_from_kafka_applies_with_no_broker():
   p = beam.Pipeline()
-  records, reads, gaps = p | ReadFromKafka(BOOT, ["a", "b"], shard=(0, 2), stop="end",
-                                           with_partition_reads=True)
+  records, reads, gaps = p | ReadFromKafka(
+    BOOT, ["a", "b"], shard=(0, 2), stop="end", with_partition_reads=True
+  )
   assert reads.producer.full_label.endswith("ResolvePartitions/ResolveOffsets")
   assert records.producer is gaps.producer  # the reader's two outputs
   assert "ReadPartitions/ReadRecords" in records.producer.full_label

@@ -27,11 +27,16 @@ SENSORS, METERS, TWICE_EVERY = 240, 90, 7
 
 def _read_back(bootstrap: str, topics: list[str], count: int) -> dict[tuple[str, int, int], tuple]:
   """(topic, partition, offset) -> (key, value) of every record, read with kafka-python 3."""
-  consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                           auto_offset_reset="earliest", consumer_timeout_ms=10_000)
+  consumer = KafkaConsumer(
+    bootstrap_servers=bootstrap,
+    enable_auto_commit=False,
+    auto_offset_reset="earliest",
+    consumer_timeout_ms=10_000,
+  )
   try:
-    consumer.assign([TopicPartition(t, p) for t in topics
-                     for p in sorted(consumer.partitions_for_topic(t) or ())])
+    consumer.assign(
+      [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+    )
     seen = {}
     for rec in consumer:
       key = (rec.topic, rec.partition, rec.offset)
@@ -50,8 +55,9 @@ def old_client_run(kafka_bootstrap, kafka_broker):
   sensor, meter = support.unique_topic("old-sensor"), support.unique_topic("old-meter")
   assert not support.partitions_of(kafka_bootstrap, sensor)
   assert not support.partitions_of(kafka_bootstrap, meter)
-  sent = old_service.run(kafka_bootstrap, sensor, meter, sensors=SENSORS, meters=METERS,
-                         twice_every=TWICE_EVERY)
+  sent = old_service.run(
+    kafka_bootstrap, sensor, meter, sensors=SENSORS, meters=METERS, twice_every=TWICE_EVERY
+  )
   return kafka_bootstrap, kafka_broker, sensor, meter, sent
 
 
@@ -97,9 +103,12 @@ def test_one_batch_run_stores_every_event_id_once_and_commits_to_the_end(old_cli
     want = {s["event"]["event_id"] for s in sent if s["topic"] == topic}
     rows = Counter(r[0] for r in query(p.db, f"SELECT event_id FROM {table}"))
     doubled = {e: n for e, n in rows.items() if n > 1}
-    assert not doubled, f"{table}: {len(doubled)} event_ids stored more than once, e.g. {list(doubled)[:3]}"
-    assert set(rows) == want, (f"{table}: missing {sorted(want - set(rows))[:3]}, "
-                               f"unexpected {sorted(set(rows) - want)[:3]}")
+    assert not doubled, (
+      f"{table}: {len(doubled)} event_ids stored more than once, e.g. {list(doubled)[:3]}"
+    )
+    assert set(rows) == want, (
+      f"{table}: missing {sorted(want - set(rows))[:3]}, unexpected {sorted(set(rows) - want)[:3]}"
+    )
   # Every copy, stored or not, is committed: the group is at the end of every partition
   # (a partition that never got a record may have no committed offset at all).
   got, end = committed(bootstrap, group, sensor, meter), ends(bootstrap, sensor, meter)
@@ -112,8 +121,9 @@ def test_old_client_gzip_message_sets_are_read_back_exactly(kafka_bootstrap, kaf
   """Its compressed sends are old-format (magic 1) gzip message sets; the broker stores them
   as record batches. ReadFromKafka reads every offset once, with its content."""
   sensor, meter = support.unique_topic("old-gzip-s"), support.unique_topic("old-gzip-m")
-  sent = old_service.run(kafka_bootstrap, sensor, meter, sensors=150, meters=50, twice_every=0,
-                         compression="gzip")
+  sent = old_service.run(
+    kafka_bootstrap, sensor, meter, sensors=150, meters=50, twice_every=0, compression="gzip"
+  )
   assert len(sent) == 200
   if kafka_broker is not None:
     for topic in (sensor, meter):

@@ -17,18 +17,31 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.parse_support import (
+  CLOSED_REGISTRY,
+  METER_TOPIC,
+  SENSOR_TOPIC,
+  avro_meter,
+  avro_sensor,
+  make_fn,
+  old_service_meter,
+  old_service_sensor,
+  run_fn,
+)
 from transforms.events import DEAD_LETTER_REASONS, RAW_TEXT_LIMIT, dead_letter_row
 from transforms.kafka.records import KafkaRecord
 from transforms.rows import coordinates, covers_from, key_table, offset_of
 from transforms.sinks.base import DuplicateEvent
 from transforms.sinks.schema import DEAD_LETTERS, METER_READINGS, SENSOR_READINGS
 from transforms.sinks.sqlite import SqliteStore
-from tests.parse_support import (CLOSED_REGISTRY, METER_TOPIC, SENSOR_TOPIC, avro_meter,
-                                 avro_sensor, make_fn, old_service_meter, old_service_sensor,
-                                 run_fn)
 
-_PROFILE = dict(derandomize=True, database=None, deadline=None,
-                suppress_health_check=list(HealthCheck), print_blob=True)
+_PROFILE = dict(
+  derandomize=True,
+  database=None,
+  deadline=None,
+  suppress_health_check=list(HealthCheck),
+  print_blob=True,
+)
 _offsets = itertools.count()
 
 
@@ -43,8 +56,10 @@ class _Checker:
     self.reasons = set()
 
   def __call__(self, items: list) -> None:
-    records = [KafkaRecord(topic, 0, next(_offsets), 0, key, value, 1_705_314_600_000)
-               for topic, key, value in items]
+    records = [
+      KafkaRecord(topic, 0, next(_offsets), 0, key, value, 1_705_314_600_000)
+      for topic, key, value in items
+    ]
     for outcome in run_fn(self.fn, records):
       assert not outcome.other, outcome
       assert len(outcome.rows) + len(outcome.dead) == 1, outcome
@@ -60,14 +75,23 @@ class _Checker:
       else:
         key, row = outcome.rows[0]
         table = key_table(key)
-        assert (*coordinates(row), covers_from(row)) == (outcome.record.topic, 0, outcome.record.offset, 0)
+        assert (*coordinates(row), covers_from(row)) == (
+          outcome.record.topic,
+          0,
+          outcome.record.offset,
+          0,
+        )
         assert len(row) == len(
-            SENSOR_READINGS.columns if table == SENSOR_READINGS.name else METER_READINGS.columns)
+          SENSOR_READINGS.columns if table == SENSOR_READINGS.name else METER_READINGS.columns
+        )
         self.rows[table].append(row)
 
   def assert_sink_accepts_everything(self, tmp_path) -> None:
-    print(f"{self.records} records: " + ", ".join(f"{t}={len(r)}" for t, r in self.rows.items())
-          + f"; reasons {sorted(self.reasons)}")
+    print(
+      f"{self.records} records: "
+      + ", ".join(f"{t}={len(r)}" for t, r in self.rows.items())
+      + f"; reasons {sorted(self.reasons)}"
+    )
     store = SqliteStore(str(tmp_path / "fuzz.db"))
     store.open()
     try:
@@ -83,7 +107,8 @@ class _Checker:
           assert ids == len({row[0] for row in rows}), table
       for table in (SENSOR_READINGS.name, METER_READINGS.name):
         first, last = store._conn.execute(
-            f"SELECT MIN(event_time), MAX(event_time) FROM {table}").fetchone()
+          f"SELECT MIN(event_time), MAX(event_time) FROM {table}"
+        ).fetchone()
         assert first is None or ("1970" <= first and last < "2200"), (first, last)
     finally:
       store.close()
@@ -98,22 +123,42 @@ KEYS = st.one_of(st.none(), st.binary(max_size=24), st.text(max_size=12).map(str
 # Python's json reader makes of these what an adversary would send: NaN/Infinity tokens,
 # integers past a float, lone surrogates via escapes.
 SCALARS = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(), st.integers(min_value=10 ** 300, max_value=10 ** 420),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20), st.sampled_from(["\udc00", "\ud800x", "°C", "\x00", ""]),
+  st.none(),
+  st.booleans(),
+  st.integers(),
+  st.integers(min_value=10**300, max_value=10**420),
+  st.floats(allow_nan=True, allow_infinity=True),
+  st.text(max_size=20),
+  st.sampled_from(["\udc00", "\ud800x", "°C", "\x00", ""]),
 )
-JSON_VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-    max_leaves=12)
+JSON_VALUES = st.recursive(
+  SCALARS,
+  lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+  ),
+  max_leaves=12,
+)
 
 TIMESTAMPS = st.one_of(
-    st.sampled_from(["2024-01-15T10:30:00Z", "2024-01-15T10:30:00", "2024-01-15 10:30:00.123456789",
-                     "2024-01-15T11:30:00+0100", "0001-01-01T00:00:00+14:00",
-                     "9999-12-31T23:00:00-14:00", "9999-12-31T23:59:30Z", "1969-12-31T23:59:59Z",
-                     "2024-02-30T00:00:00Z", "2024-01-15T10:30:00+24:00"]),
-    st.integers(-10 ** 20, 10 ** 20), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=30), JSON_VALUES)
+  st.sampled_from(
+    [
+      "2024-01-15T10:30:00Z",
+      "2024-01-15T10:30:00",
+      "2024-01-15 10:30:00.123456789",
+      "2024-01-15T11:30:00+0100",
+      "0001-01-01T00:00:00+14:00",
+      "9999-12-31T23:00:00-14:00",
+      "9999-12-31T23:59:30Z",
+      "1969-12-31T23:59:59Z",
+      "2024-02-30T00:00:00Z",
+      "2024-01-15T10:30:00+24:00",
+    ]
+  ),
+  st.integers(-(10**20), 10**20),
+  st.floats(allow_nan=True, allow_infinity=True),
+  st.text(max_size=30),
+  JSON_VALUES,
+)
 
 
 def _dumps(value) -> bytes:
@@ -125,7 +170,8 @@ def _mutated_event(base: dict) -> st.SearchStrategy:
   fields = sorted(base)
   replacement = st.one_of(JSON_VALUES, TIMESTAMPS, st.just(_DROP))
   return st.dictionaries(st.sampled_from(fields), replacement, max_size=3).map(
-      lambda changes: {k: v for k, v in {**base, **changes}.items() if v is not _DROP})
+    lambda changes: {k: v for k, v in {**base, **changes}.items() if v is not _DROP}
+  )
 
 
 _DROP = object()
@@ -166,14 +212,18 @@ def _run(strategy: st.SearchStrategy, checker: _Checker, examples: int) -> None:
   @given(strategy)
   def check(items):
     checker(items)
+
   check()
 
 
 def test_random_bytes_give_one_row_or_dead_letter_each(tmp_path):
   checker = _Checker()
-  values = st.one_of(st.binary(max_size=200), st.binary(max_size=40).map(lambda b: b"\x00" + b),
-                     st.none(), 
-                     st.integers(65_500, 65_600).map(lambda n: (bytes(range(256)) * 257)[:n]))
+  values = st.one_of(
+    st.binary(max_size=200),
+    st.binary(max_size=40).map(lambda b: b"\x00" + b),
+    st.none(),
+    st.integers(65_500, 65_600).map(lambda n: (bytes(range(256)) * 257)[:n]),
+  )
   _run(_records(values), checker, 600)
   assert checker.records >= 2500
   checker.assert_sink_accepts_everything(tmp_path)
@@ -182,8 +232,11 @@ def test_random_bytes_give_one_row_or_dead_letter_each(tmp_path):
 def test_random_json_gives_one_row_or_dead_letter_each(tmp_path):
   checker = _Checker()
   deep = st.integers(900, 3_000).map(lambda n: b'{"metadata": ' + b"[" * n + b"]" * n + b"}")
-  values = st.one_of(JSON_VALUES.map(_dumps),
-                     st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=8).map(_dumps), deep)
+  values = st.one_of(
+    JSON_VALUES.map(_dumps),
+    st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=8).map(_dumps),
+    deep,
+  )
   _run(_records(values), checker, 600)
   assert checker.records >= 2500
   checker.assert_sink_accepts_everything(tmp_path)
@@ -193,13 +246,22 @@ def test_mutated_json_events_give_one_row_or_dead_letter_each(tmp_path):
   checker = _Checker()
   sensor = _mutated_event(SENSOR_BASE).map(_dumps)
   meter = _mutated_event(METER_BASE).map(_dumps)
-  values = st.one_of(sensor, meter, _byte_mutations(_dumps(SENSOR_BASE)),
-                     _byte_mutations(_dumps(METER_BASE)))
+  values = st.one_of(
+    sensor, meter, _byte_mutations(_dumps(SENSOR_BASE)), _byte_mutations(_dumps(METER_BASE))
+  )
   _run(_records(values, st.sampled_from([SENSOR_TOPIC, METER_TOPIC])), checker, 600)
   assert checker.records >= 2500
   # valid fields survive often enough for rows to be checked too, and many rules fired
-  assert len(checker.rows[SENSOR_READINGS.name]) > 100 and len(checker.rows[METER_READINGS.name]) > 100
-  assert {"wrong_type", "missing_field", "bad_timestamp", "out_of_range", "not_json"} <= checker.reasons
+  assert (
+    len(checker.rows[SENSOR_READINGS.name]) > 100 and len(checker.rows[METER_READINGS.name]) > 100
+  )
+  assert {
+    "wrong_type",
+    "missing_field",
+    "bad_timestamp",
+    "out_of_range",
+    "not_json",
+  } <= checker.reasons
   checker.assert_sink_accepts_everything(tmp_path)
 
 
@@ -207,9 +269,11 @@ def _avro_event(base: dict, encode) -> st.SearchStrategy:
   # Avro's types hold: strings stay strings, doubles stay floats (NaN and inf included).
   text = st.one_of(st.text(max_size=20), st.sampled_from(["", " ", "9999-12-31T23:59:30Z", "noon"]))
   number = st.floats(allow_nan=True, allow_infinity=True)
+
   def build(changes: dict) -> bytes:
     record = {**base, **changes}
     return encode(record)
+
   strings = {k: text for k, v in base.items() if isinstance(v, str)}
   numbers = {k: number for k, v in base.items() if isinstance(v, float)}
   return st.fixed_dictionaries({}, optional={**strings, **numbers}).map(build)
@@ -219,11 +283,18 @@ def test_mutated_avro_events_give_one_row_or_dead_letter_each(tmp_path):
   checker = _Checker()
   sensor = _avro_event(SENSOR_BASE, avro_sensor)
   meter = _avro_event(METER_BASE, avro_meter)
-  values = st.one_of(sensor, meter, _byte_mutations(avro_sensor()), _byte_mutations(avro_meter()),
-                     st.integers(3, 2 ** 32 - 1).map(lambda i: avro_sensor(schema_id=i)))
+  values = st.one_of(
+    sensor,
+    meter,
+    _byte_mutations(avro_sensor()),
+    _byte_mutations(avro_meter()),
+    st.integers(3, 2**32 - 1).map(lambda i: avro_sensor(schema_id=i)),
+  )
   _run(_records(values, st.sampled_from([SENSOR_TOPIC, METER_TOPIC])), checker, 600)
   assert checker.records >= 2500
-  assert len(checker.rows[SENSOR_READINGS.name]) > 50 and len(checker.rows[METER_READINGS.name]) > 50
+  assert (
+    len(checker.rows[SENSOR_READINGS.name]) > 50 and len(checker.rows[METER_READINGS.name]) > 50
+  )
   assert {"bad_avro", "registry_unavailable", "non_finite"} <= checker.reasons
   checker.assert_sink_accepts_everything(tmp_path)
 
@@ -239,8 +310,10 @@ def test_with_in_bundle_batching_every_row_leaves_once():
   from apache_beam.pvalue import TaggedOutput
 
   from transforms.parse import DEAD_LETTER_TAG, FULL_BATCHES_TAG, METER, SENSOR, _ParseEventsFn
-  fn = _ParseEventsFn({SENSOR_TOPIC: SENSOR, METER_TOPIC: METER}, 60.0, 300.0, 2, "partition", 100,
-                      None)
+
+  fn = _ParseEventsFn(
+    {SENSOR_TOPIC: SENSOR, METER_TOPIC: METER}, 60.0, 300.0, 2, "partition", 100, None
+  )
   fn.setup()
   records, good = [], set()
   for i in range(1500):
@@ -252,8 +325,11 @@ def test_with_in_bundle_batching_every_row_leaves_once():
       good.add(i)
       if i % 11 == 0:
         body["timestamp"] = f"2199-12-31T23:59:{i % 60:02d}Z"  # the last accepted minute
-    records.append(KafkaRecord(SENSOR_TOPIC if sensor else METER_TOPIC, i % 4, i, i, None,
-                               _dumps(body), 1_705_314_600_000))
+    records.append(
+      KafkaRecord(
+        SENSOR_TOPIC if sensor else METER_TOPIC, i % 4, i, i, None, _dumps(body), 1_705_314_600_000
+      )
+    )
   fn.start_bundle()
   seen, dead = [], []
   for record in records:

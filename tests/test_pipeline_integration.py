@@ -16,8 +16,8 @@ drops rows buffered in GroupIntoBatches when a bounded input ends (runners/prism
 
 from __future__ import annotations
 
-import hashlib
 import datetime as dt
+import hashlib
 import json
 import math
 import random
@@ -27,22 +27,35 @@ import uuid
 
 import pytest
 
-from tools.produce import BAD_KINDS, EventFactory
 from tests import support
+from tests.pipeline_support import (
+  BackgroundProducer,
+  Pipeline,
+  assert_commits_not_past_sink,
+  assert_exactly_once,
+  committed,
+  contiguous_frontier,
+  ends,
+  produce_events,
+  query,
+  row_count,
+  run_to_end,
+)
 from tests.support import wait_for
-from tests.pipeline_support import (BackgroundProducer, Pipeline, assert_commits_not_past_sink,
-                                    assert_exactly_once, committed, contiguous_frontier, ends,
-                                    produce_events, query, row_count, run_to_end)
+from tools.produce import BAD_KINDS, EventFactory
 from transforms.events import decode_raw_value
 from transforms.sinks.sqlite import SqliteStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-both_runners = pytest.mark.parametrize("runner", [
+both_runners = pytest.mark.parametrize(
+  "runner",
+  [
     "FnApiRunner",
     # Built by ./run_pipeline.sh test (runners/prism.sh build): a missing binary fails the case.
     "PrismRunner",
-])
+  ],
+)
 
 
 @pytest.fixture
@@ -55,6 +68,7 @@ def runner():
 def env(kafka_bootstrap, make_topic, tmp_path, runner):
   """Fresh sensor and meter topics (2 partitions each), a fresh group, a work dir; the
   test's streaming runs on `runner`."""
+
   class Env:
     bs = kafka_bootstrap
     sensor = make_topic(2, "sensor")
@@ -64,13 +78,15 @@ def env(kafka_bootstrap, make_topic, tmp_path, runner):
     db = tmp_path / "out.db"
 
     def pipeline(self, *extra, mode="local"):
-      return Pipeline(self.bs, self.sensor, self.meter, self.group, self.dir, *extra, mode=mode,
-                      runner=runner)
+      return Pipeline(
+        self.bs, self.sensor, self.meter, self.group, self.dir, *extra, mode=mode, runner=runner
+      )
 
     def batch(self, *extra, timeout=120.0):
       # Batch (restarts included) is FnApiRunner's: Prism refuses bounded runs.
-      return run_to_end(self.bs, self.sensor, self.meter, self.group, self.dir, *extra,
-                        timeout=timeout)
+      return run_to_end(
+        self.bs, self.sensor, self.meter, self.group, self.dir, *extra, timeout=timeout
+      )
 
     def produce(self, events, **kw):
       return produce_events(self.bs, self.sensor, self.meter, list(events), **kw)
@@ -110,8 +126,9 @@ def _assert_committed_equals_end(env):
 def test_sigterm_drains_50_events_and_commits_the_end(env):
   produced = env.produce(_events(50))
   with env.pipeline() as p:
-    support.wait_for(lambda: row_count(env.db) >= 50 or not p.alive(), timeout=60,
-                     what="50 rows in the sink")
+    support.wait_for(
+      lambda: row_count(env.db) >= 50 or not p.alive(), timeout=60, what="50 rows in the sink"
+    )
     assert p.alive(), p.tail()
     p.terminate()
     assert p.wait(60) == 0, p.tail()
@@ -130,16 +147,22 @@ def test_sigterm_drains_50_events_and_commits_the_end(env):
 def test_kill_while_processing_then_restart_writes_all_75_once(env):
   first = env.produce(_events(40, seed=2))
   with env.pipeline() as p:
-    support.wait_for(lambda: row_count(env.db) >= 40 and env.committed() == env.ends(),
-                     timeout=60, what="the first 40 rows written and committed")
+    support.wait_for(
+      lambda: row_count(env.db) >= 40 and env.committed() == env.ends(),
+      timeout=60,
+      what="the first 40 rows written and committed",
+    )
     # The sink is now stuck (a writer holds the file); the next 35 are read, never written:
     # the round that reads them waits on the sink (the start-up reconciliation, then the write).
     lock = sqlite3.connect(env.db, isolation_level=None, timeout=30)
     try:
       lock.execute("BEGIN EXCLUSIVE")
       second = env.produce(_events(35, seed=3))
-      support.wait_for(lambda: "database is locked); retrying" in p.output, timeout=60,
-                       what="the pipeline to retry the locked sink")
+      support.wait_for(
+        lambda: "database is locked); retrying" in p.output,
+        timeout=60,
+        what="the pipeline to retry the locked sink",
+      )
       p.kill()  # SIGKILL while the sink is retrying
       assert p.proc.returncode == -9
     finally:
@@ -238,8 +261,12 @@ def test_sigkill_at_random_moments_while_producing_loses_nothing(env):
     for cycle, delay in enumerate(extra):
       before = row_count(env.db)
       with env.pipeline() as p:
-        support.wait_for(lambda: row_count(env.db) > before or not p.alive(), timeout=60,
-                         interval=0.05, what=f"cycle {cycle}: the restarted pipeline writing")
+        support.wait_for(
+          lambda before=before: row_count(env.db) > before or not p.alive(),
+          timeout=60,
+          interval=0.05,
+          what=f"cycle {cycle}: the restarted pipeline writing",
+        )
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline and p.alive():
           time.sleep(0.02)
@@ -248,15 +275,21 @@ def test_sigkill_at_random_moments_while_producing_loses_nothing(env):
       # nothing committed past the sink, and the sink never shrinks
       env.commits_not_past_sink()
       assert row_count(env.db) > before
-      print(f"cycle {cycle}: killed {delay:.2f}s after it wrote; rows {before} -> "
-            f"{row_count(env.db)}, produced {producer.count()}, committed {env.committed()}")
+      print(
+        f"cycle {cycle}: killed {delay:.2f}s after it wrote; rows {before} -> "
+        f"{row_count(env.db)}, produced {producer.count()}, committed {env.committed()}"
+      )
   finally:
     produced = producer.stop()
   assert produced and sum(env.ends().values()) == len(produced)
 
   with env.pipeline() as p:
-    support.wait_for(lambda: row_count(env.db) >= len(produced) or not p.alive(), timeout=60,
-                     interval=0.5, what=f"the sink to catch up with {len(produced)} events")
+    support.wait_for(
+      lambda: row_count(env.db) >= len(produced) or not p.alive(),
+      timeout=60,
+      interval=0.5,
+      what=f"the sink to catch up with {len(produced)} events",
+    )
     assert p.alive(), p.tail()
     p.terminate()
     assert p.wait(60) == 0, p.tail()
@@ -271,12 +304,16 @@ def test_sigkill_at_random_moments_while_producing_loses_nothing(env):
 @pytest.mark.timeout(150)
 @both_runners
 def test_drain_while_producing_commits_only_what_is_written(env):
-  producer = BackgroundProducer(env.bs, env.sensor, env.meter, rate=500, bad_ratio=0.02,
-                                seed=17).start()
+  producer = BackgroundProducer(
+    env.bs, env.sensor, env.meter, rate=500, bad_ratio=0.02, seed=17
+  ).start()
   try:
     with env.pipeline() as p:
-      support.wait_for(lambda: row_count(env.db) >= 500 or not p.alive(), timeout=60,
-                       what="the sink to write while the producer runs")
+      support.wait_for(
+        lambda: row_count(env.db) >= 500 or not p.alive(),
+        timeout=60,
+        what="the sink to write while the producer runs",
+      )
       assert p.alive(), p.tail()
       produced_at_drain = producer.count()
       p.terminate()
@@ -314,17 +351,26 @@ def test_batch_twice_second_run_writes_nothing(env):
   assert "finished" in first.output
   assert_exactly_once(env.db, produced)
   _assert_committed_equals_end(env)
-  snapshot = query(env.db, "SELECT kafka_topic, kafka_partition, kafka_offset, written_at "
-                           "FROM sensor_readings UNION ALL SELECT kafka_topic, kafka_partition, "
-                           "kafka_offset, written_at FROM meter_readings ORDER BY 1, 2, 3")
+  snapshot = query(
+    env.db,
+    "SELECT kafka_topic, kafka_partition, kafka_offset, written_at "
+    "FROM sensor_readings UNION ALL SELECT kafka_topic, kafka_partition, "
+    "kafka_offset, written_at FROM meter_readings ORDER BY 1, 2, 3",
+  )
   assert len(snapshot) == 80
 
   second = env.batch()
   _assert_clean_exit(second)
   assert "rows written:   0" in second.output, second.tail()
-  assert query(env.db, "SELECT kafka_topic, kafka_partition, kafka_offset, written_at "
-                       "FROM sensor_readings UNION ALL SELECT kafka_topic, kafka_partition, "
-                       "kafka_offset, written_at FROM meter_readings ORDER BY 1, 2, 3") == snapshot
+  assert (
+    query(
+      env.db,
+      "SELECT kafka_topic, kafka_partition, kafka_offset, written_at "
+      "FROM sensor_readings UNION ALL SELECT kafka_topic, kafka_partition, "
+      "kafka_offset, written_at FROM meter_readings ORDER BY 1, 2, 3",
+    )
+    == snapshot
+  )
   _assert_committed_equals_end(env)
 
 
@@ -361,12 +407,16 @@ def test_two_local_workers_share_the_partitions_and_lose_nothing(env):
 
   producer = BackgroundProducer(env.bs, env.sensor, env.meter, rate=300.0).start()
   try:
-    with Pipeline(env.bs, env.sensor, env.meter, env.group, env.dir, "--local_workers=2",
-                  mode="local") as s:
+    with Pipeline(
+      env.bs, env.sensor, env.meter, env.group, env.dir, "--local_workers=2", mode="local"
+    ) as s:
       wait_for(lambda: row_count(env.db) > len(first) + 50, timeout=60, what="rows while streaming")
       later = producer.stop()
-      wait_for(lambda: row_count(env.db) >= len(first) + len(later), timeout=60,
-               what="the workers to catch up")
+      wait_for(
+        lambda: row_count(env.db) >= len(first) + len(later),
+        timeout=60,
+        what="the workers to catch up",
+      )
       assert_commits_not_past_sink(env.bs, env.group, env.db, env.sensor, env.meter)
       s.terminate()
       assert s.wait(timeout=60) == 0, s.tail()
@@ -397,9 +447,14 @@ def test_malformed_events_are_dead_lettered_and_late_events_kept(env):
   _assert_clean_exit(p)
   assert_exactly_once(env.db, bad_offsets + good_offsets + late_offsets)
 
-  dead = {tuple(r[:3]): r[3:] for r in query(
-      env.db, "SELECT kafka_topic, kafka_partition, kafka_offset, reason, error, stage, raw_value, "
-              "raw_encoding, truncated, raw_size, raw_sha256 FROM dead_letters")}
+  dead = {
+    tuple(r[:3]): r[3:]
+    for r in query(
+      env.db,
+      "SELECT kafka_topic, kafka_partition, kafka_offset, reason, error, stage, raw_value, "
+      "raw_encoding, truncated, raw_size, raw_sha256 FROM dead_letters",
+    )
+  }
   assert len(dead) == len(BAD_KINDS)
   for kind, event, coords in zip(BAD_KINDS, bad, bad_offsets):
     reason, error, stage, raw, encoding, truncated, size, sha = dead[coords]
@@ -410,16 +465,29 @@ def test_malformed_events_are_dead_lettered_and_late_events_kept(env):
   for kind in BAD_KINDS:
     assert f"{kind}=1" in p.output, p.tail()  # the summary counts every reason
 
-  (s_late, s_time), = query(env.db, "SELECT is_late, event_time FROM sensor_readings "
-                                    "WHERE kafka_topic=? AND kafka_partition=? AND kafka_offset=?",
-                            late_offsets[0])
-  (m_late,), = query(env.db, "SELECT is_late FROM meter_readings WHERE kafka_topic=? AND "
-                             "kafka_partition=? AND kafka_offset=?", late_offsets[1])
+  ((s_late, s_time),) = query(
+    env.db,
+    "SELECT is_late, event_time FROM sensor_readings "
+    "WHERE kafka_topic=? AND kafka_partition=? AND kafka_offset=?",
+    late_offsets[0],
+  )
+  ((m_late,),) = query(
+    env.db,
+    "SELECT is_late FROM meter_readings WHERE kafka_topic=? AND "
+    "kafka_partition=? AND kafka_offset=?",
+    late_offsets[1],
+  )
   assert (s_late, m_late) == (1, 1)
   expected = json.loads(late_sensor.value)["timestamp"]
-  assert dt.datetime.fromisoformat(s_time.replace("Z", "+00:00")) == dt.datetime.fromisoformat(expected)
-  on_time = query(env.db, "SELECT is_late FROM sensor_readings WHERE kafka_topic=? AND "
-                          "kafka_partition=? AND kafka_offset=?", good_offsets[0])
+  assert dt.datetime.fromisoformat(s_time.replace("Z", "+00:00")) == dt.datetime.fromisoformat(
+    expected
+  )
+  on_time = query(
+    env.db,
+    "SELECT is_late FROM sensor_readings WHERE kafka_topic=? AND "
+    "kafka_partition=? AND kafka_offset=?",
+    good_offsets[0],
+  )
   assert on_time == [(0,)]
   _assert_committed_equals_end(env)
 
@@ -441,12 +509,23 @@ def test_prism_commits_a_quiet_stream_without_waiting_for_a_drain(env):
   """Streaming on Prism commits from a processing-time timer: once the rows are written,
   the committed offsets reach the end offsets while the pipeline still runs."""
   produced = env.produce(_events(40, seed=41))
-  with Pipeline(env.bs, env.sensor, env.meter, env.group, env.dir, "--commit_interval_secs=1",
-                runner="PrismRunner") as p:
-    wait_for(lambda: row_count(env.db) >= len(produced) or not p.alive(), timeout=90,
-             what="the rows")
-    wait_for(lambda: env.committed() == env.ends() or not p.alive(), timeout=30,
-             what="the commit of a quiet stream")
+  with Pipeline(
+    env.bs,
+    env.sensor,
+    env.meter,
+    env.group,
+    env.dir,
+    "--commit_interval_secs=1",
+    runner="PrismRunner",
+  ) as p:
+    wait_for(
+      lambda: row_count(env.db) >= len(produced) or not p.alive(), timeout=90, what="the rows"
+    )
+    wait_for(
+      lambda: env.committed() == env.ends() or not p.alive(),
+      timeout=30,
+      what="the commit of a quiet stream",
+    )
     assert p.alive(), p.tail()  # committed before any drain
     p.terminate()
     assert p.wait(timeout=60) == 0, p.tail()

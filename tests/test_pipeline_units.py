@@ -20,20 +20,25 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from runners import main as pipeline_main
 from pipelines.options import OptionError, SmartGridOptions, validate
+from runners import main as pipeline_main
 from tools.produce import BAD_KINDS, EventFactory
 from transforms.acks import Ack, acks_for_rows
 from transforms.commit import PartitionProgress
-from transforms.events import (DEAD_LETTER_REASONS, InvalidEvent, parse_meter, parse_sensor,
-                               parse_timestamp_us)
-from transforms.timestamps import iso_us
+from transforms.events import (
+  DEAD_LETTER_REASONS,
+  InvalidEvent,
+  parse_meter,
+  parse_sensor,
+  parse_timestamp_us,
+)
 from transforms.kafka.records import KafkaRecord
 from transforms.parse import DEAD_LETTER_TAG, METER, SENSOR, ParseEvents
 from transforms.retry import RetriesExhausted, with_retries
 from transforms.rows import ROW_TYPES, key_table, offset_of, partition_of
 from transforms.sinks.base import WriteBatches
 from transforms.sinks.sqlite import SqliteStore
+from transforms.timestamps import iso_us
 
 NOW = 1_700_000_000.0  # a fixed instant: 2023-11-14T22:13:20Z
 
@@ -42,7 +47,9 @@ NOW = 1_700_000_000.0  # a fixed instant: 2023-11-14T22:13:20Z
 # Options
 
 
-@pytest.mark.parametrize("args, option", [
+@pytest.mark.parametrize(
+  "args, option",
+  [
     (["--bootstrap_servers=nohostport"], "bootstrap_servers"),
     (["--bootstrap_servers=a:1,b"], "bootstrap_servers"),
     (["--sensor_topic=bad topic!"], "sensor_topic"),
@@ -67,7 +74,8 @@ NOW = 1_700_000_000.0  # a fixed instant: 2023-11-14T22:13:20Z
     (["--poll_timeout_ms=0"], "poll_timeout_ms"),
     (["--progress_secs=-1"], "progress_secs"),
     (["--kafka_security_protocol=CARRIER_PIGEON"], "kafka_security_protocol"),
-])
+  ],
+)
 def test_bad_option_values_fail_naming_the_option(args, option):
   with pytest.raises(OptionError) as e:
     pipeline_main.parse(["--mode=batch", *args])
@@ -85,8 +93,13 @@ def test_defaults_validate_and_batch_mode_stops_at_end():
   o = options.view_as(SmartGridOptions)
   assert mode == "batch" and o.stop == "end"
   assert (o.bootstrap_servers, o.sensor_topic, o.meter_topic, o.group_id, o.batch_size, o.sink) == (
-      "127.0.0.1:9092", "smartgrid-sensor-data", "smartgrid-meter-readings", "smartgrid-pipeline",
-      100, "sqlite:///output/smartgrid.db")
+    "127.0.0.1:9092",
+    "smartgrid-sensor-data",
+    "smartgrid-meter-readings",
+    "smartgrid-pipeline",
+    100,
+    "sqlite:///output/smartgrid.db",
+  )
   mode, options = pipeline_main.parse(["--mode=local"])
   assert mode == "local" and options.view_as(SmartGridOptions).stop is None
 
@@ -96,8 +109,9 @@ def test_unknown_option_is_named():
     pipeline_main.parse(["--batchsize=100"])
 
 
-@pytest.mark.parametrize("arg, option", [("--batch_size=abc", "--batch_size"),
-                                         ("--shard_by=planet", "--shard_by")])
+@pytest.mark.parametrize(
+  "arg, option", [("--batch_size=abc", "--batch_size"), ("--shard_by=planet", "--shard_by")]
+)
 def test_mistyped_values_are_refused_by_argparse_naming_the_option(arg, option, capsys):
   with pytest.raises(SystemExit) as e:
     pipeline_main.parse([arg])
@@ -137,7 +151,9 @@ def _sensor(**changes) -> dict:
 _DELETE = object()
 
 
-@pytest.mark.parametrize("value, reason", [
+@pytest.mark.parametrize(
+  "value, reason",
+  [
     (None, "not_json"),  # a tombstone
     (b"", "not_json"),
     (b"\xc3\x28", "not_utf8"),
@@ -156,20 +172,24 @@ _DELETE = object()
     (json.dumps(_sensor(timestamp="2024-13-45T00:00:00")).encode(), "bad_timestamp"),
     (json.dumps(_sensor(timestamp=True)).encode(), "bad_timestamp"),  # epoch numbers are fine
     (b"{" + b'"a": "' + b"x" * (64 * 1024) + b'"}', "oversized"),
-])
+  ],
+)
 def test_parse_sensor_reasons(value, reason):
   with pytest.raises(InvalidEvent) as e:
     parse_sensor(value)
   assert e.value.reason == reason, str(e.value)
 
 
-@pytest.mark.parametrize("change, reason", [
+@pytest.mark.parametrize(
+  "change, reason",
+  [
     ({"customer_id": _DELETE}, "missing_field"),
     ({"reading": "twelve"}, "wrong_type"),  # a numeric string is a number
     ({"reading": math.nan}, "non_finite"),
     ({"timestamp": "noon"}, "bad_timestamp"),
     ({"unit": 3}, "wrong_type"),
-])
+  ],
+)
 def test_parse_meter_reasons(change, reason):
   body = json.loads(EventFactory(5).meter(NOW).value)
   for k, v in change.items():
@@ -196,10 +216,23 @@ def test_good_events_parse_to_typed_values():
   assert iso_us(int(NOW * 1_000_000)) == "2023-11-14T22:13:20.000000Z"
 
 
-def _record(topic: str, offset: int, value, ts: float = NOW, partition: int = 0,
-            covers_from: int | None = None) -> KafkaRecord:
-  return KafkaRecord(topic, partition, offset, offset if covers_from is None else covers_from,
-                     b"k", value, int(ts * 1000))
+def _record(
+  topic: str,
+  offset: int,
+  value,
+  ts: float = NOW,
+  partition: int = 0,
+  covers_from: int | None = None,
+) -> KafkaRecord:
+  return KafkaRecord(
+    topic,
+    partition,
+    offset,
+    offset if covers_from is None else covers_from,
+    b"k",
+    value,
+    int(ts * 1000),
+  )
 
 
 def test_parse_events_transform_routes_every_record_once():
@@ -207,24 +240,48 @@ def test_parse_events_transform_routes_every_record_once():
   good_sensor = f.sensor(NOW).value
   good_meter = f.meter(NOW).value
   late = json.loads(f.sensor(NOW - 7200).value)  # two hours before its Kafka timestamp
-  records = [_record("s", 0, good_sensor), _record("m", 0, good_meter, partition=2),
-             _record("s", 1, json.dumps(late).encode())]
+  records = [
+    _record("s", 0, good_sensor),
+    _record("m", 0, good_meter, partition=2),
+    _record("s", 1, json.dumps(late).encode()),
+  ]
   records += [_record("s", 2 + i, f.bad(NOW, kind).value) for i, kind in enumerate(BAD_KINDS)]
   records.append(_record("other", 0, good_sensor))
   with BeamTestPipeline() as p:
-    rows, dead = (p | beam.Create(records)
-                  | ParseEvents({"s": SENSOR, "m": METER}, window_size_secs=60,
-                                allowed_lateness_secs=60, num_shards=2))
-    assert_that(rows | "RowKeys" >> beam.Map(
-        lambda kv: (kv[0], *partition_of(kv[1])[:1], offset_of(kv[1]),
-                    ROW_TYPES[key_table(kv[0])].as_dict(kv[1])["is_late"])),
-                equal_to([(("sensor_readings", 0), "s", 0, False),
-                          (("meter_readings", 0), "m", 0, False),
-                          (("sensor_readings", 0), "s", 1, True)]), label="Rows")
+    rows, dead = (
+      p
+      | beam.Create(records)
+      | ParseEvents(
+        {"s": SENSOR, "m": METER}, window_size_secs=60, allowed_lateness_secs=60, num_shards=2
+      )
+    )
+    assert_that(
+      rows
+      | "RowKeys"
+      >> beam.Map(
+        lambda kv: (
+          kv[0],
+          *partition_of(kv[1])[:1],
+          offset_of(kv[1]),
+          ROW_TYPES[key_table(kv[0])].as_dict(kv[1])["is_late"],
+        )
+      ),
+      equal_to(
+        [
+          (("sensor_readings", 0), "s", 0, False),
+          (("meter_readings", 0), "m", 0, False),
+          (("sensor_readings", 0), "s", 1, True),
+        ]
+      ),
+      label="Rows",
+    )
     expected_dead = [("s", 2 + i, kind) for i, kind in enumerate(BAD_KINDS)]
     expected_dead.append(("other", 0, "unknown_topic"))
-    assert_that(dead | "DeadKeys" >> beam.Map(lambda d: (d.kafka_topic, d.kafka_offset, d.reason)),
-                equal_to(expected_dead), label="DeadLetters")
+    assert_that(
+      dead | "DeadKeys" >> beam.Map(lambda d: (d.kafka_topic, d.kafka_offset, d.reason)),
+      equal_to(expected_dead),
+      label="DeadLetters",
+    )
 
 
 def test_parse_events_refuses_bad_arguments_naming_the_option():
@@ -257,7 +314,11 @@ def test_acks_merge_contiguous_rows_in_any_order():
 def test_acks_keep_holes_and_separate_partitions_and_topics():
   rows = [_row("t", 0, 0), _row("t", 0, 1), _row("t", 0, 5), _row("t", 1, 7), _row("u", 0, 1)]
   assert sorted(acks_for_rows(rows), key=lambda a: (a.topic, a.partition, a.start)) == [
-      Ack("t", 0, 0, 2), Ack("t", 0, 5, 6), Ack("t", 1, 7, 8), Ack("u", 0, 1, 2)]
+    Ack("t", 0, 0, 2),
+    Ack("t", 0, 5, 6),
+    Ack("t", 1, 7, 8),
+    Ack("u", 0, 1, 2),
+  ]
 
 
 def test_acks_covers_from_spans_gaps_and_overlaps_merge():
@@ -355,14 +416,22 @@ def _flaky(failures: int, exc: BaseException):
     if calls["n"] <= failures:
       raise exc
     return "ok"
+
   return fn, calls
 
 
 def test_with_retries_backs_off_exponentially_with_jitter_until_success():
   c = FakeClock()
   fn, calls = _flaky(5, sqlite3.OperationalError("database is locked"))
-  result = with_retries(fn, lambda e: isinstance(e, sqlite3.OperationalError), deadline_s=60,
-                        initial_backoff_s=0.1, max_backoff_s=0.4, sleep=c.sleep, clock=c.clock)
+  result = with_retries(
+    fn,
+    lambda e: isinstance(e, sqlite3.OperationalError),
+    deadline_s=60,
+    initial_backoff_s=0.1,
+    max_backoff_s=0.4,
+    sleep=c.sleep,
+    clock=c.clock,
+  )
   assert result == "ok" and calls["n"] == 6
   backoffs = [0.1, 0.2, 0.4, 0.4, 0.4]
   assert len(c.sleeps) == 5
@@ -374,8 +443,13 @@ def test_with_retries_raises_non_transient_at_once():
   c = FakeClock()
   fn, calls = _flaky(1, sqlite3.IntegrityError("NOT NULL"))
   with pytest.raises(sqlite3.IntegrityError):
-    with_retries(fn, lambda e: isinstance(e, sqlite3.OperationalError), deadline_s=60,
-                 sleep=c.sleep, clock=c.clock)
+    with_retries(
+      fn,
+      lambda e: isinstance(e, sqlite3.OperationalError),
+      deadline_s=60,
+      sleep=c.sleep,
+      clock=c.clock,
+    )
   assert calls["n"] == 1 and c.sleeps == []
 
 
@@ -383,9 +457,16 @@ def test_with_retries_gives_up_after_the_deadline():
   c = FakeClock()
   fn, calls = _flaky(10**6, sqlite3.OperationalError("disk I/O error"))
   with pytest.raises(RetriesExhausted, match="still failing") as e:
-    with_retries(fn, lambda e: isinstance(e, sqlite3.OperationalError), deadline_s=10,
-                 initial_backoff_s=0.1, max_backoff_s=2.0, what="writing", sleep=c.sleep,
-                 clock=c.clock)
+    with_retries(
+      fn,
+      lambda e: isinstance(e, sqlite3.OperationalError),
+      deadline_s=10,
+      initial_backoff_s=0.1,
+      max_backoff_s=2.0,
+      what="writing",
+      sleep=c.sleep,
+      clock=c.clock,
+    )
   assert isinstance(e.value.__cause__, sqlite3.OperationalError)
   # the last sleep may overrun the deadline by its jitter: at most half a (capped) backoff
   assert c.now - 100.0 <= 10 + 0.5 * 2.0 + 1e-9
@@ -409,9 +490,14 @@ class _CheckAckedRowsAreDurable(beam.DoFn):
     try:
       found = set()
       for table in ("sensor_readings", "meter_readings", "dead_letters"):
-        found |= {o for (o,) in conn.execute(
+        found |= {
+          o
+          for (o,) in conn.execute(
             f"SELECT kafka_offset FROM {table} WHERE kafka_topic=? AND kafka_partition=? "
-            "AND kafka_offset>=? AND kafka_offset<?", (ack.topic, ack.partition, ack.start, ack.end))}
+            "AND kafka_offset>=? AND kafka_offset<?",
+            (ack.topic, ack.partition, ack.start, ack.end),
+          )
+        }
     finally:
       conn.close()
     _SEEN.setdefault(self._path, []).append((ack, found))
@@ -425,6 +511,7 @@ class AlwaysLockedStore(SqliteStore):
 
 def _sensor_rows(topic: str, partition: int, offsets, factory: EventFactory | None = None):
   from transforms.events import sensor_row
+
   f = factory or EventFactory(21 + partition)  # distinct events per partition (event_id is unique)
   out = []
   for o in offsets:
@@ -446,21 +533,34 @@ def test_write_batches_writes_rows_then_acks_them(tmp_path):
   rows0 = _sensor_rows("s", 0, range(0, 7))
   rows1 = _sensor_rows("s", 1, range(3, 6))
   from transforms.events import meter_row
+
   m = parse_meter(EventFactory(2).meter(NOW).value)
   meter = [meter_row(m, 0, 60_000_000, False, "m", 0, 4, 0)]  # covers 0..4 (a gap before it)
-  batches = [(("sensor_readings", 0), rows0[:4]), (("sensor_readings", 0), rows0[4:]),
-             (("sensor_readings", 1), rows1), (("meter_readings", 0), meter)]
+  batches = [
+    (("sensor_readings", 0), rows0[:4]),
+    (("sensor_readings", 0), rows0[4:]),
+    (("sensor_readings", 1), rows1),
+    (("meter_readings", 0), meter),
+  ]
   with BeamTestPipeline() as p:
-    acks = (p | beam.Create(batches)
-            | WriteBatches(SqliteStore(path), flush_rows=3, retry_deadline_s=5, batch_size=4)
-            | beam.ParDo(_CheckAckedRowsAreDurable(path)))
+    acks = (
+      p
+      | beam.Create(batches)
+      | WriteBatches(SqliteStore(path), flush_rows=3, retry_deadline_s=5, batch_size=4)
+      | beam.ParDo(_CheckAckedRowsAreDurable(path))
+    )
     # flushed every >= 3 rows: the acks may come in pieces, but they cover exactly these offsets
-    assert_that(acks | beam.FlatMap(lambda a: [(a.topic, a.partition, o)
-                                               for o in range(a.start, a.end)]),
-                equal_to([("s", 0, o) for o in range(7)] + [("s", 1, o) for o in range(3, 6)]
-                         + [("m", 0, o) for o in range(5)]))
+    assert_that(
+      acks | beam.FlatMap(lambda a: [(a.topic, a.partition, o) for o in range(a.start, a.end)]),
+      equal_to(
+        [("s", 0, o) for o in range(7)]
+        + [("s", 1, o) for o in range(3, 6)]
+        + [("m", 0, o) for o in range(5)]
+      ),
+    )
   assert _table(path, "sensor_readings") == [("s", 0, o) for o in range(7)] + [
-      ("s", 1, o) for o in range(3, 6)]
+    ("s", 1, o) for o in range(3, 6)
+  ]
   assert _table(path, "meter_readings") == [("m", 0, 4)]
   seen = _SEEN.pop(path)
   assert seen
@@ -484,9 +584,12 @@ def test_write_batches_failing_store_fails_the_bundle_and_acks_nothing(tmp_path)
   key = path + "#failing"
   with pytest.raises(Exception) as e:
     with BeamTestPipeline() as p:
-      _ = (p | beam.Create([(("sensor_readings", 0), _sensor_rows("s", 0, range(3)))])
-           | WriteBatches(AlwaysLockedStore(path), retry_deadline_s=0.3)
-           | beam.Map(lambda ack: _SEEN.setdefault(key, []).append(ack)))
+      _ = (
+        p
+        | beam.Create([(("sensor_readings", 0), _sensor_rows("s", 0, range(3)))])
+        | WriteBatches(AlwaysLockedStore(path), retry_deadline_s=0.3)
+        | beam.Map(lambda ack: _SEEN.setdefault(key, []).append(ack))
+      )
   assert "still failing" in str(e.value) and "database is locked" in str(e.value)
   assert _SEEN.pop(key, []) == []
   assert _table(path, "sensor_readings") == []
@@ -502,8 +605,9 @@ def test_write_batches_rejected_rows_go_to_dead_letters_and_are_acked(tmp_path):
   assert _table(path, "sensor_readings") == [("s", 0, 0), ("s", 0, 1), ("s", 0, 3)]
   conn = sqlite3.connect(path)
   try:
-    dead = conn.execute("SELECT kafka_topic, kafka_partition, kafka_offset, error, stage "
-                        "FROM dead_letters").fetchall()
+    dead = conn.execute(
+      "SELECT kafka_topic, kafka_partition, kafka_offset, error, stage FROM dead_letters"
+    ).fetchall()
   finally:
     conn.close()
   assert len(dead) == 1
@@ -514,19 +618,31 @@ def test_write_batches_rejected_rows_go_to_dead_letters_and_are_acked(tmp_path):
 
 def test_write_batches_acks_each_batch_in_its_own_window(tmp_path):
   path = str(tmp_path / "sink.db")
-  batches = [((("sensor_readings", 0), _sensor_rows("s", 0, range(0, 3))), 10),  # window [0, 60)
-             ((("sensor_readings", 1), _sensor_rows("s", 1, range(0, 2))), 70)]  # window [60, 120)
+  batches = [
+    ((("sensor_readings", 0), _sensor_rows("s", 0, range(0, 3))), 10),  # window [0, 60)
+    ((("sensor_readings", 1), _sensor_rows("s", 1, range(0, 2))), 70),
+  ]  # window [60, 120)
 
   def where(ack, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
-    yield ack.partition, ack.start, ack.end, window.start.micros, timestamp == window.max_timestamp()
+    yield (
+      ack.partition,
+      ack.start,
+      ack.end,
+      window.start.micros,
+      timestamp == window.max_timestamp(),
+    )
 
   with BeamTestPipeline() as p:
-    acks = (p | beam.Create(batches)
-            | "Stamp" >> beam.Map(lambda b: beam.window.TimestampedValue(b[0], b[1]))
-            | beam.WindowInto(beam.window.FixedWindows(60))
-            | WriteBatches(SqliteStore(path)))
-    assert_that(acks | beam.ParDo(where),
-                equal_to([(0, 0, 3, 0, True), (1, 0, 2, 60_000_000, True)]))
+    acks = (
+      p
+      | beam.Create(batches)
+      | "Stamp" >> beam.Map(lambda b: beam.window.TimestampedValue(b[0], b[1]))
+      | beam.WindowInto(beam.window.FixedWindows(60))
+      | WriteBatches(SqliteStore(path))
+    )
+    assert_that(
+      acks | beam.ParDo(where), equal_to([(0, 0, 3, 0, True), (1, 0, 2, 60_000_000, True)])
+    )
 
 
 def test_write_batches_refuses_bad_flush_rows():
@@ -544,6 +660,7 @@ def _metrics_container():
   from apache_beam.metrics.execution import MetricsContainer
   from apache_beam.runners.worker import statesampler
   from apache_beam.utils import counters
+
   sampler = statesampler.StateSampler("", counters.CounterFactory())
   statesampler.set_current_tracker(sampler)
   container = MetricsContainer("step")
@@ -559,17 +676,19 @@ def _metrics_container():
 
 def _counter(container, kind: str, label: str) -> int:
   from apache_beam.metrics.metricbase import MetricName
+
   from transforms import telemetry
+
   return container.get_counter(MetricName(telemetry.NAMESPACE, f"{kind}/{label}")).get_cumulative()
 
 
 def test_reader_counts_every_record_it_emits_when_a_poll_crosses_the_stop():
+  from apache_beam.io.restriction_trackers import OffsetRange
   from kafka import TopicPartition
 
   from tests.test_kafka_units import FakeConsumer, _reader, _rec, _run
   from transforms import telemetry
   from transforms.kafka.records import PartitionRead
-  from apache_beam.io.restriction_trackers import OffsetRange
 
   tp = TopicPartition("t", 0)
   # ten records in the log, one poll returns five, the read stops at 3 (its end at start)
@@ -583,6 +702,7 @@ def test_reader_counts_every_record_it_emits_when_a_poll_crosses_the_stop():
 def test_telemetry_totals_sum_a_real_runners_counters_over_steps_and_labels():
   """The launcher's figures come from a PipelineResult: counted in two steps, read once."""
   from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
   from transforms import telemetry
 
   def count(kind):
@@ -594,15 +714,25 @@ def test_telemetry_totals_sum_a_real_runners_counters_over_steps_and_labels():
         telemetry.count_dead_letter("not_json")
         telemetry.count_batch(full=x == "a")
       return x
+
     return fn
 
   p = beam.Pipeline(runner=FnApiRunner())
-  _ = (p | beam.Create(["a", "b", "a"]) | "Read" >> beam.Map(count("read"))
-       | "Write" >> beam.Map(count("write")))
+  _ = (
+    p
+    | beam.Create(["a", "b", "a"])
+    | "Read" >> beam.Map(count("read"))
+    | "Write" >> beam.Map(count("write"))
+  )
   result = p.run()
   result.wait_until_finish()
   totals = telemetry.totals(result)
-  assert totals == {"read": {"a": 2, "b": 1}, "written": {"sensor_readings": 6},
-                    "rejected": {"sensor_readings": 3}, "duplicates": {"sensor_readings": 2},
-                    "dead_letters": {"not_json": 3}, "batches": {"all": 3, "full": 2}}
+  assert totals == {
+    "read": {"a": 2, "b": 1},
+    "written": {"sensor_readings": 6},
+    "rejected": {"sensor_readings": 3},
+    "duplicates": {"sensor_readings": 2},
+    "dead_letters": {"not_json": 3},
+    "batches": {"all": 3, "full": 2},
+  }
   assert telemetry.add(telemetry.add(telemetry.empty(), totals), totals)["read"] == {"a": 4, "b": 2}

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                  SetupOptions, StandardOptions)
+from apache_beam.options.pipeline_options import (
+  GoogleCloudOptions,
+  PipelineOptions,
+  SetupOptions,
+  StandardOptions,
+)
 
-from runners import drain, remote
 from pipelines.options import OptionError
+from runners import drain, remote
 
 BQ = "--sink=bigquery://my-project/smartgrid"
 REQUIRED = ["--project=my-project", "--region=europe-west1", "--temp_location=gs://bucket/tmp", BQ]
@@ -28,9 +32,15 @@ def test_dataflow_streaming_job_gets_everything_it_needs():
 
 
 def test_dataflow_batch_job_is_not_streaming_and_keeps_given_names():
-  o = _configured(*REQUIRED, "--stop=end", "--job_name=nightly", "--staging_location=gs://b/stage",
-                  "--service_account_email=sa@my-project.iam.gserviceaccount.com",
-                  "--subnetwork=regions/europe-west1/subnetworks/private", "--no_use_public_ips")
+  o = _configured(
+    *REQUIRED,
+    "--stop=end",
+    "--job_name=nightly",
+    "--staging_location=gs://b/stage",
+    "--service_account_email=sa@my-project.iam.gserviceaccount.com",
+    "--subnetwork=regions/europe-west1/subnetworks/private",
+    "--no_use_public_ips",
+  )
   gcp = o.view_as(GoogleCloudOptions)
   assert o.view_as(StandardOptions).streaming is False
   assert (gcp.job_name, gcp.staging_location) == ("nightly", "gs://b/stage")
@@ -47,11 +57,14 @@ def test_dataflow_update_keeps_the_job_name():
   assert o.view_as(GoogleCloudOptions).job_name == "smartgrid-prod"
 
 
-@pytest.mark.parametrize("missing, named", [
+@pytest.mark.parametrize(
+  "missing, named",
+  [
     ("--project=my-project", "--project"),
     ("--region=europe-west1", "--region"),
     ("--temp_location=gs://bucket/tmp", "--temp_location"),
-])
+  ],
+)
 def test_dataflow_refuses_to_start_without_a_required_option(missing, named):
   args = [a for a in REQUIRED if a != missing]
   with pytest.raises(OptionError, match=f"^{named}:"):
@@ -67,18 +80,38 @@ def test_dataflow_refuses_a_local_temp_location_and_a_sqlite_sink():
 
 def test_main_exits_2_with_the_message_for_a_missing_region(capsys):
   from runners import main
+
   assert main.main(["--mode=dataflow", "--project=my-project", "--temp_location=gs://b/t", BQ]) == 2
   assert "--region: Dataflow needs a region" in capsys.readouterr().err
 
 
 def test_dataflow_drain_command_lines():
   assert drain.dataflow_drain_command("2026-11-27_01_02_03-42", "europe-west1") == [
-      "gcloud", "dataflow", "jobs", "drain", "2026-11-27_01_02_03-42", "--region=europe-west1"]
+    "gcloud",
+    "dataflow",
+    "jobs",
+    "drain",
+    "2026-11-27_01_02_03-42",
+    "--region=europe-west1",
+  ]
   assert drain.dataflow_drain_command("j", "us-central1", "p") == [
-      "gcloud", "dataflow", "jobs", "drain", "j", "--region=us-central1", "--project=p"]
+    "gcloud",
+    "dataflow",
+    "jobs",
+    "drain",
+    "j",
+    "--region=us-central1",
+    "--project=p",
+  ]
   assert drain.dataflow_state_command("j", "us-central1") == [
-      "gcloud", "dataflow", "jobs", "describe", "j", "--region=us-central1",
-      "--format=value(currentState)"]
+    "gcloud",
+    "dataflow",
+    "jobs",
+    "describe",
+    "j",
+    "--region=us-central1",
+    "--format=value(currentState)",
+  ]
 
 
 def test_drain_dataflow_needs_a_job_and_a_region(capsys):
@@ -107,6 +140,7 @@ def test_flink_options_use_loopback_the_embedded_cluster_and_an_explicit_jar(mon
 
 def test_partition_shards_cover_every_partition_once_and_balance_topics():
   from pipelines.smartgrid import shard_partitions
+
   parts = [("s", p) for p in range(4)] + [("m", p) for p in range(3)]
   shards = [shard_partitions(parts, f"{i}/3") for i in range(3)]
   assert sorted(x for s in shards for x in s) == sorted(parts)
@@ -118,12 +152,23 @@ def test_a_restarted_workers_job_carries_the_parsed_options_through_json(monkeyp
   """The supervisor hands a restarted worker its parsed options (not the user's argv), and
   run_worker gives every worker its shard, drain file and silence."""
   import json
+
+  from pipelines.options import SmartGridOptions
   from runners import local, main
   from runners.workers import options_of, worker_job
-  from pipelines.options import SmartGridOptions
+
   monkeypatch.setenv("KAFKA_PORT", "19092")  # --bootstrap_servers computed at start
-  _, options = main.parse(["--mode=batch", "--local_workers=2", "--sink", "sqlite:///x.db",
-                           "--progress_secs=5", "--group_id=g", "--require_topics"])
+  _, options = main.parse(
+    [
+      "--mode=batch",
+      "--local_workers=2",
+      "--sink",
+      "sqlite:///x.db",
+      "--progress_secs=5",
+      "--group_id=g",
+      "--require_topics",
+    ]
+  )
   job = json.loads(json.dumps(worker_job(options, "batch", 1, 2, tmp_path / "drain")))
   assert (job["mode"], job["index"], job["count"]) == ("batch", 1, 2)
   assert job["drain_file"] == str(tmp_path / "drain")
@@ -143,5 +188,6 @@ def test_a_restarted_workers_job_carries_the_parsed_options_through_json(monkeyp
 @pytest.mark.parametrize("bad", ["2", "2/2", "-1/2", "a/b"])
 def test_partition_shard_must_be_i_of_n(bad):
   from runners import main
+
   with pytest.raises(OptionError, match="^--partition_shard:"):
     main.parse([f"--partition_shard={bad}"])

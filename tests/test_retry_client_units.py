@@ -42,6 +42,7 @@ def _failing(errors: list):
     if errors:
       raise errors.pop(0)
     return len(calls)
+
   return fn, calls
 
 
@@ -52,8 +53,12 @@ def _failing(errors: list):
 def test_retries_only_what_is_transient_and_returns_the_result():
   c = FakeClock()
   fn, calls = _failing([TimeoutError("a"), TimeoutError("b")])
-  assert with_retries(fn, lambda e: isinstance(e, TimeoutError), deadline_s=60, sleep=c.sleep,
-                      clock=c.clock) == 3
+  assert (
+    with_retries(
+      fn, lambda e: isinstance(e, TimeoutError), deadline_s=60, sleep=c.sleep, clock=c.clock
+    )
+    == 3
+  )
   assert len(calls) == 3 and len(c.sleeps) == 2
 
 
@@ -61,8 +66,9 @@ def test_a_permanent_error_is_raised_unchanged_without_a_sleep():
   c = FakeClock()
   fn, calls = _failing([KeyError("k")])
   with pytest.raises(KeyError):
-    with_retries(fn, lambda e: isinstance(e, TimeoutError), deadline_s=60, sleep=c.sleep,
-                 clock=c.clock)
+    with_retries(
+      fn, lambda e: isinstance(e, TimeoutError), deadline_s=60, sleep=c.sleep, clock=c.clock
+    )
   assert len(calls) == 1 and c.sleeps == []
 
 
@@ -79,8 +85,16 @@ def test_giving_up_names_the_call_the_attempts_and_keeps_the_cause(caplog):
   fn, calls = _failing([TimeoutError(f"t{i}") for i in range(1000)])
   with caplog.at_level(logging.WARNING, logger="transforms.retry"):
     with pytest.raises(RetriesExhausted) as e:
-      with_retries(fn, lambda e: isinstance(e, TimeoutError), deadline_s=5, what="committing t-0@7",
-                   initial_backoff_s=0.5, max_backoff_s=1.0, sleep=c.sleep, clock=c.clock)
+      with_retries(
+        fn,
+        lambda e: isinstance(e, TimeoutError),
+        deadline_s=5,
+        what="committing t-0@7",
+        initial_backoff_s=0.5,
+        max_backoff_s=1.0,
+        sleep=c.sleep,
+        clock=c.clock,
+      )
   message = str(e.value)
   assert message.startswith(f"committing t-0@7 still failing after {len(calls)} attempts over 5s")
   assert isinstance(e.value.__cause__, TimeoutError)
@@ -96,8 +110,15 @@ def test_backoff_doubles_to_its_cap_and_every_sleep_is_jittered_around_it():
   assert wait.backoff(10_000) == 0.4  # no overflow on a very long outage
   c = FakeClock()
   fn, _ = _failing([TimeoutError()] * 40)
-  with_retries(fn, lambda e: True, deadline_s=3600, initial_backoff_s=0.1, max_backoff_s=0.4,
-               sleep=c.sleep, clock=c.clock)
+  with_retries(
+    fn,
+    lambda e: True,
+    deadline_s=3600,
+    initial_backoff_s=0.1,
+    max_backoff_s=0.4,
+    sleep=c.sleep,
+    clock=c.clock,
+  )
   caps = [wait.backoff(n) for n in range(1, 41)]
   assert all(b / 2 <= s <= 1.5 * b for s, b in zip(c.sleeps, caps))
   assert len(set(c.sleeps)) > 30  # jittered, not one fixed delay
@@ -141,6 +162,7 @@ def test_new_consumer_reads_secrets_from_the_environment_only_when_it_opens(monk
 def test_an_unreachable_broker_is_a_clear_error_naming_the_servers(monkeypatch):
   def refuse(**kwargs):
     raise KafkaConnectionError("no broker answered")
+
   monkeypatch.setattr(kafka, "KafkaConsumer", refuse)
   config = consumer_config("h1:1,h2:2", "g", {"bootstrap_timeout_ms": 3000})
   with pytest.raises(KafkaUnavailableError, match=r"cannot reach Kafka at h1:1,h2:2 within 3s"):
@@ -149,6 +171,7 @@ def test_an_unreachable_broker_is_a_clear_error_naming_the_servers(monkeypatch):
 
 def test_the_reader_and_the_committer_open_clients_the_same_way():
   from transforms.kafka import read
+
   assert read._new_consumer is new_consumer
   assert read.KafkaUnavailableError is KafkaUnavailableError
 
@@ -176,6 +199,7 @@ def test_acks_and_reads_are_keyed_by_topic_partition_tuples():
 
 def test_a_commit_retries_a_slow_broker_and_commits_the_exact_offset():
   from kafka import TopicPartition
+
   fn = _CommitOffsetsFn(consumer_config("a:1", "g", {}), 5.0, 60.0, False)
   fn._consumer = consumer = _RecordingConsumer(failures=2)
   p = PartitionProgress()
@@ -198,10 +222,13 @@ def test_commit_offsets_refuses_a_config_of_another_shape_or_without_group():
 # transforms.arguments: one rule, the same message from the options and the transforms
 
 
-@pytest.mark.parametrize("option, value, check", [
+@pytest.mark.parametrize(
+  "option, value, check",
+  [
     ("batch_size", 0, lambda v: WriteBatches(None, batch_size=v)),
     ("sink_flush_rows", 0, lambda v: WriteBatches(None, flush_rows=v)),
-])
+  ],
+)
 def test_options_and_public_transforms_report_a_bad_value_alike(option, value, check):
   with pytest.raises(OptionError) as from_options:
     validate(SmartGridOptions([f"--{option}={value}"]))
@@ -218,13 +245,16 @@ def test_argument_rules():
   arguments.above_and_at_most("w", 10, 0, 10)
   arguments.one_of("s", "id", ("partition", "id"))
   for call, message in (
-      (lambda: arguments.at_least("n", 0, 1), "--n: must be >= 1, got 0"),
-      (lambda: arguments.above("x", 0, 0), "--x: must be > 0, got 0"),
-      (lambda: arguments.above("x", float("nan"), 0), "--x: must be > 0, got nan"),
-      (lambda: arguments.within("k", 65, 1, 64), "--k: must be in 1..64, got 65"),
-      (lambda: arguments.above_and_at_most("w", 11, 0, 10), "--w: must be in (0, 10], got 11"),
-      (lambda: arguments.one_of("s", "moon", ("partition", "id")),
-       "--s: must be one of ('partition', 'id'), got 'moon'")):
+    (lambda: arguments.at_least("n", 0, 1), "--n: must be >= 1, got 0"),
+    (lambda: arguments.above("x", 0, 0), "--x: must be > 0, got 0"),
+    (lambda: arguments.above("x", float("nan"), 0), "--x: must be > 0, got nan"),
+    (lambda: arguments.within("k", 65, 1, 64), "--k: must be in 1..64, got 65"),
+    (lambda: arguments.above_and_at_most("w", 11, 0, 10), "--w: must be in (0, 10], got 11"),
+    (
+      lambda: arguments.one_of("s", "moon", ("partition", "id")),
+      "--s: must be one of ('partition', 'id'), got 'moon'",
+    ),
+  ):
     with pytest.raises(ValueError) as e:
       call()
     assert str(e.value) == message
@@ -232,6 +262,7 @@ def test_argument_rules():
 
 def test_validate_reports_the_window_limit_the_parser_enforces():
   from transforms.parse import MAX_WINDOW_SECS
+
   validate(SmartGridOptions([f"--window_size_secs={MAX_WINDOW_SECS}"]))
   with pytest.raises(OptionError, match=r"^--window_size_secs: must be in \(0, "):
     validate(SmartGridOptions([f"--window_size_secs={MAX_WINDOW_SECS + 1}"]))

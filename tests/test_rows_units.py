@@ -11,18 +11,49 @@ import pytest
 from apache_beam.coders import typecoders
 from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 
+from tests.parse_support import (
+  METER_TOPIC,
+  jbytes,
+  old_service_meter,
+  old_service_sensor,
+  parse_one,
+)
 from transforms import rows
-from transforms.events import DeadLetter, dead_letter_row, meter_row, parse_meter, parse_sensor, sensor_row
+from transforms.events import (
+  DeadLetter,
+  dead_letter_row,
+  meter_row,
+  parse_meter,
+  parse_sensor,
+  sensor_row,
+)
 from transforms.parse import key_dead_letters
 from transforms.sinks import schema
 from transforms.sinks.base import rejected_dead_letter_row
-from tests.parse_support import METER_TOPIC, jbytes, old_service_meter, old_service_sensor, parse_one
 
 ROOT = Path(__file__).resolve().parents[1]
-SENSOR = parse_sensor(jbytes({"event_id": "e1", "sensor_id": "s1", "sensor_type": "voltage",
-                              "value": 230.5, "timestamp": "2024-01-15T10:30:00Z"}))
-METER = parse_meter(jbytes({"event_id": "m1", "meter_id": "m", "customer_id": "c", "reading": 7.5,
-                            "timestamp": "2024-01-15T10:30:00Z"}))
+SENSOR = parse_sensor(
+  jbytes(
+    {
+      "event_id": "e1",
+      "sensor_id": "s1",
+      "sensor_type": "voltage",
+      "value": 230.5,
+      "timestamp": "2024-01-15T10:30:00Z",
+    }
+  )
+)
+METER = parse_meter(
+  jbytes(
+    {
+      "event_id": "m1",
+      "meter_id": "m",
+      "customer_id": "c",
+      "reading": 7.5,
+      "timestamp": "2024-01-15T10:30:00Z",
+    }
+  )
+)
 
 
 def _sensor(offset: int = 12, covers_from: int = 9) -> tuple:
@@ -35,15 +66,19 @@ def test_accessors_read_the_kafka_coordinates_of_a_real_row():
   assert rows.partition_of(row) == ("sensors", 3)
   assert rows.offset_of(row) == 12
   assert rows.covers_from(row) == 9
-  assert rows.stored(row) == row[:len(rows.SENSOR_ROW.columns)]
+  assert rows.stored(row) == row[: len(rows.SENSOR_ROW.columns)]
   assert len(rows.stored(row)) == len(rows.SENSOR_ROW.columns) == len(row) - 1
 
 
 def test_every_row_builder_follows_its_row_type():
-  dead = dead_letter_row(DeadLetter("t", 1, 5, 4, b"k", b"v", "not_json", "not_json: x", "parse", 0))
-  for row, row_type in ((_sensor(), rows.SENSOR_ROW),
-                        (meter_row(METER, 0, 60_000_000, True, "meters", 0, 2, 2), rows.METER_ROW),
-                        (dead, rows.DEAD_LETTER_ROW)):
+  dead = dead_letter_row(
+    DeadLetter("t", 1, 5, 4, b"k", b"v", "not_json", "not_json: x", "parse", 0)
+  )
+  for row, row_type in (
+    (_sensor(), rows.SENSOR_ROW),
+    (meter_row(METER, 0, 60_000_000, True, "meters", 0, 2, 2), rows.METER_ROW),
+    (dead, rows.DEAD_LETTER_ROW),
+  ):
     assert len(row) == len(row_type.columns) + 1, row_type.table
     values = row_type.as_dict(row)
     assert (values["kafka_topic"], values["kafka_partition"]) == rows.partition_of(row)
@@ -79,15 +114,22 @@ def test_the_schema_is_derived_from_the_row_types():
   for name, table in schema.TABLES.items():
     assert table.names == (*rows.ROW_TYPES[name].columns, rows.WRITTEN_AT), name
   row = _sensor()
-  assert schema.SENSOR_READINGS.row_dict(row, "W") == {**rows.SENSOR_ROW.as_dict(row), "written_at": "W"}
+  assert schema.SENSOR_READINGS.row_dict(row, "W") == {
+    **rows.SENSOR_ROW.as_dict(row),
+    "written_at": "W",
+  }
 
 
 def test_a_row_type_or_table_that_disagrees_is_refused_at_import():
   with pytest.raises(ValueError, match="must end with"):
     rows.RowType("t", ("a", "kafka_offset"))
   with pytest.raises(ValueError, match=r"\['value'\]"):
-    schema._table(rows.RowType("t", ("value", *rows.KAFKA_COLUMNS)), {}, partition_column="x",
-                  cluster_columns=())
+    schema._table(
+      rows.RowType("t", ("value", *rows.KAFKA_COLUMNS)),
+      {},
+      partition_column="x",
+      cluster_columns=(),
+    )
 
 
 def test_batch_keys_are_table_shard_tuples():
@@ -110,7 +152,9 @@ def test_a_refused_row_becomes_a_dead_letter_at_its_own_coordinates():
   assert rows.DEAD_LETTER_ROW.as_dict(dead)["reason"] == "sink_rejected"
 
 
-_SLICING = re.compile(r"\brows?\[(-\d|:-\d)|\br\[(-\d|:-\d)|\.split\(\"\|\"|\"\|\"\.join|\bkv\[1\]\[-")
+_SLICING = re.compile(
+  r"\brows?\[(-\d|:-\d)|\br\[(-\d|:-\d)|\.split\(\"\|\"|\"\|\"\.join|\bkv\[1\]\[-"
+)
 
 
 def test_no_code_slices_rows_or_splits_keys_outside_rows_py():
@@ -127,6 +171,7 @@ def test_no_code_slices_rows_or_splits_keys_outside_rows_py():
 
 def _imports(module_path: Path) -> set:
   import ast
+
   found = set()
   for node in ast.walk(ast.parse(module_path.read_text())):
     if isinstance(node, ast.ImportFrom) and node.module:
@@ -136,7 +181,9 @@ def _imports(module_path: Path) -> set:
   return found
 
 
-@pytest.mark.parametrize("module, forbidden", [
+@pytest.mark.parametrize(
+  "module, forbidden",
+  [
     ("transforms/parse.py", ("transforms.sinks",)),
     ("transforms/events.py", ("transforms.sinks", "transforms.parse")),
     ("transforms/commit.py", ("transforms.sinks", "transforms.kafka.read")),
@@ -145,7 +192,8 @@ def _imports(module_path: Path) -> set:
     ("transforms/rows.py", ("transforms", "apache_beam")),
     ("transforms/retry.py", ("transforms", "apache_beam")),
     ("transforms/kafka/client.py", ("transforms.kafka.read", "transforms.sinks", "apache_beam")),
-])
+  ],
+)
 def test_imports_follow_the_flow(module, forbidden):
   bad = {m for m in _imports(ROOT / module) for f in forbidden if m == f or m.startswith(f + ".")}
   assert bad == set(), f"{module} imports {sorted(bad)}"
@@ -153,8 +201,10 @@ def test_imports_follow_the_flow(module, forbidden):
 
 def test_sinks_take_the_time_format_from_timestamps_not_events():
   import ast
+
   tree = ast.parse((ROOT / "transforms/sinks/base.py").read_text())
-  sources = {a.name: n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-             for a in n.names}
+  sources = {
+    a.name: n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names
+  }
   assert sources["iso_us"] == "transforms.timestamps"
   assert sources["with_retries"] == "transforms.retry"

@@ -17,9 +17,9 @@ from apache_beam.portability.api import beam_runner_api_pb2
 
 from pipelines import smartgrid
 from pipelines.options import SmartGridOptions
+from transforms.acks import Ack
 from transforms.kafka import config as kafka_config
 from transforms.kafka.gaps import OFFSET_GAP, OffsetGap, OffsetGapError, check_start, covered_acks
-from transforms.acks import Ack
 from transforms.rows import coordinates, covers_from
 
 
@@ -53,16 +53,26 @@ def test_sasl_password_is_read_on_the_worker_and_never_pickled(monkeypatch, tmp_
   monkeypatch.setenv("KAFKA_SASL_USERNAME", "svc-user")
   monkeypatch.setenv("KAFKA_SASL_PASSWORD", password)
   # No broker here: building the graph needs none (partitions are listed when it runs).
-  options = PipelineOptions([
-      "--kafka_security_protocol=SASL_PLAINTEXT", "--kafka_sasl_mechanism=PLAIN",
-      f"--sink=sqlite:///{tmp_path}/out.db", "--stop=end"])
+  options = PipelineOptions(
+    [
+      "--kafka_security_protocol=SASL_PLAINTEXT",
+      "--kafka_sasl_mechanism=PLAIN",
+      f"--sink=sqlite:///{tmp_path}/out.db",
+      "--stop=end",
+    ]
+  )
   p = beam.Pipeline(options=options)
   smartgrid.build(p, options.view_as(SmartGridOptions))
   blobs = _decoded_payloads(p.to_runner_api())
   assert any(b"KAFKA_SASL_PASSWORD" in b for b in blobs)  # the reference is there: search works
   digest = hashlib.sha256(password.encode()).digest()
-  needles = [password.encode(), digest, digest.hex().encode(), base64.b64encode(password.encode()),
-             base64.b64encode(digest)]
+  needles = [
+    password.encode(),
+    digest,
+    digest.hex().encode(),
+    base64.b64encode(password.encode()),
+    base64.b64encode(digest),
+  ]
   for blob in blobs:
     for needle in needles:
       assert needle not in blob, "the SASL password (or its hash) is in the pickled pipeline"
@@ -80,6 +90,7 @@ def test_metadata_requests_never_create_topics():
 
 def test_prism_worker_pool_listens_on_loopback_only():
   from runners import prism
+
   host, port = prism.worker_pool().rsplit(":", 1)
   assert host == "127.0.0.1" and int(port) > 0
 
@@ -138,6 +149,7 @@ _LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
 
 def test_the_worker_pool_listens_on_127_0_0_1_only():
   from runners import prism
+
   port = int(prism.worker_pool().rsplit(":", 1)[1])
   found = _listening_addresses(port)
   assert found and found <= _LOOPBACK, found
@@ -145,6 +157,7 @@ def test_the_worker_pool_listens_on_127_0_0_1_only():
 
 def test_prism_job_server_listens_on_127_0_0_1_only():
   from runners import prism
+
   server = prism.JobServer(prism.binary())
   try:
     found = _listening_addresses(server.port)
@@ -159,11 +172,15 @@ def test_prism_job_server_listens_on_127_0_0_1_only():
 
 def test_the_summary_explains_partial_batches_in_streaming_and_batch():
   from runners.report import batches_line as _batches_line
+
   streaming = _batches_line({"all": 259, "full": 3}, 100, streaming=True)
   assert "259 (3 full of 100 rows; 256 partial" in streaming and "buffering timer" in streaming
   assert "expected" in streaming and "0% full" not in streaming
   assert "end of the run" in _batches_line({"all": 4, "full": 2}, 100, streaming=False)
-  assert _batches_line({"all": 5, "full": 5}, 100, streaming=True) == "  batches:        5 (5 full of 100 rows)"
+  assert (
+    _batches_line({"all": 5, "full": 5}, 100, streaming=True)
+    == "  batches:        5 (5 full of 100 rows)"
+  )
   assert _batches_line({}, 100, streaming=True) is None
 
 
@@ -194,6 +211,7 @@ def test_the_progress_line_shows_the_current_rate_not_the_average(monkeypatch):
 def test_the_progress_line_says_when_kafka_is_unreachable():
   from runners import report
   from runners.kafka_view import KafkaView
+
   view = KafkaView.__new__(KafkaView)
   view.down_since, view.missing = 1_700_000_000.0, []
   text = report.ProgressLine(view, report.Totals())()
@@ -202,10 +220,14 @@ def test_the_progress_line_says_when_kafka_is_unreachable():
 
 def test_kafka_errors_are_told_from_other_failures():
   from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
   from runners.kafka_view import is_kafka_error
+
   assert is_kafka_error(KafkaTimeoutError("Failed to get offsets by timestamps in 30000 ms"))
   assert is_kafka_error(KafkaConnectionError("Connection refused"))
-  wrapped = RuntimeError("Error processing bundle ... kafka.errors.KafkaTimeoutError: Failed to get offsets")
+  wrapped = RuntimeError(
+    "Error processing bundle ... kafka.errors.KafkaTimeoutError: Failed to get offsets"
+  )
   assert is_kafka_error(wrapped)
   assert not is_kafka_error(ValueError("no such table"))
   assert not is_kafka_error(OffsetGapError("t-0: offsets [1, 3) were deleted"))
@@ -243,13 +265,16 @@ def test_a_worker_is_restarted_with_backoff_and_the_run_fails_past_the_limit(mon
   slot.restart_at = None
   assert workers._heal(slot, View(), 2, draining=True) is None and slot.restart_at is None
   # Exit 2 (an offset gap, required topics missing) is not healed: the run stops.
-  refused = workers._Slot(0, {"drain_file": "/tmp/d"}, type("R", (), {"poll": lambda self: 2, "returncode": 2})())
+  refused = workers._Slot(
+    0, {"drain_file": "/tmp/d"}, type("R", (), {"poll": lambda self: 2, "returncode": 2})()
+  )
   stop = workers._heal(refused, View(), 2, draining=False)
   assert "worker 0" in stop and "exit code 2" in stop and refused.restart_at is None
 
 
 def test_explicit_start_offsets_on_the_command_line():
   from transforms.kafka.positions import parse_start
+
   start = parse_start("smartgrid-sensor-data@0=15,smartgrid-meter-readings@3=0")
   assert start.kind == "offsets"
   assert start.offsets == (("smartgrid-meter-readings", 3, 0), ("smartgrid-sensor-data", 0, 15))
@@ -258,7 +283,9 @@ def test_explicit_start_offsets_on_the_command_line():
   assert parse_start("2026-11-30T10:00:00+01:00").kind == "timestamp"
 
 
-def test_the_supervisors_progress_line_sums_the_workers_and_shows_the_current_rate(tmp_path, monkeypatch):
+def test_the_supervisors_progress_line_sums_the_workers_and_shows_the_current_rate(
+  tmp_path, monkeypatch
+):
   from runners import workers
 
   class View:
@@ -275,9 +302,15 @@ def test_the_supervisors_progress_line_sums_the_workers_and_shows_the_current_ra
   monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
   line = workers._ProgressLine(View(), drain, 2)
   for i, (read, written) in enumerate([(300, 280), (200, 120)]):
-    workers.write_progress(workers.progress_file(tmp_path / f"local.drain.{i}"),
-                           {"read": {"t": read}, "written": {"sensor_readings": written},
-                            "dead_letters": {"not_json": i}, "batches": {}})
+    workers.write_progress(
+      workers.progress_file(tmp_path / f"local.drain.{i}"),
+      {
+        "read": {"t": read},
+        "written": {"sensor_readings": written},
+        "dead_letters": {"not_json": i},
+        "batches": {},
+      },
+    )
   clock[0] += 4
   text = line()
   assert "read 500 | written 400 (100/s now) | dead letters 1 | lag 6" in text, text
@@ -290,6 +323,7 @@ def test_a_rounds_metrics_are_read_after_thousands_of_bundles():
   the launcher's runner merges eagerly, so a busy round's counts reach the summary."""
   from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
   from apache_beam.transforms.core import RestrictionProvider
+
   from runners.rounds import make_runner
   from transforms import telemetry
 

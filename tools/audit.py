@@ -76,18 +76,31 @@ class PartitionReport:
 
   def to_json(self) -> dict:
     return {
-        "topic": self.topic, "partition": self.partition, "log_start": self.log_start,
-        "end": self.end, "committed": self.committed, "records": len(self.records),
-        "in_sink": len(self.present.clip(self.log_start, self.end)),
-        "missing": len(self.missing), "missing_ranges": _listed(self.missing),
-        "first_missing": self.missing.head(_EXAMPLES),
-        "pending": len(self.pending), "pending_ranges": _listed(self.pending),
-        "doubled": len(self.doubled), "doubled_rows": self.doubled_rows,
-        "doubled_examples": [[o, sorted(k)] for o, k in self.doubled_examples], "committed_ahead": self.committed_ahead,
-        "not_records": len(self.not_records), "not_record_ranges": _listed(self.not_records),
-        "beyond_end": self.beyond_end, "below_log_start": self.below_log_start,
-        "duplicate_events": self.duplicate_events, "duplicate_examples": self.duplicate_examples,
-        "recorded_gaps": [{"offset": o, "error": e} for o, e in self.gaps], "ok": self.ok}
+      "topic": self.topic,
+      "partition": self.partition,
+      "log_start": self.log_start,
+      "end": self.end,
+      "committed": self.committed,
+      "records": len(self.records),
+      "in_sink": len(self.present.clip(self.log_start, self.end)),
+      "missing": len(self.missing),
+      "missing_ranges": _listed(self.missing),
+      "first_missing": self.missing.head(_EXAMPLES),
+      "pending": len(self.pending),
+      "pending_ranges": _listed(self.pending),
+      "doubled": len(self.doubled),
+      "doubled_rows": self.doubled_rows,
+      "doubled_examples": [[o, sorted(k)] for o, k in self.doubled_examples],
+      "committed_ahead": self.committed_ahead,
+      "not_records": len(self.not_records),
+      "not_record_ranges": _listed(self.not_records),
+      "beyond_end": self.beyond_end,
+      "below_log_start": self.below_log_start,
+      "duplicate_events": self.duplicate_events,
+      "duplicate_examples": self.duplicate_examples,
+      "recorded_gaps": [{"offset": o, "error": e} for o, e in self.gaps],
+      "ok": self.ok,
+    }
 
 
 def _listed(rs: RangeSet, limit: int = 1000) -> list:
@@ -115,18 +128,36 @@ class AuditReport:
     return all(p.ok for p in self.partitions) and not self.unknown_partitions
 
   def to_json(self) -> dict:
-    totals = {k: self.total(k) for k in ("records", "missing", "pending", "doubled", "doubled_rows",
-                                         "not_records", "duplicate_events", "beyond_end",
-                                         "below_log_start")}
+    totals = {
+      k: self.total(k)
+      for k in (
+        "records",
+        "missing",
+        "pending",
+        "doubled",
+        "doubled_rows",
+        "not_records",
+        "duplicate_events",
+        "beyond_end",
+        "below_log_start",
+      )
+    }
     totals["in_sink"] = sum(len(p.present.clip(p.log_start, p.end)) for p in self.partitions)
     totals["committed_ahead"] = sum(p.committed_ahead for p in self.partitions)
     totals["recorded_gaps"] = sum(len(p.gaps) for p in self.partitions)
-    return {"sink": self.sink, "bootstrap_servers": self.bootstrap, "group_id": self.group,
-            "strict": self.strict, "ok": self.ok, "totals": totals,
-            "missing_topics": self.missing_topics, "other_topics": self.other_topics,
-            "unknown_partitions": self.unknown_partitions,
-            "repeated_event_ids": self.repeated_event_ids,
-            "partitions": [p.to_json() for p in self.partitions]}
+    return {
+      "sink": self.sink,
+      "bootstrap_servers": self.bootstrap,
+      "group_id": self.group,
+      "strict": self.strict,
+      "ok": self.ok,
+      "totals": totals,
+      "missing_topics": self.missing_topics,
+      "other_topics": self.other_topics,
+      "unknown_partitions": self.unknown_partitions,
+      "repeated_event_ids": self.repeated_event_ids,
+      "partitions": [p.to_json() for p in self.partitions],
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -177,8 +208,9 @@ def classify(rep: PartitionReport, strict: bool) -> None:
   rep.not_records = rep.present.clip(rep.log_start, rep.end).difference(rep.records)
 
 
-def explain_duplicates(rep: PartitionReport, values: Iterable[tuple[int, bytes]], event_ids,
-                       sink) -> None:
+def explain_duplicates(
+  rep: PartitionReport, values: Iterable[tuple[int, bytes]], event_ids, sink
+) -> None:
   """Moves missing/pending offsets whose event_id the sink holds elsewhere to duplicate_events.
 
   ``values`` are (offset, value) of records the sink lacks, so any reading row with the
@@ -231,9 +263,12 @@ def run_audit(o, strict: bool = False) -> AuditReport:
     offsets = view.offsets(tps)
     sink = open_sink(o.sink, o.bigquery_api_endpoint)
     try:
-      reps = {(tp.topic, tp.partition): PartitionReport(tp.topic, tp.partition, po.log_start, po.end,
-                                                        po.committed)
-              for tp, po in offsets.items()}
+      reps = {
+        (tp.topic, tp.partition): PartitionReport(
+          tp.topic, tp.partition, po.log_start, po.end, po.committed
+        )
+        for tp, po in offsets.items()
+      }
       report.unknown_partitions = absorb_sink_rows(reps, sink.coordinates(topics))
       report.other_topics = sink.other_topics(topics)
       for gap in sink.recorded_gaps(topics):
@@ -260,24 +295,52 @@ def run_audit(o, strict: bool = False) -> AuditReport:
 
 def format_report(r: AuditReport) -> str:
   """The human report: a table per partition, then each finding in a sentence."""
-  head = (f"Audit of {r.sink} against {r.bootstrap} (read_committed), group {r.group}"
-          f"{' [strict]' if r.strict else ''}")
-  cols = ("partition", "log start", "committed", "end", "records", "in sink", "missing",
-          "pending", "doubled", "not rec.", "dup events")
-  rows = [[p.name, p.log_start, "-" if p.committed is None else p.committed, p.end,
-           len(p.records), len(p.present.clip(p.log_start, p.end)), len(p.missing), len(p.pending),
-           len(p.doubled), len(p.not_records), p.duplicate_events] for p in r.partitions]
+  head = (
+    f"Audit of {r.sink} against {r.bootstrap} (read_committed), group {r.group}"
+    f"{' [strict]' if r.strict else ''}"
+  )
+  cols = (
+    "partition",
+    "log start",
+    "committed",
+    "end",
+    "records",
+    "in sink",
+    "missing",
+    "pending",
+    "doubled",
+    "not rec.",
+    "dup events",
+  )
+  rows = [
+    [
+      p.name,
+      p.log_start,
+      "-" if p.committed is None else p.committed,
+      p.end,
+      len(p.records),
+      len(p.present.clip(p.log_start, p.end)),
+      len(p.missing),
+      len(p.pending),
+      len(p.doubled),
+      len(p.not_records),
+      p.duplicate_events,
+    ]
+    for p in r.partitions
+  ]
   widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
   lines = [head, "  " + "  ".join(str(c).rjust(w) for c, w in zip(cols, widths))]
   lines += ["  " + "  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
   lines += _findings(r)
   j = r.to_json()["totals"]
   verdict = "OK" if r.ok else "FAILED"
-  lines.append(f"{verdict}: {j['records']} records, {j['in_sink']} in the sink; missing "
-               f"{j['missing']}, doubled {j['doubled']}, committed ahead in "
-               f"{j['committed_ahead']} partition(s), not records {j['not_records']}; pending "
-               f"{j['pending']}, duplicate events {j['duplicate_events']}, recorded gaps "
-               f"{j['recorded_gaps']}.")
+  lines.append(
+    f"{verdict}: {j['records']} records, {j['in_sink']} in the sink; missing "
+    f"{j['missing']}, doubled {j['doubled']}, committed ahead in "
+    f"{j['committed_ahead']} partition(s), not records {j['not_records']}; pending "
+    f"{j['pending']}, duplicate events {j['duplicate_events']}, recorded gaps "
+    f"{j['recorded_gaps']}."
+  )
   return "\n".join(lines)
 
 
@@ -287,31 +350,46 @@ def _findings(r: AuditReport) -> list[str]:
     out.append(f"  topic {t} does not exist: nothing of it can be checked")
   for p in r.partitions:
     if p.missing:
-      out.append(f"  {p.name}: {len(p.missing)} missing from the sink: "
-                 f"{format_ranges(p.missing.ranges())} (first missing: "
-                 f"{', '.join(map(str, p.missing.head(_EXAMPLES)))})")
+      out.append(
+        f"  {p.name}: {len(p.missing)} missing from the sink: "
+        f"{format_ranges(p.missing.ranges())} (first missing: "
+        f"{', '.join(map(str, p.missing.head(_EXAMPLES)))})"
+      )
     if p.committed_ahead:
-      why = (f"past the end offset {p.end}" if p.committed > p.end else
-             f"the sink lacks {len(p.missing.clip(None, p.committed))} records below it "
-             f"(first: {p.missing.first()})")
+      why = (
+        f"past the end offset {p.end}"
+        if p.committed > p.end
+        else f"the sink lacks {len(p.missing.clip(None, p.committed))} records below it "
+        f"(first: {p.missing.first()})"
+      )
       out.append(f"  {p.name}: committed offset {p.committed} is ahead of the sink: {why}")
     if p.doubled:
       ex = "; ".join(f"{o} in {' and '.join(sorted(k))}" for o, k in p.doubled_examples[:3])
-      out.append(f"  {p.name}: {len(p.doubled)} offsets held by more than one row "
-                 f"({p.doubled_rows} extra rows): {format_ranges(p.doubled.ranges())} (e.g. {ex})")
+      out.append(
+        f"  {p.name}: {len(p.doubled)} offsets held by more than one row "
+        f"({p.doubled_rows} extra rows): {format_ranges(p.doubled.ranges())} (e.g. {ex})"
+      )
     if p.not_records:
-      out.append(f"  {p.name}: {len(p.not_records)} sink rows at offsets that hold no committed "
-                 f"record (aborted transaction, marker): {format_ranges(p.not_records.ranges())}")
+      out.append(
+        f"  {p.name}: {len(p.not_records)} sink rows at offsets that hold no committed "
+        f"record (aborted transaction, marker): {format_ranges(p.not_records.ranges())}"
+      )
     if p.pending:
-      out.append(f"  {p.name}: {len(p.pending)} records at or past the committed offset are not in "
-                 f"the sink yet: pending, not missing ({format_ranges(p.pending.ranges(), 3)}); "
-                 "--strict counts them as missing")
+      out.append(
+        f"  {p.name}: {len(p.pending)} records at or past the committed offset are not in "
+        f"the sink yet: pending, not missing ({format_ranges(p.pending.ranges(), 3)}); "
+        "--strict counts them as missing"
+      )
     if p.beyond_end:
-      out.append(f"  {p.name}: {p.beyond_end} sink rows past the end offset {p.end} read at the "
-                 "audit's start (written meanwhile, or the topic was recreated)")
+      out.append(
+        f"  {p.name}: {p.beyond_end} sink rows past the end offset {p.end} read at the "
+        "audit's start (written meanwhile, or the topic was recreated)"
+      )
     if p.below_log_start:
-      out.append(f"  {p.name}: {p.below_log_start} sink rows below the log start {p.log_start} "
-                 "(deleted by retention; not checked)")
+      out.append(
+        f"  {p.name}: {p.below_log_start} sink rows below the log start {p.log_start} "
+        "(deleted by retention; not checked)"
+      )
     for offset, error in p.gaps:
       out.append(f"  {p.name}: recorded gap at {offset}: {error}")
     for offset, eid, where in p.duplicate_examples[:3]:
@@ -330,6 +408,7 @@ def parse_args(argv: list[str]):
   from apache_beam.options.pipeline_options import PipelineOptions
 
   from pipelines.options import SmartGridOptions, validate
+
   own = argparse.ArgumentParser(add_help=False)
   own.add_argument("--strict", action="store_true")
   own.add_argument("--json", action="store_true")
@@ -337,9 +416,11 @@ def parse_args(argv: list[str]):
   known, rest = own.parse_known_args(argv)
   if known.help:
     print(__doc__)
-    print("Options: --strict, --json, and the pipeline's (python -m runners.main --help): "
-          "--bootstrap_servers, --sensor_topic, --meter_topic, --group_id, --sink, "
-          "--bigquery_api_endpoint.")
+    print(
+      "Options: --strict, --json, and the pipeline's (python -m runners.main --help): "
+      "--bootstrap_servers, --sensor_topic, --meter_topic, --group_id, --sink, "
+      "--bigquery_api_endpoint."
+    )
     raise SystemExit(0)
   o = PipelineOptions(rest).view_as(SmartGridOptions)
   # The audit only reads (queries over REST): no write method, so no Storage Write endpoint.
@@ -354,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
   from pipelines.options import OptionError
   from tools.audit_kafka import KafkaAuditError
   from tools.audit_sink import SinkError
+
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   try:
     o, strict, as_json = parse_args(sys.argv[1:] if argv is None else argv)

@@ -45,8 +45,12 @@ class KafkaView:
 
   def __init__(self, client_config: dict):
     config = dict(client_config)
-    config.update(isolation_level="read_committed", enable_auto_commit=False,
-                  auto_offset_reset="earliest", max_poll_records=5000)
+    config.update(
+      isolation_level="read_committed",
+      enable_auto_commit=False,
+      auto_offset_reset="earliest",
+      max_poll_records=5000,
+    )
     self._consumer = KafkaConsumer(**config)
 
   def close(self) -> None:
@@ -119,8 +123,9 @@ class KafkaView:
         last_move[tp] = (position, now)
       elif now - last_move[tp][1] > STALL_DEADLINE_S:
         raise KafkaAuditError(
-            f"{tp.topic}-{tp.partition}: stuck at offset {position} for {STALL_DEADLINE_S:.0f}s "
-            f"while reading to {todo[tp][1]}")
+          f"{tp.topic}-{tp.partition}: stuck at offset {position} for {STALL_DEADLINE_S:.0f}s "
+          f"while reading to {todo[tp][1]}"
+        )
 
 
 def scan_windows(ranges: list[tuple[int, int]], merge_gap: int) -> list[tuple[int, int]]:
@@ -158,11 +163,13 @@ class EventIds:
 
   def _avro(self, value: bytes) -> object:
     import fastavro
+
     schema_id = struct.unpack(">I", value[1:5])[0]
     parsed = self._schemas.get(schema_id)
     if parsed is None:
       if self._registry is None:
         from confluent_kafka.schema_registry import SchemaRegistryClient
+
         self._registry = SchemaRegistryClient({"url": self._registry_url})
       schema = self._registry.get_schema(schema_id)
       parsed = self._schemas[schema_id] = fastavro.parse_schema(json.loads(schema.schema_str))

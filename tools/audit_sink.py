@@ -50,18 +50,24 @@ def _coordinates_sql(present: dict, topic_filter: str, ref) -> str | None:
   parts = []
   for table in READINGS:
     if table in present:
-      parts.append(f"SELECT kafka_topic, kafka_partition, kafka_offset, '{table}' AS kind "
-                   f"FROM {ref(table)} WHERE kafka_topic IN {topic_filter}")
+      parts.append(
+        f"SELECT kafka_topic, kafka_partition, kafka_offset, '{table}' AS kind "
+        f"FROM {ref(table)} WHERE kafka_topic IN {topic_filter}"
+      )
   columns = present.get(DEAD_LETTERS)
   if columns is not None:
     if "reason" in columns:
-      kind = (f"CASE WHEN reason LIKE '{DUPLICATE_REASON_PREFIX}%' "
-              f"THEN '{KIND_DUPLICATE_DEAD_LETTER}' ELSE '{DEAD_LETTERS}' END")
+      kind = (
+        f"CASE WHEN reason LIKE '{DUPLICATE_REASON_PREFIX}%' "
+        f"THEN '{KIND_DUPLICATE_DEAD_LETTER}' ELSE '{DEAD_LETTERS}' END"
+      )
       where = f" AND (reason IS NULL OR reason <> '{GAP_REASON}')"
     else:
       kind, where = f"'{DEAD_LETTERS}'", ""
-    parts.append(f"SELECT kafka_topic, kafka_partition, kafka_offset, {kind} AS kind "
-                 f"FROM {ref(DEAD_LETTERS)} WHERE kafka_topic IN {topic_filter}{where}")
+    parts.append(
+      f"SELECT kafka_topic, kafka_partition, kafka_offset, {kind} AS kind "
+      f"FROM {ref(DEAD_LETTERS)} WHERE kafka_topic IN {topic_filter}{where}"
+    )
   if not parts:
     return None
   return " UNION ALL ".join(parts) + " ORDER BY 1, 2, 3"
@@ -100,8 +106,10 @@ class SqliteSink:
       return []
     marks = ", ".join("?" * len(topics))
     rows = self._conn.execute(
-        f"SELECT kafka_topic, kafka_partition, kafka_offset, error FROM {DEAD_LETTERS} "
-        f"WHERE reason = ? AND kafka_topic IN ({marks}) ORDER BY 1, 2, 3", [GAP_REASON, *topics])
+      f"SELECT kafka_topic, kafka_partition, kafka_offset, error FROM {DEAD_LETTERS} "
+      f"WHERE reason = ? AND kafka_topic IN ({marks}) ORDER BY 1, 2, 3",
+      [GAP_REASON, *topics],
+    )
     return [RecordedGap(*r) for r in rows]
 
   def other_topics(self, topics: list[str]) -> dict[str, int]:
@@ -109,8 +117,10 @@ class SqliteSink:
     marks = ", ".join("?" * len(topics))
     for table in self._columns:
       for topic, n in self._conn.execute(
-          f"SELECT kafka_topic, COUNT(*) FROM {table} WHERE kafka_topic NOT IN ({marks}) "
-          f"GROUP BY kafka_topic", topics):
+        f"SELECT kafka_topic, COUNT(*) FROM {table} WHERE kafka_topic NOT IN ({marks}) "
+        f"GROUP BY kafka_topic",
+        topics,
+      ):
         out[topic] = out.get(topic, 0) + n
     return out
 
@@ -122,22 +132,26 @@ class SqliteSink:
       if "event_id" not in self._columns.get(table, ()):
         continue
       for i in range(0, len(ids), 500):
-        chunk = ids[i:i + 500]
+        chunk = ids[i : i + 500]
         for eid, t, p, o in self._conn.execute(
-            f"SELECT event_id, kafka_topic, kafka_partition, kafka_offset FROM {table} "
-            f"WHERE event_id IN ({', '.join('?' * len(chunk))})", chunk):
+          f"SELECT event_id, kafka_topic, kafka_partition, kafka_offset FROM {table} "
+          f"WHERE event_id IN ({', '.join('?' * len(chunk))})",
+          chunk,
+        ):
           out.setdefault(eid, []).append(Coordinate(t, p, o))
     return out
 
   def repeated_event_ids(self) -> int:
     """How many event_ids more than one reading row holds (0 when the sink keeps one)."""
-    selects = [f"SELECT event_id FROM {t}" for t in READINGS
-               if "event_id" in self._columns.get(t, ())]
+    selects = [
+      f"SELECT event_id FROM {t}" for t in READINGS if "event_id" in self._columns.get(t, ())
+    ]
     if not selects:
       return 0
     return self._conn.execute(
-        f"SELECT COUNT(*) FROM (SELECT event_id FROM ({' UNION ALL '.join(selects)}) "
-        f"GROUP BY event_id HAVING COUNT(*) > 1)").fetchone()[0]
+      f"SELECT COUNT(*) FROM (SELECT event_id FROM ({' UNION ALL '.join(selects)}) "
+      f"GROUP BY event_id HAVING COUNT(*) > 1)"
+    ).fetchone()[0]
 
 
 class BigQuerySink:
@@ -146,13 +160,18 @@ class BigQuerySink:
   def __init__(self, project: str, dataset: str, api_endpoint: str | None = None):
     from google.api_core import exceptions as gexc
     from google.cloud import bigquery
+
     self.name = f"bigquery://{project}/{dataset}"
     self._bq = bigquery
     if api_endpoint:
       from google.api_core.client_options import ClientOptions
       from google.auth.credentials import AnonymousCredentials
-      self._client = bigquery.Client(project=project, credentials=AnonymousCredentials(),
-                                     client_options=ClientOptions(api_endpoint=api_endpoint))
+
+      self._client = bigquery.Client(
+        project=project,
+        credentials=AnonymousCredentials(),
+        client_options=ClientOptions(api_endpoint=api_endpoint),
+      )
     else:
       self._client = bigquery.Client(project=project)
     self._dataset = f"{project}.{dataset}"
@@ -193,17 +212,21 @@ class BigQuerySink:
     if "reason" not in self._columns.get(DEAD_LETTERS, ()):
       return []
     rows = self._query(
-        f"SELECT kafka_topic, kafka_partition, kafka_offset, error FROM {self._ref(DEAD_LETTERS)} "
-        f"WHERE reason = @reason AND kafka_topic IN UNNEST(@topics) ORDER BY 1, 2, 3",
-        reason=GAP_REASON, topics=topics)
+      f"SELECT kafka_topic, kafka_partition, kafka_offset, error FROM {self._ref(DEAD_LETTERS)} "
+      f"WHERE reason = @reason AND kafka_topic IN UNNEST(@topics) ORDER BY 1, 2, 3",
+      reason=GAP_REASON,
+      topics=topics,
+    )
     return [RecordedGap(*r.values()) for r in rows]
 
   def other_topics(self, topics: list[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for table in self._columns:
       for r in self._query(
-          f"SELECT kafka_topic, COUNT(*) AS n FROM {self._ref(table)} "
-          f"WHERE kafka_topic NOT IN UNNEST(@topics) GROUP BY kafka_topic", topics=topics):
+        f"SELECT kafka_topic, COUNT(*) AS n FROM {self._ref(table)} "
+        f"WHERE kafka_topic NOT IN UNNEST(@topics) GROUP BY kafka_topic",
+        topics=topics,
+      ):
         out[r[0]] = out.get(r[0], 0) + r[1]
     return out
 
@@ -215,27 +238,35 @@ class BigQuerySink:
         continue
       for i in range(0, len(ids), 10_000):
         for r in self._query(
-            f"SELECT event_id, kafka_topic, kafka_partition, kafka_offset FROM {self._ref(table)} "
-            f"WHERE event_id IN UNNEST(@ids)", ids=ids[i:i + 10_000]):
+          f"SELECT event_id, kafka_topic, kafka_partition, kafka_offset FROM {self._ref(table)} "
+          f"WHERE event_id IN UNNEST(@ids)",
+          ids=ids[i : i + 10_000],
+        ):
           out.setdefault(r[0], []).append(Coordinate(r[1], r[2], r[3]))
     return out
 
   def repeated_event_ids(self) -> int:
-    selects = [f"SELECT event_id FROM {self._ref(t)}" for t in READINGS
-               if "event_id" in self._columns.get(t, ())]
+    selects = [
+      f"SELECT event_id FROM {self._ref(t)}"
+      for t in READINGS
+      if "event_id" in self._columns.get(t, ())
+    ]
     if not selects:
       return 0
-    rows = list(self._query(
+    rows = list(
+      self._query(
         f"SELECT COUNT(*) AS n FROM (SELECT event_id FROM ({' UNION ALL '.join(selects)}) "
-        f"GROUP BY event_id HAVING COUNT(*) > 1)"))
+        f"GROUP BY event_id HAVING COUNT(*) > 1)"
+      )
+    )
     return rows[0][0] if rows else 0
 
 
 def open_sink(url: str, api_endpoint: str | None = None):
   """--sink URL -> SqliteSink | BigQuerySink (validated by SmartGridOptions already)."""
   if url.startswith("sqlite:///"):
-    return SqliteSink(url[len("sqlite:///"):])
+    return SqliteSink(url[len("sqlite:///") :])
   if url.startswith("bigquery://"):
-    project, dataset = url[len("bigquery://"):].split("/", 1)
+    project, dataset = url[len("bigquery://") :].split("/", 1)
     return BigQuerySink(project, dataset, api_endpoint)
   raise SinkError(f"--sink: unknown sink {url!r}")

@@ -42,6 +42,10 @@ _LOGGER = logging.getLogger(__name__)
 FAULTS = ("kill_worker", "kill_all", "term_all", "broker_restart", "sink_lock")
 
 
+def _count(conn: sqlite3.Connection, table: str) -> int:
+  return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
 @dataclass
 class ChaosConfig:
   minutes: float = 10.0
@@ -95,9 +99,10 @@ class ChaosRun:
 
   def setup(self) -> None:
     from broker.kafka_broker import Broker, free_port
-    from tools.produce import ensure_topics
     from tools.chaos_faults import CommitView, PipelineProcess
     from tools.chaos_traffic import Traffic
+    from tools.produce import ensure_topics
+
     self.broker = Broker(port=free_port(), run_dir=self.dir / "kafka")
     self.broker.start()
     bootstrap = self.broker.bootstrap_servers
@@ -115,20 +120,34 @@ class ChaosRun:
     self.say(f"pipeline up: {note}" if ok else f"warning: the pipeline is not up: {note}")
 
   def pipeline_args(self) -> list[str]:
-    return ["--bootstrap_servers", self.broker.bootstrap_servers, "--sensor_topic", self.topics[0],
-            "--meter_topic", self.topics[1], "--group_id", self.group,
-            "--sink", f"sqlite:///{self.db}", "--drain_file", str(self.dir / "drain"),
-            f"--local_workers={self.cfg.workers}", "--progress_secs=10"]
+    return [
+      "--bootstrap_servers",
+      self.broker.bootstrap_servers,
+      "--sensor_topic",
+      self.topics[0],
+      "--meter_topic",
+      self.topics[1],
+      "--group_id",
+      self.group,
+      "--sink",
+      f"sqlite:///{self.db}",
+      "--drain_file",
+      str(self.dir / "drain"),
+      f"--local_workers={self.cfg.workers}",
+      "--progress_secs=10",
+    ]
 
   def cleanup(self) -> None:
     # A second Ctrl-C must not leave a broker or a pipeline behind: finish cleaning first.
     for sig in (signal.SIGINT, signal.SIGTERM):
       signal.signal(sig, signal.SIG_IGN)
-    for step in (lambda: self.traffic and self.traffic.stop(timeout=15),
-                 lambda: self._lock and self._lock.release(),
-                 lambda: self.pipeline and self.pipeline.kill(),
-                 lambda: self.view and self.view.close(),
-                 lambda: self.broker and self.broker.stop()):
+    for step in (
+      lambda: self.traffic and self.traffic.stop(timeout=15),
+      lambda: self._lock and self._lock.release(),
+      lambda: self.pipeline and self.pipeline.kill(),
+      lambda: self.view and self.view.close(),
+      lambda: self.broker and self.broker.stop(),
+    ):
       try:
         step()
       except Exception as e:  # noqa: BLE001 - clean up the rest whatever one step says
@@ -152,8 +171,11 @@ class ChaosRun:
         return True, f"caught up in {time.monotonic() - began:.0f}s"
       time.sleep(0.5)
     committed = self.view.committed(keys) or {}
-    behind = [f"{t}-{p} at {committed.get((t, p))} < {v}" for (t, p), v in sorted(target.items())
-              if (committed.get((t, p)) or 0) < v]
+    behind = [
+      f"{t}-{p} at {committed.get((t, p))} < {v}"
+      for (t, p), v in sorted(target.items())
+      if (committed.get((t, p)) or 0) < v
+    ]
     return False, f"not caught up within {timeout:.0f}s: {', '.join(behind) or 'broker away'}"
 
   def restart_pipeline(self, why: str) -> None:
@@ -228,8 +250,13 @@ class ChaosRun:
     self.pipeline.start()
     ok, note = self.await_progress(target, self.cfg.recovery_secs)
     drained = code == 0
-    what = ("drained (exit 0)" if drained else
-            "did not exit within 180s" if code is None else f"exit code {code}, not a drain")
+    what = (
+      "drained (exit 0)"
+      if drained
+      else "did not exit within 180s"
+      if code is None
+      else f"exit code {code}, not a drain"
+    )
     return ok and drained, f"SIGTERM to {len(pids)} processes at once: {what}; restarted; {note}"
 
   def _fault_broker_restart(self, target: dict) -> tuple[bool, str]:
@@ -242,6 +269,7 @@ class ChaosRun:
 
   def _fault_sink_lock(self, target: dict) -> tuple[bool, str]:
     from tools.chaos_faults import SinkLock
+
     seconds = self.rng.uniform(*self.cfg.sink_lock_secs)
     self._lock = SinkLock(self.db, seconds).start()
     self._lock.released.wait(seconds + 180)
@@ -261,6 +289,7 @@ class ChaosRun:
     from pipelines.options import SmartGridOptions
     from tools.audit import format_report, run_audit
     from tools.chaos_traffic import describe
+
     self.traffic.stop()
     final = self.traffic.frontier()
     self.say(f"producers stopped ({self.traffic.produced()} events acknowledged); catching up")
@@ -279,26 +308,40 @@ class ChaosRun:
     totals = report.to_json()["totals"]
     rows, dead = self._sink_counts()
     return {
-        "seed": self.cfg.seed, "elapsed_s": round(time.monotonic() - self.started, 1),
-        "faults": {k: {"injected": t.injected, "survived": t.survived, "notes": t.notes}
-                   for k, t in self.tally.items()},
-        "restarts_by_chaos": self.restarts_by_chaos, "unprovoked_exits": self.unprovoked_exits,
-        "produced": self.traffic.produced(), "traffic": describe(self.traffic.counts),
-        "send_errors": dict(self.traffic.errors), "records": totals["records"],
-        "rows": rows, "dead_letters": dead, "duplicate_events": totals["duplicate_events"],
-        "repeated_event_ids_in_sink": report.repeated_event_ids,
-        "lost": totals["missing"], "duplicated": totals["doubled"],
-        "not_records": totals["not_records"], "committed_ahead": totals["committed_ahead"],
-        "final_catch_up": caught_up, "drain_exit_code": drain_code, "audit_ok": report.ok,
-        "audit_text": audit_text}
+      "seed": self.cfg.seed,
+      "elapsed_s": round(time.monotonic() - self.started, 1),
+      "faults": {
+        k: {"injected": t.injected, "survived": t.survived, "notes": t.notes}
+        for k, t in self.tally.items()
+      },
+      "restarts_by_chaos": self.restarts_by_chaos,
+      "unprovoked_exits": self.unprovoked_exits,
+      "produced": self.traffic.produced(),
+      "traffic": describe(self.traffic.counts),
+      "send_errors": dict(self.traffic.errors),
+      "records": totals["records"],
+      "rows": rows,
+      "dead_letters": dead,
+      "duplicate_events": totals["duplicate_events"],
+      "repeated_event_ids_in_sink": report.repeated_event_ids,
+      "lost": totals["missing"],
+      "duplicated": totals["doubled"],
+      "not_records": totals["not_records"],
+      "committed_ahead": totals["committed_ahead"],
+      "final_catch_up": caught_up,
+      "drain_exit_code": drain_code,
+      "audit_ok": report.ok,
+      "audit_text": audit_text,
+    }
 
   def _sink_counts(self) -> tuple[int, int]:
     if not self.db.exists():
       return 0, 0
     conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=60)
     try:
-      count = lambda t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-      return count("sensor_readings") + count("meter_readings"), count("dead_letters")
+      return _count(conn, "sensor_readings") + _count(conn, "meter_readings"), _count(
+        conn, "dead_letters"
+      )
     finally:
       conn.close()
 
@@ -310,75 +353,124 @@ def result_ok(result: dict) -> bool:
 
 def format_table(r: dict) -> str:
   faults = sum(f["injected"] for f in r["faults"].values())
-  lines = [f"Chaos run, seed {r['seed']}: {faults} faults in {r['elapsed_s']:.0f}s",
-           f"  {'fault':<18}{'injected':>9}{'survived':>9}"]
+  lines = [
+    f"Chaos run, seed {r['seed']}: {faults} faults in {r['elapsed_s']:.0f}s",
+    f"  {'fault':<18}{'injected':>9}{'survived':>9}",
+  ]
   for kind, f in r["faults"].items():
-    lines.append(f"  {kind:<18}{f['injected']:>9}{f['survived']:>9}"
-                 + (f"   e.g. {f['notes'][0]}" if f["notes"] else ""))
+    lines.append(
+      f"  {kind:<18}{f['injected']:>9}{f['survived']:>9}"
+      + (f"   e.g. {f['notes'][0]}" if f["notes"] else "")
+    )
   t = r["traffic"]
   kinds = t["kinds"]
   bad = sum(n for k, n in kinds.items() if k.startswith("bad_"))
   lines += [
-      (f"  {'events produced':<27}{r['produced']:>9}   (valid {kinds.get('valid', 0)}, malformed "
-       f"{bad}, repeated event_ids {kinds.get('repeated_event', 0)}, in committed transactions "
-       f"{kinds.get('transactional', 0)}; {t['aborted']} in aborted transactions, not expected)"),
-      f"  {'  by codec':<27}{'':>9}   " + ", ".join(f"{c}={n}" for c, n in t["codecs"].items()),
-      f"  {'records in the topics':<27}{r['records']:>9}",
-      f"  {'rows':<27}{r['rows']:>9}",
-      f"  {'dead letters':<27}{r['dead_letters']:>9}",
-      f"  {'duplicate events':<27}{r['duplicate_events']:>9}",
-      f"  {'lost':<27}{r['lost']:>9}",
-      f"  {'duplicated':<27}{r['duplicated']:>9}"]
+    (
+      f"  {'events produced':<27}{r['produced']:>9}   (valid {kinds.get('valid', 0)}, malformed "
+      f"{bad}, repeated event_ids {kinds.get('repeated_event', 0)}, in committed transactions "
+      f"{kinds.get('transactional', 0)}; {t['aborted']} in aborted transactions, not expected)"
+    ),
+    f"  {'  by codec':<27}{'':>9}   " + ", ".join(f"{c}={n}" for c, n in t["codecs"].items()),
+    f"  {'records in the topics':<27}{r['records']:>9}",
+    f"  {'rows':<27}{r['rows']:>9}",
+    f"  {'dead letters':<27}{r['dead_letters']:>9}",
+    f"  {'duplicate events':<27}{r['duplicate_events']:>9}",
+    f"  {'lost':<27}{r['lost']:>9}",
+    f"  {'duplicated':<27}{r['duplicated']:>9}",
+  ]
   if r["repeated_event_ids_in_sink"]:
-    lines.append(f"  {'event_ids stored twice':<27}{r['repeated_event_ids_in_sink']:>9}   "
-                 "(a later copy of an event stored as a row of its own)")
+    lines.append(
+      f"  {'event_ids stored twice':<27}{r['repeated_event_ids_in_sink']:>9}   "
+      "(a later copy of an event stored as a row of its own)"
+    )
   if r["not_records"]:
     lines.append(f"  {'rows that are not records':<27}{r['not_records']:>9}")
-  lines.append(f"  pipeline restarts by chaos (faults not survived, exits): {r['restarts_by_chaos']}"
-               f"; final catch-up {'ok' if r['final_catch_up'] else 'FAILED'}; final drain exit "
-               f"code {r['drain_exit_code']}")
+  lines.append(
+    f"  pipeline restarts by chaos (faults not survived, exits): {r['restarts_by_chaos']}"
+    f"; final catch-up {'ok' if r['final_catch_up'] else 'FAILED'}; final drain exit "
+    f"code {r['drain_exit_code']}"
+  )
   lines.append("RESULT: " + ("OK" if result_ok(r) else "FAILED"))
   return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> tuple[ChaosConfig, bool]:
-  ap = argparse.ArgumentParser(prog="run_pipeline.sh chaos", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    prog="run_pipeline.sh chaos",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   ap.add_argument("--minutes", type=float, default=10.0, help="time for faults (default 10)")
-  ap.add_argument("--cycles", type=int, default=None, help="number of faults (default: as many as "
-                  "fit in --minutes)")
+  ap.add_argument(
+    "--cycles",
+    type=int,
+    default=None,
+    help="number of faults (default: as many as fit in --minutes)",
+  )
   ap.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock)")
   ap.add_argument("--rate", type=float, default=100.0, help="events per second (default 100)")
-  ap.add_argument("--gap_secs", type=float, default=10.0,
-                  help="longest pause between two faults (default 10; the shortest is 2)")
-  ap.add_argument("--workers", type=int, default=2, help="--local_workers of the pipeline (default 2)")
+  ap.add_argument(
+    "--gap_secs",
+    type=float,
+    default=10.0,
+    help="longest pause between two faults (default 10; the shortest is 2)",
+  )
+  ap.add_argument(
+    "--workers", type=int, default=2, help="--local_workers of the pipeline (default 2)"
+  )
   ap.add_argument("--faults", default=",".join(FAULTS), help=f"subset of {','.join(FAULTS)}")
-  ap.add_argument("--broker_down_secs", type=float, default=30.0,
-                  help="longest broker outage (default 30; the shortest is 3)")
-  ap.add_argument("--sink_lock_secs", type=float, default=30.0,
-                  help="longest sink outage (default 30; the shortest is 3). Past the pipeline's "
-                       "--sink_retry_deadline_secs (60) a local run fails loudly by design (exit 1, "
-                       "nothing unwritten committed): such outages are not survived")
-  ap.add_argument("--recovery_secs", type=float, default=120.0,
-                  help="time the pipeline has to catch up after a fault (default 120)")
+  ap.add_argument(
+    "--broker_down_secs",
+    type=float,
+    default=30.0,
+    help="longest broker outage (default 30; the shortest is 3)",
+  )
+  ap.add_argument(
+    "--sink_lock_secs",
+    type=float,
+    default=30.0,
+    help="longest sink outage (default 30; the shortest is 3). Past the pipeline's "
+    "--sink_retry_deadline_secs (60) a local run fails loudly by design (exit 1, "
+    "nothing unwritten committed): such outages are not survived",
+  )
+  ap.add_argument(
+    "--recovery_secs",
+    type=float,
+    default=120.0,
+    help="time the pipeline has to catch up after a fault (default 120)",
+  )
   ap.add_argument("--keep", action="store_true", help="keep the run's folder (logs, sink, broker)")
   ap.add_argument("--json", action="store_true", help="print the result as JSON (table on stderr)")
   a = ap.parse_args(argv)
   faults = tuple(f for f in a.faults.split(",") if f)
-  for name, bad in (("--minutes", a.minutes <= 0), ("--cycles", a.cycles is not None and a.cycles < 1),
-                    ("--rate", a.rate <= 0), ("--workers", a.workers < 2),
-                    ("--faults", not faults or any(f not in FAULTS for f in faults)),
-                    ("--broker_down_secs", a.broker_down_secs < 3),
-                    ("--sink_lock_secs", a.sink_lock_secs < 3),
-                    ("--gap_secs", a.gap_secs < 2),
-                    ("--recovery_secs", a.recovery_secs <= 0)):
+  for name, bad in (
+    ("--minutes", a.minutes <= 0),
+    ("--cycles", a.cycles is not None and a.cycles < 1),
+    ("--rate", a.rate <= 0),
+    ("--workers", a.workers < 2),
+    ("--faults", not faults or any(f not in FAULTS for f in faults)),
+    ("--broker_down_secs", a.broker_down_secs < 3),
+    ("--sink_lock_secs", a.sink_lock_secs < 3),
+    ("--gap_secs", a.gap_secs < 2),
+    ("--recovery_secs", a.recovery_secs <= 0),
+  ):
     if bad:
       ap.error(f"{name}: bad value (see --help; --workers must be >= 2 so a worker can be killed)")
   seed = a.seed if a.seed is not None else int(time.time()) % 100_000
-  return ChaosConfig(minutes=a.minutes, cycles=a.cycles, seed=seed, rate=a.rate, workers=a.workers,
-                     faults=faults, gap_secs=(2.0, a.gap_secs), broker_down_secs=(3.0, a.broker_down_secs),
-                     sink_lock_secs=(3.0, a.sink_lock_secs), recovery_secs=a.recovery_secs,
-                     keep=a.keep), a.json
+  return ChaosConfig(
+    minutes=a.minutes,
+    cycles=a.cycles,
+    seed=seed,
+    rate=a.rate,
+    workers=a.workers,
+    faults=faults,
+    gap_secs=(2.0, a.gap_secs),
+    broker_down_secs=(3.0, a.broker_down_secs),
+    sink_lock_secs=(3.0, a.sink_lock_secs),
+    recovery_secs=a.recovery_secs,
+    keep=a.keep,
+  ), a.json
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,12 +67,19 @@ class PipelineProcess:
   def start(self) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     with open(self._log_path, "ab") as log:
-      log.write(f"\n===== chaos: pipeline start #{self.starts + 1} at {time.strftime('%X')}\n".encode())
+      log.write(
+        f"\n===== chaos: pipeline start #{self.starts + 1} at {time.strftime('%X')}\n".encode()
+      )
       log.flush()
-      self.proc = subprocess.Popen([sys.executable, "-m", "runners.main", "--mode=local",
-                                    *self._args], cwd=str(REPO), env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+      self.proc = subprocess.Popen(
+        [sys.executable, "-m", "runners.main", "--mode=local", *self._args],
+        cwd=str(REPO),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+      )
     self.starts += 1
 
   @property
@@ -177,9 +184,13 @@ class CommitView:
   def committed(self, keys: list[tuple[str, int]]) -> dict | None:
     try:
       if self._consumer is None:
-        self._consumer = KafkaConsumer(bootstrap_servers=self._bootstrap, group_id=self._group,
-                                       enable_auto_commit=False, request_timeout_ms=5000,
-                                       bootstrap_timeout_ms=5000)
+        self._consumer = KafkaConsumer(
+          bootstrap_servers=self._bootstrap,
+          group_id=self._group,
+          enable_auto_commit=False,
+          request_timeout_ms=5000,
+          bootstrap_timeout_ms=5000,
+        )
       return {k: self._consumer.committed(TopicPartition(*k), timeout_ms=5000) for k in keys}
     except Exception as e:  # noqa: BLE001 - the broker may be down: ask again later
       _LOGGER.debug("committed offsets unavailable: %r", e)

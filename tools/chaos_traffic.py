@@ -29,17 +29,32 @@ from tools.produce import BAD_KINDS, EventFactory
 _LOGGER = logging.getLogger(__name__)
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 _BURST = 25  # events per codec before switching
-_PRODUCER_CONFIG = {"acks": "all", "linger_ms": 5, "max_block_ms": 5000,
-                    "request_timeout_ms": 10000, "delivery_timeout_ms": 60000,
-                    "max_request_size": 2 * 1024 * 1024, "reconnect_backoff_max_ms": 2000}
+_PRODUCER_CONFIG = {
+  "acks": "all",
+  "linger_ms": 5,
+  "max_block_ms": 5000,
+  "request_timeout_ms": 10000,
+  "delivery_timeout_ms": 60000,
+  "max_request_size": 2 * 1024 * 1024,
+  "reconnect_backoff_max_ms": 2000,
+}
 
 
 class Traffic:
   """Background producers; ``start()``, ``stop()``, ``frontier()``, ``counts``."""
 
-  def __init__(self, bootstrap: str, sensor_topic: str, meter_topic: str, *, seed: int,
-               rate: float, bad_ratio: float = 0.05, repeat_ratio: float = 0.02,
-               transaction_share: float = 0.2):
+  def __init__(
+    self,
+    bootstrap: str,
+    sensor_topic: str,
+    meter_topic: str,
+    *,
+    seed: int,
+    rate: float,
+    bad_ratio: float = 0.05,
+    repeat_ratio: float = 0.02,
+    transaction_share: float = 0.2,
+  ):
     self.bootstrap = bootstrap
     self.topics = {"sensor": sensor_topic, "meter": meter_topic}
     self.rate = rate
@@ -52,10 +67,12 @@ class Traffic:
     self._frontier: dict[tuple[str, int], int] = {}
     self.counts: Counter = Counter()
     self.errors: Counter = Counter()
-    self._threads = [threading.Thread(target=self._guard, args=(self._plain,), name="chaos-plain",
-                                      daemon=True),
-                     threading.Thread(target=self._guard, args=(self._transactional,),
-                                      name="chaos-tx", daemon=True)]
+    self._threads = [
+      threading.Thread(target=self._guard, args=(self._plain,), name="chaos-plain", daemon=True),
+      threading.Thread(
+        target=self._guard, args=(self._transactional,), name="chaos-tx", daemon=True
+      ),
+    ]
 
   # -- bookkeeping (callbacks run on the producers' I/O threads)
 
@@ -110,8 +127,14 @@ class Traffic:
   def _plain(self) -> None:
     rng = random.Random(self._seed)
     factory = EventFactory(seed=self._seed)
-    producers = {c: KafkaProducer(bootstrap_servers=self.bootstrap, compression_type=(
-        None if c == "none" else c), **_PRODUCER_CONFIG) for c in CODECS}
+    producers = {
+      c: KafkaProducer(
+        bootstrap_servers=self.bootstrap,
+        compression_type=(None if c == "none" else c),
+        **_PRODUCER_CONFIG,
+      )
+      for c in CODECS
+    }
     sent_before: list = []  # earlier valid events, to send again
     rate = self.rate * (1 - self.transaction_share)
     started, sent = time.monotonic(), 0
@@ -123,8 +146,8 @@ class Traffic:
         what = (f"kind:{kind}", f"codec:{codec}")
         try:
           producers[codec].send(topic, key=key, value=value).add_callback(
-              lambda meta, t=topic, w=what: self._acked(t, w, meta)).add_errback(
-              lambda e, w=kind: self._failed(f"send {w}", e))
+            lambda meta, t=topic, w=what: self._acked(t, w, meta)
+          ).add_errback(lambda e, w=kind: self._failed(f"send {w}", e))
         except KafkaError as e:  # e.g. metadata not available within max_block_ms
           self._failed(f"send {kind}", e)
           self._stop.wait(0.5)
@@ -178,8 +201,11 @@ class Traffic:
         _close(producer)
 
   def _transactional_producer(self) -> KafkaProducer:
-    producer = KafkaProducer(bootstrap_servers=self.bootstrap,
-                             transactional_id=f"chaos-tx-{self._seed}", **_PRODUCER_CONFIG)
+    producer = KafkaProducer(
+      bootstrap_servers=self.bootstrap,
+      transactional_id=f"chaos-tx-{self._seed}",
+      **_PRODUCER_CONFIG,
+    )
     try:
       # Fences an earlier producer of the same id and aborts what it left open.
       producer.init_transactions()
@@ -188,8 +214,9 @@ class Traffic:
       raise
     return producer
 
-  def _one_transaction(self, producer: KafkaProducer, factory: EventFactory, n: int,
-                       commit: bool) -> None:
+  def _one_transaction(
+    self, producer: KafkaProducer, factory: EventFactory, n: int, commit: bool
+  ) -> None:
     producer.begin_transaction()
     futures = []
     for _ in range(n):
@@ -217,7 +244,8 @@ def _close(producer: KafkaProducer) -> None:
 
 def describe(counts: Counter) -> dict:
   """{'kinds': {...}, 'codecs': {...}, 'aborted': n} from the raw counters."""
-  return {"kinds": {k[5:]: n for k, n in sorted(counts.items()) if k.startswith("kind:")},
-          "codecs": {k[6:]: n for k, n in sorted(counts.items()) if k.startswith("codec:")},
-          "aborted": counts.get("aborted", 0)}
-
+  return {
+    "kinds": {k[5:]: n for k, n in sorted(counts.items()) if k.startswith("kind:")},
+    "codecs": {k[6:]: n for k, n in sorted(counts.items()) if k.startswith("codec:")},
+    "aborted": counts.get("aborted", 0),
+  }

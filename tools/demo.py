@@ -26,18 +26,23 @@ DB = REPO / "output" / "smartgrid.db"
 GROUP = "smartgrid-pipeline"
 
 QUERIES = [
-    ("Average sensor value per type and window (latest 8)",
-     """SELECT window_start, sensor_type, COUNT(*) AS n, ROUND(AVG(value), 2) AS avg_value
+  (
+    "Average sensor value per type and window (latest 8)",
+    """SELECT window_start, sensor_type, COUNT(*) AS n, ROUND(AVG(value), 2) AS avg_value
         FROM sensor_readings GROUP BY window_start, sensor_type
-        ORDER BY window_start DESC, sensor_type LIMIT 8"""),
-    ("Dead letters per reason",
-     """SELECT reason, raw_encoding, COUNT(*) AS n
-        FROM dead_letters GROUP BY reason, raw_encoding ORDER BY n DESC"""),
+        ORDER BY window_start DESC, sensor_type LIMIT 8""",
+  ),
+  (
+    "Dead letters per reason",
+    """SELECT reason, raw_encoding, COUNT(*) AS n
+        FROM dead_letters GROUP BY reason, raw_encoding ORDER BY n DESC""",
+  ),
 ]
 
 
 def _caught_up(bootstrap: str, topics: list[str]) -> bool:
   from kafka import KafkaConsumer, TopicPartition
+
   c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=GROUP, enable_auto_commit=False)
   try:
     tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t) or ())]
@@ -50,8 +55,10 @@ def _caught_up(bootstrap: str, topics: list[str]) -> bool:
 def _print_table(cursor) -> None:
   cols = [d[0] for d in cursor.description]
   rows = cursor.fetchall()
-  widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(c)
-            for i, c in enumerate(cols)]
+  widths = [
+    max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(c)
+    for i, c in enumerate(cols)
+  ]
   print("  " + "  ".join(str(c).ljust(w) for c, w in zip(cols, widths)))
   for r in rows:
     print("  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
@@ -86,8 +93,9 @@ def _start_broker() -> Broker | None:
   return broker
 
 
-def _wait_and_drain(proc: subprocess.Popen, bootstrap: str, topics: list[str],
-                    timeout: float) -> int:
+def _wait_and_drain(
+  proc: subprocess.Popen, bootstrap: str, topics: list[str], timeout: float
+) -> int:
   """Waits until the group has committed every end offset, then drains the pipeline."""
   try:
     deadline = time.monotonic() + timeout
@@ -136,12 +144,25 @@ def main(argv=None) -> int:
   counts = produce.produce(bootstrap, sensor, meter, a.count, bad_ratio=0.01, seed=int(time.time()))
   print(f"   {counts['sensor']} sensor, {counts['meter']} meter, {counts['bad']} malformed")
 
-  print(f"3. Running the streaming pipeline into {DB.relative_to(REPO)}; it is drained once "
-        "it has caught up ...", flush=True)
+  print(
+    f"3. Running the streaming pipeline into {DB.relative_to(REPO)}; it is drained once "
+    "it has caught up ...",
+    flush=True,
+  )
   env = {**os.environ, "PYTHONPATH": str(REPO)}
-  proc = subprocess.Popen([sys.executable, "-m", "runners.main", "--mode=local",
-                           f"--bootstrap_servers={bootstrap}", f"--group_id={GROUP}",
-                           f"--sink=sqlite:///{DB}"], cwd=REPO, env=env)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "runners.main",
+      "--mode=local",
+      f"--bootstrap_servers={bootstrap}",
+      f"--group_id={GROUP}",
+      f"--sink=sqlite:///{DB}",
+    ],
+    cwd=REPO,
+    env=env,
+  )
   rc = _wait_and_drain(proc, bootstrap, [sensor, meter], a.timeout)
   if rc != 0:
     return rc

@@ -17,13 +17,25 @@ import random
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
-SENSOR_TYPES = {"voltage": (230.0, 6.0), "current": (16.0, 5.0), "power": (3.5, 1.5),
-                "frequency": (50.0, 0.05)}
-BAD_KINDS = ("not_json", "not_utf8", "missing_field", "wrong_type", "non_finite", "bad_timestamp",
-             "not_object", "oversized")
+SENSOR_TYPES = {
+  "voltage": (230.0, 6.0),
+  "current": (16.0, 5.0),
+  "power": (3.5, 1.5),
+  "frequency": (50.0, 0.05),
+}
+BAD_KINDS = (
+  "not_json",
+  "not_utf8",
+  "missing_field",
+  "wrong_type",
+  "non_finite",
+  "bad_timestamp",
+  "not_object",
+  "oversized",
+)
 
 
 @dataclass(frozen=True)
@@ -31,17 +43,25 @@ class Event:
   topic_kind: str  # sensor | meter
   key: bytes
   value: bytes
-  bad: Optional[str] = None  # the dead-letter reason it should get, for malformed events
+  bad: str | None = None  # the dead-letter reason it should get, for malformed events
 
 
 class EventFactory:
   def __init__(self, seed: int = 7, sensors: int = 1000, meters: int = 500):
     self.rng = random.Random(seed)
     rng = self.rng
-    self.sensors = [(f"sensor-{i:04d}", list(SENSOR_TYPES)[i % 4],
-                     round(rng.uniform(47.0, 55.0), 5), round(rng.uniform(5.5, 15.0), 5))
-                    for i in range(sensors)]
-    self.meters = [(f"meter-{i:05d}", f"customer-{rng.randrange(10**6):06d}") for i in range(meters)]
+    self.sensors = [
+      (
+        f"sensor-{i:04d}",
+        list(SENSOR_TYPES)[i % 4],
+        round(rng.uniform(47.0, 55.0), 5),
+        round(rng.uniform(5.5, 15.0), 5),
+      )
+      for i in range(sensors)
+    ]
+    self.meters = [
+      (f"meter-{i:05d}", f"customer-{rng.randrange(10**6):06d}") for i in range(meters)
+    ]
     self.meter_totals = [rng.uniform(100, 50_000) for _ in range(meters)]
 
   @staticmethod
@@ -51,23 +71,36 @@ class EventFactory:
   def sensor(self, now: float) -> Event:
     sid, kind, lat, lon = self.rng.choice(self.sensors)
     mean, sd = SENSOR_TYPES[kind]
-    body = {"event_id": str(uuid.UUID(int=self.rng.getrandbits(128))), "sensor_id": sid,
-            "sensor_type": kind, "value": round(self.rng.gauss(mean, sd), 4),
-            "location": {"lat": lat, "lon": lon}, "timestamp": self._ts(now)}
+    body = {
+      "event_id": str(uuid.UUID(int=self.rng.getrandbits(128))),
+      "sensor_id": sid,
+      "sensor_type": kind,
+      "value": round(self.rng.gauss(mean, sd), 4),
+      "location": {"lat": lat, "lon": lon},
+      "timestamp": self._ts(now),
+    }
     if self.rng.random() < 0.3:
-      body["metadata"] = {"firmware": f"2.{self.rng.randrange(10)}", "substation": f"S{self.rng.randrange(40)}"}
+      body["metadata"] = {
+        "firmware": f"2.{self.rng.randrange(10)}",
+        "substation": f"S{self.rng.randrange(40)}",
+      }
     return Event("sensor", sid.encode(), json.dumps(body).encode())
 
   def meter(self, now: float) -> Event:
     i = self.rng.randrange(len(self.meters))
     self.meter_totals[i] += self.rng.uniform(0.0, 2.5)
     mid, cid = self.meters[i]
-    body = {"event_id": str(uuid.UUID(int=self.rng.getrandbits(128))), "meter_id": mid,
-            "customer_id": cid, "reading": round(self.meter_totals[i], 3), "unit": "kWh",
-            "timestamp": self._ts(now)}
+    body = {
+      "event_id": str(uuid.UUID(int=self.rng.getrandbits(128))),
+      "meter_id": mid,
+      "customer_id": cid,
+      "reading": round(self.meter_totals[i], 3),
+      "unit": "kWh",
+      "timestamp": self._ts(now),
+    }
     return Event("meter", mid.encode(), json.dumps(body).encode())
 
-  def bad(self, now: float, kind: Optional[str] = None) -> Event:
+  def bad(self, now: float, kind: str | None = None) -> Event:
     kind = kind or self.rng.choice(BAD_KINDS)
     good = json.loads(self.sensor(now).value)
     if kind == "not_json":
@@ -81,7 +114,9 @@ class EventFactory:
       good["value"] = "high"
       value = json.dumps(good).encode()
     elif kind == "non_finite":
-      value = json.dumps(good).replace(f'"value": {json.dumps(good["value"])}', '"value": NaN').encode()
+      value = (
+        json.dumps(good).replace(f'"value": {json.dumps(good["value"])}', '"value": NaN').encode()
+      )
     elif kind == "bad_timestamp":
       good["timestamp"] = "yesterday at noon"
       value = json.dumps(good).encode()
@@ -92,8 +127,14 @@ class EventFactory:
       value = json.dumps(good).encode()
     return Event("sensor", b"bad", value, bad=kind)
 
-  def events(self, count: int, bad_ratio: float = 0.0, meter_ratio: float = 0.25,
-             start: Optional[float] = None, spacing_s: float = 0.0) -> Iterator[Event]:
+  def events(
+    self,
+    count: int,
+    bad_ratio: float = 0.0,
+    meter_ratio: float = 0.25,
+    start: float | None = None,
+    spacing_s: float = 0.0,
+  ) -> Iterator[Event]:
     now = time.time() if start is None else start
     for i in range(count):
       t = now + i * spacing_s if start is not None else time.time()
@@ -110,16 +151,32 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int | None = No
   """Creates the missing topics (partitions: default $KAFKA_PARTITIONS or 4)."""
   from broker.kafka_broker import default_partitions
   from broker.topics import create_topics
+
   create_topics(bootstrap, topics, partitions if partitions is not None else default_partitions())
 
 
-def produce(bootstrap: str, sensor_topic: str, meter_topic: str, count: int, *, rate: float = 0.0,
-            bad_ratio: float = 0.01, seed: int = 7, progress: bool = False) -> dict:
+def produce(
+  bootstrap: str,
+  sensor_topic: str,
+  meter_topic: str,
+  count: int,
+  *,
+  rate: float = 0.0,
+  bad_ratio: float = 0.01,
+  seed: int = 7,
+  progress: bool = False,
+) -> dict:
   """Writes count events; returns counts per topic kind and per bad kind."""
   from kafka import KafkaProducer
+
   ensure_topics(bootstrap, [sensor_topic, meter_topic])
-  producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10,
-                           batch_size=256 * 1024, max_request_size=2 * 1024 * 1024)
+  producer = KafkaProducer(
+    bootstrap_servers=bootstrap,
+    acks="all",
+    linger_ms=10,
+    batch_size=256 * 1024,
+    max_request_size=2 * 1024 * 1024,
+  )
   counts: dict = {"sensor": 0, "meter": 0, "bad": 0}
   started = time.monotonic()
   try:
@@ -128,8 +185,9 @@ def produce(bootstrap: str, sensor_topic: str, meter_topic: str, count: int, *, 
         delay = started + i / rate - time.monotonic()
         if delay > 0:
           time.sleep(delay)
-      producer.send(sensor_topic if ev.topic_kind == "sensor" else meter_topic,
-                    key=ev.key, value=ev.value)
+      producer.send(
+        sensor_topic if ev.topic_kind == "sensor" else meter_topic, key=ev.key, value=ev.value
+      )
       counts["bad" if ev.bad else ev.topic_kind] += 1
       if progress and (i + 1) % 10_000 == 0:
         print(f"  produced {i + 1}/{count}", file=sys.stderr, flush=True)
@@ -139,13 +197,20 @@ def produce(bootstrap: str, sensor_topic: str, meter_topic: str, count: int, *, 
   return counts
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="run_pipeline.sh produce", description=__doc__)
   ap.add_argument("--count", type=int, default=1000, help="events to write (default 1000)")
-  ap.add_argument("--rate", type=float, default=0.0, help="events per second (default: as fast as possible)")
-  ap.add_argument("--bad-ratio", type=float, default=0.01, help="share of malformed events (default 0.01)")
-  ap.add_argument("--bootstrap_servers", default=None,
-                  help="Kafka brokers (default: 127.0.0.1:$KAFKA_PORT, i.e. 127.0.0.1:9092)")
+  ap.add_argument(
+    "--rate", type=float, default=0.0, help="events per second (default: as fast as possible)"
+  )
+  ap.add_argument(
+    "--bad-ratio", type=float, default=0.01, help="share of malformed events (default 0.01)"
+  )
+  ap.add_argument(
+    "--bootstrap_servers",
+    default=None,
+    help="Kafka brokers (default: 127.0.0.1:$KAFKA_PORT, i.e. 127.0.0.1:9092)",
+  )
   ap.add_argument("--sensor_topic", default="smartgrid-sensor-data")
   ap.add_argument("--meter_topic", default="smartgrid-meter-readings")
   ap.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock)")
@@ -158,16 +223,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.error(f"--bad-ratio must be within [0, 1], got {a.bad_ratio}")
   # Imported here: the pipelines package ships to workers (setup.py) without broker/.
   from broker.kafka_broker import BrokerError, default_bootstrap
+
   try:
     bootstrap = a.bootstrap_servers or default_bootstrap()
   except BrokerError as e:
     ap.error(str(e))
   seed = a.seed if a.seed is not None else int(time.time())
   t = time.monotonic()
-  counts = produce(bootstrap, a.sensor_topic, a.meter_topic, a.count, rate=a.rate,
-                   bad_ratio=a.bad_ratio, seed=seed, progress=True)
-  print(f"Produced {a.count} events in {time.monotonic() - t:.1f}s: {counts['sensor']} sensor, "
-        f"{counts['meter']} meter, {counts['bad']} malformed (to {a.sensor_topic}).")
+  counts = produce(
+    bootstrap,
+    a.sensor_topic,
+    a.meter_topic,
+    a.count,
+    rate=a.rate,
+    bad_ratio=a.bad_ratio,
+    seed=seed,
+    progress=True,
+  )
+  print(
+    f"Produced {a.count} events in {time.monotonic() - t:.1f}s: {counts['sensor']} sensor, "
+    f"{counts['meter']} meter, {counts['bad']} malformed (to {a.sensor_topic})."
+  )
   return 0
 
 

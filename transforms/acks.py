@@ -7,8 +7,8 @@ that the next record's ``covers_from`` spans). ``CommitOffsets`` merges them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from transforms.rows import covers_from, offset_of, partition_of
 

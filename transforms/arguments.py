@@ -9,7 +9,8 @@ arguments, so a value is judged, and reported, the same way everywhere:
 
 from __future__ import annotations
 
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 
 def at_least(name: str, value: float, minimum: float) -> None:

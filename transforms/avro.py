@@ -26,7 +26,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import fastavro
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -43,7 +44,7 @@ PASSWORD_ENV = "SCHEMA_REGISTRY_PASSWORD"
 _NOT_FOUND_CODES = (40403, 40401)  # schema not found, subject not found
 
 
-def is_framed(value: Optional[bytes]) -> bool:
+def is_framed(value: bytes | None) -> bool:
   """True for a value in the Confluent wire format (it starts with the magic byte 0)."""
   return bool(value) and value[0] == MAGIC_BYTE
 
@@ -53,11 +54,17 @@ def frame(schema_id: int, body: bytes) -> bytes:
   return bytes([MAGIC_BYTE]) + schema_id.to_bytes(4, "big") + body
 
 
-def registry_client_config(url: str, *, timeout_s: float, max_retries: int,
-                           retry_wait_ms: int, retry_max_wait_ms: int) -> dict:
+def registry_client_config(
+  url: str, *, timeout_s: float, max_retries: int, retry_wait_ms: int, retry_max_wait_ms: int
+) -> dict:
   """The SchemaRegistryClient configuration, credentials from the environment."""
-  conf = {"url": url, "timeout": timeout_s, "max.retries": max_retries,
-          "retries.wait.ms": retry_wait_ms, "retries.max.wait.ms": retry_max_wait_ms}
+  conf = {
+    "url": url,
+    "timeout": timeout_s,
+    "max.retries": max_retries,
+    "retries.wait.ms": retry_wait_ms,
+    "retries.max.wait.ms": retry_max_wait_ms,
+  }
   username, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
   if username or password:
     conf["basic.auth.user.info"] = f"{username or ''}:{password or ''}"
@@ -67,15 +74,27 @@ def registry_client_config(url: str, *, timeout_s: float, max_retries: int,
 class AvroDecoder:
   """Framed Avro bytes -> the decoded record (a dict); raises InvalidEvent."""
 
-  def __init__(self, url: str, *, timeout_s: float = 5.0, max_retries: int = 3,
-               retry_wait_ms: int = 200, retry_max_wait_ms: int = 2000, cooldown_s: float = 5.0,
-               clock: Callable[[], float] = time.monotonic):
+  def __init__(
+    self,
+    url: str,
+    *,
+    timeout_s: float = 5.0,
+    max_retries: int = 3,
+    retry_wait_ms: int = 200,
+    retry_max_wait_ms: int = 2000,
+    cooldown_s: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+  ):
     self.url = url
-    self._settings = dict(timeout_s=timeout_s, max_retries=max_retries,
-                          retry_wait_ms=retry_wait_ms, retry_max_wait_ms=retry_max_wait_ms)
+    self._settings = dict(
+      timeout_s=timeout_s,
+      max_retries=max_retries,
+      retry_wait_ms=retry_wait_ms,
+      retry_max_wait_ms=retry_max_wait_ms,
+    )
     self._cooldown_s = cooldown_s
     self._clock = clock
-    self._client: Optional[SchemaRegistryClient] = None
+    self._client: SchemaRegistryClient | None = None
     self._schemas: dict[int, Any] = {}
     self._down_until = 0.0
     self._down_error = ""
@@ -87,7 +106,7 @@ class AvroDecoder:
   def __setstate__(self, state):
     self.__init__(state["url"], cooldown_s=state["cooldown_s"], **state["settings"])
 
-  def open(self) -> "AvroDecoder":
+  def open(self) -> AvroDecoder:
     if self._client is None:
       self._client = SchemaRegistryClient(registry_client_config(self.url, **self._settings))
     return self
@@ -95,7 +114,8 @@ class AvroDecoder:
   def remember(self, schema_id: int, schema: Any) -> None:
     """Caches a writer schema (a dict or JSON text) as if fetched: preloading, and tests."""
     self._schemas[schema_id] = fastavro.parse_schema(
-        json.loads(schema) if isinstance(schema, str) else schema)
+      json.loads(schema) if isinstance(schema, str) else schema
+    )
 
   def decode(self, value: bytes) -> Any:
     if len(value) < HEADER_BYTES:
@@ -109,10 +129,13 @@ class AvroDecoder:
     try:
       record = fastavro.schemaless_reader(body, schema, None)
     except Exception as e:  # noqa: BLE001 - any failure to decode is this record's fault
-      raise InvalidEvent("bad_avro", f"schema id {schema_id}: {type(e).__name__}: {e}"[:300]) from None
+      raise InvalidEvent(
+        "bad_avro", f"schema id {schema_id}: {type(e).__name__}: {e}"[:300]
+      ) from None
     if body.tell() != len(value):
-      raise InvalidEvent("bad_avro", f"schema id {schema_id}: {len(value) - body.tell()} bytes "
-                                     "left after the record")
+      raise InvalidEvent(
+        "bad_avro", f"schema id {schema_id}: {len(value) - body.tell()} bytes left after the record"
+      )
     return record
 
   def _fetch(self, schema_id: int) -> Any:
@@ -124,14 +147,17 @@ class AvroDecoder:
       registered = self._client.get_schema(schema_id)
     except SchemaRegistryError as e:
       if e.http_status_code == 404 or e.error_code in _NOT_FOUND_CODES:
-        raise InvalidEvent("unknown_schema", f"schema id {schema_id} is not in the registry "
-                                             f"({e.error_code}: {e.error_message})"[:300]) from None
+        raise InvalidEvent(
+          "unknown_schema",
+          f"schema id {schema_id} is not in the registry ({e.error_code}: {e.error_message})"[:300],
+        ) from None
       self._went_down(f"HTTP {e.http_status_code} ({e.error_code}): {e.error_message}")
     except Exception as e:  # noqa: BLE001 - connection refused, timeout, DNS: after the retries
       self._went_down(f"{type(e).__name__}: {e}")
     if registered.schema_type not in (None, "AVRO"):
-      raise InvalidEvent("unknown_schema", f"schema id {schema_id} is a {registered.schema_type} "
-                                           "schema, not Avro")
+      raise InvalidEvent(
+        "unknown_schema", f"schema id {schema_id} is a {registered.schema_type} schema, not Avro"
+      )
     try:
       schema = fastavro.parse_schema(json.loads(registered.schema_str))
     except Exception as e:  # noqa: BLE001 - the registry holds a schema fastavro refuses
@@ -142,6 +168,9 @@ class AvroDecoder:
   def _went_down(self, error: str):
     self._down_until = self._clock() + self._cooldown_s
     self._down_error = f"registry {self.url} unreachable: {error}"[:300]
-    _LOGGER.warning("%s; records needing a new schema are dead letters for %.0f s",
-                    self._down_error, self._cooldown_s)
+    _LOGGER.warning(
+      "%s; records needing a new schema are dead letters for %.0f s",
+      self._down_error,
+      self._cooldown_s,
+    )
     raise InvalidEvent("registry_unavailable", self._down_error)

@@ -20,11 +20,12 @@ retried whole); nothing waits in memory past its bundle.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import apache_beam as beam
-from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 from apache_beam.transforms.window import GlobalWindow
+from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -46,7 +47,7 @@ class BundleBatcher:
     self._windows = windows
     self._buffers: dict = {}  # (key, window start µs) -> [(row, timestamp)]
 
-  def add(self, key: BatchKey, row: Any, timestamp: Timestamp) -> Optional[WindowedValue]:
+  def add(self, key: BatchKey, row: Any, timestamp: Timestamp) -> WindowedValue | None:
     """Buffers a row; returns the (key, [rows]) batch it completed, in its window, if any."""
     micros = timestamp.micros
     start = micros - micros % self._windows.size_us
@@ -76,9 +77,15 @@ class BatchRows(beam.PTransform):
   through ``GroupIntoBatches(batch_size, max_buffering_secs)``.
   """
 
-  def __init__(self, batch_size: int, windows: FixedEventWindows, *,
-               allowed_lateness_secs: float = 0.0, max_buffering_secs: Optional[float] = None,
-               clock: Callable[[], float] = time.time):
+  def __init__(
+    self,
+    batch_size: int,
+    windows: FixedEventWindows,
+    *,
+    allowed_lateness_secs: float = 0.0,
+    max_buffering_secs: float | None = None,
+    clock: Callable[[], float] = time.time,
+  ):
     super().__init__()
     self._clock = clock  # GroupIntoBatches' processing time (a fake one in TestStream tests)
     self._batch_size = batch_size
@@ -89,10 +96,13 @@ class BatchRows(beam.PTransform):
   def expand(self, inputs):
     full, rows = inputs
     windowed_full = full | "WindowFullBatches" >> beam.WindowInto(
-        self._windows, allowed_lateness=self._lateness)
+      self._windows, allowed_lateness=self._lateness
+    )
     windowed_rows = rows | "WindowRows" >> beam.WindowInto(
-        self._windows, allowed_lateness=self._lateness)
+      self._windows, allowed_lateness=self._lateness
+    )
     windowed_rows.element_type = convert_to_beam_type(KeyedRow)
     completed = windowed_rows | "GroupIntoBatches" >> beam.GroupIntoBatches(
-        self._batch_size, self._max_buffering_secs, self._clock)
+      self._batch_size, self._max_buffering_secs, self._clock
+    )
     return (windowed_full, completed) | "AllBatches" >> beam.Flatten()

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Tuple
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -55,9 +56,10 @@ class Committed:
 @dataclass
 class PartitionProgress:
   """Merge state of one partition. ``frontier``: every offset below it is durable."""
-  base: Optional[int] = None
-  frontier: Optional[int] = None
-  committed: Optional[int] = None
+
+  base: int | None = None
+  frontier: int | None = None
+  committed: int | None = None
   pending: list = field(default_factory=list)  # sorted, disjoint [start, end) above frontier
 
   def add_start(self, start: int) -> None:
@@ -85,7 +87,7 @@ class PartitionProgress:
     while self.pending and self.pending[0][0] <= self.frontier:
       self.frontier = max(self.frontier, self.pending.pop(0)[1])
 
-  def to_commit(self) -> Optional[int]:
+  def to_commit(self) -> int | None:
     """The offset to commit now: the resolved start first, then the frontier when it moves.
 
     The start is committed even before anything is acked: a read that started at
@@ -107,9 +109,15 @@ FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
 
 class _CommitOffsetsFn(beam.DoFn):
-  def __init__(self, consumer_config: ClientConfig, interval_s: float,
-               retry_deadline_s: float, flush_timer: bool, recommit_s: float = 3600.0,
-               commit_fn: Optional[CommitFn] = None):
+  def __init__(
+    self,
+    consumer_config: ClientConfig,
+    interval_s: float,
+    retry_deadline_s: float,
+    flush_timer: bool,
+    recommit_s: float = 3600.0,
+    commit_fn: CommitFn | None = None,
+  ):
     self._commit_fn = commit_fn
     self._flush_timer = flush_timer
     self._recommit_s = recommit_s
@@ -130,8 +138,13 @@ class _CommitOffsetsFn(beam.DoFn):
       self._consumer.close(autocommit=False)
       self._consumer = None
 
-  def process(self, element, state=beam.DoFn.StateParam(PROGRESS),
-              final=beam.DoFn.TimerParam(FINAL), flush=beam.DoFn.TimerParam(FLUSH)):
+  def process(
+    self,
+    element,
+    state=beam.DoFn.StateParam(PROGRESS),
+    final=beam.DoFn.TimerParam(FINAL),
+    flush=beam.DoFn.TimerParam(FLUSH),
+  ):
     key, value = element
     p = state.read() or PartitionProgress()
     if p.base is None and p.committed is None and not p.pending:
@@ -186,16 +199,19 @@ class _CommitOffsetsFn(beam.DoFn):
     else:
       tp = TopicPartition(topic, partition)
       consumer = self._get_consumer()
-      with_retries(lambda: consumer.commit(offsets={tp: OffsetAndMetadata(offset, "", -1)}),
-                   lambda e: isinstance(e, KafkaError), deadline_s=self._retry_deadline_s,
-                   what=f"committing {topic}-{partition}@{offset}")
+      with_retries(
+        lambda: consumer.commit(offsets={tp: OffsetAndMetadata(offset, "", -1)}),
+        lambda e: isinstance(e, KafkaError),
+        deadline_s=self._retry_deadline_s,
+        what=f"committing {topic}-{partition}@{offset}",
+      )
     p.committed = offset
     self._commits.inc()
     _LOGGER.debug("committed %s-%s at %d", topic, partition, offset)
     return Committed(topic, partition, offset)
 
 
-def _keyed(value) -> Tuple[PartitionKey, Any]:
+def _keyed(value) -> tuple[PartitionKey, Any]:
   return ((value.topic, value.partition), value)
 
 
@@ -207,21 +223,33 @@ class CommitOffsets(beam.PTransform):
   the group's Kafka consumer (tests that check the commit order without a broker).
   """
 
-  def __init__(self, consumer_config: ClientConfig, *, interval_s: float = 5.0,
-               retry_deadline_s: float = 60.0, flush_timer: bool = False,
-               recommit_s: float = 3600.0, commit_fn: Optional[CommitFn] = None):
+  def __init__(
+    self,
+    consumer_config: ClientConfig,
+    *,
+    interval_s: float = 5.0,
+    retry_deadline_s: float = 60.0,
+    flush_timer: bool = False,
+    recommit_s: float = 3600.0,
+    commit_fn: CommitFn | None = None,
+  ):
     super().__init__()
     check_client_config(consumer_config, needs_group=True)
     arguments.above("commit_interval_secs", interval_s, 0)
-    self._fn = _CommitOffsetsFn(consumer_config, interval_s, retry_deadline_s, flush_timer,
-                                recommit_s, commit_fn)
+    self._fn = _CommitOffsetsFn(
+      consumer_config, interval_s, retry_deadline_s, flush_timer, recommit_s, commit_fn
+    )
 
   def expand(self, inputs):
     starts, acks, *covered = inputs
     acks = acks | "AcksToGlobalWindow" >> beam.WindowInto(GlobalWindows())
-    covered = [c | f"CoveredToGlobalWindow{i}" >> beam.WindowInto(GlobalWindows())
-               for i, c in enumerate(covered)]
-    return ((starts, acks, *covered)
-            | "StartsAndAcks" >> beam.Flatten()
-            | "KeyByPartition" >> beam.Map(_keyed).with_output_types(Tuple[PartitionKey, Any])
-            | "Commit" >> beam.ParDo(self._fn))
+    covered = [
+      c | f"CoveredToGlobalWindow{i}" >> beam.WindowInto(GlobalWindows())
+      for i, c in enumerate(covered)
+    ]
+    return (
+      (starts, acks, *covered)
+      | "StartsAndAcks" >> beam.Flatten()
+      | "KeyByPartition" >> beam.Map(_keyed).with_output_types(tuple[PartitionKey, Any])
+      | "Commit" >> beam.ParDo(self._fn)
+    )

@@ -63,8 +63,9 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from transforms.rows import coordinates, covers_from
 from transforms.timestamps import TimestampError, iso_us
@@ -80,10 +81,23 @@ ERROR_TEXT_LIMIT = 2000
 # sinks write sink_rejected, and duplicate_event is reserved for a sink that keeps a later
 # copy of an event_id as a dead letter (the shared design counts and acks it instead).
 DEAD_LETTER_REASONS = (
-    "oversized", "not_utf8", "not_json", "not_object", "missing_field", "wrong_type",
-    "non_finite", "out_of_range", "bad_timestamp", "unknown_topic", "unparseable",
-    "avro_needs_registry", "bad_avro", "unknown_schema", "registry_unavailable",
-    "sink_rejected", "duplicate_event",
+  "oversized",
+  "not_utf8",
+  "not_json",
+  "not_object",
+  "missing_field",
+  "wrong_type",
+  "non_finite",
+  "out_of_range",
+  "bad_timestamp",
+  "unknown_topic",
+  "unparseable",
+  "avro_needs_registry",
+  "bad_avro",
+  "unknown_schema",
+  "registry_unavailable",
+  "sink_rejected",
+  "duplicate_event",
 )
 
 _NUMERIC_TEXT = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
@@ -99,8 +113,9 @@ class InvalidEvent(ValueError):
 
 
 # One encoder: json.dumps with non-default arguments builds a new one per call (~3 µs).
-_METADATA_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False, sort_keys=True,
-                                  ensure_ascii=False)
+_METADATA_JSON = json.JSONEncoder(
+  separators=(",", ":"), allow_nan=False, sort_keys=True, ensure_ascii=False
+)
 
 
 class SensorReading(NamedTuple):  # immutable; a NamedTuple is ~1.5 µs cheaper to make per event
@@ -108,10 +123,10 @@ class SensorReading(NamedTuple):  # immutable; a NamedTuple is ~1.5 µs cheaper 
   sensor_id: str
   sensor_type: str
   value: float
-  latitude: Optional[float]
-  longitude: Optional[float]
+  latitude: float | None
+  longitude: float | None
   event_time_us: int
-  metadata: Optional[str]  # UTF-8 JSON text
+  metadata: str | None  # UTF-8 JSON text
 
 
 class MeterReading(NamedTuple):
@@ -129,8 +144,8 @@ class DeadLetter:
   kafka_partition: int
   kafka_offset: int
   covers_from: int
-  raw_key: Optional[bytes]
-  raw_value: Optional[bytes]
+  raw_key: bytes | None
+  raw_value: bytes | None
   reason: str  # one of DEAD_LETTER_REASONS
   error: str  # "reason: detail"
   stage: str
@@ -154,7 +169,7 @@ def describe_exception(exc: BaseException) -> InvalidEvent:
 # Decoding a JSON value
 
 
-def load_json_object(value: Optional[bytes]) -> dict:
+def load_json_object(value: bytes | None) -> dict:
   """A record's value -> the JSON object it holds; raises InvalidEvent."""
   if value is None:
     raise InvalidEvent("not_json", "the record has no value (tombstone)")
@@ -181,8 +196,9 @@ def load_json_object(value: Optional[bytes]) -> dict:
 # Field rules (the table in the module docstring)
 
 
-def _text(obj: Mapping[str, Any], name: str, default: Optional[str] = None,
-          integers: bool = False) -> str:
+def _text(
+  obj: Mapping[str, Any], name: str, default: str | None = None, integers: bool = False
+) -> str:
   value = obj.get(name)
   if value is None:
     if default is not None:
@@ -215,8 +231,11 @@ def _float(value: Any, name: str) -> float:
   elif isinstance(value, str) and len(value) <= 400 and _NUMERIC_TEXT.fullmatch(value):
     number = float(value)
   else:
-    raise InvalidEvent("wrong_type", f"'{name}' must be a number, got {type(value).__name__}"
-                       + (f" {value!r:.40}" if isinstance(value, str) else ""))
+    raise InvalidEvent(
+      "wrong_type",
+      f"'{name}' must be a number, got {type(value).__name__}"
+      + (f" {value!r:.40}" if isinstance(value, str) else ""),
+    )
   if not math.isfinite(number):
     raise InvalidEvent("non_finite", f"'{name}' is {number}")
   return number
@@ -229,7 +248,7 @@ def _number(obj: Mapping[str, Any], name: str) -> float:
   return _float(value, name)
 
 
-def _coordinate(location: Mapping[str, Any], name: str, bound: float) -> Optional[float]:
+def _coordinate(location: Mapping[str, Any], name: str, bound: float) -> float | None:
   value = location.get(name)
   if value is None:
     return None
@@ -239,7 +258,7 @@ def _coordinate(location: Mapping[str, Any], name: str, bound: float) -> Optiona
   return number
 
 
-def _metadata(obj: Mapping[str, Any]) -> Optional[str]:
+def _metadata(obj: Mapping[str, Any]) -> str | None:
   metadata = obj.get("metadata")
   if metadata is None:
     return None
@@ -248,7 +267,9 @@ def _metadata(obj: Mapping[str, Any]) -> Optional[str]:
   except ValueError:  # a float that overflowed to inf, e.g. 1e400
     raise InvalidEvent("non_finite", "'metadata' holds a non-finite number") from None
   except TypeError as e:  # e.g. bytes from an Avro record
-    raise InvalidEvent("wrong_type", f"'metadata' holds a value JSON cannot represent: {e}") from None
+    raise InvalidEvent(
+      "wrong_type", f"'metadata' holds a value JSON cannot represent: {e}"
+    ) from None
   if not text.isascii():
     try:
       text.encode("utf-8")
@@ -274,29 +295,29 @@ def sensor_from_object(obj: Mapping[str, Any]) -> SensorReading:
   elif not isinstance(location, Mapping):
     raise InvalidEvent("wrong_type", f"'location' must be an object, got {type(location).__name__}")
   return SensorReading(
-      event_id=_text(obj, "event_id", integers=True),
-      sensor_id=_text(obj, "sensor_id", integers=True),
-      sensor_type=_text(obj, "sensor_type"),
-      value=_number(obj, "value"),
-      latitude=_coordinate(location, "lat", 90.0),
-      longitude=_coordinate(location, "lon", 180.0),
-      event_time_us=parse_timestamp_us(obj.get("timestamp")),
-      metadata=_metadata(obj),
+    event_id=_text(obj, "event_id", integers=True),
+    sensor_id=_text(obj, "sensor_id", integers=True),
+    sensor_type=_text(obj, "sensor_type"),
+    value=_number(obj, "value"),
+    latitude=_coordinate(location, "lat", 90.0),
+    longitude=_coordinate(location, "lon", 180.0),
+    event_time_us=parse_timestamp_us(obj.get("timestamp")),
+    metadata=_metadata(obj),
   )
 
 
 def meter_from_object(obj: Mapping[str, Any]) -> MeterReading:
   return MeterReading(
-      event_id=_text(obj, "event_id", integers=True),
-      meter_id=_text(obj, "meter_id", integers=True),
-      customer_id=_text(obj, "customer_id", integers=True),
-      reading=_number(obj, "reading"),
-      unit=_text(obj, "unit", default="kWh"),
-      event_time_us=parse_timestamp_us(obj.get("timestamp")),
+    event_id=_text(obj, "event_id", integers=True),
+    meter_id=_text(obj, "meter_id", integers=True),
+    customer_id=_text(obj, "customer_id", integers=True),
+    reading=_number(obj, "reading"),
+    unit=_text(obj, "unit", default="kWh"),
+    event_time_us=parse_timestamp_us(obj.get("timestamp")),
   )
 
 
-def parse_sensor(value: Optional[bytes]) -> SensorReading:
+def parse_sensor(value: bytes | None) -> SensorReading:
   """A JSON value -> SensorReading; raises InvalidEvent (and only that)."""
   try:
     return sensor_from_object(load_json_object(value))
@@ -304,7 +325,7 @@ def parse_sensor(value: Optional[bytes]) -> SensorReading:
     raise describe_exception(e) from None
 
 
-def parse_meter(value: Optional[bytes]) -> MeterReading:
+def parse_meter(value: bytes | None) -> MeterReading:
   """A JSON value -> MeterReading; raises InvalidEvent (and only that)."""
   try:
     return meter_from_object(load_json_object(value))
@@ -317,21 +338,63 @@ def parse_meter(value: Optional[bytes]) -> MeterReading:
 # sink stamps it), ending with (kafka_topic, kafka_partition, kafka_offset, covers_from).
 
 
-def sensor_row(r: SensorReading, window_start_us: int, window_end_us: int, is_late: bool,
-               topic: str, partition: int, offset: int, covers_from: int) -> tuple:
-  return (r.event_id, r.sensor_id, r.sensor_type, r.value, r.latitude, r.longitude,
-          iso_us(r.event_time_us), r.metadata, iso_us(window_start_us), iso_us(window_end_us),
-          is_late, topic, partition, offset, covers_from)
+def sensor_row(
+  r: SensorReading,
+  window_start_us: int,
+  window_end_us: int,
+  is_late: bool,
+  topic: str,
+  partition: int,
+  offset: int,
+  covers_from: int,
+) -> tuple:
+  return (
+    r.event_id,
+    r.sensor_id,
+    r.sensor_type,
+    r.value,
+    r.latitude,
+    r.longitude,
+    iso_us(r.event_time_us),
+    r.metadata,
+    iso_us(window_start_us),
+    iso_us(window_end_us),
+    is_late,
+    topic,
+    partition,
+    offset,
+    covers_from,
+  )
 
 
-def meter_row(r: MeterReading, window_start_us: int, window_end_us: int, is_late: bool,
-              topic: str, partition: int, offset: int, covers_from: int) -> tuple:
-  return (r.event_id, r.meter_id, r.customer_id, r.reading, r.unit, iso_us(r.event_time_us),
-          iso_us(window_start_us), iso_us(window_end_us), is_late, topic, partition, offset,
-          covers_from)
+def meter_row(
+  r: MeterReading,
+  window_start_us: int,
+  window_end_us: int,
+  is_late: bool,
+  topic: str,
+  partition: int,
+  offset: int,
+  covers_from: int,
+) -> tuple:
+  return (
+    r.event_id,
+    r.meter_id,
+    r.customer_id,
+    r.reading,
+    r.unit,
+    iso_us(r.event_time_us),
+    iso_us(window_start_us),
+    iso_us(window_end_us),
+    is_late,
+    topic,
+    partition,
+    offset,
+    covers_from,
+  )
 
 
-def _is_text(raw: Optional[bytes]) -> bool:
+def _is_text(raw: bytes | None) -> bool:
   """Valid UTF-8 without a NUL byte: a NUL marks binary data (Confluent-framed Avro starts with
   one) and many tools cut text there, so such values are stored as base64."""
   if raw is None:
@@ -345,7 +408,7 @@ def _is_text(raw: Optional[bytes]) -> bool:
     return False
 
 
-def _raw_text(raw: Optional[bytes], encoding: str) -> tuple:
+def _raw_text(raw: bytes | None, encoding: str) -> tuple:
   """Raw bytes -> (text of at most RAW_TEXT_LIMIT, truncated?) in the given encoding."""
   if raw is None:
     return None, False
@@ -353,11 +416,11 @@ def _raw_text(raw: Optional[bytes], encoding: str) -> tuple:
     cut = raw[:RAW_TEXT_LIMIT]
     # Cutting may split the last character; 'ignore' drops only that partial tail.
     return cut.decode("utf-8", "ignore"), len(raw) > RAW_TEXT_LIMIT
-  cut = raw[:RAW_TEXT_LIMIT // 4 * 3]  # base64 makes 4 characters of every 3 bytes
+  cut = raw[: RAW_TEXT_LIMIT // 4 * 3]  # base64 makes 4 characters of every 3 bytes
   return binascii.b2a_base64(cut, newline=False).decode("ascii"), len(raw) > len(cut)
 
 
-def raw_columns(raw_key: Optional[bytes], raw_value: Optional[bytes]) -> tuple:
+def raw_columns(raw_key: bytes | None, raw_value: bytes | None) -> tuple:
   """(raw_key, raw_value, raw_encoding, raw_size, raw_sha256, truncated) of a dead letter.
 
   One ``raw_encoding`` holds for both key and value: ``utf8`` when both are valid
@@ -374,23 +437,40 @@ def raw_columns(raw_key: Optional[bytes], raw_value: Optional[bytes]) -> tuple:
 
 def dead_letter_row(d: DeadLetter) -> tuple:
   """The dead_letters row (``transforms.rows.DEAD_LETTER_ROW``) of a DeadLetter."""
-  return (*raw_columns(d.raw_key, d.raw_value), d.reason, d.error[:ERROR_TEXT_LIMIT], d.stage,
-          iso_us(d.failed_at_us), d.kafka_topic, d.kafka_partition, d.kafka_offset, d.covers_from)
+  return (
+    *raw_columns(d.raw_key, d.raw_value),
+    d.reason,
+    d.error[:ERROR_TEXT_LIMIT],
+    d.stage,
+    iso_us(d.failed_at_us),
+    d.kafka_topic,
+    d.kafka_partition,
+    d.kafka_offset,
+    d.covers_from,
+  )
 
 
-def rejected_row_dead_letter(row: tuple, raw: bytes, reason: str, error: str,
-                             failed_at_us: int) -> tuple:
+def rejected_row_dead_letter(
+  row: tuple, raw: bytes, reason: str, error: str, failed_at_us: int
+) -> tuple:
   """A row a store refused for good (or a later copy of a stored event) -> the
   dead_letters row for the same offset.
 
   ``raw`` stands for the Kafka value, which is not at hand in the sink: the refused
   row as UTF-8 JSON text. It is cut and hashed like any raw value.
   """
-  return (*raw_columns(None, raw), reason, error[:ERROR_TEXT_LIMIT], "sink", iso_us(failed_at_us),
-          *coordinates(row), covers_from(row))
+  return (
+    *raw_columns(None, raw),
+    reason,
+    error[:ERROR_TEXT_LIMIT],
+    "sink",
+    iso_us(failed_at_us),
+    *coordinates(row),
+    covers_from(row),
+  )
 
 
-def decode_raw_value(text: Optional[str], encoding: str) -> Optional[bytes]:
+def decode_raw_value(text: str | None, encoding: str) -> bytes | None:
   """The inverse of the raw_value column (for audits and tests): stored text -> bytes."""
   if text is None:
     return None

@@ -18,20 +18,31 @@ from __future__ import annotations
 import time
 import urllib.parse
 import zlib
-from typing import Any, Iterable, Mapping, Optional, Tuple
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
-from apache_beam.utils.windowed_value import WindowedValue
+from apache_beam.typehints.native_type_compatibility import convert_to_beam_type
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import arguments, telemetry
 from transforms.batching import BundleBatcher
-from transforms.events import (DEAD_LETTER_REASONS, MAX_EVENT_BYTES, DeadLetter, InvalidEvent,
-                               dead_letter_row, describe_exception, load_json_object,
-                               meter_from_object, meter_row, sensor_from_object, sensor_row)
+from transforms.events import (
+  DEAD_LETTER_REASONS,
+  MAX_EVENT_BYTES,
+  DeadLetter,
+  InvalidEvent,
+  dead_letter_row,
+  describe_exception,
+  load_json_object,
+  meter_from_object,
+  meter_row,
+  sensor_from_object,
+  sensor_row,
+)
 from transforms.kafka.records import KafkaRecord
 from transforms.rows import DEAD_LETTERS_TABLE, METER_TABLE, SENSOR_TABLE, BatchKey, KeyedRow
 from transforms.windows import FixedEventWindows
@@ -47,9 +58,16 @@ MAX_WINDOW_SECS = 366 * 86_400
 
 
 class _ParseEventsFn(beam.DoFn):
-  def __init__(self, topic_kinds: Mapping[str, str], window_size_secs: float,
-               allowed_lateness_secs: float, num_shards: int, shard_by: str,
-               batch_size: Optional[int] = None, schema_registry_url: Optional[str] = None):
+  def __init__(
+    self,
+    topic_kinds: Mapping[str, str],
+    window_size_secs: float,
+    allowed_lateness_secs: float,
+    num_shards: int,
+    shard_by: str,
+    batch_size: int | None = None,
+    schema_registry_url: str | None = None,
+  ):
     self._batch_size = batch_size
     self._registry_url = schema_registry_url
     self._window_size_secs = window_size_secs
@@ -59,17 +77,28 @@ class _ParseEventsFn(beam.DoFn):
     self._num_shards = num_shards
     self._by_id = shard_by == "id"
     # One counter per dead-letter reason too ('dead_letters_<reason>'): every path is counted.
-    self._counters = {name: Metrics.counter(self.__class__, name) for name in (
-        "sensor_readings", "meter_readings", "late_events", "dead_letters",
-        *(f"dead_letters_{reason}" for reason in DEAD_LETTER_REASONS))}
+    self._counters = {
+      name: Metrics.counter(self.__class__, name)
+      for name in (
+        "sensor_readings",
+        "meter_readings",
+        "late_events",
+        "dead_letters",
+        *(f"dead_letters_{reason}" for reason in DEAD_LETTER_REASONS),
+      )
+    }
 
   def setup(self):
     self._avro = None
     if self._registry_url:
       from transforms.avro import AvroDecoder  # credentials are read here, on the worker
+
       self._avro = AvroDecoder(self._registry_url).open()
-    self._batcher = (None if self._batch_size is None else
-                     BundleBatcher(self._batch_size, FixedEventWindows(self._window_size_secs)))
+    self._batcher = (
+      None
+      if self._batch_size is None
+      else BundleBatcher(self._batch_size, FixedEventWindows(self._window_size_secs))
+    )
 
   def start_bundle(self):
     self._counts = dict.fromkeys(self._counters, 0)  # Beam counters are bumped per bundle
@@ -79,21 +108,26 @@ class _ParseEventsFn(beam.DoFn):
       return zlib.crc32(entity_id.encode()) % self._num_shards
     return record.partition % self._num_shards
 
-  def _decode(self, value: Optional[bytes]) -> Any:
+  def _decode(self, value: bytes | None) -> Any:
     if value and value[0] == 0:  # the Confluent wire format's magic byte; JSON never starts so
       if self._avro is None:
-        raise InvalidEvent("avro_needs_registry", "a Confluent-framed Avro value (magic byte 0, "
-                           f"schema id {int.from_bytes(value[1:5], 'big')}): run with "
-                           "--schema_registry_url to decode it")
+        raise InvalidEvent(
+          "avro_needs_registry",
+          "a Confluent-framed Avro value (magic byte 0, "
+          f"schema id {int.from_bytes(value[1:5], 'big')}): run with "
+          "--schema_registry_url to decode it",
+        )
       if len(value) > MAX_EVENT_BYTES:
         raise InvalidEvent("oversized", f"{len(value)} bytes > {MAX_EVENT_BYTES}")
       record = self._avro.decode(value)
       if not isinstance(record, Mapping):
-        raise InvalidEvent("not_object", f"the Avro value is a {type(record).__name__}, not a record")
+        raise InvalidEvent(
+          "not_object", f"the Avro value is a {type(record).__name__}, not a record"
+        )
       return record
     return load_json_object(value)
 
-  def _to_row(self, record: KafkaRecord) -> Tuple[str, BatchKey, tuple, Timestamp, bool]:
+  def _to_row(self, record: KafkaRecord) -> tuple[str, BatchKey, tuple, Timestamp, bool]:
     """A record -> (table, key, row, timestamp, is_late); raises for anything that is no row."""
     kind = self._kinds.get(record.topic)
     if kind == SENSOR:
@@ -109,8 +143,16 @@ class _ParseEventsFn(beam.DoFn):
     window_end = window_start + self._size_us
     arrival_us = record.timestamp_ms * 1000
     is_late = arrival_us > window_end + self._lateness_us
-    row = to_row(event, window_start, window_end, is_late, record.topic, record.partition,
-                 record.offset, record.covers_from)
+    row = to_row(
+      event,
+      window_start,
+      window_end,
+      is_late,
+      record.topic,
+      record.partition,
+      record.offset,
+      record.covers_from,
+    )
     key = (table, self._shard(record, entity_id))
     return table, key, row, Timestamp(micros=arrival_us if is_late else event_us), is_late
 
@@ -119,11 +161,25 @@ class _ParseEventsFn(beam.DoFn):
     self._counts["dead_letters"] += 1
     self._counts[f"dead_letters_{e.reason}"] += 1
     telemetry.count_dead_letter(e.reason)
-    return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, WindowedValue(
-        DeadLetter(record.topic, record.partition, record.offset, record.covers_from,
-                   record.key, record.value, e.reason, str(e), "parse", int(time.time() * 1_000_000)),
+    return beam.pvalue.TaggedOutput(
+      DEAD_LETTER_TAG,
+      WindowedValue(
+        DeadLetter(
+          record.topic,
+          record.partition,
+          record.offset,
+          record.covers_from,
+          record.key,
+          record.value,
+          e.reason,
+          str(e),
+          "parse",
+          int(time.time() * 1_000_000),
+        ),
         Timestamp(micros=record.timestamp_ms * 1000 if isinstance(record.timestamp_ms, int) else 0),
-        _GLOBAL))
+        _GLOBAL,
+      ),
+    )
 
   def process(self, record: KafkaRecord) -> Iterable[Any]:
     try:
@@ -161,10 +217,17 @@ class ParseEvents(beam.PTransform):
   third output of ``(key, [rows])`` in its window, and only the rest leave as rows.
   """
 
-  def __init__(self, topic_kinds: Mapping[str, str], *, window_size_secs: float = 60.0,
-               allowed_lateness_secs: float = 0.0, num_shards: int = 4,
-               shard_by: str = "partition", batch_size: Optional[int] = None,
-               schema_registry_url: Optional[str] = None):
+  def __init__(
+    self,
+    topic_kinds: Mapping[str, str],
+    *,
+    window_size_secs: float = 60.0,
+    allowed_lateness_secs: float = 0.0,
+    num_shards: int = 4,
+    shard_by: str = "partition",
+    batch_size: int | None = None,
+    schema_registry_url: str | None = None,
+  ):
     super().__init__()
     bad = {t: k for t, k in topic_kinds.items() if k not in (SENSOR, METER)}
     if bad:
@@ -175,14 +238,22 @@ class ParseEvents(beam.PTransform):
     arguments.one_of("shard_by", shard_by, SHARD_BY)
     check_registry_url(schema_registry_url)
     self._batching = batch_size is not None
-    self._fn = _ParseEventsFn(topic_kinds, window_size_secs, allowed_lateness_secs, num_shards,
-                              shard_by, batch_size, schema_registry_url)
+    self._fn = _ParseEventsFn(
+      topic_kinds,
+      window_size_secs,
+      allowed_lateness_secs,
+      num_shards,
+      shard_by,
+      batch_size,
+      schema_registry_url,
+    )
 
   def expand(self, records):
     if not isinstance(records.windowing.windowfn, GlobalWindows):
       raise ValueError("ParseEvents expects records in the global window (straight from Kafka)")
     results = records | "Parse" >> beam.ParDo(self._fn).with_outputs(
-        DEAD_LETTER_TAG, FULL_BATCHES_TAG, main="rows")
+      DEAD_LETTER_TAG, FULL_BATCHES_TAG, main="rows"
+    )
     rows = results.rows
     rows.element_type = convert_to_beam_type(KeyedRow)
     if self._batching:
@@ -190,13 +261,15 @@ class ParseEvents(beam.PTransform):
     return rows, results[DEAD_LETTER_TAG]
 
 
-def check_registry_url(url: Optional[str]) -> None:
+def check_registry_url(url: str | None) -> None:
   """Refuses a --schema_registry_url that is not http(s) or carries credentials."""
   if url is None:
     return
   if "@" in url:
-    raise ValueError("--schema_registry_url: must not hold credentials (they would be logged and "
-                     "pickled); set SCHEMA_REGISTRY_USERNAME / SCHEMA_REGISTRY_PASSWORD instead")
+    raise ValueError(
+      "--schema_registry_url: must not hold credentials (they would be logged and "
+      "pickled); set SCHEMA_REGISTRY_USERNAME / SCHEMA_REGISTRY_PASSWORD instead"
+    )
   try:
     parts = urllib.parse.urlsplit(url)
     ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
@@ -206,7 +279,9 @@ def check_registry_url(url: Optional[str]) -> None:
     raise ValueError(f"--schema_registry_url: expected http(s)://host[:port][/path], got {url!r}")
 
 
-def key_dead_letters(dead_letter: DeadLetter, num_shards: int) -> Tuple[BatchKey, tuple]:
+def key_dead_letters(dead_letter: DeadLetter, num_shards: int) -> tuple[BatchKey, tuple]:
   """A dead letter -> (('dead_letters', shard), row), batched like any other row."""
-  return ((DEAD_LETTERS_TABLE, dead_letter.kafka_partition % num_shards),
-          dead_letter_row(dead_letter))
+  return (
+    (DEAD_LETTERS_TABLE, dead_letter.kafka_partition % num_shards),
+    dead_letter_row(dead_letter),
+  )

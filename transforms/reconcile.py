@@ -18,7 +18,7 @@ writes the store absorbs itself.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -48,8 +48,12 @@ class _SkipStoredFn(beam.DoFn):
 
   def setup(self):
     self._store = self._store_template
-    with_retries(self._store.open, self._store.is_transient, deadline_s=self._retry_deadline_s,
-                 what="opening the sink for reconciliation")
+    with_retries(
+      self._store.open,
+      self._store.is_transient,
+      deadline_s=self._retry_deadline_s,
+      what="opening the sink for reconciliation",
+    )
 
   def start_bundle(self):
     self._open_acks: dict = {}  # (topic, partition) -> [start, end) of skipped records, unsent
@@ -60,14 +64,24 @@ class _SkipStoredFn(beam.DoFn):
     if known is not None and known[0] <= offset < known[1]:
       return known[2]
     until = offset + self._window
-    stored = frozenset(with_retries(
+    stored = frozenset(
+      with_retries(
         lambda: self._store.stored_offsets(topic, partition, offset, until),
-        self._store.is_transient, deadline_s=self._retry_deadline_s,
-        what=f"reconciling {topic}-{partition}"))
+        self._store.is_transient,
+        deadline_s=self._retry_deadline_s,
+        what=f"reconciling {topic}-{partition}",
+      )
+    )
     self._queries.inc()
     if stored:
-      _LOGGER.info("%s-%d: %d offsets in [%d, %d) are stored already; they are skipped and acked",
-                   topic, partition, len(stored), offset, until)
+      _LOGGER.info(
+        "%s-%d: %d offsets in [%d, %d) are stored already; they are skipped and acked",
+        topic,
+        partition,
+        len(stored),
+        offset,
+        until,
+      )
     self._known[(topic, partition)] = (offset, until, stored)
     return stored
 
@@ -92,8 +106,12 @@ class _SkipStoredFn(beam.DoFn):
   def finish_bundle(self) -> Iterable[WindowedValue]:
     # Stamped like the last record they cover (the reader's watermark holds it back).
     for (topic, partition), span in self._open_acks.items():
-      yield beam.pvalue.TaggedOutput(ACKS_TAG, WindowedValue(
-          Ack(topic, partition, *span), self._last_seen[(topic, partition)], (GlobalWindow(),)))
+      yield beam.pvalue.TaggedOutput(
+        ACKS_TAG,
+        WindowedValue(
+          Ack(topic, partition, *span), self._last_seen[(topic, partition)], (GlobalWindow(),)
+        ),
+      )
     self._open_acks = {}
 
   def teardown(self):
@@ -108,8 +126,14 @@ class SkipStored(beam.PTransform):
   Returns a tuple ``(records, acks)``; flatten ``acks`` into ``CommitOffsets``' acks.
   """
 
-  def __init__(self, store: Store, *, retry_deadline_s: float = 60.0,
-               window_offsets: int = 100_000, label: Optional[str] = None):
+  def __init__(
+    self,
+    store: Store,
+    *,
+    retry_deadline_s: float = 60.0,
+    window_offsets: int = 100_000,
+    label: str | None = None,
+  ):
     super().__init__(label)
     arguments.above("sink_retry_deadline_secs", retry_deadline_s, 0)
     if window_offsets < 1:
@@ -117,5 +141,7 @@ class SkipStored(beam.PTransform):
     self._fn = _SkipStoredFn(store, retry_deadline_s, window_offsets)
 
   def expand(self, records):
-    out = records | "SkipStoredRecords" >> beam.ParDo(self._fn).with_outputs(ACKS_TAG, main="records")
+    out = records | "SkipStoredRecords" >> beam.ParDo(self._fn).with_outputs(
+      ACKS_TAG, main="records"
+    )
     return out.records, out[ACKS_TAG]

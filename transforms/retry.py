@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception
 from tenacity.wait import wait_base
@@ -43,10 +44,17 @@ class wait_jittered_exponential(wait_base):  # pylint: disable=invalid-name  (te
     return random.uniform(b / 2, 1.5 * b)
 
 
-def with_retries(fn: Callable[[], T], is_transient: Callable[[BaseException], bool], *,
-                 deadline_s: float, initial_backoff_s: float = 0.1, max_backoff_s: float = 5.0,
-                 what: str = "write", sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> T:
+def with_retries(
+  fn: Callable[[], T],
+  is_transient: Callable[[BaseException], bool],
+  *,
+  deadline_s: float,
+  initial_backoff_s: float = 0.1,
+  max_backoff_s: float = 5.0,
+  what: str = "write",
+  sleep: Callable[[float], None] = time.sleep,
+  clock: Callable[[], float] = time.monotonic,
+) -> T:
   """Calls fn until it succeeds; retries errors ``is_transient`` accepts until the deadline.
 
   ``sleep`` and ``clock`` are injectable for tests.
@@ -57,17 +65,26 @@ def with_retries(fn: Callable[[], T], is_transient: Callable[[BaseException], bo
     return clock() + state.upcoming_sleep > give_up_at
 
   def log_retry(state: RetryCallState) -> None:
-    _LOGGER.warning("%s failed (attempt %d, transient: %s); retrying", what,
-                    state.attempt_number, state.outcome.exception())
+    _LOGGER.warning(
+      "%s failed (attempt %d, transient: %s); retrying",
+      what,
+      state.attempt_number,
+      state.outcome.exception(),
+    )
 
   retrying = Retrying(
-      retry=retry_if_exception(lambda e: isinstance(e, Exception) and is_transient(e)),
-      wait=wait_jittered_exponential(initial_backoff_s, max_backoff_s), stop=past_deadline,
-      sleep=sleep, before_sleep=log_retry)
+    retry=retry_if_exception(lambda e: isinstance(e, Exception) and is_transient(e)),
+    wait=wait_jittered_exponential(initial_backoff_s, max_backoff_s),
+    stop=past_deadline,
+    sleep=sleep,
+    before_sleep=log_retry,
+  )
   try:
     return retrying(fn)
   except RetryError as gave_up:
     attempts = gave_up.last_attempt.attempt_number
     e = gave_up.last_attempt.exception()
-    raise RetriesExhausted(f"{what} still failing after {attempts} attempts over "
-                           f"{deadline_s:.0f}s: {type(e).__name__}: {e}") from e
+    raise RetriesExhausted(
+      f"{what} still failing after {attempts} attempts over "
+      f"{deadline_s:.0f}s: {type(e).__name__}: {e}"
+    ) from e

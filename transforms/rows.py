@@ -20,7 +20,7 @@ by ``(topic, partition)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any
 
 SENSOR_TABLE = "sensor_readings"
 METER_TABLE = "meter_readings"
@@ -29,20 +29,21 @@ DEAD_LETTERS_TABLE = "dead_letters"
 KAFKA_COLUMNS = ("kafka_topic", "kafka_partition", "kafka_offset")
 WRITTEN_AT = "written_at"  # stamped by the sink: stored, never in flight
 
-BatchKey = Tuple[str, int]  # (table, shard)
-KeyedRow = Tuple[BatchKey, Any]  # the element type of keyed rows: ((table, shard), row)
-PartitionKey = Tuple[str, int]  # (topic, partition)
+BatchKey = tuple[str, int]  # (table, shard)
+KeyedRow = tuple[BatchKey, Any]  # the element type of keyed rows: ((table, shard), row)
+PartitionKey = tuple[str, int]  # (topic, partition)
 
 
 @dataclass(frozen=True)
 class RowType:
   """The layout of one table's rows in flight: ``columns`` (the stored ones, without
   ``written_at``, ending with the Kafka coordinates), then ``covers_from``."""
+
   table: str
-  columns: Tuple[str, ...]
+  columns: tuple[str, ...]
 
   def __post_init__(self):
-    if self.columns[-len(KAFKA_COLUMNS):] != KAFKA_COLUMNS:
+    if self.columns[-len(KAFKA_COLUMNS) :] != KAFKA_COLUMNS:
       raise ValueError(f"{self.table}: the columns must end with {KAFKA_COLUMNS}")
 
   def index(self, column: str) -> int:
@@ -55,24 +56,63 @@ class RowType:
 
   def payload(self, row: tuple) -> dict:
     """{column: value} of the event's own columns: the Kafka coordinates left out."""
-    return dict(zip(self.columns[:-len(KAFKA_COLUMNS)], row))
+    return dict(zip(self.columns[: -len(KAFKA_COLUMNS)], row))
 
 
-SENSOR_ROW = RowType(SENSOR_TABLE, (
-    "event_id", "sensor_id", "sensor_type", "value", "latitude", "longitude", "event_time",
-    "metadata", "window_start", "window_end", "is_late", *KAFKA_COLUMNS))
-METER_ROW = RowType(METER_TABLE, (
-    "event_id", "meter_id", "customer_id", "reading", "unit", "event_time", "window_start",
-    "window_end", "is_late", *KAFKA_COLUMNS))
+SENSOR_ROW = RowType(
+  SENSOR_TABLE,
+  (
+    "event_id",
+    "sensor_id",
+    "sensor_type",
+    "value",
+    "latitude",
+    "longitude",
+    "event_time",
+    "metadata",
+    "window_start",
+    "window_end",
+    "is_late",
+    *KAFKA_COLUMNS,
+  ),
+)
+METER_ROW = RowType(
+  METER_TABLE,
+  (
+    "event_id",
+    "meter_id",
+    "customer_id",
+    "reading",
+    "unit",
+    "event_time",
+    "window_start",
+    "window_end",
+    "is_late",
+    *KAFKA_COLUMNS,
+  ),
+)
 # raw_*: see transforms.events.raw_columns; reason: one of transforms.events.DEAD_LETTER_REASONS.
-DEAD_LETTER_ROW = RowType(DEAD_LETTERS_TABLE, (
-    "raw_key", "raw_value", "raw_encoding", "raw_size", "raw_sha256", "truncated", "reason",
-    "error", "stage", "failed_at", *KAFKA_COLUMNS))
+DEAD_LETTER_ROW = RowType(
+  DEAD_LETTERS_TABLE,
+  (
+    "raw_key",
+    "raw_value",
+    "raw_encoding",
+    "raw_size",
+    "raw_sha256",
+    "truncated",
+    "reason",
+    "error",
+    "stage",
+    "failed_at",
+    *KAFKA_COLUMNS,
+  ),
+)
 
 ROW_TYPES = {t.table: t for t in (SENSOR_ROW, METER_ROW, DEAD_LETTER_ROW)}
 
 
-def coordinates(row: tuple) -> Tuple[str, int, int]:
+def coordinates(row: tuple) -> tuple[str, int, int]:
   """(kafka_topic, kafka_partition, kafka_offset) of a row."""
   return row[-4], row[-3], row[-2]
 

@@ -28,8 +28,14 @@ DEAD_LETTERS = "dead_letters"  # per reason
 BATCHES = "batches"  # 'all' and 'full'
 
 # The snapshot's keys, by counter kind (the launcher's progress line and summary read them).
-_KEYS = {READ: "read", WRITTEN: "written", REJECTED: "rejected", DUPLICATES: "duplicates",
-         DEAD_LETTERS: "dead_letters", BATCHES: "batches"}
+_KEYS = {
+  READ: "read",
+  WRITTEN: "written",
+  REJECTED: "rejected",
+  DUPLICATES: "duplicates",
+  DEAD_LETTERS: "dead_letters",
+  BATCHES: "batches",
+}
 
 # Counters are cheap handles (they find the running bundle's container on inc): one per name.
 _counters: dict = {}

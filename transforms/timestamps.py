@@ -48,19 +48,21 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import re
-from typing import Any, Optional
+from typing import Any
 
 EPOCH_MS_FROM = 100_000_000_000  # |n| >= 1e11: milliseconds; below: seconds
 MIN_US = 0  # 1970-01-01T00:00:00Z
 MAX_US = 7_258_118_400_000_000  # 2200-01-01T00:00:00Z, exclusive
 
 _ISO = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})"
-    r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
-    r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?)?", re.ASCII)
+  r"(\d{4})-(\d{2})-(\d{2})"
+  r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
+  r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?)?",
+  re.ASCII,
+)
 _DAYS_IN_MONTH = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _EPOCH_DT = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-_EPOCH_LIMIT = 10 ** 15  # past 2200 in any unit: refused before any arithmetic
+_EPOCH_LIMIT = 10**15  # past 2200 in any unit: refused before any arithmetic
 
 
 class TimestampError(ValueError):
@@ -93,8 +95,9 @@ def _show(value: Any) -> str:
 
 
 def _out_of_range(value: Any) -> TimestampError:
-  return TimestampError("out_of_range",
-                        f"'timestamp' {_show(value)} is outside 1970-01-01 .. 2200-01-01 UTC")
+  return TimestampError(
+    "out_of_range", f"'timestamp' {_show(value)} is outside 1970-01-01 .. 2200-01-01 UTC"
+  )
 
 
 def _in_range(us: int, shown: Any) -> int:
@@ -106,13 +109,14 @@ def _in_range(us: int, shown: Any) -> int:
 _DATE_DAYS: dict = {}  # 'YYYY-MM-DD' -> days since 1970-01-01 (or None: no such date)
 
 
-def _date_days(date: str) -> Optional[int]:
+def _date_days(date: str) -> int | None:
   days = _DATE_DAYS.get(date, -1)
   if days != -1:
     return days
   year, month, day = int(date[:4]), int(date[5:7]), int(date[8:10])
   if not 1 <= month <= 12 or not 1 <= day <= (
-      29 if month == 2 and _is_leap(year) else _DAYS_IN_MONTH[month]):
+    29 if month == 2 and _is_leap(year) else _DAYS_IN_MONTH[month]
+  ):
     days = None
   else:
     days = _days_from_civil(year, month, day)
@@ -183,13 +187,16 @@ def parse_timestamp_us(value: Any) -> int:
   if isinstance(value, str):
     return parse_iso_us(value)
   if isinstance(value, bool):
-    raise TimestampError("bad_timestamp", f"'timestamp' must be ISO-8601 text or a number, got {value!r}")
+    raise TimestampError(
+      "bad_timestamp", f"'timestamp' must be ISO-8601 text or a number, got {value!r}"
+    )
   if isinstance(value, (int, float, decimal.Decimal)):
     return parse_epoch_us(value)
   if isinstance(value, dt.datetime):
     return parse_datetime_us(value)
-  raise TimestampError("bad_timestamp",
-                       f"'timestamp' must be ISO-8601 text or a number, got {type(value).__name__}")
+  raise TimestampError(
+    "bad_timestamp", f"'timestamp' must be ISO-8601 text or a number, got {type(value).__name__}"
+  )
 
 
 _MINUTE_PREFIXES: dict[int, str] = {}
@@ -216,6 +223,7 @@ def _main() -> None:
   """stdin: a JSON list of values; stdout: one JSON [reason_or_null, micros_or_null] per value."""
   import json
   import sys
+
   for value in json.load(sys.stdin):
     try:
       print(json.dumps([None, parse_timestamp_us(value)]))

@@ -38,7 +38,8 @@ class FixedEventWindows(NonMergingWindowFn):
       if len(self._windows) >= _MAX_CACHED_WINDOWS:
         self._windows.clear()
       window = self._windows[start] = IntervalWindow(
-          Timestamp(micros=start), Timestamp(micros=start + self.size_us))
+        Timestamp(micros=start), Timestamp(micros=start + self.size_us)
+      )
     return window
 
   def assign(self, context):

@@ -7,9 +7,23 @@ signal), ``read`` (the splittable DoFn and the public transforms).
 """
 
 from transforms.kafka.client import KafkaUnavailableError, new_consumer
-from transforms.kafka.read import (ReadFromKafka, ReadPartitions, ResolvePartitions, UnknownTopicError,
-                                   discover_partitions)
+from transforms.kafka.read import (
+  ReadFromKafka,
+  ReadPartitions,
+  ResolvePartitions,
+  UnknownTopicError,
+  discover_partitions,
+)
 from transforms.kafka.records import KafkaRecord, PartitionRead
 
-__all__ = ["KafkaRecord", "PartitionRead", "ReadFromKafka", "ReadPartitions", "ResolvePartitions",
-           "KafkaUnavailableError", "UnknownTopicError", "discover_partitions", "new_consumer"]
+__all__ = [
+  "KafkaRecord",
+  "PartitionRead",
+  "ReadFromKafka",
+  "ReadPartitions",
+  "ResolvePartitions",
+  "KafkaUnavailableError",
+  "UnknownTopicError",
+  "discover_partitions",
+  "new_consumer",
+]

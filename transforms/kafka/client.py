@@ -10,7 +10,8 @@ picklable and safe to keep in a DoFn: secrets in it are ``FromEnv`` references, 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from transforms.kafka.config import materialize
 
@@ -26,11 +27,15 @@ def check_client_config(config: ClientConfig, *, needs_group: bool = False) -> N
   off), or has no group where one is needed (``needs_group``)."""
   servers = config.get("bootstrap_servers")
   if not isinstance(servers, list) or not servers:
-    raise ValueError("a Kafka client config needs bootstrap_servers as a list: build it with "
-                     "transforms.kafka.config.consumer_config")
+    raise ValueError(
+      "a Kafka client config needs bootstrap_servers as a list: build it with "
+      "transforms.kafka.config.consumer_config"
+    )
   if config.get("enable_auto_commit", True):
-    raise ValueError("a Kafka client config must turn auto-commit off (enable_auto_commit=False): "
-                     "build it with transforms.kafka.config.consumer_config")
+    raise ValueError(
+      "a Kafka client config must turn auto-commit off (enable_auto_commit=False): "
+      "build it with transforms.kafka.config.consumer_config"
+    )
   if needs_group and not config.get("group_id"):
     raise ValueError("committing offsets needs a consumer group: set --group_id")
 
@@ -40,9 +45,11 @@ def new_consumer(config: ClientConfig):
   environment; ``KafkaUnavailableError`` when no broker answers in time."""
   from kafka import KafkaConsumer
   from kafka.errors import KafkaError
+
   try:
     return KafkaConsumer(**materialize(config))
   except KafkaError as e:
     raise KafkaUnavailableError(
-        f"cannot reach Kafka at {','.join(config['bootstrap_servers'])} within "
-        f"{config.get('bootstrap_timeout_ms', 30000) / 1000:.0f}s: {type(e).__name__}: {e}") from None
+      f"cannot reach Kafka at {','.join(config['bootstrap_servers'])} within "
+      f"{config.get('bootstrap_timeout_ms', 30000) / 1000:.0f}s: {type(e).__name__}: {e}"
+    ) from None

@@ -46,18 +46,25 @@ class OffsetGapError(RuntimeError):
 def gap_message(topic: str, partition: int, expected: int, log_start: int, log_end: int) -> str:
   """One line naming the partition, the offsets and what the user can do."""
   if expected > log_end:
-    what = (f"offset {expected} is past the partition's end offset {log_end} (was the topic "
-            f"deleted and recreated?)")
+    what = (
+      f"offset {expected} is past the partition's end offset {log_end} (was the topic "
+      f"deleted and recreated?)"
+    )
   else:
-    what = (f"offsets [{expected}, {log_start}) were deleted (retention or delete_records) "
-            f"before they were read; the log now starts at {log_start}")
-  return (f"{topic}-{partition}: {what}. Choices: --on_offset_gap=skip (continue and record the "
-          f"skipped range as an 'offset_gap' dead letter), --start=earliest|latest|<timestamp>, "
-          f"or reset the group's offsets; default --on_offset_gap=fail stops here")
+    what = (
+      f"offsets [{expected}, {log_start}) were deleted (retention or delete_records) "
+      f"before they were read; the log now starts at {log_start}"
+    )
+  return (
+    f"{topic}-{partition}: {what}. Choices: --on_offset_gap=skip (continue and record the "
+    f"skipped range as an 'offset_gap' dead letter), --start=earliest|latest|<timestamp>, "
+    f"or reset the group's offsets; default --on_offset_gap=fail stops here"
+  )
 
 
-def check_start(topic: str, partition: int, start: int, log_start: int, log_end: int,
-                policy: str) -> int:
+def check_start(
+  topic: str, partition: int, start: int, log_start: int, log_end: int, policy: str
+) -> int:
   """The offset a read resolved to ``start`` may begin at, given the log's bounds.
 
   fail: a start outside [log_start, log_end] raises OffsetGapError. skip: a start

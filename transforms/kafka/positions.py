@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 from transforms.kafka.gaps import check_start, gap_message
 from transforms.kafka.records import PartitionRead
@@ -27,7 +28,7 @@ START_KEYWORDS = ("committed", "earliest", "latest")
 @dataclass(frozen=True)
 class StartPosition:
   kind: str  # committed | earliest | latest | timestamp | offsets
-  timestamp_ms: Optional[int] = None
+  timestamp_ms: int | None = None
   offsets: tuple = ()  # ((topic, partition, offset), ...)
 
 
@@ -38,10 +39,11 @@ class StopPosition:
   ``max_records`` caps every partition's read at that many offsets past its start
   (a bounded slice of a larger read: the launcher's rounds).
   """
+
   kind: str
-  timestamp_ms: Optional[int] = None
+  timestamp_ms: int | None = None
   offsets: tuple = ()  # ((topic, partition, stop offset), ...)
-  max_records: Optional[int] = None
+  max_records: int | None = None
 
   @property
   def is_bounded(self) -> bool:
@@ -62,7 +64,9 @@ def to_epoch_ms(value: Any, what: str) -> int:
     try:
       value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-      raise ValueError(f"{what}: {value!r} is neither a keyword, ISO-8601 time nor epoch ms") from None
+      raise ValueError(
+        f"{what}: {value!r} is neither a keyword, ISO-8601 time nor epoch ms"
+      ) from None
   if isinstance(value, dt.datetime):
     if value.tzinfo is None:
       value = value.replace(tzinfo=dt.timezone.utc)
@@ -80,7 +84,9 @@ def _parse_offsets_text(text: str) -> dict:
       topic, partition = where.rsplit("@", 1)
       out[(topic, int(partition))] = int(offset)
     except ValueError:
-      raise ValueError(f"start: expected TOPIC@PARTITION=OFFSET[,...], got {item.strip()!r}") from None
+      raise ValueError(
+        f"start: expected TOPIC@PARTITION=OFFSET[,...], got {item.strip()!r}"
+      ) from None
   return out
 
 
@@ -98,12 +104,18 @@ def parse_start(start: Any) -> StartPosition:
         topic, partition = key
         offsets.append((str(topic), int(partition), int(offset)))
       except (TypeError, ValueError):
-        raise ValueError(f"start: expected {{(topic, partition): offset}}, got {key!r}: {offset!r}") from None
+        raise ValueError(
+          f"start: expected {{(topic, partition): offset}}, got {key!r}: {offset!r}"
+        ) from None
       if int(offset) < 0:
         raise ValueError(f"start: negative offset {offset} for {key}")
     return StartPosition("offsets", offsets=tuple(sorted(offsets)))
-  return StartPosition("timestamp", timestamp_ms=to_epoch_ms(
-      start, "start (committed|earliest|latest|timestamp|{(topic, partition): offset})"))
+  return StartPosition(
+    "timestamp",
+    timestamp_ms=to_epoch_ms(
+      start, "start (committed|earliest|latest|timestamp|{(topic, partition): offset})"
+    ),
+  )
 
 
 def parse_stop(stop: Any) -> StopPosition:
@@ -116,8 +128,13 @@ def parse_stop(stop: Any) -> StopPosition:
   return StopPosition("timestamp", timestamp_ms=to_epoch_ms(stop, "stop (end|never|timestamp)"))
 
 
-def resolve(consumer, partitions: Iterable[tuple[str, int]], start: StartPosition,
-            stop: StopPosition, on_offset_gap: str = "fail") -> list[PartitionRead]:
+def resolve(
+  consumer,
+  partitions: Iterable[tuple[str, int]],
+  start: StartPosition,
+  stop: StopPosition,
+  on_offset_gap: str = "fail",
+) -> list[PartitionRead]:
   """Turns positions into concrete offsets with a live kafka-python consumer.
 
   A start outside the log (deleted by retention, or past the end of a recreated
@@ -130,46 +147,61 @@ def resolve(consumer, partitions: Iterable[tuple[str, int]], start: StartPositio
     return []
   beginning = consumer.beginning_offsets(tps)
   end = consumer.end_offsets(tps)
-
-  if start.kind == "earliest":
-    starts = dict(beginning)
-  elif start.kind == "latest":
-    starts = dict(end)
-  elif start.kind == "timestamp":
-    found = consumer.offsets_for_times({tp: start.timestamp_ms for tp in tps})
-    starts = {tp: (found[tp].offset if found.get(tp) else end[tp]) for tp in tps}
-  else:  # committed, or explicit offsets with 'committed' for the partitions not listed
-    explicit = {TopicPartition(t, p): o for t, p, o in start.offsets}
-    # Without a group nothing is committed (and kafka-python's committed() raises).
-    has_group = getattr(consumer, "config", {}).get("group_id") is not None
-    starts = {}
-    for tp in tps:
-      if tp in explicit:
-        starts[tp] = explicit[tp]
-      else:
-        committed = consumer.committed(tp) if has_group else None
-        starts[tp] = beginning[tp] if committed is None else committed
-
+  starts = _start_offsets(consumer, tps, start, beginning, end)
   reads = []
   for tp in tps:
     offset = check_start(tp.topic, tp.partition, starts[tp], beginning[tp], end[tp], on_offset_gap)
     if offset != starts[tp]:
-      _LOGGER.warning("%s (--on_offset_gap=skip: reading from %d)", gap_message(
-          tp.topic, tp.partition, starts[tp], beginning[tp], end[tp]), offset)
-    stop_offset = stop_ts = None
-    if stop.kind == "end":
-      stop_offset = max(end[tp], offset)
-    elif stop.kind == "offsets":
-      stop_offset = max(dict(((t, p), o) for t, p, o in stop.offsets).get(
-          (tp.topic, tp.partition), end[tp]), offset)
-    elif stop.kind == "timestamp":
-      found = consumer.offsets_for_times({tp: stop.timestamp_ms}).get(tp)
-      if found is not None:
-        stop_offset = max(found.offset, offset)
-      else:
-        stop_ts = stop.timestamp_ms  # not written yet: stop when a record reaches it
-    if stop.max_records is not None:
-      capped = offset + stop.max_records
-      stop_offset = capped if stop_offset is None else min(stop_offset, capped)
+      _LOGGER.warning(
+        "%s (--on_offset_gap=skip: reading from %d)",
+        gap_message(tp.topic, tp.partition, starts[tp], beginning[tp], end[tp]),
+        offset,
+      )
+    stop_offset, stop_ts = _stop_offset(consumer, tp, stop, offset, end[tp])
     reads.append(PartitionRead(tp.topic, tp.partition, offset, stop_offset, stop_ts))
   return reads
+
+
+def _start_offsets(consumer, tps: list, start: StartPosition, beginning: dict, end: dict) -> dict:
+  """TopicPartition -> the offset the start position names (before the gap check)."""
+  from kafka import TopicPartition
+
+  if start.kind == "earliest":
+    return dict(beginning)
+  if start.kind == "latest":
+    return dict(end)
+  if start.kind == "timestamp":
+    found = consumer.offsets_for_times({tp: start.timestamp_ms for tp in tps})
+    return {tp: (found[tp].offset if found.get(tp) else end[tp]) for tp in tps}
+  # committed, or explicit offsets with 'committed' for the partitions not listed
+  explicit = {TopicPartition(t, p): o for t, p, o in start.offsets}
+  # Without a group nothing is committed (and kafka-python's committed() raises).
+  has_group = getattr(consumer, "config", {}).get("group_id") is not None
+  starts = {}
+  for tp in tps:
+    if tp in explicit:
+      starts[tp] = explicit[tp]
+    else:
+      committed = consumer.committed(tp) if has_group else None
+      starts[tp] = beginning[tp] if committed is None else committed
+  return starts
+
+
+def _stop_offset(consumer, tp, stop: StopPosition, offset: int, end: int) -> tuple:
+  """(stop offset or None, stop timestamp or None) of one partition read from offset."""
+  stop_offset = stop_ts = None
+  if stop.kind == "end":
+    stop_offset = max(end, offset)
+  elif stop.kind == "offsets":
+    listed = {(t, p): o for t, p, o in stop.offsets}
+    stop_offset = max(listed.get((tp.topic, tp.partition), end), offset)
+  elif stop.kind == "timestamp":
+    found = consumer.offsets_for_times({tp: stop.timestamp_ms}).get(tp)
+    if found is not None:
+      stop_offset = max(found.offset, offset)
+    else:
+      stop_ts = stop.timestamp_ms  # not written yet: stop when a record reaches it
+  if stop.max_records is not None:
+    capped = offset + stop.max_records
+    stop_offset = capped if stop_offset is None else min(stop_offset, capped)
+  return stop_offset, stop_ts

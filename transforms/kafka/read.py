@@ -24,26 +24,32 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.windowed_value import create as create_windowed_value
-from apache_beam.utils.timestamp import Timestamp
 
 from transforms import telemetry
 from transforms.kafka import config as kafka_config
 from transforms.kafka.client import ClientConfig, KafkaUnavailableError, check_client_config
 from transforms.kafka.client import new_consumer as _new_consumer
 from transforms.kafka.drain import DrainSignal
-from transforms.kafka.gaps import (EMPTY, GAP_POLICIES, OFFSET_GAP, OffsetGap, OffsetGapError,
-                                   gap_message)
-from transforms.kafka.positions import (StartPosition, StopPosition, parse_start, parse_stop,
-                                        resolve)
+from transforms.kafka.gaps import (
+  EMPTY,
+  GAP_POLICIES,
+  OFFSET_GAP,
+  OffsetGap,
+  OffsetGapError,
+  gap_message,
+)
+from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop, resolve
 from transforms.kafka.records import KafkaRecord, PartitionRead
 from transforms.kafka.tracking import UNBOUNDED, EndOffsets, KafkaRestrictionProvider
 from transforms.kafka.watermark import DEFAULT_IDLE_LAG_MS, KafkaWatermarkEstimatorProvider
@@ -61,8 +67,9 @@ class UnknownTopicError(KafkaUnavailableError):
   """A topic the read names does not exist (never retried: waiting would not create it)."""
 
 
-def list_partitions(consumer, servers: Sequence[str], topics: Sequence[str],
-                    skip_missing: bool = False) -> list[tuple[str, int]]:
+def list_partitions(
+  consumer, servers: Sequence[str], topics: Sequence[str], skip_missing: bool = False
+) -> list[tuple[str, int]]:
   """[(topic, partition)] of the given topics through an open consumer; a clear error
   for a missing topic (``skip_missing``: only those of the topics that exist)."""
   existing = consumer.topics()
@@ -74,8 +81,9 @@ def list_partitions(consumer, servers: Sequence[str], topics: Sequence[str],
   return [(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
 
 
-def discover_partitions(config: Mapping[str, Any], topics: Sequence[str],
-                        skip_missing: bool = False) -> list[tuple[str, int]]:
+def discover_partitions(
+  config: Mapping[str, Any], topics: Sequence[str], skip_missing: bool = False
+) -> list[tuple[str, int]]:
   """[(topic, partition)] of the given topics (opens and closes a consumer)."""
   consumer = _new_consumer(config)
   try:
@@ -84,14 +92,16 @@ def discover_partitions(config: Mapping[str, Any], topics: Sequence[str],
     consumer.close()
 
 
-def shard_of(partitions: Sequence[tuple[str, int]],
-             shard: Optional[tuple[int, int]]) -> list[tuple[str, int]]:
+def shard_of(
+  partitions: Sequence[tuple[str, int]], shard: tuple[int, int] | None
+) -> list[tuple[str, int]]:
   """Shard (i, n) of the partitions: every n-th of the sorted pairs from the i-th on."""
-  return list(partitions) if shard is None else sorted(partitions)[shard[0]::shard[1]]
+  return list(partitions) if shard is None else sorted(partitions)[shard[0] :: shard[1]]
 
 
 def _is_outage(e: BaseException) -> bool:
   from kafka.errors import KafkaError
+
   return isinstance(e, (KafkaError, KafkaUnavailableError)) and not isinstance(e, UnknownTopicError)
 
 
@@ -102,8 +112,16 @@ class _ResolvePartitionsFn(beam.DoFn):
   builds without a broker and each run reads the partitions that exist then.
   """
 
-  def __init__(self, config, start: StartPosition, stop: StopPosition, on_offset_gap: str,
-               shard: Optional[tuple[int, int]], skip_missing: bool, retry_s: float):
+  def __init__(
+    self,
+    config,
+    start: StartPosition,
+    stop: StopPosition,
+    on_offset_gap: str,
+    shard: tuple[int, int] | None,
+    skip_missing: bool,
+    retry_s: float,
+  ):
     self._config = config
     self._start = start
     self._stop = stop
@@ -115,26 +133,37 @@ class _ResolvePartitionsFn(beam.DoFn):
   def _attempt(self, topics: Sequence[str]) -> list[PartitionRead]:
     consumer = _new_consumer(self._config)
     try:
-      partitions = list_partitions(consumer, self._config["bootstrap_servers"], topics,
-                                   self._skip_missing)
-      return resolve(consumer, shard_of(partitions, self._shard), self._start, self._stop,
-                     self._on_offset_gap)
+      partitions = list_partitions(
+        consumer, self._config["bootstrap_servers"], topics, self._skip_missing
+      )
+      return resolve(
+        consumer, shard_of(partitions, self._shard), self._start, self._stop, self._on_offset_gap
+      )
     finally:
       consumer.close()
 
   def process(self, topics: Sequence[str]) -> Iterable[PartitionRead]:
     from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
     # A broker that does not answer ("Failed to get offsets by timestamps") is waited for a
     # while; past that the bundle fails (the local launcher retries the round, remote
     # runners the bundle). An offset gap or a missing topic is a decision, not an outage:
     # never retried.
-    reads = Retrying(retry=retry_if_exception(_is_outage),
-                     wait=wait_exponential_jitter(initial=1, max=15),
-                     stop=stop_after_delay(self._retry_s), reraise=True)(self._attempt, topics)
+    reads = Retrying(
+      retry=retry_if_exception(_is_outage),
+      wait=wait_exponential_jitter(initial=1, max=15),
+      stop=stop_after_delay(self._retry_s),
+      reraise=True,
+    )(self._attempt, topics)
     for read in reads:
       # DEBUG: the local launcher resolves every partition again at each round.
-      _LOGGER.debug("Kafka %s-%d: reading offsets [%d, %s)", read.topic, read.partition,
-                    read.start_offset, "end" if read.stop_offset is None else read.stop_offset)
+      _LOGGER.debug(
+        "Kafka %s-%d: reading offsets [%d, %s)",
+        read.topic,
+        read.partition,
+        read.start_offset,
+        "end" if read.stop_offset is None else read.stop_offset,
+      )
       yield read
 
 
@@ -147,19 +176,30 @@ class ResolvePartitions(beam.PTransform):
   the run, naming it). Brokers that do not answer are retried for ``retry_s``.
   """
 
-  def __init__(self, topics: Sequence[str], config: Mapping[str, Any],
-               start: StartPosition, stop: StopPosition, on_offset_gap: str = "fail", *,
-               shard: Optional[tuple[int, int]] = None, skip_missing: bool = False,
-               retry_s: float = RESOLVE_RETRY_S):
+  def __init__(
+    self,
+    topics: Sequence[str],
+    config: Mapping[str, Any],
+    start: StartPosition,
+    stop: StopPosition,
+    on_offset_gap: str = "fail",
+    *,
+    shard: tuple[int, int] | None = None,
+    skip_missing: bool = False,
+    retry_s: float = RESOLVE_RETRY_S,
+  ):
     super().__init__()
     self._topics = tuple(topics)
-    self._fn = _ResolvePartitionsFn(dict(config), start, stop, on_offset_gap, shard,
-                                    skip_missing, retry_s)
+    self._fn = _ResolvePartitionsFn(
+      dict(config), start, stop, on_offset_gap, shard, skip_missing, retry_s
+    )
 
   def expand(self, pbegin):
-    return (pbegin
-            | "ListTopics" >> beam.Create([self._topics])
-            | "ResolveOffsets" >> beam.ParDo(self._fn))
+    return (
+      pbegin
+      | "ListTopics" >> beam.Create([self._topics])
+      | "ResolveOffsets" >> beam.ParDo(self._fn)
+    )
 
 
 _AGAIN = object()  # a step's answer: poll again
@@ -169,9 +209,10 @@ _DONE = object()  # a step's answer: the call is over (restriction ended or chec
 @dataclass
 class _Cursor:
   """Where one call of the reader is in its restriction."""
+
   tp: Any  # kafka.TopicPartition
   stop: int  # exclusive; lowered by a drain
-  stop_ts: Optional[int]
+  stop_ts: int | None
   covers_from: int  # the next offset to account for
   windows: tuple
   deadline: float  # monotonic time by which the call checkpoints
@@ -197,8 +238,15 @@ def _kept(records, stop: int, stop_ts: int | None) -> int:
 class _ReadPartitionFn(beam.DoFn):
   """Reads one partition's restriction; checkpoints when idle or after a budget of work."""
 
-  def __init__(self, config: Mapping[str, Any], poll_timeout_ms: int, max_records_per_call: int,
-               max_seconds_per_call: float, drain_file: Optional[str], on_offset_gap: str = "fail"):
+  def __init__(
+    self,
+    config: Mapping[str, Any],
+    poll_timeout_ms: int,
+    max_records_per_call: int,
+    max_seconds_per_call: float,
+    drain_file: str | None,
+    on_offset_gap: str = "fail",
+  ):
     # No reset policy: a position that no longer exists raises OffsetOutOfRangeError
     # instead of jumping silently to the log start (offsets deleted under the reader).
     self._config = {**config, "auto_offset_reset": "none"}
@@ -244,15 +292,21 @@ class _ReadPartitionFn(beam.DoFn):
     (100 ms) inside kafka-python. Only a speed-up: in an outage (KafkaConnectionError at
     once) the polls wait it out as they would have."""
     from kafka.errors import KafkaError
+
     try:
       self._consumer.partitions_for_topic(topic)
     except KafkaError as e:
       _LOGGER.debug("Kafka %s: metadata not loaded before the first poll: %s", topic, e)
 
-  def process(self, element: PartitionRead, window=beam.DoFn.WindowParam,
-              tracker=beam.DoFn.RestrictionParam(KafkaRestrictionProvider()),
-              watermark=beam.DoFn.WatermarkEstimatorParam(
-                  KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS))):
+  def process(
+    self,
+    element: PartitionRead,
+    window=beam.DoFn.WindowParam,
+    tracker=beam.DoFn.RestrictionParam(KafkaRestrictionProvider()),
+    watermark=beam.DoFn.WatermarkEstimatorParam(
+      KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS)
+    ),
+  ):
     return self._read(element, tracker, watermark, window)
 
   def _cover_empty(self, tp, covers_from: int, position: int, tracker):
@@ -264,9 +318,14 @@ class _ReadPartitionFn(beam.DoFn):
       return covers_from
     if not tracker.try_claim(position - 1):
       return None
-    yield TaggedOutput(GAPS_TAG, WindowedValue(
+    yield TaggedOutput(
+      GAPS_TAG,
+      WindowedValue(
         OffsetGap(tp.topic, tp.partition, covers_from, position, EMPTY),
-        Timestamp.now(), (GlobalWindow(),)))
+        Timestamp.now(),
+        (GlobalWindow(),),
+      ),
+    )
     return position
 
   def _nothing_polled(self, tp, covers_from: int, stop: int, stop_ts, tracker, watermark):
@@ -300,9 +359,14 @@ class _ReadPartitionFn(beam.DoFn):
     last = self._heartbeats.setdefault((tp.topic, tp.partition), now)
     if now - last >= IDLE_HEARTBEAT_S:
       self._heartbeats[(tp.topic, tp.partition)] = now
-      yield TaggedOutput(GAPS_TAG, WindowedValue(
+      yield TaggedOutput(
+        GAPS_TAG,
+        WindowedValue(
           OffsetGap(tp.topic, tp.partition, position, position, EMPTY),
-          Timestamp.now(), (GlobalWindow(),)))
+          Timestamp.now(),
+          (GlobalWindow(),),
+        ),
+      )
 
   def _skip_gap(self, tp, covers_from: int, stop: int, tracker):
     """The reader's position no longer exists: fail, or record the gap and go on.
@@ -325,12 +389,18 @@ class _ReadPartitionFn(beam.DoFn):
     resume = min(log_start, stop)
     if not tracker.try_claim(resume - 1):
       return None
-    _LOGGER.warning("%s (--on_offset_gap=skip: recorded as a dead letter at offset %d)",
-                    message, covers_from)
+    _LOGGER.warning(
+      "%s (--on_offset_gap=skip: recorded as a dead letter at offset %d)", message, covers_from
+    )
     self._gaps.inc()
-    yield TaggedOutput(GAPS_TAG, WindowedValue(
+    yield TaggedOutput(
+      GAPS_TAG,
+      WindowedValue(
         OffsetGap(tp.topic, tp.partition, covers_from, resume, OFFSET_GAP, message),
-        Timestamp.now(), (GlobalWindow(),)))
+        Timestamp.now(),
+        (GlobalWindow(),),
+      ),
+    )
     self._position(tp, resume)
     return resume
 
@@ -361,10 +431,14 @@ class _ReadPartitionFn(beam.DoFn):
     from kafka import TopicPartition
 
     restriction = tracker.current_restriction()
-    c = _Cursor(TopicPartition(element.topic, element.partition), restriction.stop,
-                element.stop_timestamp_ms, restriction.start,
-                (GlobalWindow() if window is None else window,),
-                time.monotonic() + self._max_seconds)
+    c = _Cursor(
+      TopicPartition(element.topic, element.partition),
+      restriction.stop,
+      element.stop_timestamp_ms,
+      restriction.start,
+      (GlobalWindow() if window is None else window,),
+      time.monotonic() + self._max_seconds,
+    )
     if c.covers_from >= c.stop:
       _finish(tracker)
       return
@@ -403,6 +477,7 @@ class _ReadPartitionFn(beam.DoFn):
   def _poll(self, c: _Cursor, tracker):
     """One poll: its records of c.tp, ``_AGAIN`` after a recorded offset gap, or ``_DONE``."""
     from kafka.errors import OffsetOutOfRangeError
+
     wait_ms = self._poll_wait_ms(bounded=c.stop != UNBOUNDED, first=c.emitted == 0)
     try:
       return self._consumer.poll(timeout_ms=wait_ms).get(c.tp)
@@ -454,14 +529,27 @@ class _ReadPartitionFn(beam.DoFn):
     # NamedTuple's Python-level __new__, and windowed_value.create (Beam's own fast path,
     # exact micros) skips building a Timestamp the runner may make lazily.
     new_record = tuple.__new__
-    for rec in (records if n == len(records) else records[:n]):
+    for rec in records if n == len(records) else records[:n]:
       offset, ts, headers = rec.offset, rec.timestamp, rec.headers
       # In the input's window: a TimestampedValue would make the runner re-run the window
       # assignment per record.
       yield create_windowed_value(
-          new_record(KafkaRecord, (topic, partition, offset, covers_from, rec.key, rec.value, ts,
-                                   tuple(headers) if headers else ())),
-          ts * 1000, windows)
+        new_record(
+          KafkaRecord,
+          (
+            topic,
+            partition,
+            offset,
+            covers_from,
+            rec.key,
+            rec.value,
+            ts,
+            tuple(headers) if headers else (),
+          ),
+        ),
+        ts * 1000,
+        windows,
+      )
       covers_from = offset + 1
       if ts > max_ts:
         max_ts = ts
@@ -489,10 +577,15 @@ class _ReadUnboundedPartitionFn(_ReadPartitionFn):
   """The same reader; its output PCollection is unbounded (streaming on Dataflow)."""
 
   @beam.DoFn.unbounded_per_element()
-  def process(self, element: PartitionRead, window=beam.DoFn.WindowParam,
-              tracker=beam.DoFn.RestrictionParam(KafkaRestrictionProvider()),
-              watermark=beam.DoFn.WatermarkEstimatorParam(
-                  KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS))):
+  def process(
+    self,
+    element: PartitionRead,
+    window=beam.DoFn.WindowParam,
+    tracker=beam.DoFn.RestrictionParam(KafkaRestrictionProvider()),
+    watermark=beam.DoFn.WatermarkEstimatorParam(
+      KafkaWatermarkEstimatorProvider(DEFAULT_IDLE_LAG_MS)
+    ),
+  ):
     return self._read(element, tracker, watermark, window)
 
 
@@ -505,18 +598,27 @@ class ReadPartitions(beam.PTransform):
   (``gaps.py``), which a pipeline that commits must ack too.
   """
 
-  def __init__(self, config: Mapping[str, Any], *, poll_timeout_ms: int = 1000,
-               max_records_per_call: int = 20_000, max_seconds_per_call: float = 5.0,
-               drain_file: Optional[str] = None, bounded: bool = False,
-               on_offset_gap: str = "fail", with_gaps: bool = False):
+  def __init__(
+    self,
+    config: Mapping[str, Any],
+    *,
+    poll_timeout_ms: int = 1000,
+    max_records_per_call: int = 20_000,
+    max_seconds_per_call: float = 5.0,
+    drain_file: str | None = None,
+    bounded: bool = False,
+    on_offset_gap: str = "fail",
+    with_gaps: bool = False,
+  ):
     super().__init__()
     if poll_timeout_ms <= 0 or max_records_per_call <= 0 or max_seconds_per_call <= 0:
       raise ValueError("poll_timeout_ms, max_records_per_call and max_seconds_per_call must be > 0")
     if on_offset_gap not in GAP_POLICIES:
       raise ValueError(f"on_offset_gap must be one of {GAP_POLICIES}, got {on_offset_gap!r}")
     fn_class = _ReadPartitionFn if bounded else _ReadUnboundedPartitionFn
-    self._fn = fn_class(config, poll_timeout_ms, max_records_per_call,
-                        max_seconds_per_call, drain_file, on_offset_gap)
+    self._fn = fn_class(
+      config, poll_timeout_ms, max_records_per_call, max_seconds_per_call, drain_file, on_offset_gap
+    )
     self._with_gaps = with_gaps
 
   def expand(self, reads):
@@ -551,14 +653,25 @@ class ReadFromKafka(beam.PTransform):
       exists (retention, a recreated topic) does (``gaps.py``).
   """
 
-  def __init__(self, bootstrap_servers: str, topics: str | Sequence[str], *,
-               group_id: Optional[str] = None, start: Any = "committed", stop: Any = None,
-               consumer_config: Optional[Mapping[str, Any]] = None,
-               poll_timeout_ms: int = 1000, max_records_per_call: int = 20_000,
-               max_seconds_per_call: float = 5.0, drain_file: Optional[str] = None,
-               shard: Optional[tuple[int, int]] = None, with_partition_reads: bool = False,
-               on_offset_gap: str = "fail", skip_missing_topics: bool = False,
-               resolve_retry_s: float = RESOLVE_RETRY_S):
+  def __init__(
+    self,
+    bootstrap_servers: str,
+    topics: str | Sequence[str],
+    *,
+    group_id: str | None = None,
+    start: Any = "committed",
+    stop: Any = None,
+    consumer_config: Mapping[str, Any] | None = None,
+    poll_timeout_ms: int = 1000,
+    max_records_per_call: int = 20_000,
+    max_seconds_per_call: float = 5.0,
+    drain_file: str | None = None,
+    shard: tuple[int, int] | None = None,
+    with_partition_reads: bool = False,
+    on_offset_gap: str = "fail",
+    skip_missing_topics: bool = False,
+    resolve_retry_s: float = RESOLVE_RETRY_S,
+  ):
     super().__init__()
     self._resolve_retry_s = resolve_retry_s
     self._skip_missing = skip_missing_topics
@@ -572,27 +685,41 @@ class ReadFromKafka(beam.PTransform):
     self.config = kafka_config.consumer_config(bootstrap_servers, group_id, consumer_config)
     self.start = parse_start(start)
     if self.start.kind == "committed" and group_id is None:
-      _LOGGER.info("ReadFromKafka: no group_id, so start='committed' reads from the earliest offsets")
+      _LOGGER.info(
+        "ReadFromKafka: no group_id, so start='committed' reads from the earliest offsets"
+      )
       self.start = StartPosition("earliest")
     self.stop = parse_stop(stop)
-    self._read = ReadPartitions(self.config, poll_timeout_ms=poll_timeout_ms,
-                                max_records_per_call=max_records_per_call,
-                                max_seconds_per_call=max_seconds_per_call, drain_file=drain_file,
-                                bounded=self.stop.is_bounded, on_offset_gap=on_offset_gap,
-                                with_gaps=with_partition_reads)
+    self._read = ReadPartitions(
+      self.config,
+      poll_timeout_ms=poll_timeout_ms,
+      max_records_per_call=max_records_per_call,
+      max_seconds_per_call=max_seconds_per_call,
+      drain_file=drain_file,
+      bounded=self.stop.is_bounded,
+      on_offset_gap=on_offset_gap,
+      with_gaps=with_partition_reads,
+    )
     self._on_offset_gap = on_offset_gap
 
   @classmethod
-  def from_client_config(cls, client_config: ClientConfig, topics: str | Sequence[str],
-                         **kwargs) -> "ReadFromKafka":
+  def from_client_config(
+    cls, client_config: ClientConfig, topics: str | Sequence[str], **kwargs
+  ) -> ReadFromKafka:
     """The read for a finished client config: ``consumer_config``'s shape, the one
     ``CommitOffsets`` and the launcher's Kafka view take too, so a pipeline builds its
     Kafka settings once. ``kwargs``: the constructor's other keywords."""
     check_client_config(client_config)
-    overrides = {k: v for k, v in client_config.items()
-                 if k not in ("bootstrap_servers", "group_id")}
-    return cls(",".join(client_config["bootstrap_servers"]), topics,
-               group_id=client_config.get("group_id"), consumer_config=overrides, **kwargs)
+    overrides = {
+      k: v for k, v in client_config.items() if k not in ("bootstrap_servers", "group_id")
+    }
+    return cls(
+      ",".join(client_config["bootstrap_servers"]),
+      topics,
+      group_id=client_config.get("group_id"),
+      consumer_config=overrides,
+      **kwargs,
+    )
 
   def partitions(self) -> list[tuple[str, int]]:
     """The partitions this read would get now (asks the broker; the pipeline itself
@@ -601,14 +728,24 @@ class ReadFromKafka(beam.PTransform):
 
   def expand(self, pbegin):
     reads = pbegin | "ResolvePartitions" >> ResolvePartitions(
-        self.topics, self.config, self.start, self.stop, self._on_offset_gap, shard=self.shard,
-        skip_missing=self._skip_missing, retry_s=self._resolve_retry_s)
+      self.topics,
+      self.config,
+      self.start,
+      self.stop,
+      self._on_offset_gap,
+      shard=self.shard,
+      skip_missing=self._skip_missing,
+      retry_s=self._resolve_retry_s,
+    )
     if self._with_reads:
       records, gaps = reads | "ReadPartitions" >> self._read
       return records, reads, gaps
     return reads | "ReadPartitions" >> self._read
 
   def display_data(self):
-    return {"topics": ",".join(self.topics), "start": self.start.kind, "stop": self.stop.kind,
-            "consumer_config": str(kafka_config.redact(self.config))}
-
+    return {
+      "topics": ",".join(self.topics),
+      "start": self.start.kind,
+      "stop": self.stop.kind,
+      "consumer_config": str(kafka_config.redact(self.config)),
+    }

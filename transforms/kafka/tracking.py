@@ -47,6 +47,7 @@ class EndOffsets:
   report backlog without a broker round trip (it runs in a different stage and
   thread than the reader, and kafka-python consumers are not thread-safe).
   """
+
   _lock = threading.Lock()
   _seen: dict[tuple[str, int], int] = {}
 
@@ -68,7 +69,11 @@ def backlog(restriction: OffsetRange, end_offset: int | None) -> int:
   distance to the end offset, 0 when caught up or when the end is unknown.
   """
   if restriction.stop != UNBOUNDED:
-    stop = restriction.stop if end_offset is None else min(restriction.stop, max(end_offset, restriction.start))
+    stop = (
+      restriction.stop
+      if end_offset is None
+      else min(restriction.stop, max(end_offset, restriction.start))
+    )
     return max(0, stop - restriction.start)
   if end_offset is None:
     return 0
@@ -79,8 +84,9 @@ class KafkaRestrictionProvider(RestrictionProvider):
   """Restrictions for ``PartitionRead`` elements; sizes are backlogs in records."""
 
   def initial_restriction(self, element: PartitionRead) -> OffsetRange:
-    return OffsetRange(element.start_offset,
-                       UNBOUNDED if element.stop_offset is None else element.stop_offset)
+    return OffsetRange(
+      element.start_offset, UNBOUNDED if element.stop_offset is None else element.stop_offset
+    )
 
   def create_tracker(self, restriction: OffsetRange) -> KafkaOffsetTracker:
     return KafkaOffsetTracker(restriction)

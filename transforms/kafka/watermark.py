@@ -9,8 +9,6 @@ record written from now on can carry (up to producer clock skew).
 
 from __future__ import annotations
 
-from typing import Optional
-
 from apache_beam.io.iobase import WatermarkEstimator
 from apache_beam.transforms.core import WatermarkEstimatorProvider
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
@@ -19,7 +17,7 @@ DEFAULT_IDLE_LAG_MS = 2000
 
 
 class KafkaWatermarkEstimator(WatermarkEstimator):
-  def __init__(self, state: Optional[Timestamp], idle_lag_ms: int = DEFAULT_IDLE_LAG_MS):
+  def __init__(self, state: Timestamp | None, idle_lag_ms: int = DEFAULT_IDLE_LAG_MS):
     self._watermark = MIN_TIMESTAMP if state is None else state
     self._idle_lag_ms = idle_lag_ms
 

@@ -34,7 +34,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Iterable, Optional, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import apache_beam as beam
 from apache_beam import coders
@@ -58,8 +59,9 @@ class Store(Protocol):
   def close(self) -> None: ...
   def is_transient(self, exc: BaseException) -> bool: ...
   def write(self, table: str, rows: list, written_at: str) -> list: ...
-  def stored_offsets(self, topic: str, partition: int, from_offset: int,
-                     until_offset: Optional[int] = None) -> set: ...
+  def stored_offsets(
+    self, topic: str, partition: int, from_offset: int, until_offset: int | None = None
+  ) -> set: ...
 
 
 class DuplicateEvent(str):
@@ -78,8 +80,13 @@ def _row_text(table: str, row: tuple) -> str:
 def rejected_dead_letter_row(table: str, row: tuple, error: str) -> tuple:
   """A row the store refused for good -> a dead_letters row for the same offset."""
   reason = "duplicate_event" if isinstance(error, DuplicateEvent) else "sink_rejected"
-  return rejected_row_dead_letter(row, _row_text(table, row).encode("utf-8", "surrogatepass"),
-                                  reason, f"{reason}: {table}: {error}", int(time.time() * 1_000_000))
+  return rejected_row_dead_letter(
+    row,
+    _row_text(table, row).encode("utf-8", "surrogatepass"),
+    reason,
+    f"{reason}: {table}: {error}",
+    int(time.time() * 1_000_000),
+  )
 
 
 class _WriteBatchesFn(beam.DoFn):
@@ -97,8 +104,12 @@ class _WriteBatchesFn(beam.DoFn):
 
   def setup(self):
     self._store = self._store_template  # each worker unpickles its own, unopened copy
-    with_retries(self._store.open, self._store.is_transient, deadline_s=self._retry_deadline_s,
-                 what="opening the sink")
+    with_retries(
+      self._store.open,
+      self._store.is_transient,
+      deadline_s=self._retry_deadline_s,
+      what="opening the sink",
+    )
 
   def start_bundle(self):
     self._by_table: dict[str, list] = {}
@@ -119,8 +130,12 @@ class _WriteBatchesFn(beam.DoFn):
     yield from self._flush()
 
   def _write(self, table: str, rows: list, written_at: str) -> list:
-    return with_retries(lambda: self._store.write(table, rows, written_at), self._store.is_transient,
-                        deadline_s=self._retry_deadline_s, what=f"writing {len(rows)} rows to {table}")
+    return with_retries(
+      lambda: self._store.write(table, rows, written_at),
+      self._store.is_transient,
+      deadline_s=self._retry_deadline_s,
+      what=f"writing {len(rows)} rows to {table}",
+    )
 
   def _count_rejected(self, table: str, rows: list, rejected: list) -> list:
     """Counts a write's outcome; returns the dead_letters rows for what it refused for good
@@ -130,17 +145,32 @@ class _WriteBatchesFn(beam.DoFn):
       duplicates = sum(1 for _, error in rejected if isinstance(error, DuplicateEvent))
       if duplicates:
         self._duplicates.inc(duplicates)
-        _LOGGER.info("%s: %d later copies of stored events, e.g. %s", table, duplicates,
-                     next(e for _, e in rejected if isinstance(e, DuplicateEvent)))
+        _LOGGER.info(
+          "%s: %d later copies of stored events, e.g. %s",
+          table,
+          duplicates,
+          next(e for _, e in rejected if isinstance(e, DuplicateEvent)),
+        )
       if len(rejected) > duplicates:
         self._rejected.inc(len(rejected) - duplicates)
-        _LOGGER.warning("%s rejected %d rows for good, e.g. %s", table, len(rejected) - duplicates,
-                        next(e for _, e in rejected if not isinstance(e, DuplicateEvent)))
+        _LOGGER.warning(
+          "%s rejected %d rows for good, e.g. %s",
+          table,
+          len(rejected) - duplicates,
+          next(e for _, e in rejected if not isinstance(e, DuplicateEvent)),
+        )
     self._rows_written.inc(len(rows) - len(rejected))
-    telemetry.count_written(table, len(rows) - len(rejected), len(rejected) - duplicates if rejected else 0,
-                            duplicates if rejected else 0)
-    return [rejected_dead_letter_row(table, row, error) for row, error in rejected
-            if not isinstance(error, DuplicateEvent)]
+    telemetry.count_written(
+      table,
+      len(rows) - len(rejected),
+      len(rejected) - duplicates if rejected else 0,
+      duplicates if rejected else 0,
+    )
+    return [
+      rejected_dead_letter_row(table, row, error)
+      for row, error in rejected
+      if not isinstance(error, DuplicateEvent)
+    ]
 
   def _count_batch(self, rows: list) -> None:
     self._batches.inc()
@@ -158,7 +188,9 @@ class _WriteBatchesFn(beam.DoFn):
       if dead:
         still = self._write(DEAD_LETTERS_TABLE, dead, written_at)
         if still:
-          raise SinkWriteError(f"the store refused even the dead letters for {table}: {still[0][1]}")
+          raise SinkWriteError(
+            f"the store refused even the dead letters for {table}: {still[0][1]}"
+          )
     # Every row is durable now (written, or dead-lettered): ack them.
     by_window = self._by_window
     self._by_table, self._by_window, self._buffered = {}, {}, 0
@@ -246,9 +278,12 @@ class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
     return None
 
   def _write_on(self, table: str, rows: list, written_at: str, streams: dict) -> tuple[list, dict]:
-    return with_retries(lambda: self._store.write_on_streams(table, rows, written_at, streams),
-                        self._store.is_transient, deadline_s=self._retry_deadline_s,
-                        what=f"writing {len(rows)} rows to {table}")
+    return with_retries(
+      lambda: self._store.write_on_streams(table, rows, written_at, streams),
+      self._store.is_transient,
+      deadline_s=self._retry_deadline_s,
+      what=f"writing {len(rows)} rows to {table}",
+    )
 
 
 class WriteBatches(beam.PTransform):
@@ -263,8 +298,14 @@ class WriteBatches(beam.PTransform):
   global window. ``CommitOffsets`` moves every ack to the global window either way.
   """
 
-  def __init__(self, store: Store, *, flush_rows: int = 1000,
-               retry_deadline_s: float = 60.0, batch_size: int = 100):
+  def __init__(
+    self,
+    store: Store,
+    *,
+    flush_rows: int = 1000,
+    retry_deadline_s: float = 60.0,
+    batch_size: int = 100,
+  ):
     super().__init__()
     arguments.at_least("sink_flush_rows", flush_rows, 1)
     arguments.batch_size(batch_size)
@@ -276,8 +317,12 @@ class WriteBatches(beam.PTransform):
   def expand(self, batches):
     if not self._keyed:
       return batches | "WriteRows" >> beam.ParDo(self._fn)
-    return (batches
-            | "BatchesToGlobalWindow" >> beam.WindowInto(GlobalWindows())
-            | "JoinKeyBatches" >> beam.ParDo(_JoinKeyBatchesFn(self._flush_rows, self._batch_size)
-                                             ).with_output_types(KeyedRow)
-            | "WriteRowsOnKeyedStreams" >> beam.ParDo(self._fn))
+    return (
+      batches
+      | "BatchesToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+      | "JoinKeyBatches"
+      >> beam.ParDo(_JoinKeyBatchesFn(self._flush_rows, self._batch_size)).with_output_types(
+        KeyedRow
+      )
+      | "WriteRowsOnKeyedStreams" >> beam.ParDo(self._fn)
+    )

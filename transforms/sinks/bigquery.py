@@ -86,11 +86,11 @@ import hashlib
 import json
 import logging
 import threading
-from typing import Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+from transforms.rows import DEAD_LETTER_ROW, ROW_TYPES, coordinates, partition_of
 from transforms.sinks import chunks
 from transforms.sinks.base import DuplicateEvent
-from transforms.rows import DEAD_LETTER_ROW, ROW_TYPES, coordinates, partition_of
 from transforms.sinks.schema import DEAD_LETTERS, TABLES, Table
 
 _LOGGER = logging.getLogger(__name__)
@@ -102,10 +102,12 @@ _ROW_OVERHEAD_BYTES = 40  # {"insertId": "...", "json": ...}, separators
 
 # Per-row reasons BigQuery documents as retryable; 'stopped' is handled on its own.
 TRANSIENT_ROW_REASONS = frozenset(
-    {"backendError", "internalError", "timeout", "rateLimitExceeded", "quotaExceeded", "badGateway"})
+  {"backendError", "internalError", "timeout", "rateLimitExceeded", "quotaExceeded", "badGateway"}
+)
 # Reasons of a request-level error (403 included) that only ask to slow down or retry.
 TRANSIENT_REQUEST_REASONS = frozenset(
-    {"backendError", "internalError", "rateLimitExceeded", "quotaExceeded", "badGateway"})
+  {"backendError", "internalError", "rateLimitExceeded", "quotaExceeded", "badGateway"}
+)
 # Request-level statuses that refuse the content, not the service: bisect to find the row.
 _CONTENT_REFUSED_CODES = (400, 413)
 _MAX_STOPPED_ROUNDS = 3
@@ -126,24 +128,32 @@ class TransientInsertError(RuntimeError):
 def table_schema(table: Table) -> list:
   """The table's columns as BigQuery ``SchemaField``s (REQUIRED where the schema says so)."""
   from google.cloud import bigquery
-  return [bigquery.SchemaField(c.name, c.bq_type, mode="REQUIRED" if c.required else "NULLABLE")
-          for c in table.columns]
+
+  return [
+    bigquery.SchemaField(c.name, c.bq_type, mode="REQUIRED" if c.required else "NULLABLE")
+    for c in table.columns
+  ]
 
 
 def table_resource(project: str, dataset: str, table: Table):
   """A ``bigquery.Table`` ready for ``create_table``: schema, day partitions, clustering."""
   from google.cloud import bigquery
+
   t = bigquery.Table(f"{project}.{dataset}.{table.name}", schema=table_schema(table))
   t.time_partitioning = bigquery.TimePartitioning(
-      type_=bigquery.TimePartitioningType.DAY, field=table.partition_column)
+    type_=bigquery.TimePartitioningType.DAY, field=table.partition_column
+  )
   t.clustering_fields = list(table.cluster_columns)
   t.table_constraints = bigquery.table.TableConstraints(
-      primary_key=bigquery.table.PrimaryKey(columns=list(table.primary_key)), foreign_keys=[])
+    primary_key=bigquery.table.PrimaryKey(columns=list(table.primary_key)), foreign_keys=[]
+  )
   return t
 
 
-_BOOL_COLUMNS = {name: frozenset(c.name for c in t.columns if c.bq_type in ("BOOL", "BOOLEAN"))
-                 for name, t in TABLES.items()}
+_BOOL_COLUMNS = {
+  name: frozenset(c.name for c in t.columns if c.bq_type in ("BOOL", "BOOLEAN"))
+  for name, t in TABLES.items()
+}
 
 
 def json_row(table: Table, row: tuple, written_at: str) -> dict:
@@ -173,8 +183,9 @@ def payload_size(payload: dict, insert_id: str) -> int:
   return len(json.dumps(payload).encode("utf-8")) + len(insert_id) + _ROW_OVERHEAD_BYTES
 
 
-def chunk_indexes(sizes: Sequence[int], max_rows: int = MAX_ROWS_PER_REQUEST,
-                  max_bytes: int = MAX_BYTES_PER_REQUEST) -> list[list[int]]:
+def chunk_indexes(
+  sizes: Sequence[int], max_rows: int = MAX_ROWS_PER_REQUEST, max_bytes: int = MAX_BYTES_PER_REQUEST
+) -> list[list[int]]:
   """insertAll's request chunks (transforms/sinks/chunks.py, shared with the Storage Write API)."""
   return chunks.chunk_indexes(sizes, max_rows, max_bytes)
 
@@ -186,8 +197,9 @@ def _describe(error: dict) -> str:
   return f"{reason}{f' at {location}' if location else ''}: {message}".rstrip(": ")
 
 
-def classify_insert_errors(errors: Iterable[dict], n_rows: int
-                           ) -> tuple[dict[int, str], list[int], dict[int, str]]:
+def classify_insert_errors(
+  errors: Iterable[dict], n_rows: int
+) -> tuple[dict[int, str], list[int], dict[int, str]]:
   """insertAll's per-row errors -> (rejected {index: reason}, stopped [index], transient {index: reason}).
 
   Rows without an entry were inserted. A row is rejected when any of its errors has a
@@ -202,8 +214,11 @@ def classify_insert_errors(errors: Iterable[dict], n_rows: int
     if not isinstance(index, int) or not 0 <= index < n_rows:
       raise ValueError(f"insertAll returned an error for row {index!r} of {n_rows}: {entry}")
     row_errors = entry.get("errors") or [{"reason": "unknown", "message": "no detail"}]
-    for_good = [e for e in row_errors
-                if e.get("reason") != "stopped" and e.get("reason") not in TRANSIENT_ROW_REASONS]
+    for_good = [
+      e
+      for e in row_errors
+      if e.get("reason") != "stopped" and e.get("reason") not in TRANSIENT_ROW_REASONS
+    ]
     retry_later = [e for e in row_errors if e.get("reason") in TRANSIENT_ROW_REASONS]
     if for_good:
       rejected[index] = "; ".join(_describe(e) for e in for_good)
@@ -234,8 +249,16 @@ def is_transient_error(exc: BaseException) -> bool:
     return cause is None or is_transient_error(cause)
   if isinstance(exc, requests.exceptions.SSLError):
     return False  # a certificate problem does not heal by waiting
-  if isinstance(exc, (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
-                      gexc.ServiceUnavailable, gexc.GatewayTimeout)):
+  if isinstance(
+    exc,
+    (
+      gexc.TooManyRequests,
+      gexc.InternalServerError,
+      gexc.BadGateway,
+      gexc.ServiceUnavailable,
+      gexc.GatewayTimeout,
+    ),
+  ):
     return True
   if isinstance(exc, gexc.NotFound):
     # A table created moments ago can answer 404 to inserts for a while; open() re-creates
@@ -243,9 +266,17 @@ def is_transient_error(exc: BaseException) -> bool:
     return True
   if isinstance(exc, gexc.GoogleAPICallError):
     return bool(_request_reasons(exc) & TRANSIENT_REQUEST_REASONS)
-  return isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                          requests.exceptions.ChunkedEncodingError,
-                          auth_exceptions.TransportError, ConnectionError, TimeoutError))
+  return isinstance(
+    exc,
+    (
+      requests.exceptions.ConnectionError,
+      requests.exceptions.Timeout,
+      requests.exceptions.ChunkedEncodingError,
+      auth_exceptions.TransportError,
+      ConnectionError,
+      TimeoutError,
+    ),
+  )
 
 
 def _describe_request_error(exc: BaseException) -> str:
@@ -258,8 +289,12 @@ def _describe_request_error(exc: BaseException) -> str:
 
 def _content_refused(exc: BaseException) -> bool:
   from google.api_core import exceptions as gexc
-  return (isinstance(exc, gexc.GoogleAPICallError) and exc.code in _CONTENT_REFUSED_CODES
-          and not is_transient_error(exc))
+
+  return (
+    isinstance(exc, gexc.GoogleAPICallError)
+    and exc.code in _CONTENT_REFUSED_CODES
+    and not is_transient_error(exc)
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -269,23 +304,38 @@ def _content_refused(exc: BaseException) -> bool:
 class BigQueryStore:
   """A ``Store`` over one BigQuery dataset (created, with its tables, when missing)."""
 
-  def __init__(self, project: str, dataset: str, *, api_endpoint: Optional[str] = None,
-               location: Optional[str] = None, max_rows_per_request: int = MAX_ROWS_PER_REQUEST,
-               max_bytes_per_request: int = MAX_BYTES_PER_REQUEST,
-               request_timeout_s: float = 30.0, client_retry_s: float = 5.0,
-               write_method: str = "storage_write", storage_api_endpoint: Optional[str] = None,
-               append_deadline_s: float = 30.0):
+  def __init__(
+    self,
+    project: str,
+    dataset: str,
+    *,
+    api_endpoint: str | None = None,
+    location: str | None = None,
+    max_rows_per_request: int = MAX_ROWS_PER_REQUEST,
+    max_bytes_per_request: int = MAX_BYTES_PER_REQUEST,
+    request_timeout_s: float = 30.0,
+    client_retry_s: float = 5.0,
+    write_method: str = "storage_write",
+    storage_api_endpoint: str | None = None,
+    append_deadline_s: float = 30.0,
+  ):
     if not project or not dataset:
-      raise ValueError(f"--sink: bigquery://PROJECT/DATASET needs both, got {project!r}/{dataset!r}")
+      raise ValueError(
+        f"--sink: bigquery://PROJECT/DATASET needs both, got {project!r}/{dataset!r}"
+      )
     if not 1 <= max_rows_per_request <= 50_000:
       raise ValueError(f"max_rows_per_request must be in 1..50000, got {max_rows_per_request}")
     if not 1 <= max_bytes_per_request <= 10_000_000:
       raise ValueError(f"max_bytes_per_request must be in 1..10000000, got {max_bytes_per_request}")
     if write_method not in WRITE_METHODS:
-      raise ValueError(f"--bigquery_write_method: expected one of {WRITE_METHODS}, got {write_method!r}")
+      raise ValueError(
+        f"--bigquery_write_method: expected one of {WRITE_METHODS}, got {write_method!r}"
+      )
     if write_method == "storage_write" and api_endpoint and not storage_api_endpoint:
-      raise ValueError("--bigquery_storage_api_endpoint: needed with --bigquery_api_endpoint when "
-                       "--bigquery_write_method=storage_write (the emulator's gRPC host:port)")
+      raise ValueError(
+        "--bigquery_storage_api_endpoint: needed with --bigquery_api_endpoint when "
+        "--bigquery_write_method=storage_write (the emulator's gRPC host:port)"
+      )
     self.project = project
     self.dataset = dataset
     self.api_endpoint = api_endpoint
@@ -309,9 +359,19 @@ class BigQueryStore:
     self.queries_run = 0  # reconciliation and duplicate checks (for tests and benchmarks)
     self.bytes_processed = 0  # what those queries scanned, as BigQuery reports it
 
-  _CONFIG = ("project", "dataset", "api_endpoint", "location", "max_rows_per_request",
-             "max_bytes_per_request", "request_timeout_s", "client_retry_s", "write_method",
-             "storage_api_endpoint", "append_deadline_s")
+  _CONFIG = (
+    "project",
+    "dataset",
+    "api_endpoint",
+    "location",
+    "max_rows_per_request",
+    "max_bytes_per_request",
+    "request_timeout_s",
+    "client_retry_s",
+    "write_method",
+    "storage_api_endpoint",
+    "append_deadline_s",
+  )
 
   def __getstate__(self):
     return {k: getattr(self, k) for k in self._CONFIG}  # never the client
@@ -330,31 +390,46 @@ class BigQueryStore:
 
   def _make_client(self):
     from google.cloud import bigquery
+
     if self.api_endpoint:
       from google.api_core.client_options import ClientOptions
       from google.auth.credentials import AnonymousCredentials
-      return bigquery.Client(project=self.project, credentials=AnonymousCredentials(),
-                             client_options=ClientOptions(api_endpoint=self.api_endpoint),
-                             location=self.location)
+
+      return bigquery.Client(
+        project=self.project,
+        credentials=AnonymousCredentials(),
+        client_options=ClientOptions(api_endpoint=self.api_endpoint),
+        location=self.location,
+      )
     return bigquery.Client(project=self.project, location=self.location)
 
   def _make_write_client(self):
     from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
+
     if self.storage_api_endpoint:
       import grpc
       from google.cloud.bigquery_storage_v1.services.big_query_write.transports import (
-          BigQueryWriteGrpcTransport)
+        BigQueryWriteGrpcTransport,
+      )
+
       # Reconnect soon after an outage (gRPC's default backoff grows to two minutes).
-      channel = grpc.insecure_channel(self.storage_api_endpoint, options=[
-          ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5000),
-          ("grpc.max_send_message_length", 20 * 1024 * 1024)])
+      channel = grpc.insecure_channel(
+        self.storage_api_endpoint,
+        options=[
+          ("grpc.initial_reconnect_backoff_ms", 200),
+          ("grpc.max_reconnect_backoff_ms", 5000),
+          ("grpc.max_send_message_length", 20 * 1024 * 1024),
+        ],
+      )
       return BigQueryWriteClient(transport=BigQueryWriteGrpcTransport(channel=channel))
     return BigQueryWriteClient()
 
   def _retry(self):
     from google.cloud import bigquery
+
     return bigquery.DEFAULT_RETRY.with_delay(initial=0.2, maximum=2.0).with_timeout(
-        self.client_retry_s)
+      self.client_retry_s
+    )
 
   def open(self) -> None:
     if self._client is None:
@@ -378,26 +453,39 @@ class BigQueryStore:
         except gexc.NotFound:
           _LOGGER.info("creating %s was refused (%s); retrying", what, e)
           raise e from None
+
     return tenacity.retry(
-        retry=tenacity.retry_if_exception(lambda e: isinstance(e, gexc.GoogleAPICallError)
-                                          and not isinstance(e, (gexc.Forbidden, gexc.Unauthorized))),
-        stop=tenacity.stop_after_attempt(_CREATE_ATTEMPTS),
-        wait=tenacity.wait_random_exponential(multiplier=0.2, max=3.0), reraise=True)(attempt)()
+      retry=tenacity.retry_if_exception(
+        lambda e: (
+          isinstance(e, gexc.GoogleAPICallError)
+          and not isinstance(e, (gexc.Forbidden, gexc.Unauthorized))
+        )
+      ),
+      stop=tenacity.stop_after_attempt(_CREATE_ATTEMPTS),
+      wait=tenacity.wait_random_exponential(multiplier=0.2, max=3.0),
+      reraise=True,
+    )(attempt)()
 
   def _ensure_tables(self) -> None:
     from google.cloud import bigquery
+
     client = self._client
     ds = bigquery.Dataset(f"{self.project}.{self.dataset}")
     if self.location:
       ds.location = self.location
     opts = dict(retry=self._retry(), timeout=self.request_timeout_s)
-    self._create(f"dataset {ds.dataset_id}", lambda: client.create_dataset(ds, exists_ok=True, **opts),
-                 lambda: client.get_dataset(ds.reference, **opts))
+    self._create(
+      f"dataset {ds.dataset_id}",
+      lambda: client.create_dataset(ds, exists_ok=True, **opts),
+      lambda: client.get_dataset(ds.reference, **opts),
+    )
     for table in TABLES.values():
       resource = table_resource(self.project, self.dataset, table)
-      existing = self._create(f"table {table.name}",
-                              lambda r=resource: client.create_table(r, exists_ok=True, **opts),
-                              lambda r=resource: client.get_table(r.reference, **opts))
+      existing = self._create(
+        f"table {table.name}",
+        lambda r=resource: client.create_table(r, exists_ok=True, **opts),
+        lambda r=resource: client.get_table(r.reference, **opts),
+      )
       self._bring_up_to_date(existing, table, opts)
     self._tables_ready = True
     _LOGGER.info("BigQuery sink ready: %s (tables %s)", self, ", ".join(TABLES))
@@ -409,19 +497,29 @@ class BigQueryStore:
     if existing is None or not getattr(existing, "schema", None):
       return
     from google.cloud import bigquery
+
     have = {f.name: f for f in existing.schema}
     wanted = {c.name: c for c in table.columns}
-    schema = [bigquery.SchemaField(f.name, f.field_type, mode="NULLABLE")
-              if f.name in wanted and f.mode == "REQUIRED" and not wanted[f.name].required else f
-              for f in existing.schema]
-    schema += [bigquery.SchemaField(c.name, c.bq_type, mode="NULLABLE")
-               for c in table.columns if c.name not in have]
+    schema = [
+      bigquery.SchemaField(f.name, f.field_type, mode="NULLABLE")
+      if f.name in wanted and f.mode == "REQUIRED" and not wanted[f.name].required
+      else f
+      for f in existing.schema
+    ]
+    schema += [
+      bigquery.SchemaField(c.name, c.bq_type, mode="NULLABLE")
+      for c in table.columns
+      if c.name not in have
+    ]
     if [(f.name, f.mode) for f in schema] == [(f.name, f.mode) for f in existing.schema]:
       return
     existing.schema = schema
     self._client.update_table(existing, ["schema"], **opts)
-    _LOGGER.warning("BigQuery table %s brought up to this version's layout: %s", table.name,
-                    [(f.name, f.mode) for f in schema if have.get(f.name) != f])
+    _LOGGER.warning(
+      "BigQuery table %s brought up to this version's layout: %s",
+      table.name,
+      [(f.name, f.mode) for f in schema if have.get(f.name) != f],
+    )
 
   def close(self) -> None:
     for writer in self._writers.values():
@@ -439,6 +537,7 @@ class BigQueryStore:
 
   def is_transient(self, exc: BaseException) -> bool:
     from transforms.sinks.bigquery_storage import StreamGone, StreamUncertain, is_connection_error
+
     if isinstance(exc, (StreamGone, StreamUncertain)):
       return True
     if self.write_method == "storage_write" and is_connection_error(exc):
@@ -449,29 +548,40 @@ class BigQueryStore:
 
   def _query(self, sql: str, params: list) -> list:
     from google.cloud import bigquery
-    job = self._client.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params),
-                             retry=self._retry(), timeout=self.request_timeout_s)
+
+    job = self._client.query(
+      sql,
+      job_config=bigquery.QueryJobConfig(query_parameters=params),
+      retry=self._retry(),
+      timeout=self.request_timeout_s,
+    )
     rows = list(job.result(timeout=self.request_timeout_s))
     self.queries_run += 1
     self.bytes_processed += job.total_bytes_processed or 0
     return rows
 
-  def stored_offsets(self, topic: str, partition: int, from_offset: int,
-                     until_offset: Optional[int] = None) -> set:
+  def stored_offsets(
+    self, topic: str, partition: int, from_offset: int, until_offset: int | None = None
+  ) -> set:
     """Offsets of ``topic``/``partition`` in [from_offset, until_offset) held in any table
     (a range on the leading clustering columns: only the blocks that hold it are read)."""
     from google.cloud import bigquery
+
     if self._client is None or not self._tables_ready:
       self.open()
     until = 2**63 - 1 if until_offset is None else until_offset
     sql = " UNION DISTINCT ".join(
-        f"SELECT kafka_offset FROM `{self.table_id(t)}` WHERE kafka_topic = @topic "
-        f"AND kafka_partition = @partition AND kafka_offset >= @from_offset "
-        f"AND kafka_offset < @until_offset" for t in TABLES)
-    params = [bigquery.ScalarQueryParameter("topic", "STRING", topic),
-              bigquery.ScalarQueryParameter("partition", "INT64", partition),
-              bigquery.ScalarQueryParameter("from_offset", "INT64", from_offset),
-              bigquery.ScalarQueryParameter("until_offset", "INT64", until)]
+      f"SELECT kafka_offset FROM `{self.table_id(t)}` WHERE kafka_topic = @topic "
+      f"AND kafka_partition = @partition AND kafka_offset >= @from_offset "
+      f"AND kafka_offset < @until_offset"
+      for t in TABLES
+    )
+    params = [
+      bigquery.ScalarQueryParameter("topic", "STRING", topic),
+      bigquery.ScalarQueryParameter("partition", "INT64", partition),
+      bigquery.ScalarQueryParameter("from_offset", "INT64", from_offset),
+      bigquery.ScalarQueryParameter("until_offset", "INT64", until),
+    ]
     return {r[0] for r in self._query(sql, params)}
 
   def _stored_by_event(self, table: Table, rows: list) -> dict:
@@ -482,7 +592,9 @@ class BigQueryStore:
     them, the clustered blocks of the rows' Kafka partitions (not the whole day's table).
     """
     from google.cloud import bigquery
+
     from transforms.sinks.bigquery_storage import timestamp_micros
+
     column = table.dedup_column
     index = ROW_TYPES[table.name].index(column)
     time_index = ROW_TYPES[table.name].index(table.partition_column)
@@ -496,22 +608,31 @@ class BigQueryStore:
     if not ids:
       return {}
     clauses = []
-    params = [bigquery.ScalarQueryParameter("lo", "INT64", lo),
-              bigquery.ScalarQueryParameter("hi", "INT64", hi)]
+    params = [
+      bigquery.ScalarQueryParameter("lo", "INT64", lo),
+      bigquery.ScalarQueryParameter("hi", "INT64", hi),
+    ]
     for i, ((topic, partition), event_ids) in enumerate(sorted(ids.items())):
-      clauses.append(f"(kafka_topic = @t{i} AND kafka_partition = @p{i} AND {column} IN UNNEST(@ids{i}))")
-      params += [bigquery.ScalarQueryParameter(f"t{i}", "STRING", topic),
-                 bigquery.ScalarQueryParameter(f"p{i}", "INT64", partition),
-                 bigquery.ArrayQueryParameter(f"ids{i}", "STRING", sorted(event_ids))]
-    sql = (f"SELECT kafka_topic, kafka_partition, {column}, kafka_offset "
-           f"FROM `{self.table_id(table.name)}` "
-           f"WHERE {table.partition_column} >= TIMESTAMP_MICROS(@lo) "
-           f"AND {table.partition_column} < TIMESTAMP_MICROS(@hi) AND ({' OR '.join(clauses)})")
+      clauses.append(
+        f"(kafka_topic = @t{i} AND kafka_partition = @p{i} AND {column} IN UNNEST(@ids{i}))"
+      )
+      params += [
+        bigquery.ScalarQueryParameter(f"t{i}", "STRING", topic),
+        bigquery.ScalarQueryParameter(f"p{i}", "INT64", partition),
+        bigquery.ArrayQueryParameter(f"ids{i}", "STRING", sorted(event_ids)),
+      ]
+    sql = (
+      f"SELECT kafka_topic, kafka_partition, {column}, kafka_offset "
+      f"FROM `{self.table_id(table.name)}` "
+      f"WHERE {table.partition_column} >= TIMESTAMP_MICROS(@lo) "
+      f"AND {table.partition_column} < TIMESTAMP_MICROS(@hi) AND ({' OR '.join(clauses)})"
+    )
     return {(r[0], r[1], r[2]): r[3] for r in self._query(sql, params)}
 
   def _stored_coordinates(self, table: Table, rows: list) -> set:
     """(topic, partition, offset) of the rows already in ``table`` (by clustered ranges)."""
     from google.cloud import bigquery
+
     spans: dict = {}
     for row in rows:
       topic, partition, offset = coordinates(row)
@@ -519,14 +640,20 @@ class BigQueryStore:
       spans[(topic, partition)] = (min(lo, offset), max(hi, offset))
     clauses, params = [], []
     for i, ((topic, partition), (lo, hi)) in enumerate(spans.items()):
-      clauses.append(f"(kafka_topic = @t{i} AND kafka_partition = @p{i} "
-                     f"AND kafka_offset BETWEEN @lo{i} AND @hi{i})")
-      params += [bigquery.ScalarQueryParameter(f"t{i}", "STRING", topic),
-                 bigquery.ScalarQueryParameter(f"p{i}", "INT64", partition),
-                 bigquery.ScalarQueryParameter(f"lo{i}", "INT64", lo),
-                 bigquery.ScalarQueryParameter(f"hi{i}", "INT64", hi)]
-    sql = (f"SELECT kafka_topic, kafka_partition, kafka_offset FROM `{self.table_id(table.name)}` "
-           f"WHERE {' OR '.join(clauses)}")
+      clauses.append(
+        f"(kafka_topic = @t{i} AND kafka_partition = @p{i} "
+        f"AND kafka_offset BETWEEN @lo{i} AND @hi{i})"
+      )
+      params += [
+        bigquery.ScalarQueryParameter(f"t{i}", "STRING", topic),
+        bigquery.ScalarQueryParameter(f"p{i}", "INT64", partition),
+        bigquery.ScalarQueryParameter(f"lo{i}", "INT64", lo),
+        bigquery.ScalarQueryParameter(f"hi{i}", "INT64", hi),
+      ]
+    sql = (
+      f"SELECT kafka_topic, kafka_partition, kafka_offset FROM `{self.table_id(table.name)}` "
+      f"WHERE {' OR '.join(clauses)}"
+    )
     return {tuple(r.values()) for r in self._query(sql, params)}
 
   def _new_rows(self, table: Table, rows: list) -> tuple[list, list]:
@@ -545,8 +672,14 @@ class BigQueryStore:
         seen[event_id] = where
         fresh.append(row)
       elif first != where:
-        duplicates.append((row, DuplicateEvent(
-            f"{table.dedup_column} {event_id!r} is stored already ({first[0]}-{first[1]}@{first[2]})")))
+        duplicates.append(
+          (
+            row,
+            DuplicateEvent(
+              f"{table.dedup_column} {event_id!r} is stored already ({first[0]}-{first[1]}@{first[2]})"
+            ),
+          )
+        )
     return fresh, duplicates
 
   # -- writing
@@ -572,20 +705,26 @@ class BigQueryStore:
     write through ``write_on_streams`` (the Storage Write API path)."""
     return self.write_method == "storage_write"
 
-  def _writer(self, table: Table, writers: Optional[dict] = None):
+  def _writer(self, table: Table, writers: dict | None = None):
     from transforms.sinks.bigquery_storage import StreamWriter
+
     writers = self._writers if writers is None else writers
     writer = writers.get(table.name)
     if writer is None:
-      writer = StreamWriter(self._write_client, self._write_client.table_path(
-          self.project, self.dataset, table.name), table, append_deadline_s=self.append_deadline_s,
-          call_timeout_s=self.request_timeout_s)
+      writer = StreamWriter(
+        self._write_client,
+        self._write_client.table_path(self.project, self.dataset, table.name),
+        table,
+        append_deadline_s=self.append_deadline_s,
+        call_timeout_s=self.request_timeout_s,
+      )
       self.streams_created += 1
       writers[table.name] = writer
     return writer
 
-  def write_on_streams(self, table: str, rows: list, written_at: str, streams: dict
-                       ) -> tuple[list, dict]:
+  def write_on_streams(
+    self, table: str, rows: list, written_at: str, streams: dict
+  ) -> tuple[list, dict]:
     """``write`` on the stream a key holds in its state: ``streams`` maps table -> (stream
     name, next offset) as the runner last committed it. Returns (the rows refused for good,
     the streams to commit with the bundle). Idempotent like ``write``: a retried bundle comes
@@ -596,6 +735,7 @@ class BigQueryStore:
     first attempt appended a batch the retry no longer sends), so the stream is dropped and
     ``StreamGone`` raised; the retry checks again and appends to a new stream."""
     from transforms.sinks.bigquery_storage import StreamGone, StreamUncertain, StreamWriter
+
     if self._client is None or not self._tables_ready:
       self.open()
     schema = TABLES[table]
@@ -612,8 +752,14 @@ class BigQueryStore:
       held = _take_idle_stream((self.project, self.dataset, table))
     if held is not None:
       writers[table] = StreamWriter(
-          self._write_client, "", schema, append_deadline_s=self.append_deadline_s,
-          call_timeout_s=self.request_timeout_s, stream_name=held[0], next_offset=held[1])
+        self._write_client,
+        "",
+        schema,
+        append_deadline_s=self.append_deadline_s,
+        call_timeout_s=self.request_timeout_s,
+        stream_name=held[0],
+        next_offset=held[1],
+      )
     try:
       existed = [0]
       refused = self._append(schema, fresh, written_at, writers, existed)
@@ -632,11 +778,13 @@ class BigQueryStore:
       self._keyed_ends[writer.name] = (table, writer.next_offset)
     return duplicates + refused, after
 
-  def _check_already_existing(self, schema: Table, refused: list, fresh: list, writers: dict,
-                              held: Optional[tuple]) -> None:
+  def _check_already_existing(
+    self, schema: Table, refused: list, fresh: list, writers: dict, held: tuple | None
+  ) -> None:
     """After ALREADY_EXISTS answers: every row sent must be stored, else the stream's rows
     at those offsets are other rows (the state was behind the stream): drop it, raise."""
     from transforms.sinks.bigquery_storage import StreamGone
+
     self.already_exists_answers += 1
     refused_at = {coordinates(r) for r in refused}
     sent = [r for r in fresh if coordinates(r) not in refused_at]
@@ -646,16 +794,30 @@ class BigQueryStore:
       return
     for name in {w.name for w in writers.values()} | ({held[0]} if held else set()):
       self._dropped_streams.add(name)
-    raise StreamGone(f"{schema.name}: {len(missing)} rows answered ALREADY_EXISTS are not stored "
-                     f"(the state was behind the stream), e.g. {coordinates(missing[0])}; a new stream "
-                     f"takes them")
+    raise StreamGone(
+      f"{schema.name}: {len(missing)} rows answered ALREADY_EXISTS are not stored "
+      f"(the state was behind the stream), e.g. {coordinates(missing[0])}; a new stream "
+      f"takes them"
+    )
 
-  def _append(self, table: Table, rows: list, written_at: str, writers: Optional[dict] = None,
-              existed: Optional[list] = None) -> list:
+  def _append(
+    self,
+    table: Table,
+    rows: list,
+    written_at: str,
+    writers: dict | None = None,
+    existed: list | None = None,
+  ) -> list:
     """Appends rows through the Storage Write API; returns [(row, reason)] refused for good.
     ``writers``: table -> StreamWriter to use (default: this store's own); ``existed[0]`` is
     increased by the requests answered ALREADY_EXISTS."""
-    from transforms.sinks.bigquery_storage import RequestRefused, StreamGone, StreamUncertain, encode_rows
+    from transforms.sinks.bigquery_storage import (
+      RequestRefused,
+      StreamGone,
+      StreamUncertain,
+      encode_rows,
+    )
+
     writers = self._writers if writers is None else writers
     encoded, refused = encode_rows(table, rows, written_at)
     pending = [i for i, e in enumerate(encoded) if e is not None]
@@ -711,18 +873,24 @@ class BigQueryStore:
       self._insert(schema.name, chunk, payloads, ids, rejected)
     return [(rows[i], rejected[i]) for i in sorted(rejected)]
 
-  def _insert(self, table: str, indexes: list[int], payloads: list, ids: list,
-              rejected: dict[int, str]) -> None:
+  def _insert(
+    self, table: str, indexes: list[int], payloads: list, ids: list, rejected: dict[int, str]
+  ) -> None:
     """Inserts rows[indexes]; records rows refused for good in ``rejected``; raises if transient."""
     todo = indexes
     for _ in range(_MAX_STOPPED_ROUNDS):
       try:
         self.requests_sent += 1
         errors = self._client.insert_rows_json(
-            self.table_id(table), [payloads[i] for i in todo], row_ids=[ids[i] for i in todo],
-            retry=self._retry(), timeout=self.request_timeout_s)
+          self.table_id(table),
+          [payloads[i] for i in todo],
+          row_ids=[ids[i] for i in todo],
+          retry=self._retry(),
+          timeout=self.request_timeout_s,
+        )
       except Exception as e:  # noqa: BLE001 - classified here, everything else re-raised
         from google.api_core import exceptions as gexc
+
         if isinstance(e, gexc.NotFound):
           self._tables_ready = False  # re-created by the next attempt's open()
           raise
@@ -746,8 +914,9 @@ class BigQueryStore:
       if not stopped:
         return
       todo = [todo[j] for j in stopped]
-    raise TransientInsertError(f"{len(todo)} rows of {table} still stopped after "
-                               f"{_MAX_STOPPED_ROUNDS} requests")
+    raise TransientInsertError(
+      f"{len(todo)} rows of {table} still stopped after {_MAX_STOPPED_ROUNDS} requests"
+    )
 
 
 # Keyed streams a closed store left behind (e.g. at the end of a FnApiRunner round), with
@@ -760,7 +929,7 @@ _IDLE_STREAMS: dict = {}
 _IDLE_LOCK = threading.Lock()
 
 
-def _take_idle_stream(where: tuple) -> Optional[tuple]:
+def _take_idle_stream(where: tuple) -> tuple | None:
   with _IDLE_LOCK:
     idle = _IDLE_STREAMS.get(where)
     return idle.pop() if idle else None

@@ -33,7 +33,7 @@ import datetime as dt
 import json
 import logging
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from transforms.retry import RetriesExhausted, with_retries
 from transforms.rows import stored
@@ -93,11 +93,20 @@ _message_cache: dict = {}
 
 def _proto_type(bq_type: str) -> int:
   from google.protobuf import descriptor_pb2
+
   F = descriptor_pb2.FieldDescriptorProto
-  types = {"STRING": F.TYPE_STRING, "JSON": F.TYPE_STRING, "INT64": F.TYPE_INT64,
-           "INTEGER": F.TYPE_INT64, "TIMESTAMP": F.TYPE_INT64, "FLOAT64": F.TYPE_DOUBLE,
-           "FLOAT": F.TYPE_DOUBLE, "BOOL": F.TYPE_BOOL, "BOOLEAN": F.TYPE_BOOL,
-           "BYTES": F.TYPE_BYTES}
+  types = {
+    "STRING": F.TYPE_STRING,
+    "JSON": F.TYPE_STRING,
+    "INT64": F.TYPE_INT64,
+    "INTEGER": F.TYPE_INT64,
+    "TIMESTAMP": F.TYPE_INT64,
+    "FLOAT64": F.TYPE_DOUBLE,
+    "FLOAT": F.TYPE_DOUBLE,
+    "BOOL": F.TYPE_BOOL,
+    "BOOLEAN": F.TYPE_BOOL,
+    "BYTES": F.TYPE_BYTES,
+  }
   try:
     return types[bq_type.upper()]
   except KeyError:
@@ -111,13 +120,16 @@ def row_message(table: Table):
   if cached is not None:
     return cached
   from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
   F = descriptor_pb2.FieldDescriptorProto
   file_proto = descriptor_pb2.FileDescriptorProto(
-      name=f"smartgrid_{table.name}_{len(_message_cache)}.proto", package="smartgrid", syntax="proto2")
+    name=f"smartgrid_{table.name}_{len(_message_cache)}.proto", package="smartgrid", syntax="proto2"
+  )
   message = file_proto.message_type.add(name=f"{table.name}_row")
   for number, column in enumerate(table.columns, 1):
-    message.field.add(name=column.name, number=number, type=_proto_type(column.bq_type),
-                      label=F.LABEL_OPTIONAL)
+    message.field.add(
+      name=column.name, number=number, type=_proto_type(column.bq_type), label=F.LABEL_OPTIONAL
+    )
   pool = descriptor_pool.DescriptorPool()
   pool.Add(file_proto)
   cls = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"smartgrid.{table.name}_row"))
@@ -172,7 +184,7 @@ def _json_text(value: str) -> str:
   return value
 
 
-def _check_row(table: Table, values: tuple) -> Optional[str]:
+def _check_row(table: Table, values: tuple) -> str | None:
   for column, value in zip(table.columns, values):
     if value is None:
       if column.required:
@@ -181,12 +193,15 @@ def _check_row(table: Table, values: tuple) -> Optional[str]:
       try:
         _json_text(value)
       except (ValueError, TypeError, UnicodeError) as e:
-        return f"invalid at {column.name}: not a JSON value BigQuery accepts: {type(e).__name__}: {e}"
+        return (
+          f"invalid at {column.name}: not a JSON value BigQuery accepts: {type(e).__name__}: {e}"
+        )
   return None
 
 
-def encode_rows(table: Table, rows: Sequence[tuple], written_at: str
-                ) -> tuple[list[Optional[bytes]], dict[int, str]]:
+def encode_rows(
+  table: Table, rows: Sequence[tuple], written_at: str
+) -> tuple[list[bytes | None], dict[int, str]]:
   """Rows -> (serialized rows, None where refused; {index: reason} of the refused ones).
 
   Rows BigQuery would refuse (a REQUIRED column without a value, JSON it cannot parse,
@@ -195,7 +210,7 @@ def encode_rows(table: Table, rows: Sequence[tuple], written_at: str
   cls, _ = row_message(table)
   names = table.names
   convert = _converters(table)
-  encoded: list[Optional[bytes]] = []
+  encoded: list[bytes | None] = []
   refused: dict[int, str] = {}
   for i, row in enumerate(rows):
     values = stored(row) + (written_at,)
@@ -212,15 +227,19 @@ def encode_rows(table: Table, rows: Sequence[tuple], written_at: str
       encoded.append(cls(**fields).SerializeToString())
     except (ValueError, TypeError, OverflowError, UnicodeError) as e:
       encoded.append(None)
-      refused[i] = f"invalid: cannot encode the row for the Storage Write API: {type(e).__name__}: {e}"
+      refused[i] = (
+        f"invalid: cannot encode the row for the Storage Write API: {type(e).__name__}: {e}"
+      )
   return encoded, refused
 
 
 def request_chunks(sizes: Sequence[int], max_bytes: int = MAX_REQUEST_BYTES) -> list[list[int]]:
   """Consecutive index groups of at most ``max_bytes`` serialized bytes (a larger row alone)."""
   from transforms.sinks.chunks import chunk_indexes  # the same grouping as insertAll's, no row cap
-  return chunk_indexes([size + _ROW_FRAMING_BYTES for size in sizes], max_rows=max(1, len(sizes)),
-                       max_bytes=max_bytes)
+
+  return chunk_indexes(
+    [size + _ROW_FRAMING_BYTES for size in sizes], max_rows=max(1, len(sizes)), max_bytes=max_bytes
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -229,11 +248,24 @@ def request_chunks(sizes: Sequence[int], max_bytes: int = MAX_REQUEST_BYTES) -> 
 
 def is_connection_error(exc: BaseException) -> bool:
   """The call broke off (or never started): its requests may or may not have landed."""
-  from google.api_core import exceptions as gexc
   import grpc
-  if isinstance(exc, (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.Cancelled,
-                      gexc.InternalServerError, gexc.TooManyRequests, gexc.Aborted,
-                      gexc.Unknown, gexc.RetryError, ConnectionError, TimeoutError)):
+  from google.api_core import exceptions as gexc
+
+  if isinstance(
+    exc,
+    (
+      gexc.ServiceUnavailable,
+      gexc.DeadlineExceeded,
+      gexc.Cancelled,
+      gexc.InternalServerError,
+      gexc.TooManyRequests,
+      gexc.Aborted,
+      gexc.Unknown,
+      gexc.RetryError,
+      ConnectionError,
+      TimeoutError,
+    ),
+  ):
     return True
   return isinstance(exc, grpc.RpcError)
 
@@ -250,11 +282,22 @@ class StreamWriter:
   a request (success or ALREADY_EXISTS).
   """
 
-  def __init__(self, client, table_path: str, table: Table, *, append_deadline_s: float = 30.0,
-               call_timeout_s: float = 20.0, max_request_bytes: int = MAX_REQUEST_BYTES,
-               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
-               stream_name: Optional[str] = None, next_offset: int = 0):
+  def __init__(
+    self,
+    client,
+    table_path: str,
+    table: Table,
+    *,
+    append_deadline_s: float = 30.0,
+    call_timeout_s: float = 20.0,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    stream_name: str | None = None,
+    next_offset: int = 0,
+  ):
     from google.cloud.bigquery_storage_v1 import types
+
     self._client = client
     self._types = types
     self.table = table
@@ -271,8 +314,10 @@ class StreamWriter:
       self.name, self.next_offset = stream_name, next_offset
       return
     stream = client.create_write_stream(
-        parent=table_path, write_stream=types.WriteStream(type_=types.WriteStream.Type.COMMITTED),
-        timeout=call_timeout_s)
+      parent=table_path,
+      write_stream=types.WriteStream(type_=types.WriteStream.Type.COMMITTED),
+      timeout=call_timeout_s,
+    )
     self.name = stream.name
     self.next_offset = 0
     _LOGGER.info("%s: write stream %s", table.name, self.name)
@@ -280,10 +325,13 @@ class StreamWriter:
   def _request(self, offset: int, rows: list):
     t = self._types
     return t.AppendRowsRequest(
-        write_stream=self.name, offset=offset,
-        proto_rows=t.AppendRowsRequest.ProtoData(
-            rows=t.ProtoRows(serialized_rows=rows),
-            writer_schema=t.ProtoSchema(proto_descriptor=self._descriptor)))
+      write_stream=self.name,
+      offset=offset,
+      proto_rows=t.AppendRowsRequest.ProtoData(
+        rows=t.ProtoRows(serialized_rows=rows),
+        writer_schema=t.ProtoSchema(proto_descriptor=self._descriptor),
+      ),
+    )
 
   def append(self, rows: Sequence[bytes], *, singles: bool = False) -> None:
     """Appends ``rows`` in order, each request confirmed before this returns.
@@ -299,18 +347,27 @@ class StreamWriter:
     give_up_at = self._clock() + self._append_deadline_s
     while queue:  # _send returns early when a call ends before every answer: go on at once
       try:
-        with_retries(lambda: self._send(queue, rows), _resendable,
-                     deadline_s=give_up_at - self._clock(), what=f"appending to {self.name}",
-                     sleep=self._sleep, clock=self._clock)
+        with_retries(
+          lambda: self._send(queue, rows),
+          _resendable,
+          deadline_s=give_up_at - self._clock(),
+          what=f"appending to {self.name}",
+          sleep=self._sleep,
+          clock=self._clock,
+        )
       except RowsRefused as e:
         head = queue[0]
         raise RequestRefused(
-            head=head, bad={head[i]: reason for i, reason in e.bad.items() if 0 <= i < len(head)},
-            reason=e.reason, unconfirmed=[i for chunk in queue for i in chunk]) from None
+          head=head,
+          bad={head[i]: reason for i, reason in e.bad.items() if 0 <= i < len(head)},
+          reason=e.reason,
+          unconfirmed=[i for chunk in queue for i in chunk],
+        ) from None
       except RetriesExhausted as e:
-        raise StreamUncertain(f"{self.table.name}: {sum(map(len, queue))} rows unconfirmed on "
-                              f"{self.name} after {self._append_deadline_s:.0f}s: {e.__cause__}"
-                              ) from e.__cause__
+        raise StreamUncertain(
+          f"{self.table.name}: {sum(map(len, queue))} rows unconfirmed on "
+          f"{self.name} after {self._append_deadline_s:.0f}s: {e.__cause__}"
+        ) from e.__cause__
 
   def _send(self, queue: list, rows: Sequence[bytes]) -> None:
     """One call carrying every queued request; pops each chunk BigQuery confirms."""
@@ -321,10 +378,14 @@ class StreamWriter:
       offset += len(chunk)
     self.calls += 1
     from google.api_core import exceptions as gexc
+
     try:
       responses = self._client.append_rows(
-          iter(requests), retry=None, timeout=self._call_timeout_s,
-          metadata=(("x-goog-request-params", f"write_stream={self.name}"),))
+        iter(requests),
+        retry=None,
+        timeout=self._call_timeout_s,
+        metadata=(("x-goog-request-params", f"write_stream={self.name}"),),
+      )
       first = True
       for response in responses:
         self._confirm(queue, response, first)
@@ -355,12 +416,15 @@ class StreamWriter:
     if code == _OUT_OF_RANGE:
       if first:
         # Nothing before it failed in this call: the stream ends before the offset we hold.
-        raise StreamGone(f"{self.name}: OUT_OF_RANGE at the confirmed end {self.next_offset}: "
-                         f"{response.error.message}")
+        raise StreamGone(
+          f"{self.name}: OUT_OF_RANGE at the confirmed end {self.next_offset}: "
+          f"{response.error.message}"
+        )
       # An earlier request of this call failed: send again from the first unconfirmed one.
       raise ConnectionError(f"OUT_OF_RANGE at {self.next_offset}: {response.error.message}")
-    if code in _STREAM_GONE_CODES or (code == _INVALID_ARGUMENT and any(
-        w in response.error.message for w in _STREAM_WORDS)):
+    if code in _STREAM_GONE_CODES or (
+      code == _INVALID_ARGUMENT and any(w in response.error.message for w in _STREAM_WORDS)
+    ):
       raise StreamGone(f"{self.name}: code {code}: {response.error.message}")
     if code == _INVALID_ARGUMENT:
       raise RowsRefused({}, f"invalid: {response.error.message}")

@@ -7,7 +7,7 @@ neither imports the other for it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def chunk_indexes(sizes: Sequence[int], max_rows: int, max_bytes: int) -> list[list[int]]:

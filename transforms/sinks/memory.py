@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from typing import Optional
 
 from transforms.rows import coordinates as row_coordinates
 from transforms.rows import stored as stored_part
@@ -41,7 +40,7 @@ class TransientStoreError(RuntimeError):
 class MemoryStore:
   """A ``Store`` whose tables live in this process, shared by name."""
 
-  def __init__(self, name: Optional[str] = None):
+  def __init__(self, name: str | None = None):
     self.name = name or uuid.uuid4().hex
     with _LOCK:
       _TABLES.setdefault(self.name, {t: {} for t in TABLES})
@@ -84,8 +83,12 @@ class MemoryStore:
         if coordinates in held:
           continue  # a replay: already stored
         if index is not None and row[index] in events:
-          rejected.append((row, DuplicateEvent(
-              f"{dedup} {row[index]!r} is stored already (at {events[row[index]]})")))
+          rejected.append(
+            (
+              row,
+              DuplicateEvent(f"{dedup} {row[index]!r} is stored already (at {events[row[index]]})"),
+            )
+          )
           continue
         held[coordinates] = (*stored_part(row), written_at)
         if index is not None:
@@ -93,12 +96,17 @@ class MemoryStore:
         _JOURNALS[self.name].append(("write", table, *coordinates))
       return rejected
 
-  def stored_offsets(self, topic: str, partition: int, from_offset: int,
-                     until_offset: Optional[int] = None) -> set:
+  def stored_offsets(
+    self, topic: str, partition: int, from_offset: int, until_offset: int | None = None
+  ) -> set:
     until = 2**63 - 1 if until_offset is None else until_offset
     with _LOCK:
-      return {o for held in _TABLES[self.name].values() for (t, p, o) in held
-              if t == topic and p == partition and from_offset <= o < until}
+      return {
+        o
+        for held in _TABLES[self.name].values()
+        for (t, p, o) in held
+        if t == topic and p == partition and from_offset <= o < until
+      }
 
   def rows(self, table: str) -> dict:
     """{(topic, partition, offset): stored row (columns in order, written_at last)}."""

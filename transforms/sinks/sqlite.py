@@ -16,10 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from typing import Optional
 
-from transforms.sinks.base import DuplicateEvent
 from transforms.rows import ROW_TYPES, coordinates, stored
+from transforms.sinks.base import DuplicateEvent
 from transforms.sinks.schema import TABLES, Table
 
 _LOGGER = logging.getLogger(__name__)
@@ -29,24 +28,27 @@ class SinkSchemaError(RuntimeError):
   """An existing database cannot take the constraints the sink needs (not transient)."""
 
 
-def create_table_sql(table: Table, name: Optional[str] = None) -> list[str]:
-  cols = ", ".join(f"{c.name} {c.sqlite_type}{' NOT NULL' if c.required else ''}"
-                   for c in table.columns)
-  return [f"CREATE TABLE IF NOT EXISTS {name or table.name} ({cols}, "
-          f"UNIQUE ({', '.join(table.primary_key)}))"]
+def create_table_sql(table: Table, name: str | None = None) -> list[str]:
+  cols = ", ".join(
+    f"{c.name} {c.sqlite_type}{' NOT NULL' if c.required else ''}" for c in table.columns
+  )
+  return [
+    f"CREATE TABLE IF NOT EXISTS {name or table.name} ({cols}, "
+    f"UNIQUE ({', '.join(table.primary_key)}))"
+  ]
 
 
 # Values for columns that a database made by an earlier version lacks. Its dead letters
 # kept raw_key/raw_value as base64 and the reason as the error's first word.
 _MIGRATION_FILL = {
-    "raw_encoding": "'base64'",
-    "truncated": "0",
-    "reason": "CASE WHEN instr(error, ':') > 0 THEN substr(error, 1, instr(error, ':') - 1) "
-              "ELSE 'unknown' END",
+  "raw_encoding": "'base64'",
+  "truncated": "0",
+  "reason": "CASE WHEN instr(error, ':') > 0 THEN substr(error, 1, instr(error, ':') - 1) "
+  "ELSE 'unknown' END",
 }
 
 
-def migrate_table(conn: sqlite3.Connection, table: Table, path: str) -> Optional[str]:
+def migrate_table(conn: sqlite3.Connection, table: Table, path: str) -> str | None:
   """Brings a table made by an earlier version to the current layout, in one transaction.
 
   Adds the columns it lacks (filled as ``_MIGRATION_FILL`` says, else NULL) and relaxes
@@ -63,14 +65,19 @@ def migrate_table(conn: sqlite3.Connection, table: Table, path: str) -> Optional
       conn.execute("ROLLBACK")
       return None
     unknown = sorted(set(have) - set(want))
-    unfilled = [c.name for c in table.columns
-                if c.name not in have and c.required and c.name not in _MIGRATION_FILL]
+    unfilled = [
+      c.name
+      for c in table.columns
+      if c.name not in have and c.required and c.name not in _MIGRATION_FILL
+    ]
     if unknown or unfilled:
       raise SinkSchemaError(
-          f"{path}: table {table.name} has a layout this version cannot migrate (unknown "
-          f"columns {unknown}, new required columns {unfilled}); write to a new file")
-    select = ", ".join(c.name if c.name in have else _MIGRATION_FILL.get(c.name, "NULL")
-                       for c in table.columns)
+        f"{path}: table {table.name} has a layout this version cannot migrate (unknown "
+        f"columns {unknown}, new required columns {unfilled}); write to a new file"
+      )
+    select = ", ".join(
+      c.name if c.name in have else _MIGRATION_FILL.get(c.name, "NULL") for c in table.columns
+    )
     scratch = f"{table.name}__migrating"
     conn.execute(f"DROP TABLE IF EXISTS {scratch}")
     for statement in create_table_sql(table, scratch):
@@ -88,24 +95,30 @@ def migrate_table(conn: sqlite3.Connection, table: Table, path: str) -> Optional
   return f"added columns {added}, allowed NULL in {relaxed}"
 
 
-def dedup_index_sql(table: Table) -> Optional[str]:
+def dedup_index_sql(table: Table) -> str | None:
   if table.dedup_column is None:
     return None
-  return (f"CREATE UNIQUE INDEX IF NOT EXISTS {table.name}_{table.dedup_column}_unique "
-          f"ON {table.name} ({table.dedup_column})")
+  return (
+    f"CREATE UNIQUE INDEX IF NOT EXISTS {table.name}_{table.dedup_column}_unique "
+    f"ON {table.name} ({table.dedup_column})"
+  )
 
 
 def insert_sql(table: Table) -> str:
   # No conflict target: a row that breaks either uniqueness (coordinates, event_id) is skipped.
   names = table.names
-  return (f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
-          f"ON CONFLICT DO NOTHING")
+  return (
+    f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+    f"ON CONFLICT DO NOTHING"
+  )
 
 
 def stored_offsets_sql() -> str:
   return " UNION ".join(
-      f"SELECT kafka_offset FROM {t} WHERE kafka_topic = ? AND kafka_partition = ? "
-      f"AND kafka_offset >= ? AND kafka_offset < ?" for t in TABLES)
+    f"SELECT kafka_offset FROM {t} WHERE kafka_topic = ? AND kafka_partition = ? "
+    f"AND kafka_offset >= ? AND kafka_offset < ?"
+    for t in TABLES
+  )
 
 
 class SqliteStore:
@@ -114,7 +127,7 @@ class SqliteStore:
   def __init__(self, path: str, busy_timeout_ms: int = 5000):
     self.path = path
     self.busy_timeout_ms = busy_timeout_ms
-    self._conn: Optional[sqlite3.Connection] = None
+    self._conn: sqlite3.Connection | None = None
     self._sql = {name: insert_sql(t) for name, t in TABLES.items()}
 
   def __getstate__(self):
@@ -126,8 +139,9 @@ class SqliteStore:
   def open(self) -> None:
     directory = os.path.dirname(os.path.abspath(self.path))
     os.makedirs(directory, exist_ok=True)
-    conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(
+      self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+    )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
@@ -138,8 +152,9 @@ class SqliteStore:
     for table in TABLES.values():
       done = migrate_table(conn, table, self.path)
       if done:
-        _LOGGER.warning("%s: migrated table %s to this version's layout: %s", self.path,
-                        table.name, done)
+        _LOGGER.warning(
+          "%s: migrated table %s to this version's layout: %s", self.path, table.name, done
+        )
       self._create_dedup_index(conn, table)
     self._conn = conn
 
@@ -152,17 +167,19 @@ class SqliteStore:
     except sqlite3.IntegrityError as e:
       column = table.dedup_column
       doubled = conn.execute(
-          f"SELECT {column}, COUNT(*) FROM {table.name} GROUP BY {column} HAVING COUNT(*) > 1 "
-          f"LIMIT 3").fetchall()
-      total = conn.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM {table.name} GROUP BY {column} "
-                           f"HAVING COUNT(*) > 1)").fetchone()[0]
+        f"SELECT {column}, COUNT(*) FROM {table.name} GROUP BY {column} HAVING COUNT(*) > 1 LIMIT 3"
+      ).fetchall()
+      total = conn.execute(
+        f"SELECT COUNT(*) FROM (SELECT 1 FROM {table.name} GROUP BY {column} HAVING COUNT(*) > 1)"
+      ).fetchone()[0]
       conn.close()
       raise SinkSchemaError(
-          f"{self.path}: {table.name} holds {total} {column}s more than once (e.g. "
-          f"{', '.join(repr(d[0]) for d in doubled)}), so the unique index on {column} (one row "
-          f"per event, the first copy wins) cannot be created. Keep the first copy of each, e.g. "
-          f"DELETE FROM {table.name} WHERE rowid NOT IN (SELECT MIN(rowid) FROM {table.name} "
-          f"GROUP BY {column}), or write to a new file. ({e})") from e
+        f"{self.path}: {table.name} holds {total} {column}s more than once (e.g. "
+        f"{', '.join(repr(d[0]) for d in doubled)}), so the unique index on {column} (one row "
+        f"per event, the first copy wins) cannot be created. Keep the first copy of each, e.g. "
+        f"DELETE FROM {table.name} WHERE rowid NOT IN (SELECT MIN(rowid) FROM {table.name} "
+        f"GROUP BY {column}), or write to a new file. ({e})"
+      ) from e
 
   def close(self) -> None:
     if self._conn is not None:
@@ -222,17 +239,22 @@ class SqliteStore:
     found = []
     for row in rows:
       topic, partition, offset = coordinates(row)
-      if conn.execute(f"SELECT 1 FROM {table} WHERE kafka_topic = ? AND kafka_partition = ? "
-                      f"AND kafka_offset = ?", (topic, partition, offset)).fetchone():
+      if conn.execute(
+        f"SELECT 1 FROM {table} WHERE kafka_topic = ? AND kafka_partition = ? AND kafka_offset = ?",
+        (topic, partition, offset),
+      ).fetchone():
         continue
-      first = conn.execute(f"SELECT kafka_topic, kafka_partition, kafka_offset FROM {table} "
-                           f"WHERE {column} = ?", (row[index],)).fetchone()
+      first = conn.execute(
+        f"SELECT kafka_topic, kafka_partition, kafka_offset FROM {table} WHERE {column} = ?",
+        (row[index],),
+      ).fetchone()
       where = f"{first[0]}-{first[1]}@{first[2]}" if first else "an earlier row"
       found.append((row, DuplicateEvent(f"{column} {row[index]!r} is stored already ({where})")))
     return found
 
-  def stored_offsets(self, topic: str, partition: int, from_offset: int,
-                     until_offset: Optional[int] = None) -> set:
+  def stored_offsets(
+    self, topic: str, partition: int, from_offset: int, until_offset: int | None = None
+  ) -> set:
     """Offsets of ``topic``/``partition`` in [from_offset, until_offset) held in any table."""
     if self._conn is None:
       self.open()
@@ -246,4 +268,4 @@ def sqlite_path_from_url(url: str) -> str:
   prefix = "sqlite:///"
   if not url.startswith(prefix) or len(url) == len(prefix):
     raise ValueError(f"--sink: expected sqlite:///path/to/file.db, got {url!r}")
-  return url[len(prefix):]
+  return url[len(prefix) :]
