@@ -105,3 +105,18 @@ def wait_for(
     if time.monotonic() > deadline:
       raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
     time.sleep(interval)
+
+
+class FakeClock:
+  """A clock and a sleep for retry tests: sleeping moves the clock, and is recorded."""
+
+  def __init__(self, now: float = 0.0):
+    self.now = now
+    self.sleeps: list[float] = []
+
+  def clock(self) -> float:
+    return self.now
+
+  def sleep(self, s: float) -> None:
+    self.sleeps.append(s)
+    self.now += s

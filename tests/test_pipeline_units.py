@@ -22,6 +22,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.options import OptionError, SmartGridOptions, validate
 from runners import main as pipeline_main
+from tests.support import FakeClock
 from tools.produce import BAD_KINDS, EventFactory
 from transforms.acks import Ack, acks_for_rows
 from transforms.commit import PartitionProgress
@@ -395,19 +396,6 @@ def test_progress_replays_and_overlaps_never_move_it_back():
 # with_retries
 
 
-class FakeClock:
-  def __init__(self):
-    self.now = 100.0
-    self.sleeps: list[float] = []
-
-  def clock(self) -> float:
-    return self.now
-
-  def sleep(self, s: float) -> None:
-    self.sleeps.append(s)
-    self.now += s
-
-
 def _flaky(failures: int, exc: BaseException):
   calls = {"n": 0}
 
@@ -421,7 +409,7 @@ def _flaky(failures: int, exc: BaseException):
 
 
 def test_with_retries_backs_off_exponentially_with_jitter_until_success():
-  c = FakeClock()
+  c = FakeClock(100.0)
   fn, calls = _flaky(5, sqlite3.OperationalError("database is locked"))
   result = with_retries(
     fn,
@@ -440,7 +428,7 @@ def test_with_retries_backs_off_exponentially_with_jitter_until_success():
 
 
 def test_with_retries_raises_non_transient_at_once():
-  c = FakeClock()
+  c = FakeClock(100.0)
   fn, calls = _flaky(1, sqlite3.IntegrityError("NOT NULL"))
   with pytest.raises(sqlite3.IntegrityError):
     with_retries(
@@ -454,7 +442,7 @@ def test_with_retries_raises_non_transient_at_once():
 
 
 def test_with_retries_gives_up_after_the_deadline():
-  c = FakeClock()
+  c = FakeClock(100.0)
   fn, calls = _flaky(10**6, sqlite3.OperationalError("disk I/O error"))
   with pytest.raises(RetriesExhausted, match="still failing") as e:
     with_retries(

@@ -11,6 +11,7 @@ import pytest
 from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
 from pipelines.options import OptionError, SmartGridOptions, validate
+from tests.support import FakeClock
 from transforms import arguments
 from transforms.acks import Ack
 from transforms.commit import CommitOffsets, Committed, PartitionProgress, _CommitOffsetsFn, _keyed
@@ -19,19 +20,6 @@ from transforms.kafka.config import FromEnv, consumer_config
 from transforms.kafka.records import PartitionRead
 from transforms.retry import RetriesExhausted, wait_jittered_exponential, with_retries
 from transforms.sinks.base import WriteBatches
-
-
-class FakeClock:
-  def __init__(self):
-    self.now = 0.0
-    self.sleeps: list[float] = []
-
-  def clock(self) -> float:
-    return self.now
-
-  def sleep(self, s: float) -> None:
-    self.sleeps.append(s)
-    self.now += s
 
 
 def _failing(errors: list):
