@@ -16,6 +16,7 @@ metrics are added to the run's ``Totals`` (runners/report.py).
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -163,6 +164,11 @@ class Launcher:
       result.wait_until_finish()
     finally:
       figures = self.totals.add_result(result)
+      del result
+      # The round's pipeline, runner and bundles are garbage now, much of it in cycles;
+      # with the thresholds of local.tune_gc a full collection would hardly ever come on
+      # its own, so it comes here, once per round: memory stays flat over rounds.
+      gc.collect()
     return figures
 
   def _with_kafka_retries(self, fn: Callable):

@@ -353,3 +353,20 @@ def test_a_rounds_metrics_are_read_after_thousands_of_bundles():
   result = p.run()
   result.wait_until_finish()
   assert telemetry.totals(result)["read"] == {"t": 1500}
+
+
+def test_tune_gc_freezes_the_imports_and_raises_the_thresholds():
+  import gc
+
+  from runners import local
+
+  before, frozen = gc.get_threshold(), gc.get_freeze_count()
+  try:
+    local.tune_gc()
+    assert gc.get_threshold() == local.GC_THRESHOLDS
+    assert gc.get_threshold()[0] > before[0]
+    # Beam's and the project's modules are loaded here: all of them out of the collector's reach.
+    assert gc.get_freeze_count() > frozen
+  finally:
+    gc.unfreeze()
+    gc.set_threshold(*before)
