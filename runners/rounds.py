@@ -76,15 +76,31 @@ def build(
   return p
 
 
+# The first round's size in records; each later one doubles it, up to --round_max_records.
+# Why small first: nothing is committed before a round ends, and a round of 200,000 records
+# takes seconds; one of 2,000 ends a fraction of a second after its first poll, so the first
+# offset is committed soon after start. Later rounds grow so that the per-round cost
+# (building and starting the pipeline, ~0.5 s) is soon spread over many records again.
+FIRST_ROUND_RECORDS = 2_000
+
+
+def round_records(done: int, cap: int) -> int:
+  """The records the round after ``done`` successful ones may read in all: 2,000, 4,000,
+  8,000, ... and never more than ``cap`` (--round_max_records)."""
+  # min(done, 40): 2,000 * 2**40 exceeds any cap; no huge integers in long streaming runs.
+  return max(1, min(cap, FIRST_ROUND_RECORDS << min(done, 40)))
+
+
 class Rounds:
   """The FnApiRunner plan: one bounded pipeline after another.
 
   Streaming: each round reads from the committed offsets to the end offsets it sees.
   Batch: each round reads from the committed offsets towards the end offsets seen when
   the run started, and the run ends when it reaches them (or a round finds nothing
-  left). Either way a round reads at most ``--round_max_records`` records (an equal
-  share per partition), because FnApiRunner keeps a stage's whole output in memory
-  until the stage ends: rounds keep memory flat however large the backlog.
+  left). Either way a round reads at most ``round_records`` (2,000 records at first,
+  doubling up to ``--round_max_records``; an equal share per partition), because
+  FnApiRunner keeps a stage's whole output in memory until the stage ends: rounds keep
+  memory flat however large the backlog.
   """
 
   def __init__(self, o: SmartGridOptions, view: KafkaView, batch: bool):
@@ -97,7 +113,8 @@ class Rounds:
     self.count = 0  # rounds that succeeded
 
   def stop(self) -> StopPosition:
-    cap = max(1, -(-self._o.round_max_records // (len(self._view.tps) or 1)))  # a share each
+    records = round_records(self.count, self._o.round_max_records)
+    cap = max(1, -(-records // (len(self._view.tps) or 1)))  # a share each
     if self.target is None:
       return StopPosition("end", max_records=cap)
     return StopPosition("offsets", offsets=self.target, max_records=cap)
