@@ -14,8 +14,8 @@ a drain. Rounds keep memory flat and commit continuously; the latency is a
 round's length (a few seconds). ``batch`` runs rounds too, towards the end offsets
 seen when it started. A round reads at most ``--round_max_records`` (shared out
 over the partitions): the whole output of a stage waits in memory until the stage ends.
-The first rounds are smaller (2,000 records, doubling: runners/rounds.py), so the first
-offset is committed soon after start.
+The first round is smaller (2,000 records: runners/rounds.py), so the first offset is
+committed soon after start.
 
 Why FnApiRunner: ``--runner=DirectRunner`` would pick the BundleBasedDirectRunner
 for this pipeline (GroupIntoBatches declares a processing-time timer), and that

@@ -372,13 +372,13 @@ def test_tune_gc_freezes_the_imports_and_raises_the_thresholds():
     gc.set_threshold(*before)
 
 
-def test_round_sizes_start_small_double_and_never_exceed_the_cap():
-  from runners.rounds import FIRST_ROUND_RECORDS, round_records
+def test_round_sizes_start_small_grow_and_never_exceed_the_cap():
+  from runners.rounds import round_records
 
-  sizes = [round_records(done, 200_000) for done in range(12)]
-  assert sizes[:3] == [FIRST_ROUND_RECORDS, 2 * FIRST_ROUND_RECORDS, 4 * FIRST_ROUND_RECORDS]
-  assert all(b == min(2 * a, 200_000) for a, b in zip(sizes, sizes[1:]))
-  assert max(sizes) == 200_000 and sizes[-1] == 200_000
+  assert [round_records(done, 200_000) for done in range(4)] == [2_000, 200_000, 200_000, 200_000]
+  sizes = [round_records(done, 10**9) for done in range(12)]
+  assert sizes[:4] == [2_000, 200_000, 20_000_000, 10**9]
+  assert all(a <= b <= 10**9 for a, b in zip(sizes, sizes[1:]))
   assert [round_records(done, 28) for done in range(3)] == [28, 28, 28]  # a cap below the start
   assert round_records(10**9, 200_000) == 200_000  # a long streaming run: still the cap
   assert round_records(0, 1) == 1
@@ -394,16 +394,16 @@ class _Partitions:
 def test_each_round_shares_its_size_over_the_partitions_and_resumes_from_the_commit():
   from runners.rounds import Rounds, round_records
 
-  o = PipelineOptions(["--round_max_records=10000", "--start=earliest"]).view_as(SmartGridOptions)
+  o = PipelineOptions(["--round_max_records=100000", "--start=earliest"]).view_as(SmartGridOptions)
   plan = Rounds(o, _Partitions(8), batch=False)
   shares, kinds = [], []
   for _ in range(6):
     stop, start = plan.stop(), plan.start()
     shares.append(stop.max_records)
     kinds.append(start.kind)
-    assert stop.max_records * 8 >= round_records(plan.count, 10_000)  # no record left out
+    assert stop.max_records * 8 >= round_records(plan.count, 100_000)  # no record left out
     plan.count += 1  # the launcher counts a round once it succeeded
-  assert shares == [250, 500, 1000, 1250, 1250, 1250]
+  assert shares == [250, 12_500, 12_500, 12_500, 12_500, 12_500]
   assert kinds == ["earliest"] + ["committed"] * 5
 
 
@@ -444,7 +444,7 @@ def test_a_batch_run_reads_its_backlog_in_growing_rounds_each_from_the_last_comm
   launcher.run()
   assert [(kind, cap) for kind, cap, _ in reads] == [
     ("earliest", 500),
-    ("committed", 1000),
-  ]  # 2,000 then 4,000 records over 4 partitions; 1,500 each were there
+    ("committed", 50_000),
+  ]  # 2,000 then 200,000 records over 4 partitions; 1,500 each were there
   assert reads[1][2] == dict.fromkeys(view.tps, 500)  # the second starts at the first's commit
   assert view.committed == view.end
