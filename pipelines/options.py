@@ -179,7 +179,8 @@ class SmartGridOptions(PipelineOptions):
       default=200_000,
       help="local and batch runs on FnApiRunner go in rounds of at most this many "
       "records (shared out over the partitions), to keep memory flat "
-      "(about 1 KB a record). Default: 200000",
+      "(about 1 KB a record); the first round reads 2000, the next ones 100 times "
+      "more, up to this cap. Default: 200000",
     )
     g.add_argument(
       "--poll_timeout_ms",

@@ -14,6 +14,8 @@ a drain. Rounds keep memory flat and commit continuously; the latency is a
 round's length (a few seconds). ``batch`` runs rounds too, towards the end offsets
 seen when it started. A round reads at most ``--round_max_records`` (shared out
 over the partitions): the whole output of a stage waits in memory until the stage ends.
+The first round is smaller (2,000 records: runners/rounds.py), so the first offset is
+committed soon after start.
 
 Why FnApiRunner: ``--runner=DirectRunner`` would pick the BundleBasedDirectRunner
 for this pipeline (GroupIntoBatches declares a processing-time timer), and that
@@ -40,6 +42,7 @@ broker's offsets.retention.minutes could expire it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -63,6 +66,19 @@ from transforms.kafka.positions import parse_stop
 _LOGGER = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 RUN_DIR = REPO / ".run"
+# The cyclic collector's generation-0 threshold (Python's default: 700). A pipeline
+# allocates a few dozen container objects per event, so at 700 the collector ran every
+# few events and took ~9% of a worker's CPU (benchmarks/PROFILE.md, section 6). Full
+# collections are left to the launcher, between rounds (runners/rounds.py).
+GC_THRESHOLDS = (50_000, 50, 1000)
+
+
+def tune_gc() -> None:
+  """Moves every object alive now (the imported modules: Beam, kafka-python, the
+  transforms) out of the collector's reach and makes collections rarer. Called once the
+  imports are done: by the entry point, and again in each worker (forked or restarted)."""
+  gc.freeze()
+  gc.set_threshold(*GC_THRESHOLDS)
 
 
 def pid_file(mode: str) -> Path:
@@ -118,6 +134,7 @@ def run_worker(
   """Worker index of count under the supervisor (runners/workers.py): this process runs
   the pipeline on its share of the partitions, with its own drain file and no progress
   line (the supervisor prints one for all). ``options`` are the supervisor's, parsed once."""
+  tune_gc()
   o = options.view_as(SmartGridOptions)
   o.local_workers = 1
   o.partition_shard = f"{index}/{count}"

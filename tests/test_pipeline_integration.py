@@ -395,6 +395,19 @@ def test_batch_in_small_rounds_stops_at_the_end_offsets_of_its_start(env):
   assert p.summary_read() == len(below)
 
 
+def test_a_small_first_round_then_the_rest_without_a_gap_or_a_duplicate(env):
+  """5,000 events over 4 partitions with the default --round_max_records: the first round
+  reads 500 per partition (2,000 records), the next one the rest, so the run commits twice
+  (the plan itself: test_runtime_units); the second round starts at the first one's commit:
+  every offset stored once, none skipped at the boundary."""
+  produced = env.produce(_events(5000, seed=23))
+  p = env.batch()
+  _assert_clean_exit(p)
+  assert_exactly_once(env.db, produced)
+  _assert_committed_equals_end(env)
+  assert p.summary_read() == len(produced)
+
+
 def test_two_local_workers_share_the_partitions_and_lose_nothing(env):
   """--local_workers=2: a batch run, then a streaming run drained with SIGTERM while a
   producer writes; every offset written once, committed never past the sink, = end."""

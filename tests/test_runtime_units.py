@@ -353,3 +353,98 @@ def test_a_rounds_metrics_are_read_after_thousands_of_bundles():
   result = p.run()
   result.wait_until_finish()
   assert telemetry.totals(result)["read"] == {"t": 1500}
+
+
+def test_tune_gc_freezes_the_imports_and_raises_the_thresholds():
+  import gc
+
+  from runners import local
+
+  before, frozen = gc.get_threshold(), gc.get_freeze_count()
+  try:
+    local.tune_gc()
+    assert gc.get_threshold() == local.GC_THRESHOLDS
+    assert gc.get_threshold()[0] > before[0]
+    # Beam's and the project's modules are loaded here: all of them out of the collector's reach.
+    assert gc.get_freeze_count() > frozen
+  finally:
+    gc.unfreeze()
+    gc.set_threshold(*before)
+
+
+def test_round_sizes_start_small_grow_and_never_exceed_the_cap():
+  from runners.rounds import round_records
+
+  assert [round_records(done, 200_000) for done in range(4)] == [2_000, 200_000, 200_000, 200_000]
+  sizes = [round_records(done, 10**9) for done in range(12)]
+  assert sizes[:4] == [2_000, 200_000, 20_000_000, 10**9]
+  assert all(a <= b <= 10**9 for a, b in zip(sizes, sizes[1:]))
+  assert [round_records(done, 28) for done in range(3)] == [28, 28, 28]  # a cap below the start
+  assert round_records(10**9, 200_000) == 200_000  # a long streaming run: still the cap
+  assert round_records(0, 1) == 1
+
+
+class _Partitions:
+  """The part of KafkaView the round plan reads: its partitions."""
+
+  def __init__(self, n: int):
+    self.tps = [("t", p) for p in range(n)]
+
+
+def test_each_round_shares_its_size_over_the_partitions_and_resumes_from_the_commit():
+  from runners.rounds import Rounds, round_records
+
+  o = PipelineOptions(["--round_max_records=100000", "--start=earliest"]).view_as(SmartGridOptions)
+  plan = Rounds(o, _Partitions(8), batch=False)
+  shares, kinds = [], []
+  for _ in range(6):
+    stop, start = plan.stop(), plan.start()
+    shares.append(stop.max_records)
+    kinds.append(start.kind)
+    assert stop.max_records * 8 >= round_records(plan.count, 100_000)  # no record left out
+    plan.count += 1  # the launcher counts a round once it succeeded
+  assert shares == [250, 12_500, 12_500, 12_500, 12_500, 12_500]
+  assert kinds == ["earliest"] + ["committed"] * 5
+
+
+class _Topic:
+  """A fake KafkaView over 4 partitions of 1,500 records each, whose committed offsets move
+  as the fake rounds read: what the round plan and the batch loop look at."""
+
+  def __init__(self):
+    from kafka import TopicPartition
+
+    self.tps = [TopicPartition("t", p) for p in range(4)]
+    self.end = dict.fromkeys(self.tps, 1500)
+    self.committed = dict.fromkeys(self.tps, 0)
+
+  def offsets(self):
+    return dict(self.end), dict(self.committed)
+
+
+def test_a_batch_run_reads_its_backlog_in_growing_rounds_each_from_the_last_commit(tmp_path):
+  from runners.report import Totals
+  from runners.rounds import Launcher, Rounds
+
+  o = PipelineOptions(["--start=earliest"]).view_as(SmartGridOptions)
+  view = _Topic()
+  launcher = Launcher(
+    PipelineOptions([]), view, tmp_path / "drain", Rounds(o, view, True), Totals()
+  )
+  reads = []
+
+  def one_round(start, stop):  # a round: each partition from its commit, at most max_records
+    begin = dict(view.committed)
+    for tp in view.tps:
+      view.committed[tp] = min(view.end[tp], view.committed[tp] + stop.max_records)
+    reads.append((start.kind, stop.max_records, begin))
+    return {"read": {"t": sum(view.committed.values()) - sum(begin.values())}}
+
+  launcher._run_pipeline = one_round
+  launcher.run()
+  assert [(kind, cap) for kind, cap, _ in reads] == [
+    ("earliest", 500),
+    ("committed", 50_000),
+  ]  # 2,000 then 200,000 records over 4 partitions; 1,500 each were there
+  assert reads[1][2] == dict.fromkeys(view.tps, 500)  # the second starts at the first's commit
+  assert view.committed == view.end
