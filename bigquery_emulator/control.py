@@ -15,15 +15,12 @@ google-cloud-bigquery for ``make_client``.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 from broker.kafka_broker import free_port
+from scripts.service import ScriptedService, run_script, start_service
 
 SCRIPT = Path(__file__).resolve().with_name("emulator.sh")
 HOST = "127.0.0.1"
@@ -35,25 +32,12 @@ class EmulatorError(RuntimeError):
   """emulator.sh failed; the message carries its output (including the emulator's log tail)."""
 
 
-def _run(command: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-  proc = subprocess.run(
-    ["bash", str(SCRIPT), command],
-    env=env,
-    stdin=subprocess.DEVNULL,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
-  if proc.returncode != 0:
-    raise EmulatorError(
-      f"emulator.sh {command} failed (exit {proc.returncode}):\n{proc.stderr}{proc.stdout}".rstrip()
-    )
-  return proc
-
-
 @dataclasses.dataclass
-class Emulator:
+class Emulator(ScriptedService):
   """A running emulator. ``endpoint`` is its REST root, e.g. ``http://127.0.0.1:9050``."""
+
+  script = SCRIPT
+  error = EmulatorError
 
   endpoint: str
   project: str
@@ -77,25 +61,10 @@ class Emulator:
   def client(self):
     return make_client(self.endpoint, self.project)
 
-  def stop(self) -> None:
-    """Stop the emulator (by PID, via emulator.sh). Safe to call more than once."""
-    if self._stopped:
-      return
-    _run("stop", self._env, timeout=60)
-    self._stopped = True
-    if self._remove_state_dir:
-      shutil.rmtree(self.state_dir, ignore_errors=True)
-
-  def __enter__(self) -> Emulator:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.stop()
-
 
 def install() -> None:
   """Create or refresh the emulator's venv (what `emulator.sh install` does)."""
-  _run("install", dict(os.environ), timeout=INSTALL_TIMEOUT_S)
+  run_script(SCRIPT, "install", dict(os.environ), INSTALL_TIMEOUT_S, EmulatorError)
 
 
 def start_emulator(
@@ -112,31 +81,21 @@ def start_emulator(
   when None a fresh temporary directory is used and removed by ``stop()``. Installs the venv first if
   it is missing (slow once). Raises EmulatorError with the reason (no Python 3.13, port in use, ...).
   """
-  own_state_dir = state_dir is None
-  attempts = (
-    3 if port is None or grpc_port is None else 1
-  )  # a picked free port can be taken meanwhile
-  for attempt in range(attempts):
+
+  def env_for(sdir: Path) -> dict:
     http_port = port or free_port()
-    rpc_port = grpc_port or free_port(exclude=(http_port,))
-    sdir = Path(tempfile.mkdtemp(prefix="bq-emulator-")) if own_state_dir else Path(state_dir)
-    env = {
+    return {
       **os.environ,
       "BQ_EMULATOR_PORT": str(http_port),
-      "BQ_EMULATOR_GRPC_PORT": str(rpc_port),
+      "BQ_EMULATOR_GRPC_PORT": str(grpc_port or free_port(exclude=(http_port,))),
       "BQ_EMULATOR_PROJECT": project,
       "BQ_EMULATOR_STATE_DIR": str(sdir),
       "BQ_EMULATOR_START_TIMEOUT": str(int(start_timeout)),
     }
-    try:
-      _run("start", env, timeout=INSTALL_TIMEOUT_S + start_timeout + 30)
-    except EmulatorError as error:
-      if own_state_dir:
-        shutil.rmtree(sdir, ignore_errors=True)
-      if "already in use" in str(error) and attempt + 1 < attempts:
-        continue
-      raise
-    emulator = Emulator(
+
+  def build(sdir: Path, env: dict, remove: bool) -> Emulator:
+    http_port, rpc_port = int(env["BQ_EMULATOR_PORT"]), int(env["BQ_EMULATOR_GRPC_PORT"])
+    return Emulator(
       endpoint=f"http://{HOST}:{http_port}",
       project=project,
       port=http_port,
@@ -144,18 +103,20 @@ def start_emulator(
       pid=int((sdir / "emulator.pid").read_text().strip()),
       state_dir=sdir,
       _env=env,
-      _remove_state_dir=own_state_dir,
+      _remove_state_dir=remove,
     )
-    atexit.register(_stop_quietly, emulator)  # no orphan if the caller forgets stop()
-    return emulator
-  raise AssertionError("unreachable")
 
-
-def _stop_quietly(emulator: Emulator) -> None:
-  try:
-    emulator.stop()
-  except Exception:  # noqa: BLE001 - best effort at interpreter exit
-    pass
+  # A picked free port can be taken before the emulator binds it: then new ones are picked.
+  attempts = 3 if port is None or grpc_port is None else 1
+  return start_service(
+    Emulator,
+    env_for,
+    build,
+    state_dir=state_dir,
+    prefix="bq-emulator-",
+    attempts=attempts,
+    timeout=INSTALL_TIMEOUT_S + start_timeout + 30,
+  )
 
 
 def make_client(endpoint: str, project: str):

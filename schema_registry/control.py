@@ -11,15 +11,12 @@ calls it with the right environment, so the shell and Python entry points behave
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 from broker.kafka_broker import free_port
+from scripts.service import ScriptedService, run_script, start_service
 
 SCRIPT = Path(__file__).resolve().with_name("registry.sh")
 HOST = "127.0.0.1"
@@ -30,25 +27,12 @@ class RegistryError(RuntimeError):
   """registry.sh failed; the message carries its output (and the registry's log tail)."""
 
 
-def _run(command: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
-  proc = subprocess.run(
-    ["bash", str(SCRIPT), command],
-    env=env,
-    stdin=subprocess.DEVNULL,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
-  if proc.returncode != 0:
-    raise RegistryError(
-      f"registry.sh {command} failed (exit {proc.returncode}):\n{proc.stderr}{proc.stdout}".rstrip()
-    )
-  return proc
-
-
 @dataclasses.dataclass
-class Registry:
+class Registry(ScriptedService):
   """A running registry; ``url`` is its Confluent-compatible API root."""
+
+  script = SCRIPT
+  error = RegistryError
 
   port: int
   management_port: int
@@ -66,25 +50,10 @@ class Registry:
   def log_file(self) -> Path:
     return self.state_dir / "registry.log"
 
-  def stop(self) -> None:
-    """Stops the registry (by PID, via registry.sh). Safe to call more than once."""
-    if self._stopped:
-      return
-    _run("stop", self._env, timeout=60)
-    self._stopped = True
-    if self._remove_state_dir:
-      shutil.rmtree(self.state_dir, ignore_errors=True)
-
-  def __enter__(self) -> Registry:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.stop()
-
 
 def install() -> None:
   """Fetches the registry into .cache/apicurio (what ``registry.sh install`` does)."""
-  _run("install", dict(os.environ), timeout=INSTALL_TIMEOUT_S)
+  run_script(SCRIPT, "install", dict(os.environ), INSTALL_TIMEOUT_S, RegistryError)
 
 
 def start_registry(
@@ -99,44 +68,30 @@ def start_registry(
   Free ports are picked when None; ``state_dir`` (log, pid file) is a fresh temporary folder,
   removed by ``stop()``, when None. Raises RegistryError with the reason (no Java 21, port in use...).
   """
-  own_state_dir = state_dir is None
-  attempts = (
-    3 if port is None and management_port is None else 1
-  )  # a picked port may be taken meanwhile
-  for attempt in range(attempts):
+
+  def env_for(sdir: Path) -> dict:
     http_port = port or free_port()
-    mgmt_port = management_port or free_port(exclude=(http_port,))
-    sdir = Path(tempfile.mkdtemp(prefix="schema-registry-")) if own_state_dir else Path(state_dir)
-    env = {
+    return {
       **os.environ,
       "SCHEMA_REGISTRY_PORT": str(http_port),
-      "SCHEMA_REGISTRY_MGMT_PORT": str(mgmt_port),
+      "SCHEMA_REGISTRY_MGMT_PORT": str(management_port or free_port(exclude=(http_port,))),
       "SCHEMA_REGISTRY_STATE_DIR": str(sdir),
       "SCHEMA_REGISTRY_START_TIMEOUT": str(int(start_timeout)),
     }
-    try:
-      _run("start", env, timeout=INSTALL_TIMEOUT_S + start_timeout + 30)
-    except RegistryError as error:
-      if own_state_dir:
-        shutil.rmtree(sdir, ignore_errors=True)
-      if "already in use" in str(error) and attempt + 1 < attempts:
-        continue
-      raise
-    registry = Registry(
-      http_port,
-      mgmt_port,
-      int((sdir / "registry.pid").read_text().strip()),
-      sdir,
-      env,
-      own_state_dir,
-    )
-    atexit.register(_stop_quietly, registry)  # no orphan if the caller forgets stop()
-    return registry
-  raise AssertionError("unreachable")
 
+  def build(sdir: Path, env: dict, remove: bool) -> Registry:
+    pid = int((sdir / "registry.pid").read_text().strip())
+    ports = int(env["SCHEMA_REGISTRY_PORT"]), int(env["SCHEMA_REGISTRY_MGMT_PORT"])
+    return Registry(*ports, pid, sdir, env, remove)
 
-def _stop_quietly(registry: Registry) -> None:
-  try:
-    registry.stop()
-  except Exception:  # noqa: BLE001 - best effort at interpreter exit
-    pass
+  # A picked port may be taken before the registry binds it: then new ones are picked.
+  attempts = 3 if port is None and management_port is None else 1
+  return start_service(
+    Registry,
+    env_for,
+    build,
+    state_dir=state_dir,
+    prefix="schema-registry-",
+    attempts=attempts,
+    timeout=INSTALL_TIMEOUT_S + start_timeout + 30,
+  )

@@ -1,0 +1,1 @@
+"""Helpers the support folders share (shell: lib/service.sh; Python: service.py)."""
