@@ -34,6 +34,7 @@ from pipelines.options import SmartGridOptions
 from runners import prism
 from runners.kafka_view import KafkaView, is_first_worker, is_kafka_error
 from runners.report import Totals, short
+from transforms.kafka.drain import DrainSignal
 from transforms.kafka.positions import StartPosition, StopPosition, parse_start
 
 _LOGGER = logging.getLogger(__name__)
@@ -208,6 +209,8 @@ class Launcher:
       reraise=True,
       wait=wait_exponential_jitter(initial=1, max=30),
       stop=lambda _state: self.draining(),
+      # A drain during an outage ends the wait at once, not after the backoff.
+      sleep=lambda seconds: DrainSignal(str(self.drain_file)).wait(seconds),
       before_sleep=before_sleep,
     )
     try:

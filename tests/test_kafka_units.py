@@ -937,7 +937,7 @@ class FakeListingConsumer(FakeOffsetsConsumer):
     pass
 
 
-def _resolve_fn(monkeypatch, consumers, *, shard=None, skip_missing=False):
+def _resolve_fn(monkeypatch, consumers, *, shard=None, skip_missing=False, drain_file=None):
   """The DoFn with _new_consumer answering from ``consumers`` (a consumer or an exception
   each call); returns (fn, calls)."""
   calls = []
@@ -958,6 +958,7 @@ def _resolve_fn(monkeypatch, consumers, *, shard=None, skip_missing=False):
     shard,
     skip_missing,
     120.0,
+    drain_file,
   )
   return fn, calls
 
@@ -993,6 +994,27 @@ def test_resolve_partitions_fn_waits_out_an_unreachable_broker(monkeypatch):
   fn, calls = _resolve_fn(monkeypatch, [down, _listing()])
   assert [r.partition for r in fn.process(("t",))] == [0, 1, 2]
   assert len(calls) == 2
+
+
+@pytest.mark.timeout(30)
+def test_resolve_partitions_fn_stops_waiting_for_kafka_at_a_drain(monkeypatch, tmp_path):
+  """A drain during an outage fails the bundle at once (the launcher then ends the run),
+  rather than after the 120 s of retries: one attempt, then the outage's error."""
+  drain = tmp_path / "drain"
+  drain.write_text("1")
+  down = KafkaUnavailableError(f"cannot reach Kafka at {BOOT}")
+  fn, calls = _resolve_fn(monkeypatch, [down, _listing()], drain_file=str(drain))
+  with pytest.raises(KafkaUnavailableError, match="cannot reach Kafka"):
+    list(fn.process(("t",)))
+  assert len(calls) == 1
+
+
+def test_drain_signal_wait_ends_at_a_drain_or_after_the_time(tmp_path):
+  path = tmp_path / "drain"
+  signal = DrainSignal(str(path), check_interval_s=0.01)
+  assert signal.wait(0.05) is False  # no drain: the whole time, then False
+  DrainSignal.request(str(path))
+  assert signal.wait(3600) is True  # a drain: at once
 
 
 def test_read_from_kafka_applies_with_no_broker():

@@ -513,6 +513,49 @@ def test_a_broker_stopped_for_45s_mid_stream_is_waited_out_without_loss_or_dupli
     shutil.rmtree(tmp_path / "broker", ignore_errors=True)
 
 
+@pytest.mark.timeout(300)
+def test_a_drain_during_an_outage_ends_the_run_soon_with_nothing_unwritten_committed(tmp_path):
+  """The broker goes away mid-stream, then the user drains: the run ends cleanly within a
+  minute (it does not sit out the 120 s of offset-resolution retries or a backoff), what
+  was written stays exactly once, and after the broker is back the committed offsets are
+  those of the written rows, never past them."""
+  import shutil
+
+  from broker.kafka_broker import Broker, free_port
+
+  broker = Broker(port=free_port(), run_dir=tmp_path / "broker")
+  broker.start()
+  try:
+    bs = broker.bootstrap_servers
+    env = PipelineEnv(
+      bs, lambda n, prefix: support.create_topic(bs, support.unique_topic(prefix), n), tmp_path
+    )
+    before = env.produce(_events(60, seed=21))
+    with env.pipeline("--progress_secs=1") as p:
+      support.wait_for(
+        lambda: row_count(env.db) >= len(before) or not p.alive(),
+        timeout=90,
+        what="the events written before the outage",
+      )
+      _wait_committed_at_end(env)
+      broker.stop()
+      support.wait_for(
+        lambda: "Kafka unreachable since" in p.output or not p.alive(),
+        timeout=90,
+        what="the progress line to report the outage",
+      )
+      assert p.alive(), p.tail()
+      p.terminate()
+      assert p.wait(60) == 0, p.tail()
+    broker.start()
+    assert "Traceback" not in p.output, p.tail(80)
+    assert_exactly_once(env.db, before)
+    env.assert_committed_equals_end()
+  finally:
+    broker.stop()
+    shutil.rmtree(tmp_path / "broker", ignore_errors=True)
+
+
 def test_an_idle_stream_recommits_its_offsets_every_recommit_interval(env):
   """Unchanged offsets are committed again (a round re-commits each partition's start)
   so that the broker's offsets.retention.minutes never expires them."""

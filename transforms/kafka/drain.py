@@ -31,6 +31,16 @@ class DrainSignal:
       self._requested = os.path.exists(self._path)
     return self._requested
 
+  def wait(self, seconds: float) -> bool:
+    """Sleeps up to seconds, less when a drain is requested meanwhile; whether one was."""
+    deadline = time.monotonic() + seconds
+    while not self.requested():
+      left = deadline - time.monotonic()
+      if left <= 0:
+        return False
+      time.sleep(min(left, self._interval))
+    return True
+
   @staticmethod
   def request(path: str) -> None:
     with open(path, "w") as f:

@@ -121,7 +121,9 @@ class _ResolvePartitionsFn(beam.DoFn):
     shard: tuple[int, int] | None,
     skip_missing: bool,
     retry_s: float,
+    drain_file: str | None = None,
   ):
+    self._drain_file = drain_file
     self._config = config
     self._start = start
     self._stop = stop
@@ -146,13 +148,15 @@ class _ResolvePartitionsFn(beam.DoFn):
     from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
     # A broker that does not answer ("Failed to get offsets by timestamps") is waited for a
-    # while; past that the bundle fails (the local launcher retries the round, remote
-    # runners the bundle). An offset gap or a missing topic is a decision, not an outage:
-    # never retried.
+    # while; past that, or at a drain, the bundle fails (the local launcher retries the
+    # round or, drained, ends the run; remote runners retry the bundle). An offset gap or a
+    # missing topic is a decision, not an outage: never retried.
+    drain = DrainSignal(self._drain_file)
     reads = Retrying(
       retry=retry_if_exception(_is_outage),
       wait=wait_exponential_jitter(initial=1, max=15),
-      stop=stop_after_delay(self._retry_s),
+      stop=stop_after_delay(self._retry_s) | (lambda _state: drain.requested()),
+      sleep=lambda seconds: drain.wait(seconds),
       reraise=True,
     )(self._attempt, topics)
     for read in reads:
@@ -187,11 +191,12 @@ class ResolvePartitions(beam.PTransform):
     shard: tuple[int, int] | None = None,
     skip_missing: bool = False,
     retry_s: float = RESOLVE_RETRY_S,
+    drain_file: str | None = None,
   ):
     super().__init__()
     self._topics = tuple(topics)
     self._fn = _ResolvePartitionsFn(
-      dict(config), start, stop, on_offset_gap, shard, skip_missing, retry_s
+      dict(config), start, stop, on_offset_gap, shard, skip_missing, retry_s, drain_file
     )
 
   def expand(self, pbegin):
@@ -690,6 +695,7 @@ class ReadFromKafka(beam.PTransform):
       )
       self.start = StartPosition("earliest")
     self.stop = parse_stop(stop)
+    self._drain_file = drain_file
     self._read = ReadPartitions(
       self.config,
       poll_timeout_ms=poll_timeout_ms,
@@ -736,6 +742,7 @@ class ReadFromKafka(beam.PTransform):
       shard=self.shard,
       skip_missing=self._skip_missing,
       retry_s=self._resolve_retry_s,
+      drain_file=self._drain_file,
     )
     if self._with_reads:
       records, gaps = reads | "ReadPartitions" >> self._read
