@@ -40,7 +40,6 @@ from transforms.timestamps import iso_us
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 PROJECT = "test-project"
-NOW = time.time()
 
 
 def _dataset() -> str:
@@ -164,11 +163,11 @@ def _clean_exit(p):
   assert p.proc.returncode == 0, f"exit {p.proc.returncode}:\n{p.tail()}"
 
 
-def _surrogate_sensor(f: EventFactory, metadata: dict) -> Event:
+def _surrogate_sensor(f: EventFactory, metadata: dict, now: float) -> Event:
   """A sensor event our parser accepts (valid JSON, every field) whose metadata holds a lone
   UTF-16 surrogate, kept as a JSON escape in the metadata text; BigQuery's JSON decoder
   refuses the whole request that carries it."""
-  body = json.loads(f.sensor(NOW).value)
+  body = json.loads(f.sensor(now).value)
   body["metadata"] = metadata
   return Event("sensor", b"surrogate", json.dumps(body).encode())  # ensure_ascii: "\\ud800"
 
@@ -186,11 +185,18 @@ def loaded(kafka_bootstrap, bq_emulator, tmp_path_factory):
 
   env = Env(kafka_bootstrap, make_topic, bq_emulator, tmp_path_factory.mktemp("bq-e2e"))
   f = EventFactory(31)
-  good = list(f.events(300, meter_ratio=0.3, start=NOW - 120, spacing_s=0.2))
-  bad = [f.bad(NOW, kind) for kind in BAD_KINDS]
+  # Event times from the moment the events are written (not from the module's import: the
+  # suite may reach this module minutes later, and events older than their window's end plus
+  # the allowed lateness when written are rightly flagged is_late).
+  now = time.time()
+  good = list(f.events(300, meter_ratio=0.3, start=now - 120, spacing_s=0.2))
+  bad = [f.bad(now, kind) for kind in BAD_KINDS]
   # refused rows with good neighbours in the same partition and batch (keys decide partitions)
-  refused = [_surrogate_sensor(f, {"note": "\ud800"}), _surrogate_sensor(f, {"\udfff": 1})]
-  neighbours = [Event("sensor", b"surrogate", f.sensor(NOW).value) for _ in range(4)]
+  refused = [
+    _surrogate_sensor(f, {"note": "\ud800"}, now),
+    _surrogate_sensor(f, {"\udfff": 1}, now),
+  ]
+  neighbours = [Event("sensor", b"surrogate", f.sensor(now).value) for _ in range(4)]
   mixed = [neighbours[0], refused[0], neighbours[1], neighbours[2], refused[1], neighbours[3]]
   coords = env.produce(good + bad + mixed)
   env.coords = dict(
@@ -319,7 +325,9 @@ def test_poison_rows_are_dead_lettered_and_their_neighbours_written(loaded):
 def _rows(topic: str, partition: int, offsets, seed: int = 5) -> list[tuple]:
   f = EventFactory(seed)
   return [
-    sensor_row(parse_sensor(f.sensor(NOW).value), 0, 60_000_000, False, topic, partition, o, o)
+    sensor_row(
+      parse_sensor(f.sensor(time.time()).value), 0, 60_000_000, False, topic, partition, o, o
+    )
     for o in offsets
   ]
 
@@ -479,7 +487,7 @@ def test_unreachable_endpoint_is_transient(bq_emulator):
 
 def test_pipeline_through_503s_and_429s_loses_nothing_and_doubles_nothing(env):
   produced = env.produce(
-    EventFactory(41).events(400, meter_ratio=0.3, start=NOW - 60, spacing_s=0.1)
+    EventFactory(41).events(400, meter_ratio=0.3, start=time.time() - 60, spacing_s=0.1)
   )
   with FaultyProxy(env.emulator.endpoint) as proxy:
     # more failures in a row than the client's own retry absorbs (WriteBatches retries too),
@@ -502,13 +510,15 @@ def test_pipeline_through_503s_and_429s_loses_nothing_and_doubles_nothing(env):
 
 
 def test_pipeline_in_a_permanent_outage_fails_commits_nothing_unwritten_and_restarts(env):
-  first = env.produce(EventFactory(43).events(150, meter_ratio=0.3, start=NOW - 60, spacing_s=0.1))
+  first = env.produce(
+    EventFactory(43).events(150, meter_ratio=0.3, start=time.time() - 60, spacing_s=0.1)
+  )
   _clean_exit(env.batch())
   env.assert_committed_equals_end()
   committed_before = env.committed()
 
   second = env.produce(
-    EventFactory(44).events(400, meter_ratio=0.3, start=NOW - 30, spacing_s=0.05)
+    EventFactory(44).events(400, meter_ratio=0.3, start=time.time() - 30, spacing_s=0.05)
   )
   with FaultyProxy(env.emulator.endpoint) as proxy:
     proxy.fail_after(2, 503)  # two inserts get through, then BigQuery is gone
