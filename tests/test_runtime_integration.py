@@ -9,8 +9,10 @@ offsets equal the end offsets (never ahead of the sink).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
+import shutil
 import time
 
 import pytest
@@ -464,34 +466,51 @@ def test_sigterm_to_every_process_at_once_drains(env):
 # A broker outage in the middle of a stream
 
 
-@pytest.mark.timeout(420)
-def test_a_broker_stopped_for_45s_mid_stream_is_waited_out_without_loss_or_duplicate(tmp_path):
-  import shutil
-
+@contextlib.contextmanager
+def _private_broker(tmp_path):
+  """A broker of this test's own (the outage tests stop it) and an env on it."""
   from broker.kafka_broker import Broker, free_port
 
   broker = Broker(port=free_port(), run_dir=tmp_path / "broker")
   broker.start()
   try:
     bs = broker.bootstrap_servers
-    env = PipelineEnv(
-      bs, lambda n, prefix: support.create_topic(bs, support.unique_topic(prefix), n), tmp_path
+    yield (
+      broker,
+      PipelineEnv(
+        bs, lambda n, prefix: support.create_topic(bs, support.unique_topic(prefix), n), tmp_path
+      ),
     )
+  finally:
+    broker.stop()
+    shutil.rmtree(tmp_path / "broker", ignore_errors=True)
+
+
+def _stop_broker_once_written(env, broker, p, before: list, *, report_timeout: float) -> float:
+  """Waits until the run has written and committed ``before``, stops the broker and waits for
+  the progress line to report the outage; returns when the broker stopped (monotonic)."""
+  support.wait_for(
+    lambda: row_count(env.db) >= len(before) or not p.alive(),
+    timeout=90,
+    what="the events written before the outage",
+  )
+  _wait_committed_at_end(env)
+  broker.stop()
+  stopped = time.monotonic()
+  support.wait_for(
+    lambda: "Kafka unreachable since" in p.output or not p.alive(),
+    timeout=report_timeout,
+    what="the progress line to report the outage",
+  )
+  return stopped
+
+
+@pytest.mark.timeout(420)
+def test_a_broker_stopped_for_45s_mid_stream_is_waited_out_without_loss_or_duplicate(tmp_path):
+  with _private_broker(tmp_path) as (broker, env):
     before = env.produce(_events(80, seed=15))
     with env.pipeline("--progress_secs=1") as p:
-      support.wait_for(
-        lambda: row_count(env.db) >= len(before) or not p.alive(),
-        timeout=90,
-        what="the events written before the outage",
-      )
-      _wait_committed_at_end(env)
-      broker.stop()
-      stopped = time.monotonic()
-      support.wait_for(
-        lambda: "Kafka unreachable since" in p.output or not p.alive(),
-        timeout=60,
-        what="the progress line to report the outage",
-      )
+      stopped = _stop_broker_once_written(env, broker, p, before, report_timeout=60)
       while time.monotonic() - stopped < 45:  # the outage lasts 45 s; the run must live through it
         assert p.alive(), p.tail()
         time.sleep(1)
@@ -508,9 +527,6 @@ def test_a_broker_stopped_for_45s_mid_stream_is_waited_out_without_loss_or_dupli
     assert "Traceback" not in p.output, p.tail(80)
     assert_exactly_once(env.db, before + after)
     env.assert_committed_equals_end()
-  finally:
-    broker.stop()
-    shutil.rmtree(tmp_path / "broker", ignore_errors=True)
 
 
 @pytest.mark.timeout(300)
@@ -519,31 +535,10 @@ def test_a_drain_during_an_outage_ends_the_run_soon_with_nothing_unwritten_commi
   minute (it does not sit out the 120 s of offset-resolution retries or a backoff), what
   was written stays exactly once, and after the broker is back the committed offsets are
   those of the written rows, never past them."""
-  import shutil
-
-  from broker.kafka_broker import Broker, free_port
-
-  broker = Broker(port=free_port(), run_dir=tmp_path / "broker")
-  broker.start()
-  try:
-    bs = broker.bootstrap_servers
-    env = PipelineEnv(
-      bs, lambda n, prefix: support.create_topic(bs, support.unique_topic(prefix), n), tmp_path
-    )
+  with _private_broker(tmp_path) as (broker, env):
     before = env.produce(_events(60, seed=21))
     with env.pipeline("--progress_secs=1") as p:
-      support.wait_for(
-        lambda: row_count(env.db) >= len(before) or not p.alive(),
-        timeout=90,
-        what="the events written before the outage",
-      )
-      _wait_committed_at_end(env)
-      broker.stop()
-      support.wait_for(
-        lambda: "Kafka unreachable since" in p.output or not p.alive(),
-        timeout=90,
-        what="the progress line to report the outage",
-      )
+      _stop_broker_once_written(env, broker, p, before, report_timeout=90)
       assert p.alive(), p.tail()
       p.terminate()
       assert p.wait(60) == 0, p.tail()
@@ -551,9 +546,6 @@ def test_a_drain_during_an_outage_ends_the_run_soon_with_nothing_unwritten_commi
     assert "Traceback" not in p.output, p.tail(80)
     assert_exactly_once(env.db, before)
     env.assert_committed_equals_end()
-  finally:
-    broker.stop()
-    shutil.rmtree(tmp_path / "broker", ignore_errors=True)
 
 
 def test_an_idle_stream_recommits_its_offsets_every_recommit_interval(env):
