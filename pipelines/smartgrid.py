@@ -3,11 +3,15 @@
 Building needs no broker (partitions are listed when the pipeline runs), and
 ``process`` takes any ``records`` (a ``TestStream`` in the unit tests).
 
-    Kafka (both topics) -> SkipStored (records the sink holds already: acked, not written)
-      -> ParseEvents (rows; batches that fill within a bundle; dead letters)
-      -> BatchRows (fixed event-time windows; the rest of the rows through
-         GroupIntoBatches(batch_size, max_buffering)) -> WriteBatches(store) -> Acks
+    Kafka (both topics, one element per poll) -> SkipStored (records the sink holds
+      already: acked, not written) -> ParseEvents (rows; batches that fill within a bundle;
+      dead letters) -> BatchRows (fixed event-time windows; the rest of the rows through
+      GroupIntoBatches(batch_size, max_buffering)) -> WriteBatches(store) -> Acks
       -> CommitOffsets (with the resolved starts) -> Committed
+
+The batches that fill within a bundle are written in the stage that read them; only
+the leftover rows and the acks cross to later stages. So on a runner that runs one
+stage after the other (FnApiRunner), memory does not grow with the records read.
 """
 
 from __future__ import annotations
@@ -147,11 +151,14 @@ def read(
     with_partition_reads=True,
     on_offset_gap=o.on_offset_gap,
     skip_missing_topics=skip_missing_topics,
+    # One element per poll of a partition: SkipStored and ParseEvents run once per poll.
+    batched=True,
   )
 
 
 def _batches(records, gaps, o: SmartGridOptions, bounded: bool, clock) -> tuple:
-  """records and gaps -> (batches in fixed event-time windows, dead letters)."""
+  """records and gaps -> ((full batches, grouped batches) in fixed event-time windows,
+  dead letters)."""
   rows, dead_letters, full_batches = records | "ParseEvents" >> ParseEvents(
     topic_tables(o),
     window_size_secs=o.window_size_secs,

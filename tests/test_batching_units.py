@@ -93,7 +93,7 @@ def test_batch_rows_completes_leftovers_with_group_into_batches():
       | "FullBatches" >> beam.Create([(wv.value, wv.timestamp) for wv in full])
       | "StampFull" >> beam.Map(lambda kv: beam.window.TimestampedValue(kv[0], kv[1]))
     )
-    out = (full_pc, left_pc) | BatchRows(4, windows)
+    out = (full_pc, left_pc) | BatchRows(4, windows) | "BothOutputs" >> beam.Flatten()
     everything = (
       out | "GlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows()) | beam.combiners.ToList()
     )

@@ -70,11 +70,13 @@ class BundleBatcher:
 
 
 class BatchRows(beam.PTransform):
-  """(full batches, rows) -> PCollection[(key, [row, ...])] in fixed event-time windows.
+  """(full batches, rows) -> (full batches, the rows' batches): PCollections of
+  (key, [row, ...]) in fixed event-time windows.
 
   ``full``: batches a ``BundleBatcher`` completed; ``rows``: every other (key, row),
   globally windowed with event-time timestamps. Both get the windows; the rows go
-  through ``GroupIntoBatches(batch_size, max_buffering_secs)``.
+  through ``GroupIntoBatches(batch_size, max_buffering_secs)``. The two stay apart, so a
+  sink can write the full batches in the stage that made them (``WriteBatches`` takes both).
   """
 
   def __init__(
@@ -105,4 +107,4 @@ class BatchRows(beam.PTransform):
     completed = windowed_rows | "GroupIntoBatches" >> beam.GroupIntoBatches(
       self._batch_size, self._max_buffering_secs, self._clock
     )
-    return (windowed_full, completed) | "AllBatches" >> beam.Flatten()
+    return windowed_full, completed

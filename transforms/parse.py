@@ -181,23 +181,26 @@ class _ParseEventsFn(beam.DoFn):
       ),
     )
 
-  def process(self, record: KafkaRecord) -> Iterable[Any]:
-    try:
-      table, key, row, timestamp, is_late = self._to_row(record)
-    except Exception as e:  # noqa: BLE001 - parsing is total: every failure is a dead letter
-      yield self._dead_letter(record, e)
-      return
-    self._counts[table] += 1
-    if is_late:
-      self._counts["late_events"] += 1
-    # A WindowedValue, not a TimestampedValue: the runner would re-assign the (global)
-    # window per element; the event-time window comes next, in one step for all outputs.
-    if self._batcher is None:
-      yield WindowedValue((key, row), timestamp, _GLOBAL)
-    else:
-      batch = self._batcher.add(key, row, timestamp)
-      if batch is not None:
-        yield beam.pvalue.TaggedOutput(FULL_BATCHES_TAG, batch)
+  def process(self, element) -> Iterable[Any]:
+    """A record, or a poll's batch of records (a list): each record leaves on its own, as a
+    row (in a full batch, or alone) or a dead letter."""
+    for record in element if isinstance(element, list) else (element,):
+      try:
+        table, key, row, timestamp, is_late = self._to_row(record)
+      except Exception as e:  # noqa: BLE001 - parsing is total: every failure is a dead letter
+        yield self._dead_letter(record, e)
+        continue
+      self._counts[table] += 1
+      if is_late:
+        self._counts["late_events"] += 1
+      # A WindowedValue, not a TimestampedValue: the runner would re-assign the (global)
+      # window per element; the event-time window comes next, in one step for all outputs.
+      if self._batcher is None:
+        yield WindowedValue((key, row), timestamp, _GLOBAL)
+      else:
+        batch = self._batcher.add(key, row, timestamp)
+        if batch is not None:
+          yield beam.pvalue.TaggedOutput(FULL_BATCHES_TAG, batch)
 
   def finish_bundle(self):
     for name, n in self._counts.items():
@@ -210,6 +213,8 @@ class _ParseEventsFn(beam.DoFn):
 
 class ParseEvents(beam.PTransform):
   """PCollection[KafkaRecord] -> (rows keyed (table, shard), dead letters[, full batches]).
+
+  Takes the reader's poll batches (lists of ``KafkaRecord``) too, record by record.
 
   Returns the main output of ``(key, row)`` and the ``DeadLetter`` output. With
   ``batch_size``, rows are first collected per key and event-time window within the

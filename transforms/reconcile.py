@@ -27,7 +27,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import arguments
 from transforms.acks import Ack
-from transforms.kafka.records import KafkaRecord
+from transforms.kafka.records import KafkaRecord, RecordBatch
 from transforms.retry import with_retries
 from transforms.sinks.base import Store
 
@@ -85,14 +85,41 @@ class _SkipStoredFn(beam.DoFn):
     self._known[(topic, partition)] = (offset, until, stored)
     return stored
 
-  def process(self, record: KafkaRecord, timestamp=beam.DoFn.TimestampParam) -> Iterable:
-    key = (record.topic, record.partition)
-    if record.offset not in self._stored(record.topic, record.partition, record.offset):
-      ack = self._open_acks.pop(key, None)
-      if ack is not None:
-        yield beam.pvalue.TaggedOutput(ACKS_TAG, Ack(record.topic, record.partition, *ack))
-      yield record
+  def process(self, element, timestamp=beam.DoFn.TimestampParam) -> Iterable:
+    """A record, or a poll's batch of one partition's records (a list, passed on as one)."""
+    batched = isinstance(element, list)
+    records = element if batched else (element,)
+    if self._none_stored(records):
+      yield from self._close_span(records[0])
+      yield element
       return
+    kept = []
+    for record in records:
+      if record.offset not in self._stored(record.topic, record.partition, record.offset):
+        yield from self._close_span(record)
+        kept.append(record)
+      else:
+        yield from self._skip(record, timestamp)
+    if kept:
+      yield RecordBatch(kept) if batched else kept[0]
+
+  def _none_stored(self, records) -> bool:
+    """True when no record of the batch (one partition, offsets ascending) is stored."""
+    first, last = records[0], records[-1]
+    if (first.topic, first.partition) != (last.topic, last.partition):
+      return False
+    if self._stored(first.topic, first.partition, first.offset):
+      return False
+    return last.offset < self._known[(first.topic, first.partition)][1]
+
+  def _close_span(self, record: KafkaRecord) -> Iterable:
+    """A record goes on: the span of skipped records before it is acked."""
+    ack = self._open_acks.pop((record.topic, record.partition), None)
+    if ack is not None:
+      yield beam.pvalue.TaggedOutput(ACKS_TAG, Ack(record.topic, record.partition, *ack))
+
+  def _skip(self, record: KafkaRecord, timestamp) -> Iterable:
+    key = (record.topic, record.partition)
     self._skipped.inc()
     self._last_seen[key] = timestamp
     span = self._open_acks.get(key)
@@ -123,6 +150,9 @@ class _SkipStoredFn(beam.DoFn):
 class SkipStored(beam.PTransform):
   """PCollection[KafkaRecord] -> (records not stored yet, Acks of the ones that are).
 
+  Takes the reader's poll batches (``ReadFromKafka(batched=True)``) too: a batch leaves
+  as a batch of the records not stored yet (as it came when none is, the common case).
+
   Returns a tuple ``(records, acks)``; flatten ``acks`` into ``CommitOffsets``' acks.
   """
 
@@ -144,4 +174,5 @@ class SkipStored(beam.PTransform):
     out = records | "SkipStoredRecords" >> beam.ParDo(self._fn).with_outputs(
       ACKS_TAG, main="records"
     )
+    out.records.element_type = records.element_type  # a RecordBatch stays one
     return out.records, out[ACKS_TAG]

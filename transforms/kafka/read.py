@@ -50,7 +50,7 @@ from transforms.kafka.gaps import (
   gap_message,
 )
 from transforms.kafka.positions import StartPosition, StopPosition, parse_start, parse_stop, resolve
-from transforms.kafka.records import KafkaRecord, PartitionRead
+from transforms.kafka.records import KafkaRecord, PartitionRead, RecordBatch
 from transforms.kafka.tracking import UNBOUNDED, EndOffsets, KafkaRestrictionProvider
 from transforms.kafka.watermark import DEFAULT_IDLE_LAG_MS, KafkaWatermarkEstimatorProvider
 
@@ -251,7 +251,9 @@ class _ReadPartitionFn(beam.DoFn):
     max_seconds_per_call: float,
     drain_file: str | None,
     on_offset_gap: str = "fail",
+    batched: bool = False,
   ):
+    self._batched = batched
     # No reset policy: a position that no longer exists raises OffsetOutOfRangeError
     # instead of jumping silently to the log start (offsets deleted under the reader).
     self._config = {**config, "auto_offset_reset": "none"}
@@ -524,21 +526,18 @@ class _ReadPartitionFn(beam.DoFn):
 
   def _emit_records(self, records, n: int, c: _Cursor, watermark):
     """Emits the first n records (claimed), advances ``c.covers_from``, observes the
-    watermark and counts them: once per poll, not per record."""
+    watermark and counts them: once per poll, not per record. Batched, the n records leave
+    as one list, stamped with the earliest of their timestamps."""
     if not n:
       return
-    topic, partition, windows = c.tp.topic, c.tp.partition, c.windows
+    topic, partition = c.tp.topic, c.tp.partition
     covers_from = c.covers_from
-    max_ts = records[0].timestamp
-    # The per-record work is kept to what the output needs: tuple.__new__ skips the
-    # NamedTuple's Python-level __new__, and windowed_value.create (Beam's own fast path,
-    # exact micros) skips building a Timestamp the runner may make lazily.
+    # tuple.__new__ skips the NamedTuple's Python-level __new__.
     new_record = tuple.__new__
+    batch = RecordBatch()
     for rec in records if n == len(records) else records[:n]:
-      offset, ts, headers = rec.offset, rec.timestamp, rec.headers
-      # In the input's window: a TimestampedValue would make the runner re-run the window
-      # assignment per record.
-      yield create_windowed_value(
+      offset, headers = rec.offset, rec.headers
+      batch.append(
         new_record(
           KafkaRecord,
           (
@@ -548,19 +547,25 @@ class _ReadPartitionFn(beam.DoFn):
             covers_from,
             rec.key,
             rec.value,
-            ts,
+            rec.timestamp,
             tuple(headers) if headers else (),
           ),
-        ),
-        ts * 1000,
-        windows,
+        )
       )
       covers_from = offset + 1
-      if ts > max_ts:
-        max_ts = ts
     c.covers_from = covers_from
-    watermark.observe_record(max_ts)
+    yield from self._outputs(batch, c.windows)
+    watermark.observe_record(max(r.timestamp_ms for r in batch))
     self._count(topic, n)
+
+  def _outputs(self, batch: list, windows) -> Iterable[WindowedValue]:
+    # In the input's window: a TimestampedValue would make the runner re-run the window
+    # assignment per element. windowed_value.create is Beam's own fast path (exact micros).
+    if self._batched:
+      yield create_windowed_value(batch, min(r.timestamp_ms for r in batch) * 1000, windows)
+      return
+    for record in batch:
+      yield create_windowed_value(record, record.timestamp_ms * 1000, windows)
 
   def _end_of_batch(self, c: _Cursor, tracker) -> bool:
     """After a poll's records: ends the restriction or checkpoints it (True), or reads on."""
@@ -595,7 +600,8 @@ class _ReadUnboundedPartitionFn(_ReadPartitionFn):
 
 
 class ReadPartitions(beam.PTransform):
-  """PCollection[PartitionRead] -> PCollection[KafkaRecord] (and the ``OffsetGap``s).
+  """PCollection[PartitionRead] -> PCollection[KafkaRecord] (and the ``OffsetGap``s);
+  ``batched=True``: PCollection[list[KafkaRecord]], one list per poll of a partition.
 
   ``bounded=True`` when every read has a stop offset (``stop='end'``): the output is
   then a bounded PCollection (batch); otherwise it is unbounded (streaming).
@@ -614,6 +620,7 @@ class ReadPartitions(beam.PTransform):
     bounded: bool = False,
     on_offset_gap: str = "fail",
     with_gaps: bool = False,
+    batched: bool = False,
   ):
     super().__init__()
     if poll_timeout_ms <= 0 or max_records_per_call <= 0 or max_seconds_per_call <= 0:
@@ -622,12 +629,20 @@ class ReadPartitions(beam.PTransform):
       raise ValueError(f"on_offset_gap must be one of {GAP_POLICIES}, got {on_offset_gap!r}")
     fn_class = _ReadPartitionFn if bounded else _ReadUnboundedPartitionFn
     self._fn = fn_class(
-      config, poll_timeout_ms, max_records_per_call, max_seconds_per_call, drain_file, on_offset_gap
+      config,
+      poll_timeout_ms,
+      max_records_per_call,
+      max_seconds_per_call,
+      drain_file,
+      on_offset_gap,
+      batched,
     )
-    self._with_gaps = with_gaps
+    self._with_gaps, self._batched = with_gaps, batched
 
   def expand(self, reads):
     out = reads | "ReadRecords" >> beam.ParDo(self._fn).with_outputs(GAPS_TAG, main="records")
+    if self._batched:
+      out.records.element_type = RecordBatch  # its coder estimates sizes without encoding
     return (out.records, out[GAPS_TAG]) if self._with_gaps else out.records
 
 
@@ -656,6 +671,10 @@ class ReadFromKafka(beam.PTransform):
       points, and the offsets no record covers.
     on_offset_gap: 'fail' (default) or 'skip': what a start or position that no longer
       exists (retention, a recreated topic) does (``gaps.py``).
+    batched: emit each poll's records of a partition as one element, a ``list`` of
+      ``KafkaRecord`` in offset order stamped with the earliest of their timestamps,
+      instead of one element per record. Every downstream step then runs once per poll
+      instead of once per record (``SkipStored`` and ``ParseEvents`` take either shape).
   """
 
   def __init__(
@@ -676,6 +695,7 @@ class ReadFromKafka(beam.PTransform):
     on_offset_gap: str = "fail",
     skip_missing_topics: bool = False,
     resolve_retry_s: float = RESOLVE_RETRY_S,
+    batched: bool = False,
   ):
     super().__init__()
     self._resolve_retry_s = resolve_retry_s
@@ -705,6 +725,7 @@ class ReadFromKafka(beam.PTransform):
       bounded=self.stop.is_bounded,
       on_offset_gap=on_offset_gap,
       with_gaps=with_partition_reads,
+      batched=batched,
     )
     self._on_offset_gap = on_offset_gap
 

@@ -287,7 +287,7 @@ class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
 
 
 class WriteBatches(beam.PTransform):
-  """PCollection[((table, shard), [row])] -> PCollection[Ack].
+  """PCollection[((table, shard), [row])] (or a tuple of them) -> PCollection[Ack].
 
   Where the acks are depends on the store. Most stores (SQLite, streaming inserts) buffer
   rows per bundle and emit each ack in the event-time window of the batch it acknowledges,
@@ -315,10 +315,21 @@ class WriteBatches(beam.PTransform):
     self._fn = fn_class(store, flush_rows, retry_deadline_s, batch_size)
 
   def expand(self, batches):
+    """``batches``: one PCollection, or a tuple of them. Unkeyed, each is written where it
+    is made (a stage of its own per input), so batches that fill while a stage reads are
+    written in that stage and never wait, encoded, for the next one; keyed, they are
+    flattened into the one stateful writer."""
+    inputs = batches if isinstance(batches, tuple) else (batches,)
     if not self._keyed:
-      return batches | "WriteRows" >> beam.ParDo(self._fn)
+      acks = [
+        pc | ("WriteRows" if i == 0 else f"WriteRows{i}") >> beam.ParDo(self._fn)
+        for i, pc in enumerate(inputs)
+      ]
+      return acks[0] if len(acks) == 1 else acks | "AllAcks" >> beam.Flatten()
+    if len(inputs) > 1:
+      inputs = (inputs | "AllBatches" >> beam.Flatten(),)
     return (
-      batches
+      inputs[0]
       | "BatchesToGlobalWindow" >> beam.WindowInto(GlobalWindows())
       | "JoinKeyBatches"
       >> beam.ParDo(_JoinKeyBatchesFn(self._flush_rows, self._batch_size)).with_output_types(
