@@ -28,7 +28,7 @@ from pipelines import smartgrid
 from pipelines.options import SmartGridOptions
 from runners import prism
 from transforms.kafka.gaps import OffsetGap
-from transforms.kafka.records import KafkaRecord, PartitionRead
+from transforms.kafka.records import KafkaRecord, PartitionRead, RecordBatch
 from transforms.sinks.memory import MemoryStore
 from transforms.sinks.schema import DEAD_LETTERS, SENSOR_READINGS
 
@@ -486,6 +486,81 @@ def test_bad_events_become_dead_letters_and_their_offsets_are_committed_in_order
     set(range(10)) - set(bad)
   )
   _journal_checks(store, {(SENSOR, 0): (0, 10)})
+
+
+def _poll_batches(elements: list, size: int) -> list:
+  """Records -> the reader's poll batches (batched=True): lists stamped with their earliest time."""
+  return [
+    TimestampedValue(
+      RecordBatch(tv.value for tv in elements[i : i + size]),
+      min(tv.timestamp for tv in elements[i : i + size]),
+    )
+    for i in range(0, len(elements), size)
+  ]
+
+
+def test_poll_batches_store_and_commit_what_single_records_do():
+  """The reader's poll batches (one element per poll, as the pipeline reads) against the same
+  records one by one: the same rows, dead letters and windows, offset by offset, and the same
+  commits; two partitions, bad events inside batches, batches that straddle windows."""
+  by_partition = [[_record(o, 1000 + 7 * o + q, partition=q) for o in range(20)] for q in (0, 1)]
+  for q, o, value in ((0, 5, b"not json"), (1, 2, b"[1]"), (1, 3, b"\xff")):
+    good = by_partition[q][o]
+    by_partition[q][o] = TimestampedValue(good.value._replace(value=value), good.timestamp)
+  starts = {(SENSOR, 0): 0, (SENSOR, 1): 0}
+  outcomes = []
+  for stream_elements in (
+    [e for records in by_partition for e in records],
+    [b for records in by_partition for b in _poll_batches(records, 7)],
+  ):
+    stream = (
+      test_stream.TestStream()
+      .advance_watermark_to(990)
+      .add_elements(stream_elements)
+      .advance_watermark_to_infinity()
+    )
+    store = MemoryStore()
+    try:
+      _run(stream, starts, _options(), store)
+      _journal_checks(store, {(SENSOR, 0): (0, 20), (SENSOR, 1): (0, 20)})
+      rows = {t: {c: r[:-1] for c, r in store.rows(t).items()} for t in ("sensor_readings",)}
+      dead = {
+        c: r[DEAD_LETTERS.names.index("reason")] for c, r in store.rows("dead_letters").items()
+      }
+      commits = [e for e in store.journal() if e[0] != "write"]
+      outcomes.append((rows, dead, commits[-2:]))
+    finally:
+      store.forget()
+  assert len(outcomes[0][0]["sensor_readings"]) == 37
+  assert sorted((q, o) for _, q, o in outcomes[0][1]) == [(0, 5), (1, 2), (1, 3)]
+  assert outcomes[0][0] == outcomes[1][0]
+  assert outcomes[0][1] == outcomes[1][1]
+  assert sorted(outcomes[0][2]) == sorted(outcomes[1][2])
+
+
+def test_full_batches_are_written_in_the_stage_that_reads_them():
+  """On FnApiRunner (one fused stage after the other), the batches that fill while reading
+  are written in the reading stage; only leftovers (GroupIntoBatches) and acks cross stages,
+  so memory does not grow with the records a round reads."""
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+  options = PipelineOptions(["--bootstrap_servers=127.0.0.1:1", "--stop=end"])
+  p = beam.Pipeline(options=options)
+  smartgrid.build(p, options.view_as(SmartGridOptions), store=MemoryStore())
+  _, stages = FnApiRunner().create_stages(p.to_runner_api())
+
+  def stage_of(label: str) -> int:
+    found = [i for i, st in enumerate(stages) for t in st.transforms if t.unique_name == label]
+    assert len(found) == 1, (label, found)
+    return found[0]
+
+  reading = stage_of("ReadFromKafka/ReadPartitions/ReadRecords/ParDo(_ReadPartitionFn)/Process")
+  assert stage_of("ParseEvents/Parse/ParDo(_ParseEventsFn)") == reading
+  assert stage_of("WriteBatches/WriteRows") == reading
+  assert stage_of("BatchRows/GroupIntoBatches/ParDo(_GroupIntoBatchesDoFn)") != reading
+  assert stage_of("WriteBatches/WriteRows1") == stage_of(
+    "BatchRows/GroupIntoBatches/ParDo(_GroupIntoBatchesDoFn)"
+  )
 
 
 def test_the_reader_and_the_committer_get_one_client_config():

@@ -34,6 +34,7 @@ from transforms.kafka import (
 )
 from transforms.kafka.drain import DrainSignal
 from transforms.kafka.positions import parse_start, parse_stop
+from transforms.kafka.records import RecordBatch
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -261,6 +262,44 @@ def test_records_read_are_counted_per_topic_in_beam_metrics(kafka_bootstrap, mak
     for c in result.metrics().query(MetricsFilter().with_namespace("smartgrid"))["counters"]
   }
   assert counted == {f"records_read/{t}": n for t, n in produced.items()}
+
+
+def test_batched_read_emits_each_poll_as_one_batch_with_the_same_records(
+  kafka_bootstrap, make_topic
+):
+  """ReadFromKafka(batched=True), as the pipeline reads: the same records as record by record,
+  in offset order within each batch, one partition per batch, each batch stamped with its
+  earliest record's time; polls of at most 100 records, checkpoints every 300."""
+  topic = make_topic(partitions=3)
+  support.produce(kafka_bootstrap, topic, [(f"k{i}", {"n": i}) for i in range(2_000)])
+  single = run_read(lambda p: p | ReadFromKafka(kafka_bootstrap, topic, stop="end"))
+  name = uuid.uuid4().hex
+  out = _sink(name)
+  p = beam.Pipeline(runner=FnApiRunner())
+  batches = p | ReadFromKafka(
+    kafka_bootstrap,
+    topic,
+    stop="end",
+    max_records_per_call=300,
+    consumer_config={"max_poll_records": 100},
+    batched=True,
+  )
+  assert batches.element_type is RecordBatch
+  _ = batches | "Collect" >> beam.ParDo(_Collect(name))
+  p.run().wait_until_finish()
+  collected = _SINKS.pop(name)
+  assert out is collected and len(collected) >= 2_000 // 100
+  for batch, timestamp in collected:
+    assert isinstance(batch, RecordBatch) and batch
+    assert len({(r.topic, r.partition) for r in batch}) == 1
+    assert [r.offset for r in batch] == sorted(r.offset for r in batch)
+    assert timestamp.micros == min(r.timestamp_ms for r in batch) * 1000
+  batched = [r for batch, _ in collected for r in batch]
+  assert len(batched) == len(single) == 2_000
+  assert sorted(batched) == sorted(single)
+  assert_no_duplicates(batched)
+  last = {q: max(r.offset for r in batched if r.partition == q) for q in range(3)}
+  assert_tiles(batched, dict.fromkeys(range(3), 0), last)
 
 
 def _transactional_producer(bootstrap: str) -> KafkaProducer:

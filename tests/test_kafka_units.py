@@ -1025,3 +1025,27 @@ def test_read_from_kafka_applies_with_no_broker():
   assert reads.producer.full_label.endswith("ResolvePartitions/ResolveOffsets")
   assert records.producer is gaps.producer  # the reader's two outputs
   assert "ReadPartitions/ReadRecords" in records.producer.full_label
+
+
+def test_record_batch_coder_round_trips_and_estimates_without_encoding(monkeypatch):
+  """RecordBatch: encoded as plain tuples (not pickle), decoded back to KafkaRecords; the
+  runner's size sampling gets an estimate from the byte fields, with no encoding at all."""
+  from apache_beam import coders
+
+  from transforms.kafka.records import RecordBatch, RecordBatchCoder
+
+  batch = RecordBatch(
+    [
+      KafkaRecord("t", 0, 5, 3, b"k", b'{"a": 1}', 1_700_000_000_000, (("h", b"v"),)),
+      KafkaRecord("t", 0, 6, 6, None, None, 1_700_000_000_001),
+    ]
+  )
+  coder = coders.registry.get_coder(RecordBatch)
+  assert isinstance(coder, RecordBatchCoder) and coder.is_deterministic()
+  decoded = coder.decode(coder.encode(batch))
+  assert type(decoded) is RecordBatch and decoded == batch
+  assert all(type(r) is KafkaRecord for r in decoded)
+  impl = coder.get_impl()
+  monkeypatch.setattr(RecordBatchCoder, "encode", lambda self, b: pytest.fail("encoded"))
+  size, observables = impl.get_estimated_size_and_observables(batch)
+  assert size >= len(b'{"a": 1}') + len(b"k") and not observables

@@ -26,7 +26,7 @@ from tests.pipeline_support import (
 from tools.produce import EventFactory
 from transforms.acks import Ack
 from transforms.events import parse_sensor, sensor_row
-from transforms.kafka.records import KafkaRecord
+from transforms.kafka.records import KafkaRecord, RecordBatch
 from transforms.reconcile import SkipStored
 from transforms.rows import at_offset, offset_of, stored
 from transforms.sinks.base import DuplicateEvent, WriteBatches, rejected_dead_letter_row
@@ -218,6 +218,43 @@ def test_skip_stored_passes_new_records_and_acks_the_stored_ones(tmp_path):
     assert_that(
       merged | "Offsets" >> beam.FlatMap(lambda a: [(a[1], o) for o in range(a[2], a[3])]),
       equal_to([(0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (0, 7), (1, 0), (2, 3), (2, 4), (2, 5)]),
+      label="acked",
+    )
+
+
+def test_skip_stored_splits_poll_batches_as_it_splits_records(tmp_path):
+  """The reader's poll batches (ReadFromKafka(batched=True)): the records kept leave as one
+  batch per input batch, in order, and the acks cover the same offsets as record by record."""
+  db = tmp_path / "sink.db"
+  s = SqliteStore(str(db))
+  s.open()
+  s.write("sensor_readings", _rows("s", 0, [2, 3, 4, 7]), _written_at())
+  s.write("sensor_readings", _rows("s", 1, [0, 1], seed=8), _written_at())
+  s.close()
+  batches = [
+    RecordBatch([_record("s", 0, 1), _record("s", 0, 2), _record("s", 0, 3)]),
+    RecordBatch([_record("s", 0, 4), _record("s", 0, 7, covers_from=5), _record("s", 0, 8)]),
+    RecordBatch([_record("s", 0, 9), _record("s", 0, 10)]),  # none stored: passed on as it is
+    RecordBatch([_record("s", 1, 0), _record("s", 1, 1)]),  # all stored: no batch leaves
+  ]
+
+  def offsets_acked(acks):
+    return acks | beam.FlatMap(lambda a: [(a.partition, o) for o in range(a.start, a.end)])
+
+  with BeamTestPipeline() as p:
+    kept, acks = (
+      p | beam.Create(batches, reshuffle=False) | SkipStored(SqliteStore(str(db)), window_offsets=3)
+    )
+    assert_that(
+      kept | beam.Map(lambda b: (type(b).__name__, [(r.partition, r.offset) for r in b])),
+      equal_to(
+        [("RecordBatch", [(0, 1)]), ("RecordBatch", [(0, 8)]), ("RecordBatch", [(0, 9), (0, 10)])]
+      ),
+      label="kept",
+    )
+    assert_that(
+      offsets_acked(acks),
+      equal_to([(0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (0, 7), (1, 0), (1, 1)]),
       label="acked",
     )
 
