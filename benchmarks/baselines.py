@@ -6,7 +6,8 @@ CPU and peak RSS are its own (``benchmarks.pipeline_bench`` starts them):
   raw:    kafka-python poll(500) + json.loads (``benchmarks.common.raw_consume``);
   loop:   the hand-written kafka-python -> SQLite loop, batches of 100 (executemany + one
           commit, unique (topic, partition, offset)): the system being replaced, minus its loss;
-  reader: ReadFromKafka(stop='end') | json.loads | count on FnApiRunner (reader_bench).
+  reader: ReadFromKafka(stop='end', batched=True) | json.loads | count on FnApiRunner
+          (reader_bench).
 
 Each reads every record of the topics from the beginning and exits 1 unless it saw N.
 """

@@ -9,7 +9,8 @@ measures each of the following as a process of its own, from the beginning of th
   (0) pipeline ``--mode=batch``, 1 worker, over the first N/4 events (memory at a smaller size);
   (a) raw:      kafka-python, assign all partitions, poll(500) + json.loads;
   (b) loop:     kafka-python -> SQLite in batches of 100 (benchmarks.baselines);
-  (c) reader:   ReadFromKafka | json.loads | count on FnApiRunner (unless --no-reader);
+  (c) reader:   ReadFromKafka(batched=True) | json.loads | count on FnApiRunner (unless
+                --no-reader);
   (d) pipeline ``--mode=batch`` (FnApiRunner, GroupIntoBatches(100), SQLite sink, commit after
       the sink) with 1 and with 2 ``--local_workers``; time to the first committed offset;
   (e) pipeline ``--mode=local`` on a further 20,000 events: time to its first committed offset,
@@ -233,7 +234,7 @@ def run_all(bootstrap: str, work: Path, n: int, with_reader: bool) -> dict:
   )
   if with_reader:
     rows["reader"] = _row(
-      "ReadFromKafka | json.loads (FnApiRunner)", baseline("reader", bootstrap, topics, n, work), n
+      "ReadFromKafka(batched) | json.loads", baseline("reader", bootstrap, topics, n, work), n
     )
   for workers in (1, 2):
     db = work / f"pipeline-{workers}.db"

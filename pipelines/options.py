@@ -176,11 +176,11 @@ class SmartGridOptions(PipelineOptions):
     g.add_argument(
       "--round_max_records",
       type=int,
-      default=200_000,
+      default=1_000_000,
       help="local and batch runs on FnApiRunner go in rounds of at most this many "
-      "records (shared out over the partitions), to keep memory flat "
-      "(about 1 KB a record); the first round reads 2000, the next ones 100 times "
-      "more, up to this cap. Default: 200000",
+      "records (shared out over the partitions); offsets are committed when a round "
+      "ends. The first round reads 2000, the next ones 100 times more, up to this cap. "
+      "Default: 1000000",
     )
     g.add_argument(
       "--poll_timeout_ms",
