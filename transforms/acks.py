@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from transforms.rows import covers_from, offset_of, partition_of
+from transforms.rows import ack_spans
 
 
 @dataclass(frozen=True)
@@ -24,18 +24,15 @@ class Ack:
 def acks_for_rows(rows: Iterable[tuple]) -> list[Ack]:
   """Merges the rows' offsets (``transforms.rows``: from covers_from to the offset) into the
   fewest Acks."""
-  spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
-  for row in rows:
-    spans.setdefault(partition_of(row), []).append((covers_from(row), offset_of(row) + 1))
-  acks = []
-  for (topic, partition), ranges in spans.items():
-    ranges.sort()
-    start, end = ranges[0]
-    for s, e in ranges[1:]:
-      if s <= end:
-        end = max(end, e)
-      else:
-        acks.append(Ack(topic, partition, start, end))
-        start, end = s, e
+  acks: list[Ack] = []
+  topic = partition = start = end = None
+  for t, p, s, e in sorted(ack_spans(rows)):
+    if t == topic and p == partition and s <= end:
+      end = max(end, e)
+      continue
+    if topic is not None:
+      acks.append(Ack(topic, partition, start, end))
+    topic, partition, start, end = t, p, s, e
+  if topic is not None:
     acks.append(Ack(topic, partition, start, end))
   return acks

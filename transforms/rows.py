@@ -132,6 +132,12 @@ def covers_from(row: tuple) -> int:
   return row[-1]
 
 
+def ack_spans(rows) -> list[tuple[str, int, int, int]]:
+  """(kafka_topic, kafka_partition, covers_from, kafka_offset + 1) of each row: the offsets
+  its ack accounts for. One pass, no call per row: a sink acks every row it writes."""
+  return [(r[-4], r[-3], r[-1], r[-2] + 1) for r in rows]
+
+
 def stored(row: tuple) -> tuple:
   """The values a sink stores, in column order (covers_from left out, no written_at)."""
   return row[:-1]
