@@ -50,7 +50,8 @@ FNS = {size: make_fn(window_size_secs=size) for size in (60.0, 1.0, 7.0, 3600.0)
 
 
 def _reference_to_row(fn, record: KafkaRecord) -> tuple:
-  """``_ParseEventsFn._to_row`` as it was before the fast path (verbatim but for ``fn.``)."""
+  """``_ParseEventsFn._to_row`` as it was before the fast path (verbatim but for ``fn.``,
+  and its timestamp now given as µs)."""
   kind = fn._kinds.get(record.topic)
   if kind == "sensor":
     event = sensor_from_object(fn._decode(record.value))
@@ -78,7 +79,7 @@ def _reference_to_row(fn, record: KafkaRecord) -> tuple:
     record.covers_from,
   )
   key = (table, fn._shard(record, entity_id))
-  return table, key, row, Timestamp(micros=arrival_us if is_late else event_us), is_late
+  return table, key, row, Timestamp(micros=arrival_us if is_late else event_us).micros, is_late
 
 
 def _strict(value):

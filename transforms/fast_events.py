@@ -27,6 +27,7 @@ from transforms.events import MAX_EVENT_BYTES, METADATA_JSON
 from transforms.timestamps import parse_utc_iso
 
 _Id = str | int
+_NULL = msgspec.Raw(b"null")
 _Scalar = str | int | float | bool | None
 
 
@@ -42,7 +43,7 @@ class _Sensor(msgspec.Struct, forbid_unknown_fields=True):
   value: float
   timestamp: str
   location: _Location | None = None
-  metadata: dict[str, _Scalar] | None = None
+  metadata: msgspec.Raw = _NULL  # its JSON text, checked once per distinct text (_metadata)
 
 
 class _Meter(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -55,8 +56,24 @@ class _Meter(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 
 _SENSOR = msgspec.json.Decoder(_Sensor)
+_FLAT_METADATA = msgspec.json.Decoder(dict[str, _Scalar])
+_METADATA_TEXTS: dict[bytes, str] = {}  # metadata JSON as sent -> as stored; few distinct ones
 _METER = msgspec.json.Decoder(_Meter)
 _OPEN_BRACE = 0x7B  # a JSON object's first byte; anything else (whitespace, Avro) goes the long way
+
+
+def _metadata(raw: bytes) -> str | None:
+  """Metadata JSON as sent -> as stored (``_metadata`` of transforms.events), or None: not for
+  this path. A flat object of scalars only: whatever is nested, non-finite or a lone
+  surrogate the reference judges. Cached: devices send the same few metadata objects."""
+  try:
+    text = METADATA_JSON.encode(_FLAT_METADATA.decode(raw))  # a 4,300+ digit int raises
+  except Exception:  # noqa: BLE001 - anything unusual is the reference's to judge
+    return None
+  if len(_METADATA_TEXTS) >= 4096:
+    _METADATA_TEXTS.clear()
+  _METADATA_TEXTS[raw] = text
+  return text
 
 
 def _id(value: str | int) -> str | None:
@@ -76,11 +93,15 @@ def sensor_head(value: bytes | None) -> tuple[int, tuple] | None:
     return None
   try:
     e = _SENSOR.decode(value)
-    metadata = e.metadata
-    if metadata is not None:  # scalars only: finite, no lone surrogate; a 4,300+ digit int raises
-      metadata = METADATA_JSON.encode(metadata)
   except Exception:  # noqa: BLE001 - anything unusual is the reference's to judge
     return None
+  metadata = None
+  if e.metadata is not _NULL:
+    raw = bytes(e.metadata)
+    if raw != b"null":
+      metadata = _METADATA_TEXTS.get(raw) or _metadata(raw)
+      if metadata is None:
+        return None
   event_id, sensor_id, sensor_type = _id(e.event_id), _id(e.sensor_id), e.sensor_type
   when = parse_utc_iso(e.timestamp)
   if event_id is None or sensor_id is None or when is None:

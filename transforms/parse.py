@@ -128,9 +128,11 @@ class _ParseEventsFn(beam.DoFn):
       return record
     return load_json_object(value)
 
-  def _to_row(self, record: KafkaRecord) -> tuple[str, BatchKey, tuple, Timestamp, bool]:
-    """A record -> (table, key, row, timestamp, is_late); raises for anything that is no row.
+  def _to_row(self, record: KafkaRecord) -> tuple[str, BatchKey, tuple, int, bool]:
+    """A record -> (table, key, row, timestamp µs, is_late); raises for anything that is no row.
 
+    The timestamp is epoch µs, not a ``Timestamp``: a row that leaves in a full batch
+    never needs one (``BundleBatcher.add``).
     The fast path (``transforms.fast_events``) takes the common valid JSON event; it
     answers None for anything else, which then gets the reference rules (and their reason).
     """
@@ -157,7 +159,7 @@ class _ParseEventsFn(beam.DoFn):
       record.covers_from,
     )
     key = (table, self._shard(record, head[1]))  # head[1]: the sensor_id / meter_id
-    return table, key, row, Timestamp(micros=arrival_us if is_late else event_us), is_late
+    return table, key, row, arrival_us if is_late else event_us, is_late
 
   def _sensor_head(self, value: bytes | None) -> tuple[int, tuple]:
     """The reference rules (any value, Avro too): (event µs, row columns) or raises."""
@@ -224,7 +226,7 @@ class _ParseEventsFn(beam.DoFn):
 
   def process(self, record: KafkaRecord) -> Iterable[Any]:
     try:
-      table, key, row, timestamp, is_late = self._to_row(record)
+      table, key, row, micros, is_late = self._to_row(record)
     except Exception as e:  # noqa: BLE001 - parsing is total: every failure is a dead letter
       yield self._dead_letter(record, e)
       return
@@ -234,9 +236,9 @@ class _ParseEventsFn(beam.DoFn):
     # A WindowedValue, not a TimestampedValue: the runner would re-assign the (global)
     # window per element; the event-time window comes next, in one step for all outputs.
     if self._batcher is None:
-      yield WindowedValue((key, row), timestamp, _GLOBAL)
+      yield WindowedValue((key, row), Timestamp(micros=micros), _GLOBAL)
     else:
-      batch = self._batcher.add(key, row, timestamp)
+      batch = self._batcher.add(key, row, micros)
       if batch is not None:
         yield beam.pvalue.TaggedOutput(FULL_BATCHES_TAG, batch)
 
