@@ -152,10 +152,12 @@ def parse_iso_us(text: str) -> int:
 
 
 # The common forms' fast path: the first 19 characters 'YYYY-MM-DDTHH:MM:SS' (also 't' or ' ')
-# checked once per second of event time (a bounded cache), then only the tail.
+# checked once per second of event time, a tail of up to milliseconds once per distinct tail
+# (bounded caches); a tail of more digits is read each time.
 _SECOND = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:[0-5]\d", re.ASCII)
 _UTC_TAIL = re.compile(r"(?:[.,](\d{1,9}))?(?:[Zz]|\+00:00)?", re.ASCII)
 _SECONDS: dict = {}  # first 19 characters -> (µs, stored form's 'YYYY-MM-DDTHH:MM:SS.') or None
+_TAILS: dict = {}  # the rest, up to milliseconds -> (µs, stored form's 'ffffffZ')
 
 
 def _second(head: str) -> tuple[int, str] | None:
@@ -183,14 +185,19 @@ def parse_utc_iso(text: str) -> tuple[int, str] | None:
   head = _SECONDS.get(text[:19]) or _second(text[:19])
   if head is None:
     return None
-  tail = _UTC_TAIL.fullmatch(text, 19)
+  tail = _TAILS.get(text[19:])
   if tail is None:
-    return None
-  digits = tail.group(1)
-  if digits is None:
-    return head[0], head[1] + "000000Z"
-  fraction = digits[:6].ljust(6, "0")  # truncated to microseconds, as parse_iso_us does
-  return head[0] + int(fraction), head[1] + fraction + "Z"
+    match = _UTC_TAIL.fullmatch(text, 19)
+    if match is None:
+      return None
+    digits = match.group(1) or ""
+    fraction = digits[:6].ljust(6, "0")  # truncated to microseconds, as parse_iso_us does
+    tail = (int(fraction), fraction + "Z")
+    if len(digits) <= 3:  # at most millisecond tails are cached: a few thousand at most
+      if len(_TAILS) >= 20_000:
+        _TAILS.clear()
+      _TAILS[text[19:]] = tail
+  return head[0] + tail[0], head[1] + tail[1]
 
 
 def parse_epoch_us(number: Any) -> int:
