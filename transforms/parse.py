@@ -136,28 +136,20 @@ class _ParseEventsFn(beam.DoFn):
     The fast path (``transforms.fast_events``) takes the common valid JSON event; it
     answers None for anything else, which then gets the reference rules (and their reason).
     """
-    kind = self._kinds.get(record.topic)
+    topic, partition, offset, covers_from, _, value, timestamp_ms, _ = record
+    kind = self._kinds.get(topic)
     if kind == SENSOR:
-      table, event = SENSOR_TABLE, sensor_head(record.value) or self._sensor_head(record.value)
+      table, event = SENSOR_TABLE, sensor_head(value) or self._sensor_head(value)
     elif kind == METER:
-      table, event = METER_TABLE, meter_head(record.value) or self._meter_head(record.value)
+      table, event = METER_TABLE, meter_head(value) or self._meter_head(value)
     else:
-      raise InvalidEvent("unknown_topic", f"no event type is configured for topic {record.topic!r}")
+      raise InvalidEvent("unknown_topic", f"no event type is configured for topic {topic!r}")
     event_us, head = event
     window_start = event_us - event_us % self._size_us
     window = self._windows.get(window_start) or self._window(window_start)
-    arrival_us = record.timestamp_ms * 1000
+    arrival_us = timestamp_ms * 1000
     is_late = arrival_us > window[2]
-    row = (
-      *head,
-      window[0],
-      window[1],
-      is_late,
-      record.topic,
-      record.partition,
-      record.offset,
-      record.covers_from,
-    )
+    row = (*head, window[0], window[1], is_late, topic, partition, offset, covers_from)
     key = (table, self._shard(record, head[1]))  # head[1]: the sensor_id / meter_id
     return table, key, row, arrival_us if is_late else event_us, is_late
 
