@@ -403,3 +403,33 @@ def test_window_bounds_are_cached_per_window_and_bounded():
     assert row[8] == timestamps.iso_us(int((start.timestamp() + i) * 1e6))
     assert row[9] == timestamps.iso_us(int((start.timestamp() + i + 1) * 1e6))
   assert 0 < len(fn._windows) <= 1024
+
+
+_TEXT = _event_text(_SENSOR)
+ODD_TEXTS = {
+  "escaped key name": _TEXT.replace(b'"sensor_id"', b'"sensor\\u005fid"'),
+  "NUL in an id": _TEXT.replace(b'"sensor_042"', b'"sensor\\u0000042"'),
+  "emoji via a surrogate pair": _TEXT.replace(b'"voltage"', b'"volt\\ud83d\\ude00"'),
+  "duplicate key, last valid": _TEXT.replace(b'"value": 231.4', b'"value": "high", "value": 231.4'),
+  "duplicate key, last invalid": _TEXT.replace(b'"value": 231.4', b'"value": 231.4, "value": true'),
+  "duplicate metadata key": _TEXT.replace(b'{"unit": "V"', b'{"unit": "V", "unit": "kV"'),
+  "empty metadata": _event_text({**_SENSOR, "metadata": {}}),
+  "metadata numbers": _TEXT.replace(b'"2.1"', b'1e16, "n": -0, "z": -0.0, "b": true, "x": null'),
+  "minus zero value": _TEXT.replace(b"231.4", b"-0"),
+  "minus zero float": _TEXT.replace(b"231.4", b"-0.0"),
+  "integer value past 2**63": _TEXT.replace(b"231.4", b"123456789012345678901234567"),
+  "byte order mark": b"\xef\xbb\xbf" + _TEXT,
+  "leading space": b" " + _TEXT,
+  "trailing newline": _TEXT + b"\n",
+  "trailing garbage": _TEXT + b"x",
+  "location with an extra key": _TEXT.replace(b'"lon": 13.405', b'"lon": 13.405, "alt": 3'),
+  "empty location": _event_text({**_SENSOR, "location": {}}),
+  "null lat": _event_text({**_SENSOR, "location": {"lat": None, "lon": 1}}),
+  "invalid UTF-8 in metadata": _TEXT.replace(b'"2.1"', b'"2.\xff"'),
+  "lone surrogate in metadata key": _TEXT.replace(b'"firmware"', b'"\\udc00"'),
+}
+
+
+@pytest.mark.parametrize("value", list(ODD_TEXTS.values()), ids=list(ODD_TEXTS))
+def test_odd_json_texts_give_what_the_reference_gives(value):
+  _check_same(_Tally(), SENSOR_TOPIC, value, 60.0, 50)
