@@ -14,7 +14,10 @@ Why the narrowness keeps it exact: msgspec refuses NaN/Infinity, lone surrogates
 invalid UTF-8, control characters and numbers beyond a float, as the reference
 refuses them (with a reason, which the reference then finds); unknown fields are
 refused because msgspec would skip over them without the checks ``json.loads``
-applies to them (nesting depth, integers over 4,300 digits).
+applies to them (nesting depth, integers over 4,300 digits, UTF-8). For the same reason
+the metadata, kept as its JSON text (``msgspec.Raw``), is decoded in full as a flat
+object of scalars before its stored text is made (once per distinct text: a cache).
+The structs hold no containers, so they skip the garbage collector (``gc=False``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class _Location(msgspec.Struct, forbid_unknown_fields=True, gc=False):
   lon: Annotated[float, msgspec.Meta(ge=-180.0, le=180.0)] | None = None
 
 
-class _Sensor(msgspec.Struct, forbid_unknown_fields=True):
+class _Sensor(msgspec.Struct, forbid_unknown_fields=True, gc=False):
   event_id: _Id
   sensor_id: _Id
   sensor_type: str

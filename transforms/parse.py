@@ -3,6 +3,9 @@
 One DoFn does decoding (JSON, or Confluent-framed Avro with ``schema_registry_url``),
 validation, event-time stamping, the batching key and (with ``batch_size``) the
 filling of batches within the bundle, so a record costs one step before the window.
+The common valid JSON event takes a fast path (``transforms.fast_events``: about 2 µs
+instead of 11); whatever that path does not take gets the reference rules of
+``transforms.events``, so every outcome and reason is theirs.
 Every record leaves it exactly once: as a sensor or meter row, or as a dead letter
 (reason, raw bytes, Kafka coordinates). Parsing is total: whatever a record holds,
 any exception while decoding, validating or building its row becomes a dead letter
