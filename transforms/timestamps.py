@@ -185,8 +185,12 @@ def parse_utc_iso(text: str) -> tuple[int, str] | None:
   head = _SECONDS.get(text[:19]) or _second(text[:19])
   if head is None:
     return None
-  tail = _TAILS.get(text[19:])
+  rest = text[19:]
+  tail = _TAILS.get(rest)
   if tail is None:
+    digits = rest[1:]
+    if len(rest) == 7 and rest[0] == "." and digits.isascii() and digits.isdigit():
+      return head[0] + int(digits), head[1] + digits + "Z"  # naive isoformat(): microseconds
     match = _UTC_TAIL.fullmatch(text, 19)
     if match is None:
       return None
@@ -196,7 +200,7 @@ def parse_utc_iso(text: str) -> tuple[int, str] | None:
     if len(digits) <= 3:  # at most millisecond tails are cached: a few thousand at most
       if len(_TAILS) >= 20_000:
         _TAILS.clear()
-      _TAILS[text[19:]] = tail
+      _TAILS[rest] = tail
   return head[0] + tail[0], head[1] + tail[1]
 
 
