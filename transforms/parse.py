@@ -139,7 +139,7 @@ class _ParseEventsFn(beam.DoFn):
     The fast path (``transforms.fast_events``) takes the common valid JSON event; it
     answers None for anything else, which then gets the reference rules (and their reason).
     """
-    topic, partition, offset, covers_from, _, value, timestamp_ms, _ = record
+    topic, value = record.topic, record.value
     kind = self._kinds.get(topic)
     if kind == SENSOR:
       table, event = SENSOR_TABLE, sensor_head(value) or self._sensor_head(value)
@@ -150,9 +150,18 @@ class _ParseEventsFn(beam.DoFn):
     event_us, head = event
     window_start = event_us - event_us % self._size_us
     window = self._windows.get(window_start) or self._window(window_start)
-    arrival_us = timestamp_ms * 1000
+    arrival_us = record.timestamp_ms * 1000
     is_late = arrival_us > window[2]
-    row = (*head, window[0], window[1], is_late, topic, partition, offset, covers_from)
+    row = (
+      *head,
+      window[0],
+      window[1],
+      is_late,
+      topic,
+      record.partition,
+      record.offset,
+      record.covers_from,
+    )
     key = (table, self._shard(record, head[1]))  # head[1]: the sensor_id / meter_id
     return table, key, row, arrival_us if is_late else event_us, is_late
 
