@@ -436,3 +436,17 @@ ODD_TEXTS = {
 @pytest.mark.parametrize("value", list(ODD_TEXTS.values()), ids=list(ODD_TEXTS))
 def test_odd_json_texts_give_what_the_reference_gives(value):
   _check_same(_Tally(), SENSOR_TOPIC, value, 60.0, 50)
+
+
+def test_the_fast_paths_caches_stay_bounded():
+  from transforms import fast_events
+
+  for i in range(5000):  # distinct metadata texts and seconds: each cache starts again when full
+    value = _event_text({**_SENSOR, "metadata": {"n": i}, "timestamp": f"2024-01-15T10:30:00.{i}Z"})
+    assert sensor_head(value)[1][7] == f'{{"n":{i}}}'
+  assert 0 < len(fast_events._METADATA_TEXTS) <= 4096
+  assert 0 < len(timestamps._TAILS) <= 20_000 and 0 < len(timestamps._SECONDS) <= 10_000
+  big = {"blob": "x" * 2000}
+  head = sensor_head(_event_text({**_SENSOR, "metadata": big}))
+  assert head[1][7] == json.dumps(big, separators=(",", ":"))
+  assert not any(len(raw) > 1024 for raw in fast_events._METADATA_TEXTS)  # not kept

@@ -61,6 +61,7 @@ class _Meter(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 _SENSOR = msgspec.json.Decoder(_Sensor)
 _FLAT_METADATA = msgspec.json.Decoder(dict[str, _Scalar])
 _METADATA_TEXTS: dict[bytes, str] = {}  # metadata JSON as sent -> as stored; few distinct ones
+_CACHED_METADATA_BYTES = 1024  # larger ones are not kept: the cache stays under about 10 MB
 _METER = msgspec.json.Decoder(_Meter)
 _OPEN_BRACE = 0x7B  # a JSON object's first byte; anything else (whitespace, Avro) goes the long way
 
@@ -73,9 +74,10 @@ def _metadata(raw: bytes) -> str | None:
     text = METADATA_JSON.encode(_FLAT_METADATA.decode(raw))  # a 4,300+ digit int raises
   except Exception:  # noqa: BLE001 - anything unusual is the reference's to judge
     return None
-  if len(_METADATA_TEXTS) >= 4096:
-    _METADATA_TEXTS.clear()
-  _METADATA_TEXTS[raw] = text
+  if len(raw) <= _CACHED_METADATA_BYTES:
+    if len(_METADATA_TEXTS) >= 4096:
+      _METADATA_TEXTS.clear()
+    _METADATA_TEXTS[raw] = text
   return text
 
 
