@@ -21,5 +21,6 @@ setuptools.setup(
     "google-cloud-bigquery>=3.47,<4",
     "google-cloud-bigquery-storage>=2.43,<3",
     "tenacity>=9,<10",
+    "msgspec>=0.22,<1",
   ],
 )

@@ -41,7 +41,7 @@ def _batcher(size=100):
 
 def test_bundle_batcher_emits_full_batches_in_their_window_and_keeps_the_rest():
   b = _batcher()
-  out = [b.add(("sensor_readings", 0), ("row", i), Timestamp(micros=T0 + i)) for i in range(250)]
+  out = [b.add(("sensor_readings", 0), ("row", i), T0 + i) for i in range(250)]
   full = [wv for wv in out if wv is not None]
   assert [out.index(wv) for wv in full] == [99, 199]  # the 100th and the 200th row fill
   for n, wv in enumerate(full):
@@ -62,7 +62,7 @@ def test_bundle_batcher_emits_full_batches_in_their_window_and_keeps_the_rest():
 def test_bundle_batcher_never_mixes_keys_or_windows():
   b = _batcher(size=3)
   events = [("a", T0), ("b", T0), ("a", T0 + MIN), ("a", T0 + 1), ("b", T0 + 2), ("a", T0 + 2)]
-  full = [wv for k, t in events if (wv := b.add(k, (k, t), Timestamp(micros=t))) is not None]
+  full = [wv for k, t in events if (wv := b.add(k, (k, t), t)) is not None]
   assert [wv.value for wv in full] == [("a", [("a", T0), ("a", T0 + 1), ("a", T0 + 2)])]
   left = sorted(wv.value for wv in b.drain())
   assert left == [("a", ("a", T0 + MIN)), ("b", ("b", T0)), ("b", ("b", T0 + 2))]
@@ -72,7 +72,7 @@ def test_batch_rows_completes_leftovers_with_group_into_batches():
   windows = FixedEventWindows(60)
   b = _batcher(size=4)
   rows = [(("sensor_readings", i % 2), i) for i in range(21)]  # (table, shard) keys
-  full = [wv for k, i in rows if (wv := b.add(k, i, Timestamp(micros=T0 + i))) is not None]
+  full = [wv for k, i in rows if (wv := b.add(k, i, T0 + i)) is not None]
   left = list(b.drain())
 
   def check(batches):

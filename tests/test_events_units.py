@@ -472,6 +472,7 @@ def test_any_other_exception_is_unparseable_with_its_type(monkeypatch):
     raise KeyError("surprise")
 
   monkeypatch.setattr(parse_module, "sensor_from_object", explode)
+  monkeypatch.setattr(parse_module, "sensor_head", lambda value: None)  # fast path declines
   dead = parse_one(jbytes(SENSOR_EVENT)).dead_letter
   assert dead.reason == "unparseable" and dead.error.startswith("unparseable: KeyError: ")
 

@@ -113,7 +113,7 @@ class InvalidEvent(ValueError):
 
 
 # One encoder: json.dumps with non-default arguments builds a new one per call (~3 µs).
-_METADATA_JSON = json.JSONEncoder(
+METADATA_JSON = json.JSONEncoder(
   separators=(",", ":"), allow_nan=False, sort_keys=True, ensure_ascii=False
 )
 
@@ -263,7 +263,7 @@ def _metadata(obj: Mapping[str, Any]) -> str | None:
   if metadata is None:
     return None
   try:
-    text = _METADATA_JSON.encode(metadata)
+    text = METADATA_JSON.encode(metadata)
   except ValueError:  # a float that overflowed to inf, e.g. 1e400
     raise InvalidEvent("non_finite", "'metadata' holds a non-finite number") from None
   except TypeError as e:  # e.g. bytes from an Avro record

@@ -151,6 +151,59 @@ def parse_iso_us(text: str) -> int:
   return _in_range((days * 86_400 + seconds) * 1_000_000 + micros, text)
 
 
+# The common forms' fast path: the first 19 characters 'YYYY-MM-DDTHH:MM:SS' (also 't' or ' ')
+# checked once per second of event time, a tail of up to milliseconds once per distinct tail
+# (bounded caches); a tail of more digits is read each time.
+_SECOND = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:[0-5]\d", re.ASCII)
+_UTC_TAIL = re.compile(r"(?:[.,](\d{1,9}))?(?:[Zz]|\+00:00)?", re.ASCII)
+_SECONDS: dict = {}  # first 19 characters -> (µs, stored form's 'YYYY-MM-DDTHH:MM:SS.') or None
+_TAILS: dict = {}  # the rest, up to milliseconds -> (µs, stored form's 'ffffffZ')
+
+
+def _second(head: str) -> tuple[int, str] | None:
+  found = None
+  if _SECOND.fullmatch(head):
+    try:
+      found = (parse_iso_us(head), f"{head[:10]}T{head[11:]}.")
+    except TimestampError:
+      pass
+  if len(_SECONDS) >= 10_000:
+    _SECONDS.clear()
+  _SECONDS[head] = found
+  return found
+
+
+def parse_utc_iso(text: str) -> tuple[int, str] | None:
+  """The common UTC forms -> (epoch µs, ``iso_us`` of it), or None for any other text.
+
+  Takes 'YYYY-MM-DD[Tt ]HH:MM:SS' with an optional 1-9 digit fraction and an optional
+  ``Z``, ``z`` or ``+00:00``: what producers write (``isoformat()`` of an aware or naive
+  UTC datetime, ``strftime('%Y-%m-%dT%H:%M:%SZ')``). Where it answers, it answers as
+  ``parse_iso_us`` and ``iso_us`` do; None means only "not a common form": ``parse_iso_us``
+  decides (other zones, spaces around, short forms, and every refusal with its reason).
+  """
+  head = _SECONDS.get(text[:19]) or _second(text[:19])
+  if head is None:
+    return None
+  rest = text[19:]
+  tail = _TAILS.get(rest)
+  if tail is None:
+    digits = rest[1:]
+    if len(rest) == 7 and rest[0] == "." and digits.isascii() and digits.isdigit():
+      return head[0] + int(digits), head[1] + digits + "Z"  # naive isoformat(): microseconds
+    match = _UTC_TAIL.fullmatch(text, 19)
+    if match is None:
+      return None
+    digits = match.group(1) or ""
+    fraction = digits[:6].ljust(6, "0")  # truncated to microseconds, as parse_iso_us does
+    tail = (int(fraction), fraction + "Z")
+    if len(digits) <= 3:  # at most millisecond tails are cached: a few thousand at most
+      if len(_TAILS) >= 20_000:
+        _TAILS.clear()
+      _TAILS[rest] = tail
+  return head[0] + tail[0], head[1] + tail[1]
+
+
 def parse_epoch_us(number: Any) -> int:
   """An epoch number (int or float, not bool) -> epoch microseconds, by the 1e11 rule."""
   if isinstance(number, int) and not -_EPOCH_LIMIT < number < _EPOCH_LIMIT:
