@@ -31,7 +31,7 @@ from apache_beam.utils.counters import CounterFactory
 
 from tools.produce import EventFactory
 from transforms.events import meter_row, parse_meter, parse_sensor, sensor_row
-from transforms.rows import METER_TABLE, SENSOR_TABLE, at_offset
+from transforms.rows import METER_TABLE, SENSOR_TABLE, at_offset, offset_of, partition_of
 from transforms.sinks.base import _WriteBatchesFn
 from transforms.sinks.sqlite import SqliteStore
 
@@ -97,7 +97,7 @@ def check(db: Path, batches: list, acks: list, stored: int) -> None:
   want = {}
   for _, rows, _ in batches:
     for row in rows:
-      want.setdefault((row[-4], row[-3]), set()).add(row[-2])
+      want.setdefault(partition_of(row), set()).add(offset_of(row))
   got = {}
   for a in acks:
     offsets = got.setdefault((a.topic, a.partition), [])
@@ -119,7 +119,9 @@ def check(db: Path, batches: list, acks: list, stored: int) -> None:
 
 def copies_of(batches: list, shift: int) -> list:
   """The same events at offsets ``shift`` further: each a later copy of a stored event_id."""
-  return [(k, [at_offset(r, r[-2] + shift) for r in rows], w) for k, rows, w in batches]
+  return [
+    (k, [at_offset(row, offset_of(row) + shift) for row in rows], w) for k, rows, w in batches
+  ]
 
 
 def main(argv: list[str] | None = None) -> int:

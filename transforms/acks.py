@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from transforms.rows import covers_from, offset_of, partition_of
+from transforms.rows import ack_span
 
 
 @dataclass(frozen=True)
@@ -25,15 +25,20 @@ def acks_for_rows(rows: Iterable[tuple]) -> list[Ack]:
   """Merges the rows' offsets (``transforms.rows``: from covers_from to the offset) into the
   fewest Acks."""
   spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
-  for row in rows:
-    spans.setdefault(partition_of(row), []).append((covers_from(row), offset_of(row) + 1))
+  for topic, partition, start, offset in map(ack_span, rows):
+    ranges = spans.get((topic, partition))
+    if ranges is None:
+      spans[(topic, partition)] = [(start, offset + 1)]
+    else:
+      ranges.append((start, offset + 1))
   acks = []
   for (topic, partition), ranges in spans.items():
     ranges.sort()
     start, end = ranges[0]
     for s, e in ranges[1:]:
       if s <= end:
-        end = max(end, e)
+        if e > end:
+          end = e
       else:
         acks.append(Ack(topic, partition, start, end))
         start, end = s, e

@@ -19,6 +19,7 @@ by ``(topic, partition)``.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,11 @@ def offset_of(row: tuple) -> int:
 def covers_from(row: tuple) -> int:
   """The first offset the row's ack accounts for (its own offset unless it spans a gap)."""
   return row[-1]
+
+
+# (kafka_topic, kafka_partition, covers_from, kafka_offset) of a row, in one C call: the sinks
+# read it for every row they ack (``transforms.acks``), where three calls cost twice as much.
+ack_span = operator.itemgetter(-4, -3, -1, -2)
 
 
 def stored(row: tuple) -> tuple:
