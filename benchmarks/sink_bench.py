@@ -1,11 +1,13 @@
 """The SQLite sink alone: CPU per row of ``_WriteBatchesFn`` over a ``SqliteStore``.
 
-    python -m benchmarks.sink_bench [--rows 200000] [--repeat 3] [--dir DIR] [--flush-rows N]
+    python -m benchmarks.sink_bench [--rows 200000] [--repeat 3] [--flush-rows N] [--prefill N]
+                                    [--dir DIR]
 
 Builds N realistic rows once (``tools.produce.EventFactory`` events, 75% sensor and 25% meter,
 parsed and turned into rows by ``transforms.events``; 4 partitions per topic, 60 s windows,
 batches of 100 per (table, shard) and window as ``ParseEvents`` makes them), then per repeat,
-on a fresh SQLite file in a temp folder on disk (``synchronous=FULL`` syncs for real):
+on a fresh SQLite file in a temp folder on disk (``synchronous=FULL`` syncs for real), holding
+``--prefill`` rows of other events first (a file that has grown: the default is empty):
   first:  every batch through setup / start_bundle / process / finish_bundle (one bundle,
           flushed every ``--flush-rows`` rows, the option's default), inside a Beam metrics
           container, as the runner calls it;
@@ -18,10 +20,12 @@ in (row counts, acks covering every offset). Not a test.
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
 import sqlite3
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from apache_beam.metrics.execution import MetricsContainer
@@ -31,7 +35,7 @@ from apache_beam.utils.counters import CounterFactory
 
 from tools.produce import EventFactory
 from transforms.events import meter_row, parse_meter, parse_sensor, sensor_row
-from transforms.rows import METER_TABLE, SENSOR_TABLE, at_offset, offset_of, partition_of
+from transforms.rows import METER_TABLE, ROW_TYPES, SENSOR_TABLE, at_offset, offset_of, partition_of
 from transforms.sinks.base import _WriteBatchesFn
 from transforms.sinks.sqlite import SqliteStore
 
@@ -93,7 +97,8 @@ def run_fn(db: Path, batches: list, flush_rows: int) -> tuple[float, float, list
 
 
 def check(db: Path, batches: list, acks: list, stored: int) -> None:
-  """Every offset acked exactly once; ``stored`` rows in the reading tables, no dead letters."""
+  """Every offset acked exactly once; ``stored`` rows in the reading tables (of every topic),
+  no dead letters."""
   want = {}
   for _, rows, _ in batches:
     for row in rows:
@@ -124,11 +129,45 @@ def copies_of(batches: list, shift: int) -> list:
   ]
 
 
+def prefill(db: Path, batches: list, count: int, seed: int = 3) -> int:
+  """Stores ``count`` rows of other events (new event_ids, topics '<topic>-old<pass>') in
+  ``db``, untimed, so that the timed writes meet indexes of that size."""
+  rng = random.Random(seed)
+  by_table: dict = {}
+  for (table, _), rows, _ in batches:
+    by_table.setdefault(table, []).extend(rows)
+  store = SqliteStore(str(db))
+  store.open()
+  try:
+    written, passes = 0, 0
+    while written < count:
+      for table, rows in by_table.items():
+        row_type = ROW_TYPES[table]
+        event_id, topic = row_type.index("event_id"), row_type.index("kafka_topic")
+        share = min(
+          len(rows), max(1, (count - written) * len(rows) // sum(map(len, by_table.values())))
+        )
+        for start in range(0, share, 5000):
+          old = []
+          for row in rows[start : min(start + 5000, share)]:
+            values = list(row)
+            values[event_id] = str(uuid.UUID(int=rng.getrandbits(128)))
+            values[topic] = f"{values[topic]}-old{passes}"
+            old.append(tuple(values))
+          store.write(table, old, "2026-01-01T00:00:00.000000Z")
+          written += len(old)
+      passes += 1
+  finally:
+    store.close()
+  return written
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--rows", type=int, default=200_000)
   ap.add_argument("--repeat", type=int, default=3)
   ap.add_argument("--flush-rows", type=int, default=FLUSH_ROWS)
+  ap.add_argument("--prefill", type=int, default=0, help="rows of other events stored first")
   ap.add_argument("--dir", default=None, help="folder for the temp files (default: system temp)")
   args = ap.parse_args(argv)
   t = time.perf_counter()
@@ -139,13 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sink-bench-", dir=args.dir))
     db = work / "sink.db"
     try:
-      for what, these, stored in (
-        ("first", batches, n),
-        ("replay", batches, n),
-        ("copies", copies_of(batches, 10_000_000), n),
+      old = prefill(db, batches, args.prefill) if args.prefill else 0
+      for what, these in (
+        ("first", batches),
+        ("replay", batches),
+        ("copies", copies_of(batches, 10_000_000)),
       ):
         cpu, wall, acks = run_fn(db, these, args.flush_rows)
-        check(db, these, acks, stored)
+        check(db, these, acks, n + old)
         print(
           f"run {i + 1} {what:<6}: {cpu / n * 1e6:6.2f} µs CPU/row  "
           f"wall {wall:6.2f} s ({n / wall:,.0f} rows/s)",
