@@ -12,7 +12,7 @@
 #   ./run_pipeline.sh flink  [pipeline options]
 #   ./run_pipeline.sh dataflow [pipeline options]
 #   ./run_pipeline.sh drain [local|flink|dataflow] [job]
-#   ./run_pipeline.sh bench [reader|pipeline|bigquery|idle|profile|parse] [--events N]
+#   ./run_pipeline.sh bench [reader|pipeline|bigquery|idle|profile|parse|sink] [--events N]
 #   ./run_pipeline.sh prism build|path           Prism (Go, same version as apache-beam) for local --runner=PrismRunner
 #   ./run_pipeline.sh audit [pipeline options] [--strict] [--json]   the sink vs the topics and the group, offset by offset
 #   ./run_pipeline.sh chaos [--minutes N] [--cycles N] [--seed S]    random faults on a private broker and sink, then audit
@@ -98,7 +98,8 @@ case "$cmd" in
               idle)     shift; py -m benchmarks.idle_cpu "$@" ;;
               profile)  shift; py -m benchmarks.profile_pipeline "$@" ;;
               parse)    shift; py -m benchmarks.parse_bench "$@" ;;
-              *) die "bench: expected reader, pipeline, bigquery, idle, profile or parse, got $1" ;;
+              sink)     shift; py -m benchmarks.sink_bench "$@" ;;
+              *) die "bench: expected reader, pipeline, bigquery, idle, profile, parse or sink, got $1" ;;
             esac ;;
   help|-h|--help)
     # The comment block at the top, however many commands it lists.

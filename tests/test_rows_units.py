@@ -66,6 +66,7 @@ def test_accessors_read_the_kafka_coordinates_of_a_real_row():
   assert rows.partition_of(row) == ("sensors", 3)
   assert rows.offset_of(row) == 12
   assert rows.covers_from(row) == 9
+  assert rows.ack_span(row) == ("sensors", 3, 9, 12)
   assert rows.stored(row) == row[: len(rows.SENSOR_ROW.columns)]
   assert len(rows.stored(row)) == len(rows.SENSOR_ROW.columns) == len(row) - 1
 

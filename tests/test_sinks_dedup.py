@@ -28,7 +28,7 @@ from transforms.acks import Ack
 from transforms.events import parse_sensor, sensor_row
 from transforms.kafka.records import KafkaRecord, RecordBatch
 from transforms.reconcile import SkipStored
-from transforms.rows import at_offset, offset_of, stored
+from transforms.rows import SENSOR_ROW, at_offset, coordinates, offset_of, stored
 from transforms.sinks.base import DuplicateEvent, WriteBatches, rejected_dead_letter_row
 from transforms.sinks.sqlite import SinkSchemaError, SqliteStore
 from transforms.timestamps import iso_us
@@ -86,6 +86,46 @@ def test_first_copy_of_an_event_wins_and_later_copies_are_reported(store):
     "SELECT kafka_offset FROM sensor_readings ORDER BY kafka_offset"
   ).fetchall()
   assert [o for (o,) in stored] == [0, 1, 2, 3, 4, 10]
+
+
+def test_sqlite_pragmas_for_speed_keep_every_write_synced(store):
+  # a larger page cache, fewer checkpoints; every COMMIT still syncs the WAL
+  pragma = store._conn.execute
+  assert pragma("PRAGMA cache_size").fetchone()[0] == -8192
+  assert pragma("PRAGMA wal_autocheckpoint").fetchone()[0] == 10000
+  assert pragma("PRAGMA synchronous").fetchone()[0] == 2
+
+
+@pytest.mark.parametrize("with_bad_row", [False, True])
+def test_a_large_write_reports_exactly_its_later_copies_in_order(store, with_bad_row):
+  # more rows than one look-up query takes, over two partitions: replays are absorbed, copies
+  # at new offsets (some events copied twice) are reported with the first copy's coordinates,
+  # new rows go in; a row that breaks NOT NULL takes the row-by-row path, with the same result
+  event_id = SENSOR_ROW.index("event_id")
+  first = _rows("s", 0, range(700), seed=21) + _rows("s", 1, range(700), seed=22)
+  assert store.write("sensor_readings", first, _written_at()) == []
+  copies = [_copy(row, offset_of(row) + 10_000) for row in first[::2]] + [
+    _copy(row, offset_of(row) + 20_000) for row in first[350:950]
+  ]
+  fresh = _rows("s", 1, range(700, 1000), seed=23)
+  bad = [at_offset((None, *stored(fresh[0])[1:], 0), 5_000)] if with_bad_row else []
+  mixed = [row for trio in zip(first, copies, fresh) for row in trio] + first[300:] + copies[300:]
+  rejected = store.write("sensor_readings", mixed + bad, _written_at())
+  copied = {coordinates(row) for row in copies}
+  assert len(copied) == 1300
+  duplicates = [(row, e) for row, e in rejected if isinstance(e, DuplicateEvent)]
+  assert [row for row, _ in duplicates] == [row for row in mixed if coordinates(row) in copied]
+  origin = {row[event_id]: coordinates(row) for row in first}
+  for row, error in duplicates:
+    topic, partition, offset = origin[row[event_id]]
+    assert error.endswith(f"is stored already ({topic}-{partition}@{offset})"), error
+  others = [(row, e) for row, e in rejected if not isinstance(e, DuplicateEvent)]
+  assert [row for row, _ in others] == bad
+  assert all("NOT NULL" in e for _, e in others)
+  offsets = store._conn.execute(
+    "SELECT kafka_partition, kafka_offset FROM sensor_readings ORDER BY 1, 2"
+  ).fetchall()
+  assert offsets == [(0, o) for o in range(700)] + [(1, o) for o in range(1000)]
 
 
 def test_duplicates_are_acked_and_counted_not_written(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from transforms.rows import ack_spans
+from transforms.rows import ack_span
 
 
 @dataclass(frozen=True)
@@ -24,15 +24,23 @@ class Ack:
 def acks_for_rows(rows: Iterable[tuple]) -> list[Ack]:
   """Merges the rows' offsets (``transforms.rows``: from covers_from to the offset) into the
   fewest Acks."""
-  acks: list[Ack] = []
-  topic = partition = start = end = None
-  for t, p, s, e in sorted(ack_spans(rows)):
-    if t == topic and p == partition and s <= end:
-      end = max(end, e)
-      continue
-    if topic is not None:
-      acks.append(Ack(topic, partition, start, end))
-    topic, partition, start, end = t, p, s, e
-  if topic is not None:
+  spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+  for topic, partition, start, offset in map(ack_span, rows):
+    ranges = spans.get((topic, partition))
+    if ranges is None:
+      spans[(topic, partition)] = [(start, offset + 1)]
+    else:
+      ranges.append((start, offset + 1))
+  acks = []
+  for (topic, partition), ranges in spans.items():
+    ranges.sort()
+    start, end = ranges[0]
+    for s, e in ranges[1:]:
+      if s <= end:
+        if e > end:
+          end = e
+      else:
+        acks.append(Ack(topic, partition, start, end))
+        start, end = s, e
     acks.append(Ack(topic, partition, start, end))
   return acks

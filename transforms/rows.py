@@ -19,6 +19,7 @@ by ``(topic, partition)``.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,10 +133,9 @@ def covers_from(row: tuple) -> int:
   return row[-1]
 
 
-def ack_spans(rows) -> list[tuple[str, int, int, int]]:
-  """(kafka_topic, kafka_partition, covers_from, kafka_offset + 1) of each row: the offsets
-  its ack accounts for. One pass, no call per row: a sink acks every row it writes."""
-  return [(r[-4], r[-3], r[-1], r[-2] + 1) for r in rows]
+# (kafka_topic, kafka_partition, covers_from, kafka_offset) of a row, in one C call: the sinks
+# read it for every row they ack (``transforms.acks``), where three calls cost twice as much.
+ack_span = operator.itemgetter(-4, -3, -1, -2)
 
 
 def stored(row: tuple) -> tuple:
