@@ -87,7 +87,7 @@ def build(
 # 51.1-51.7; x100 (2 rounds) 47.8-50.5. Memory does not grow with a round (the batches are
 # written in the stage that reads them: pipelines/smartgrid.py): 400,000 events in rounds of
 # 100,000 peaked at 230 MB, in one round of 400,000 at 217 MB.
-FIRST_ROUND_RECORDS = 2_000
+FIRST_ROUND_RECORDS = 500
 ROUND_GROWTH = 100
 
 

@@ -140,3 +140,13 @@ def bq_emulator():
     yield emulator
   finally:
     emulator.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_idle_kafka_consumers():
+  """Kafka consumers a test's pipeline left idle in the pool (transforms.kafka.client) are
+  closed after it: the next test starts without them, whatever broker it talks to."""
+  yield
+  from transforms.kafka.client import close_idle_consumers
+
+  close_idle_consumers()

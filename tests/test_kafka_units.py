@@ -25,6 +25,7 @@ from kafka import TopicPartition
 
 from broker.kafka_broker import free_port
 from transforms.kafka import KafkaRecord, KafkaUnavailableError, PartitionRead, ReadFromKafka
+from transforms.kafka import client as kafka_client
 from transforms.kafka import config as kafka_config
 from transforms.kafka import read as kafka_read
 from transforms.kafka.drain import DrainSignal
@@ -933,12 +934,15 @@ class FakeListingConsumer(FakeOffsetsConsumer):
   def partitions_for_topic(self, topic):
     return {0, 1, 2} if topic == "t" else None
 
-  def close(self):
+  def unsubscribe(self):
+    pass
+
+  def close(self, autocommit=True):
     pass
 
 
 def _resolve_fn(monkeypatch, consumers, *, shard=None, skip_missing=False, drain_file=None):
-  """The DoFn with _new_consumer answering from ``consumers`` (a consumer or an exception
+  """The DoFn with new consumers answering from ``consumers`` (a consumer or an exception
   each call); returns (fn, calls)."""
   calls = []
 
@@ -949,7 +953,8 @@ def _resolve_fn(monkeypatch, consumers, *, shard=None, skip_missing=False, drain
       raise answer
     return answer
 
-  monkeypatch.setattr(kafka_read, "_new_consumer", new_consumer)
+  kafka_client.close_idle_consumers()  # no consumer left idle by another test
+  monkeypatch.setattr(kafka_client, "new_consumer", new_consumer)
   fn = kafka_read._ResolvePartitionsFn(
     {"bootstrap_servers": [BOOT]},
     StartPosition("earliest"),
@@ -1049,3 +1054,42 @@ def test_record_batch_coder_round_trips_and_estimates_without_encoding(monkeypat
   monkeypatch.setattr(RecordBatchCoder, "encode", lambda self, b: pytest.fail("encoded"))
   size, observables = impl.get_estimated_size_and_observables(batch)
   assert size >= len(b'{"a": 1}') + len(b"k") and not observables
+
+
+def test_consumer_pool_hands_an_idle_consumer_to_the_next_lease_of_an_equal_config(monkeypatch):
+  """The pool behind the reader, the resolver and the committer: a released consumer goes to
+  the next lease of an equal config (not of another), at most MAX_IDLE_PER_CONFIG are kept,
+  a failed one is closed, and a forked child never gets its parent's."""
+  made, closed = [], []
+
+  class Client:
+    def __init__(self, config):
+      self.config, self.assigned = config, True
+      made.append(self)
+
+    def unsubscribe(self):
+      self.assigned = False
+
+    def close(self, autocommit=True):
+      assert autocommit is False  # the pool never commits for anyone
+      closed.append(self)
+
+  kafka_client.close_idle_consumers()
+  monkeypatch.setattr(kafka_client, "new_consumer", Client)
+  a, b = {"bootstrap_servers": ["h:1"], "group_id": "g"}, {"bootstrap_servers": ["h:1"]}
+  first = kafka_client.lease_consumer(a)
+  kafka_client.release_consumer(a, first)
+  assert not first.assigned and closed == []
+  assert kafka_client.lease_consumer(dict(a)) is first  # an equal config: the same client
+  other = kafka_client.lease_consumer(b)
+  assert other is not first and len(made) == 2  # another config: a new client
+  third, fourth = kafka_client.lease_consumer(a), kafka_client.lease_consumer(a)
+  for c in (first, third, fourth):
+    kafka_client.release_consumer(a, c)
+  assert closed == [fourth]  # two kept idle, the third closed
+  kafka_client.release_consumer(b, other, reusable=False)
+  assert closed == [fourth, other]
+  monkeypatch.setattr(kafka_client.os, "getpid", lambda: -1)  # as in a forked child
+  assert kafka_client.lease_consumer(a) not in (first, third)
+  monkeypatch.undo()
+  kafka_client.close_idle_consumers()

@@ -36,7 +36,12 @@ from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms import arguments
-from transforms.kafka.client import ClientConfig, check_client_config, new_consumer
+from transforms.kafka.client import (
+  ClientConfig,
+  check_client_config,
+  lease_consumer,
+  release_consumer,
+)
 from transforms.kafka.records import PartitionRead
 from transforms.retry import with_retries
 from transforms.rows import PartitionKey
@@ -130,12 +135,12 @@ class _CommitOffsetsFn(beam.DoFn):
 
   def _get_consumer(self):
     if self._consumer is None:
-      self._consumer = new_consumer(self._config)
+      self._consumer = lease_consumer(self._config)
     return self._consumer
 
   def teardown(self):
     if self._consumer is not None:
-      self._consumer.close(autocommit=False)
+      release_consumer(self._config, self._consumer)
       self._consumer = None
 
   def process(
