@@ -179,7 +179,7 @@ class SmartGridOptions(PipelineOptions):
       default=1_000_000,
       help="local and batch runs on FnApiRunner go in rounds of at most this many "
       "records (shared out over the partitions); offsets are committed when a round "
-      "ends. The first round reads 2000, the next ones 100 times more, up to this cap. "
+      "ends. The first round reads 500, the next ones 100 times more, up to this cap. "
       "Default: 1000000",
     )
     g.add_argument(

@@ -78,13 +78,14 @@ def build(
 
 
 # The first round's size in records, and the factor each later round grows by, up to
-# --round_max_records: 2,000, then 200,000, then the cap (1,000,000 by default). Why small
+# --round_max_records: 500, then 50,000, then the cap (1,000,000 by default). Why small
 # first: nothing is committed before a round ends, and a big round takes seconds; one of
-# 2,000 ends a fraction of a second after its first poll, so the first offset is committed
-# about 2 s after start instead of 8-9 s. Why then so steep: each round costs ~0.5 s of CPU
-# (building and starting the pipeline), measured over 200,000 events (1 worker, CPU µs per
-# event): one round 48.2-48.5; doubling from 2,000 (7 rounds) 61.4-65.7; x10 (3 rounds)
-# 51.1-51.7; x100 (2 rounds) 47.8-50.5. Memory does not grow with a round (the batches are
+# 500 ends a fraction of a second after its first poll, so the first offset is committed
+# 1.5-1.8 s after start (2,000 first: 1.9-2.3 s; 200,000 first: 8-9 s). Why then so steep:
+# each round costs CPU (building and starting the pipeline: ~0.5 s before the Kafka clients
+# were pooled), measured over 200,000 events (1 worker, CPU µs per event): one round
+# 48.2-48.5; doubling from 2,000 (7 rounds) 61.4-65.7; x10 (3 rounds) 51.1-51.7; x100
+# (2 rounds) 47.8-50.5. Memory does not grow with a round (the batches are
 # written in the stage that reads them: pipelines/smartgrid.py): 400,000 events in rounds of
 # 100,000 peaked at 230 MB, in one round of 400,000 at 217 MB.
 FIRST_ROUND_RECORDS = 500
@@ -92,8 +93,8 @@ ROUND_GROWTH = 100
 
 
 def round_records(done: int, cap: int) -> int:
-  """The records the round after ``done`` successful ones may read in all: 2,000, then
-  200,000, 20,000,000 ... and never more than ``cap`` (--round_max_records)."""
+  """The records the round after ``done`` successful ones may read in all: 500, then
+  50,000, 5,000,000 ... and never more than ``cap`` (--round_max_records)."""
   # min(done, 8): past any cap already; no huge integers in long streaming runs.
   return max(1, min(cap, FIRST_ROUND_RECORDS * ROUND_GROWTH ** min(done, 8)))
 
@@ -104,7 +105,7 @@ class Rounds:
   Streaming: each round reads from the committed offsets to the end offsets it sees.
   Batch: each round reads from the committed offsets towards the end offsets seen when
   the run started, and the run ends when it reaches them (or a round finds nothing
-  left). Either way a round reads at most ``round_records`` (2,000 records at first,
+  left). Either way a round reads at most ``round_records`` (500 records at first,
   then 100 times more, up to ``--round_max_records``; an equal share per partition), because
   a round commits only when it ends: FnApiRunner runs one stage after the other, and the
   commit is the last stage. Memory stays flat within a round: only the leftovers of

@@ -379,9 +379,9 @@ def test_tune_gc_freezes_the_imports_and_raises_the_thresholds():
 def test_round_sizes_start_small_grow_and_never_exceed_the_cap():
   from runners.rounds import round_records
 
-  assert [round_records(done, 200_000) for done in range(4)] == [2_000, 200_000, 200_000, 200_000]
+  assert [round_records(done, 200_000) for done in range(4)] == [500, 50_000, 200_000, 200_000]
   sizes = [round_records(done, 10**9) for done in range(12)]
-  assert sizes[:4] == [2_000, 200_000, 20_000_000, 10**9]
+  assert sizes[:5] == [500, 50_000, 5_000_000, 500_000_000, 10**9]
   assert all(a <= b <= 10**9 for a, b in zip(sizes, sizes[1:]))
   assert [round_records(done, 28) for done in range(3)] == [28, 28, 28]  # a cap below the start
   assert round_records(10**9, 200_000) == 200_000  # a long streaming run: still the cap
@@ -407,7 +407,7 @@ def test_each_round_shares_its_size_over_the_partitions_and_resumes_from_the_com
     kinds.append(start.kind)
     assert stop.max_records * 8 >= round_records(plan.count, 100_000)  # no record left out
     plan.count += 1  # the launcher counts a round once it succeeded
-  assert shares == [250, 12_500, 12_500, 12_500, 12_500, 12_500]
+  assert shares == [63, 6_250, 12_500, 12_500, 12_500, 12_500]
   assert kinds == ["earliest"] + ["committed"] * 5
 
 
@@ -447,8 +447,8 @@ def test_a_batch_run_reads_its_backlog_in_growing_rounds_each_from_the_last_comm
   launcher._run_pipeline = one_round
   launcher.run()
   assert [(kind, cap) for kind, cap, _ in reads] == [
-    ("earliest", 500),
-    ("committed", 50_000),
-  ]  # 2,000 then 200,000 records over 4 partitions; 1,500 each were there
-  assert reads[1][2] == dict.fromkeys(view.tps, 500)  # the second starts at the first's commit
+    ("earliest", 125),
+    ("committed", 12_500),
+  ]  # 500 then 50,000 records over 4 partitions; 1,500 each were there
+  assert reads[1][2] == dict.fromkeys(view.tps, 125)  # the second starts at the first's commit
   assert view.committed == view.end
