@@ -1,11 +1,14 @@
 """The baselines the pipeline is measured against, each run as a process of its own so its
 CPU and peak RSS are its own (``benchmarks.pipeline_bench`` starts them):
 
-    python -m benchmarks.baselines raw|loop|reader BOOTSTRAP N DB TOPIC [TOPIC ...]
+    python -m benchmarks.baselines raw|loop|strict_loop|reader BOOTSTRAP N DB TOPIC [TOPIC ...]
 
   raw:    kafka-python poll(500) + json.loads (``benchmarks.common.raw_consume``);
   loop:   the hand-written kafka-python -> SQLite loop, batches of 100 (executemany + one
           commit, unique (topic, partition, offset)): the system being replaced, minus its loss;
+  strict_loop: the same loop with the guarantees the pipeline's sink keeps: synchronous=FULL
+          (a commit is on disk when it returns) and one row per event_id (a unique index);
+          not a goal of issue 13, the cost of those two guarantees alone;
   reader: ReadFromKafka(stop='end', batched=True) | json.loads | count on FnApiRunner
           (reader_bench).
 
@@ -25,15 +28,18 @@ _LOGGER = logging.getLogger(__name__)
 LOOP_BATCH = 100
 
 
-def sqlite_loop(bootstrap: str, topics: list[str], n: int, db: str) -> int:
-  """The hand-written loop: poll, json.loads, 100 rows per executemany + commit."""
+def sqlite_loop(bootstrap: str, topics: list[str], n: int, db: str, strict: bool = False) -> int:
+  """The hand-written loop: poll, json.loads, 100 rows per executemany + commit; ``strict``:
+  with the sink's durability (synchronous=FULL) and one row per event_id."""
   conn = sqlite3.connect(db, isolation_level=None)
   conn.execute("PRAGMA journal_mode=WAL")
-  conn.execute("PRAGMA synchronous=NORMAL")
+  conn.execute(f"PRAGMA synchronous={'FULL' if strict else 'NORMAL'}")
   conn.execute(
     "CREATE TABLE IF NOT EXISTS events (topic TEXT, partition INTEGER, offset INTEGER, "
     "event_id TEXT, entity TEXT, value REAL, ts TEXT, UNIQUE (topic, partition, offset))"
   )
+  if strict:
+    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (event_id)")
   c = from_beginning(bootstrap, topics)
   batch, seen = [], 0
   sql = "INSERT INTO events VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
@@ -71,15 +77,15 @@ def sqlite_loop(bootstrap: str, topics: list[str], n: int, db: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  if len(argv) < 5 or argv[0] not in ("raw", "loop", "reader"):
+  if len(argv) < 5 or argv[0] not in ("raw", "loop", "strict_loop", "reader"):
     print(__doc__, file=sys.stderr)
     return 2
   kind, bootstrap, n, db, topics = argv[0], argv[1], int(argv[2]), argv[3], argv[4:]
   logging.basicConfig(level=logging.WARNING)
   if kind == "raw":
     seen = raw_consume(bootstrap, topics, n)
-  elif kind == "loop":
-    seen = sqlite_loop(bootstrap, topics, n, db)
+  elif kind in ("loop", "strict_loop"):
+    seen = sqlite_loop(bootstrap, topics, n, db, strict=kind == "strict_loop")
   else:
     from benchmarks.reader_bench import bench_reader  # pylint: disable=import-outside-toplevel
 

@@ -8,7 +8,9 @@ Produces N realistic events (sensor and meter topics, 4 partitions each) in two 
 measures each of the following as a process of its own, from the beginning of the topics:
   (0) pipeline ``--mode=batch``, 1 worker, over the first N/4 events (memory at a smaller size);
   (a) raw:      kafka-python, assign all partitions, poll(500) + json.loads;
-  (b) loop:     kafka-python -> SQLite in batches of 100 (benchmarks.baselines);
+  (b) loop:     kafka-python -> SQLite in batches of 100 (benchmarks.baselines); and the same
+                loop with the sink's guarantees (synchronous=FULL, one row per event_id): not
+                a goal, what those two cost on their own;
   (c) reader:   ReadFromKafka(batched=True) | json.loads | count on FnApiRunner (unless
                 --no-reader);
   (d) pipeline ``--mode=batch`` (FnApiRunner, GroupIntoBatches(100), SQLite sink, commit after
@@ -180,6 +182,8 @@ def figures(rows: dict, n: int) -> dict:
     "cpu_w1_over_loop": _ratio(cpu["batch_w1"], cpu["loop"]),
     "w2_over_loop": _ratio(eps["batch_w2"], eps["loop"]),
     "cpu_w2_over_loop": _ratio(cpu["batch_w2"], cpu["loop"]),
+    "cpu_w1_over_strict_loop": _ratio(cpu["batch_w1"], cpu["strict_loop"]),
+    "w1_over_strict_loop": _ratio(eps["batch_w1"], eps["strict_loop"]),
     "peak_rss_mb": max(r["peak_rss_mb"] for r in pipes),
     "rss_at_quarter_mb": rows["batch_w1_quarter"]["peak_rss_mb"],
     "rss_at_n_mb": rows["batch_w1"]["peak_rss_mb"],
@@ -209,6 +213,11 @@ def report(figs: dict) -> dict:
     f"{figs['cpu_w2_over_loop']:.2f})",
     flush=True,
   )
+  print(
+    f"  (against the loop with the sink's guarantees: 1 worker {figs['w1_over_strict_loop']:.2f} "
+    f"of its events/s, {figs['cpu_w1_over_strict_loop']:.2f}x its CPU per event)",
+    flush=True,
+  )
   return verdicts
 
 
@@ -231,6 +240,11 @@ def run_all(bootstrap: str, work: Path, n: int, with_reader: bool) -> dict:
   )
   rows["loop"] = _row(
     "kafka-python -> SQLite loop, batches of 100", baseline("loop", bootstrap, topics, n, work), n
+  )
+  rows["strict_loop"] = _row(
+    "same loop, synchronous=FULL + unique event_id",
+    baseline("strict_loop", bootstrap, topics, n, work),
+    n,
   )
   if with_reader:
     rows["reader"] = _row(
