@@ -143,8 +143,9 @@ class SmartGridOptions(PipelineOptions):
     g.add_argument(
       "--sink_flush_rows",
       type=int,
-      default=1000,
-      help="rows the sink buffers before a write (also flushed at bundle end). Default: 1000",
+      default=5000,
+      help="rows the sink buffers before a write, one transaction (also flushed at bundle "
+      "end). Default: 5000",
     )
     g.add_argument(
       "--sink_retry_deadline_secs",

@@ -34,6 +34,7 @@ from pipelines.options import SmartGridOptions
 from runners import prism
 from runners.kafka_view import KafkaView, is_first_worker, is_kafka_error
 from runners.report import Totals, short
+from transforms.kafka.client import close_idle_consumers
 from transforms.kafka.drain import DrainSignal
 from transforms.kafka.positions import StartPosition, StopPosition, parse_start
 
@@ -202,6 +203,9 @@ class Launcher:
 
     def before_sleep(state):
       self.view.mark_down()
+      # The failed round's clients may be waiting out a long reconnect backoff: the next
+      # round opens new ones rather than take them from the pool.
+      close_idle_consumers()
       _LOGGER.warning(
         "Kafka unreachable (%s); retrying in %.1fs",
         short(state.outcome.exception()),
