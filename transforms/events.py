@@ -338,16 +338,8 @@ def parse_meter(value: bytes | None) -> MeterReading:
 # sink stamps it), ending with (kafka_topic, kafka_partition, kafka_offset, covers_from).
 
 
-def sensor_row(
-  r: SensorReading,
-  window_start_us: int,
-  window_end_us: int,
-  is_late: bool,
-  topic: str,
-  partition: int,
-  offset: int,
-  covers_from: int,
-) -> tuple:
+def sensor_columns(r: SensorReading) -> tuple:
+  """A sensor reading's row columns up to the window: event_id ... metadata."""
   return (
     r.event_id,
     r.sensor_id,
@@ -357,18 +349,16 @@ def sensor_row(
     r.longitude,
     iso_us(r.event_time_us),
     r.metadata,
-    iso_us(window_start_us),
-    iso_us(window_end_us),
-    is_late,
-    topic,
-    partition,
-    offset,
-    covers_from,
   )
 
 
-def meter_row(
-  r: MeterReading,
+def meter_columns(r: MeterReading) -> tuple:
+  """A meter reading's row columns up to the window: event_id ... event_time."""
+  return (r.event_id, r.meter_id, r.customer_id, r.reading, r.unit, iso_us(r.event_time_us))
+
+
+def _row(
+  columns: tuple,
   window_start_us: int,
   window_end_us: int,
   is_late: bool,
@@ -378,12 +368,7 @@ def meter_row(
   covers_from: int,
 ) -> tuple:
   return (
-    r.event_id,
-    r.meter_id,
-    r.customer_id,
-    r.reading,
-    r.unit,
-    iso_us(r.event_time_us),
+    *columns,
     iso_us(window_start_us),
     iso_us(window_end_us),
     is_late,
@@ -392,6 +377,17 @@ def meter_row(
     offset,
     covers_from,
   )
+
+
+def sensor_row(r: SensorReading, *window_and_coordinates) -> tuple:
+  """(reading, window start µs, window end µs, is_late, topic, partition, offset,
+  covers_from) -> its sensor_readings row."""
+  return _row(sensor_columns(r), *window_and_coordinates)
+
+
+def meter_row(r: MeterReading, *window_and_coordinates) -> tuple:
+  """As ``sensor_row``, for a meter reading."""
+  return _row(meter_columns(r), *window_and_coordinates)
 
 
 def _is_text(raw: bytes | None) -> bool:

@@ -88,17 +88,24 @@ def _id(value: str | int) -> str | None:
   return str(value) if value.bit_length() < 14_000 else None  # str() of 4,300+ digits raises
 
 
+def _decoded(decoder, value: bytes | None):
+  """The typed struct of a plain JSON object, or None (anything unusual is the reference's)."""
+  if not value or value[0] != _OPEN_BRACE or len(value) > MAX_EVENT_BYTES:
+    return None
+  try:
+    return decoder.decode(value)
+  except Exception:  # noqa: BLE001 - anything unusual is the reference's to judge
+    return None
+
+
 def sensor_head(value: bytes | None) -> tuple[int, tuple] | None:
   """A sensor event -> (event µs, its row's columns up to the window start), or None.
 
   The columns: event_id, sensor_id, sensor_type, value, latitude, longitude, event_time,
   metadata (``transforms.rows.SENSOR_ROW``'s order).
   """
-  if not value or value[0] != _OPEN_BRACE or len(value) > MAX_EVENT_BYTES:
-    return None
-  try:
-    e = _SENSOR.decode(value)
-  except Exception:  # noqa: BLE001 - anything unusual is the reference's to judge
+  e = _decoded(_SENSOR, value)
+  if e is None:
     return None
   metadata = None
   if e.metadata is not _NULL:
@@ -124,11 +131,8 @@ def meter_head(value: bytes | None) -> tuple[int, tuple] | None:
   The columns: event_id, meter_id, customer_id, reading, unit, event_time
   (``transforms.rows.METER_ROW``'s order).
   """
-  if not value or value[0] != _OPEN_BRACE or len(value) > MAX_EVENT_BYTES:
-    return None
-  try:
-    e = _METER.decode(value)
-  except Exception:  # noqa: BLE001 - anything unusual is the reference's to judge
+  e = _decoded(_METER, value)
+  if e is None:
     return None
   event_id, meter_id, customer_id = _id(e.event_id), _id(e.meter_id), _id(e.customer_id)
   when = parse_utc_iso(e.timestamp)

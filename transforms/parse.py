@@ -41,7 +41,9 @@ from transforms.events import (
   dead_letter_row,
   describe_exception,
   load_json_object,
+  meter_columns,
   meter_from_object,
+  sensor_columns,
   sensor_from_object,
 )
 from transforms.fast_events import meter_head, sensor_head
@@ -168,27 +170,11 @@ class _ParseEventsFn(beam.DoFn):
   def _sensor_head(self, value: bytes | None) -> tuple[int, tuple]:
     """The reference rules (any value, Avro too): (event µs, row columns) or raises."""
     r = sensor_from_object(self._decode(value))
-    return r.event_time_us, (
-      r.event_id,
-      r.sensor_id,
-      r.sensor_type,
-      r.value,
-      r.latitude,
-      r.longitude,
-      iso_us(r.event_time_us),
-      r.metadata,
-    )
+    return r.event_time_us, sensor_columns(r)
 
   def _meter_head(self, value: bytes | None) -> tuple[int, tuple]:
     r = meter_from_object(self._decode(value))
-    return r.event_time_us, (
-      r.event_id,
-      r.meter_id,
-      r.customer_id,
-      r.reading,
-      r.unit,
-      iso_us(r.event_time_us),
-    )
+    return r.event_time_us, meter_columns(r)
 
   def _window(self, start_us: int) -> tuple[str, str, int]:
     """(window_start, window_end as stored, the last arrival µs that is not late) of a window,
