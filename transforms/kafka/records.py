@@ -63,7 +63,7 @@ class RecordBatch(list):
 class RecordBatchCoder(coders.Coder):
   """Encodes a ``RecordBatch`` as a list of plain tuples (Beam's fast primitives coder,
   where a ``KafkaRecord``, a NamedTuple, would go through pickle), and estimates its size
-  from the byte fields without encoding it: the runner samples element sizes for its
+  from its first record without encoding it: the runner samples element sizes for its
   metrics, and encoding a poll's thousand records for each sample cost more than the read."""
 
   _TUPLES = coders.FastPrimitivesCoder()
@@ -80,9 +80,12 @@ class RecordBatchCoder(coders.Coder):
     return coder_impl.CallbackCoderImpl(self.encode, self.decode, self.estimate_size)
 
   def estimate_size(self, batch: RecordBatch) -> int:
-    return sum(len(r.value or b"") + len(r.key or b"") for r in batch) + self._PER_RECORD * len(
-      batch
-    )
+    # From the first record alone: the runner samples sizes for its metrics only, and going
+    # over every record of each sampled poll cost ~0.15 µs per record read.
+    if not batch:
+      return 0
+    first = batch[0]
+    return len(batch) * (len(first.value or b"") + len(first.key or b"") + self._PER_RECORD)
 
   def is_deterministic(self) -> bool:
     return True
