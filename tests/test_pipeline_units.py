@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import sqlite3
-import threading
 
 import apache_beam as beam
 import pytest
@@ -632,90 +631,6 @@ def test_write_batches_acks_each_batch_in_its_own_window(tmp_path):
     assert_that(
       acks | beam.ParDo(where), equal_to([(0, 0, 3, 0, True), (1, 0, 2, 60_000_000, True)])
     )
-
-
-class _GatedStore(SqliteStore):
-  """A real SQLite store whose writes wait for a gate (one per write, in order) and whose
-  ``fail_at``-th write fails for good: a write in flight, seen from the DoFn's thread."""
-
-  def __init__(self, path: str, fail_at: int | None = None):
-    super().__init__(path)
-    self.gates: list = []
-    self.started = threading.Semaphore(0)
-    self.fail_at = fail_at
-
-  def write(self, table, rows, written_at):
-    n = len(self.gates)
-    gate = threading.Event()
-    self.gates.append(gate)
-    self.started.release()
-    assert gate.wait(30), "the test never opened the gate"
-    if n == self.fail_at:
-      raise RuntimeError("disk on fire")
-    return super().write(table, rows, written_at)
-
-
-def _acked_offsets(outputs) -> set:
-  return {o for wv in outputs for o in range(wv.value.start, wv.value.end)}
-
-
-def test_write_batches_acks_a_write_in_flight_only_once_it_is_durable(tmp_path):
-  """The sink writes in a thread of its own, one write in flight while the next rows come:
-  no ack leaves before its rows' write returned, a flush waits for the write before it, and
-  the bundle's end waits for the last one; rows and acks tile the offsets once each."""
-  from apache_beam.transforms.window import GlobalWindow
-
-  from transforms.sinks.base import _WriteBatchesFn
-
-  path = str(tmp_path / "sink.db")
-  store = _GatedStore(path)
-  fn = _WriteBatchesFn(store, 3, 5.0, 3)
-  fn.setup()
-  try:
-    with _metrics_container():
-      fn.start_bundle()
-      key, window, rows = ("sensor_readings", 0), GlobalWindow(), _sensor_rows("s", 0, range(6))
-      first = list(fn.process((key, rows[:3]), window=window))
-      assert first == [] and store.started.acquire(timeout=10)  # write 1 in flight, no ack
-      assert _table(path, "sensor_readings") == []
-      store.gates[0].set()
-      second = list(fn.process((key, rows[3:]), window=window))
-      assert _acked_offsets(second) == {0, 1, 2}  # write 1 returned: its acks, and only them
-      assert store.started.acquire(timeout=10)  # write 2 in flight
-      store.gates[1].set()
-      last = list(fn.finish_bundle())
-      assert _acked_offsets(last) == {3, 4, 5}
-      assert _table(path, "sensor_readings") == [("s", 0, o) for o in range(6)]
-  finally:
-    fn.teardown()
-
-
-def test_write_batches_a_write_that_fails_in_flight_fails_the_bundle_unacked(tmp_path):
-  from apache_beam.transforms.window import GlobalWindow
-
-  from transforms.sinks.base import _WriteBatchesFn
-
-  path = str(tmp_path / "sink.db")
-  store = _GatedStore(path, fail_at=1)
-  fn = _WriteBatchesFn(store, 3, 5.0, 3)
-  fn.setup()
-  outputs = []
-  try:
-    with _metrics_container():
-      fn.start_bundle()
-      key, window, rows = ("sensor_readings", 0), GlobalWindow(), _sensor_rows("s", 0, range(6))
-      outputs += fn.process((key, rows[:3]), window=window)
-      assert store.started.acquire(timeout=10)
-      store.gates[0].set()
-      outputs += fn.process((key, rows[3:]), window=window)
-      assert store.started.acquire(timeout=10)
-      store.gates[1].set()
-      with pytest.raises(RuntimeError, match="disk on fire"):
-        outputs += fn.finish_bundle()
-  finally:
-    fn.teardown()
-  assert _acked_offsets(outputs) == {0, 1, 2}  # the failed write's rows: never acked
-  assert _table(path, "sensor_readings") == [("s", 0, o) for o in range(3)]
 
 
 def test_write_batches_refuses_bad_flush_rows():

@@ -35,7 +35,6 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import apache_beam as beam
@@ -90,16 +89,6 @@ def rejected_dead_letter_row(table: str, row: tuple, error: str) -> tuple:
   )
 
 
-def dead_letter_rows(table: str, rejected: list) -> list:
-  """The dead_letters rows for what a write refused for good (later copies of an event are
-  not dead letters: they are counted and acked)."""
-  return [
-    rejected_dead_letter_row(table, row, error)
-    for row, error in rejected
-    if not isinstance(error, DuplicateEvent)
-  ]
-
-
 class _WriteBatchesFn(beam.DoFn):
   def __init__(self, store: Store, flush_rows: int, retry_deadline_s: float, batch_size: int):
     self._store_template = store
@@ -121,16 +110,11 @@ class _WriteBatchesFn(beam.DoFn):
       deadline_s=self._retry_deadline_s,
       what="opening the sink",
     )
-    # One write in flight while the next rows are parsed: the store's I/O (SQLite's page
-    # writes and fsync, BigQuery's round trips) runs without the GIL next to the Python work.
-    self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink-writer")
-    self._pending = None
 
   def start_bundle(self):
     self._by_table: dict[str, list] = {}
     self._by_window: dict = {}  # window -> its rows, acked in that window
     self._buffered = 0
-    self._pending = None  # (the write in flight, its rows by table, its rows by window)
 
   def process(self, batch, window=beam.DoFn.WindowParam):
     key, rows = batch
@@ -144,7 +128,6 @@ class _WriteBatchesFn(beam.DoFn):
 
   def finish_bundle(self):
     yield from self._flush()
-    yield from self._acks_when_written()  # nothing stays in flight past the bundle
 
   def _write(self, table: str, rows: list, written_at: str) -> list:
     return with_retries(
@@ -154,24 +137,9 @@ class _WriteBatchesFn(beam.DoFn):
       what=f"writing {len(rows)} rows to {table}",
     )
 
-  def _write_all(self, by_table: dict, written_at: str) -> dict:
-    """In the writer thread, store calls only (Beam metrics belong to the bundle's thread):
-    every table's rows, then dead letters for what the store refused for good. Returns
-    table -> the rows it refused (later copies included)."""
-    refused = {}
-    for table, rows in by_table.items():
-      refused[table] = rejected = self._write(table, rows, written_at)
-      dead = dead_letter_rows(table, rejected)
-      if dead:
-        still = self._write(DEAD_LETTERS_TABLE, dead, written_at)
-        if still:
-          raise SinkWriteError(
-            f"the store refused even the dead letters for {table}: {still[0][1]}"
-          )
-    return refused
-
-  def _count_rejected(self, table: str, rows: list, rejected: list) -> None:
-    """Counts a write's outcome (later copies of an event are counted, not dead-lettered)."""
+  def _count_rejected(self, table: str, rows: list, rejected: list) -> list:
+    """Counts a write's outcome; returns the dead_letters rows for what it refused for good
+    (later copies of an event are counted only)."""
     duplicates = 0
     if rejected:
       duplicates = sum(1 for _, error in rejected if isinstance(error, DuplicateEvent))
@@ -198,6 +166,11 @@ class _WriteBatchesFn(beam.DoFn):
       len(rejected) - duplicates if rejected else 0,
       duplicates if rejected else 0,
     )
+    return [
+      rejected_dead_letter_row(table, row, error)
+      for row, error in rejected
+      if not isinstance(error, DuplicateEvent)
+    ]
 
   def _count_batch(self, rows: list) -> None:
     self._batches.inc()
@@ -207,40 +180,26 @@ class _WriteBatchesFn(beam.DoFn):
     telemetry.count_batch(full)
 
   def _flush(self) -> Iterable[WindowedValue]:
-    """Hands the buffered rows to the writer thread, once the write before has ended (its
-    acks leave then): one write in flight at most."""
     if not self._buffered:
       return
-    by_table, by_window = self._by_table, self._by_window
-    self._by_table, self._by_window, self._buffered = {}, {}, 0
-    yield from self._acks_when_written()
     written_at = iso_us(int(time.time() * 1_000_000))
-    self._pending = (
-      self._writer.submit(self._write_all, by_table, written_at),
-      by_table,
-      by_window,
-    )
-
-  def _acks_when_written(self) -> Iterable[WindowedValue]:
-    """Waits for the write in flight; a failed one raises here, so none of its rows is
-    acked (the bundle fails and is replayed). Every row is durable now (written, or
-    dead-lettered): its acks leave, each in its batch's window."""
-    if self._pending is None:
-      return
-    future, by_table, by_window = self._pending
-    self._pending = None
-    refused = future.result()
-    for table, rows in by_table.items():
-      self._count_rejected(table, rows, refused[table])
+    for table, rows in self._by_table.items():
+      dead = self._count_rejected(table, rows, self._write(table, rows, written_at))
+      if dead:
+        still = self._write(DEAD_LETTERS_TABLE, dead, written_at)
+        if still:
+          raise SinkWriteError(
+            f"the store refused even the dead letters for {table}: {still[0][1]}"
+          )
+    # Every row is durable now (written, or dead-lettered): ack them.
+    by_window = self._by_window
+    self._by_table, self._by_window, self._buffered = {}, {}, 0
     for window, rows in by_window.items():
       timestamp = window.max_timestamp()
       for ack in acks_for_rows(rows):
         yield WindowedValue(ack, timestamp, (window,))
 
   def teardown(self):
-    writer = getattr(self, "_writer", None)
-    if writer is not None:
-      writer.shutdown(wait=True)
     if self._store is not None:
       self._store.close()
       self._store = None
@@ -306,8 +265,7 @@ class _WriteOnKeyedStreamsFn(_WriteBatchesFn):
     before = {t: held[0] for t, held in streams.items()}
     written_at = iso_us(int(time.time() * 1_000_000))
     rejected, streams = self._write_on(table, rows, written_at, streams)
-    self._count_rejected(table, rows, rejected)
-    dead = dead_letter_rows(table, rejected)
+    dead = self._count_rejected(table, rows, rejected)
     if dead:
       still, streams = self._write_on(DEAD_LETTERS_TABLE, dead, written_at, streams)
       if still:
