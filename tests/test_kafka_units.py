@@ -549,6 +549,45 @@ def test_drain_signal(tmp_path):
 Rec = namedtuple("Rec", "offset timestamp key value headers")
 
 
+def test_batched_process_emits_each_poll_as_one_batch_with_the_same_cuts():
+  """batched=True: one RecordBatch per poll, stamped with its earliest record's time; the
+  same records, covers_from and cuts (markers, the stop offset, a split between the poll and
+  its claim) as record by record."""
+  from transforms.kafka.records import RecordBatch
+
+  tp = TopicPartition("t", 0)
+  recs = {o: _rec(o, ts=1000 - o) for o in (0, 1, 2, 5, 6, 7, 8, 9)}  # times going down
+  fn = _reader(FakeConsumer(tp, recs, end=10, batch=3), batched=True)
+  out, residual, _ = _run(fn, PartitionRead("t", 0, 0, 7), OffsetRange(0, 7))
+  assert residual is None and all(type(wv.value) is RecordBatch for wv in out)
+  assert [[(r.offset, r.covers_from) for r in wv.value] for wv in out] == [
+    [(0, 0), (1, 1), (2, 2)],
+    [(5, 3), (6, 6)],
+  ]
+  assert [wv.timestamp.micros for wv in out] == [998_000, 994_000]  # the earliest of each poll
+
+  consumer = FakeConsumer(tp, {o: _rec(o) for o in range(10)}, end=10, batch=10)
+  fn = _reader(consumer, batched=True)
+  safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(OffsetRange(0, 10)))
+  poll = consumer.poll
+
+  def poll_then_split(timeout_ms):
+    records = poll(timeout_ms)
+    safe.try_split(0.5)  # the runner takes [4, 10) away before the claim
+    return records
+
+  consumer.poll = poll_then_split
+  out = list(
+    fn.process(
+      PartitionRead("t", 0, 0, 10),
+      tracker=RestrictionTrackerView(safe),
+      watermark=KafkaWatermarkEstimator(None),
+    )
+  )
+  safe.check_done()
+  assert [[r.offset for r in wv.value] for wv in out] == [[0, 1, 2, 3]]
+
+
 class FakeConsumer:
   """A one-partition log: offsets -> records; offsets missing from it are markers/aborts."""
 
@@ -599,9 +638,11 @@ class FakeConsumer:
     pass
 
 
-def _reader(consumer, drain_path=None, bounded=True, max_records=1_000, on_offset_gap="fail"):
+def _reader(
+  consumer, drain_path=None, bounded=True, max_records=1_000, on_offset_gap="fail", batched=False
+):
   cls = kafka_read._ReadPartitionFn if bounded else kafka_read._ReadUnboundedPartitionFn
-  fn = cls({"bootstrap_servers": [BOOT]}, 10, max_records, 60.0, drain_path, on_offset_gap)
+  fn = cls({"bootstrap_servers": [BOOT]}, 10, max_records, 60.0, drain_path, on_offset_gap, batched)
   fn.setup()
   fn._consumer = consumer
   return fn
