@@ -567,13 +567,20 @@ def test_batched_process_emits_each_poll_as_one_batch_with_the_same_cuts():
   assert [wv.timestamp.micros for wv in out] == [998_000, 994_000]  # the earliest of each poll
 
   consumer = FakeConsumer(tp, {o: _rec(o) for o in range(10)}, end=10, batch=10)
-  fn = _reader(consumer, batched=True)
+  out, _ = _read_split_after_the_poll(consumer, _reader(consumer, batched=True))
+  assert [[r.offset for r in wv.value] for wv in out] == [[0, 1, 2, 3]]
+
+
+def _read_split_after_the_poll(consumer, fn) -> tuple[list, OffsetRange]:
+  """Reads [0, 10) with the runner splitting it in half between the poll and its claim;
+  returns (the outputs, the residual the split took away)."""
   safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(OffsetRange(0, 10)))
+  split = []
   poll = consumer.poll
 
   def poll_then_split(timeout_ms):
     records = poll(timeout_ms)
-    safe.try_split(0.5)  # the runner takes [4, 10) away before the claim
+    split.append(safe.try_split(0.5))  # the runner takes [4, 10) away before the claim
     return records
 
   consumer.poll = poll_then_split
@@ -585,7 +592,8 @@ def test_batched_process_emits_each_poll_as_one_batch_with_the_same_cuts():
     )
   )
   safe.check_done()
-  assert [[r.offset for r in wv.value] for wv in out] == [[0, 1, 2, 3]]
+  ((_, residual),) = split
+  return out, residual
 
 
 class FakeConsumer:
@@ -834,25 +842,7 @@ def test_process_stops_when_the_runner_split_the_range():
   tp = TopicPartition("t", 0)
   consumer = FakeConsumer(tp, {o: _rec(o) for o in range(10)}, end=10, batch=10)
   fn = _reader(consumer)
-  safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(OffsetRange(0, 10)))
-  split = []
-  poll = consumer.poll
-
-  def poll_then_split(timeout_ms):
-    out = poll(timeout_ms)
-    split.append(safe.try_split(0.5))  # the runner takes [4, 10) away before the claim
-    return out
-
-  consumer.poll = poll_then_split
-  out = list(
-    fn.process(
-      PartitionRead("t", 0, 0, 10),
-      tracker=RestrictionTrackerView(safe),
-      watermark=KafkaWatermarkEstimator(None),
-    )
-  )
-  safe.check_done()
-  ((_, residual),) = split
+  out, residual = _read_split_after_the_poll(consumer, fn)
   assert residual == OffsetRange(4, 10)
   offsets = [tv.value.offset for tv in out]
   assert offsets == list(range(residual.start))
