@@ -28,18 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 
 
-def _cli(*args: str, port: int, **env: str) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, "-m", "broker.kafka_broker", *args, "--port", str(port)],
-    check=False,
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=180,
-    env={**os.environ, "PYTHONPATH": str(REPO), **env},
-  )
-
-
 def _module(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
   return subprocess.run(
     [sys.executable, "-m", module, *args],
@@ -50,6 +38,10 @@ def _module(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     timeout=180,
     env={**os.environ, "PYTHONPATH": str(REPO), **env},
   )
+
+
+def _cli(*args: str, port: int, **env: str) -> subprocess.CompletedProcess:
+  return _module("broker.kafka_broker", *args, "--port", str(port), **env)
 
 
 def test_keyed_round_trip_across_partitions(kafka_bootstrap, make_topic):

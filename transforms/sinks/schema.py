@@ -65,6 +65,13 @@ def _table(row_type: RowType, types: dict, **layout) -> Table:
   return Table(row_type.table, tuple(Column(n, *types[n]) for n in names), **layout)
 
 
+# The event-time window every reading row carries (transforms.parse sets them).
+_WINDOW_TYPES = {
+  "window_start": ("TEXT", "TIMESTAMP"),
+  "window_end": ("TEXT", "TIMESTAMP"),
+  "is_late": ("INTEGER", "BOOL"),
+}
+
 SENSOR_READINGS = _table(
   SENSOR_ROW,
   {
@@ -77,9 +84,7 @@ SENSOR_READINGS = _table(
     "longitude": ("REAL", "FLOAT64", False),
     "event_time": ("TEXT", "TIMESTAMP"),
     "metadata": ("TEXT", "JSON", False),
-    "window_start": ("TEXT", "TIMESTAMP"),
-    "window_end": ("TEXT", "TIMESTAMP"),
-    "is_late": ("INTEGER", "BOOL"),
+    **_WINDOW_TYPES,
   },
   partition_column="event_time",
   cluster_columns=("kafka_topic", "kafka_partition", "kafka_offset", "sensor_id"),
@@ -95,9 +100,7 @@ METER_READINGS = _table(
     "reading": ("REAL", "FLOAT64"),
     "unit": ("TEXT", "STRING"),
     "event_time": ("TEXT", "TIMESTAMP"),
-    "window_start": ("TEXT", "TIMESTAMP"),
-    "window_end": ("TEXT", "TIMESTAMP"),
-    "is_late": ("INTEGER", "BOOL"),
+    **_WINDOW_TYPES,
   },
   partition_column="event_time",
   cluster_columns=("kafka_topic", "kafka_partition", "kafka_offset", "meter_id"),
