@@ -540,6 +540,48 @@ def test_partitions_are_listed_when_the_pipeline_runs(kafka_bootstrap, make_topi
   assert_contiguous(first, {(p, o) for p in range(3) for o in range(5)})
 
 
+def test_a_new_client_asks_for_topic_metadata_without_waiting_a_backoff(
+  kafka_bootstrap, make_topic
+):
+  """kafka-python 3.0 counts its bootstrap's metadata request as a refresh, so a new client's
+  first request for topics would wait its retry backoff (100 ms): ``new_consumer`` and the
+  launcher's ``KafkaView`` forget that refresh time (KAFKA-4024's fix in the Java client).
+  Checked on the client's schedule (the last refresh time its backoff counts from), not with
+  a clock; a failed refresh still backs off."""
+  from kafka.errors import KafkaConnectionError
+
+  from pipelines.options import SmartGridOptions
+  from runners.kafka_view import KafkaView
+  from transforms.kafka.client import new_consumer, without_bootstrap_backoff
+  from transforms.kafka.config import consumer_config
+
+  topic = make_topic(partitions=2)
+  plain = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
+  view = KafkaView(
+    SmartGridOptions([f"--bootstrap_servers={kafka_bootstrap}", f"--sensor_topic={topic}"])
+  )
+  ours = new_consumer(consumer_config(kafka_bootstrap, None, {}))
+  try:
+    # kafka-python's schedule: a request waits retry_backoff_ms after the last refresh time.
+    backoff = plain._client.cluster.config["retry_backoff_ms"]
+    assert backoff == 100 and plain._client.cluster._last_refresh_ms > 0, (
+      "kafka-python no longer counts its bootstrap as a refresh: drop the fix"
+    )
+    cluster = ours._client.cluster
+    assert cluster._last_refresh_ms == 0  # forgotten: the first request for topics goes at once
+    assert ours.partitions_for_topic(topic) == {0, 1}
+    assert {tp.partition for tp in view.tps} == {0, 1}  # the view's client too, and it works
+    # A failed refresh still waits its backoff before the next request.
+    cluster.failed_update(KafkaConnectionError("test"))
+    assert cluster._last_refresh_ms > 0
+    marker = object()
+    assert without_bootstrap_backoff(marker) is marker  # another client shape: left alone
+  finally:
+    plain.close()
+    ours.close()
+    view.close()
+
+
 # --------------------------------------------------------------------------
 # streaming, drain, stop and resume
 

@@ -59,12 +59,29 @@ def new_consumer(config: ClientConfig):
   from kafka.errors import KafkaError
 
   try:
-    return KafkaConsumer(**materialize(config))
+    return without_bootstrap_backoff(KafkaConsumer(**materialize(config)))
   except KafkaError as e:
     raise KafkaUnavailableError(
       f"cannot reach Kafka at {','.join(config['bootstrap_servers'])} within "
       f"{config.get('bootstrap_timeout_ms', 30000) / 1000:.0f}s: {type(e).__name__}: {e}"
     ) from None
+
+
+def without_bootstrap_backoff(consumer):
+  """consumer, its first request for topic metadata sent at once (returns it).
+
+  kafka-python 3.0 counts its bootstrap's metadata request (for no topic) as a refresh, so
+  the first request for the topics waits a whole retry backoff after it: 100 ms per new
+  client, a fixed value (its ClusterMetadata is not given the consumer's
+  ``retry_backoff_ms``), several times in a row at start-up. That is the start-up delay
+  KAFKA-4024 removed from the Java client; this forgets the bootstrap's refresh time the
+  same way. A failed refresh still backs off (its time is set again), and so do retries.
+  A kafka-python without these attributes is left as it is.
+  """
+  cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+  if cluster is not None and hasattr(cluster, "_last_refresh_ms"):
+    cluster._last_refresh_ms = 0
+  return consumer
 
 
 MAX_IDLE_PER_CONFIG = 2
