@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "DirectRunner would pick its BundleBasedDirectRunner for this pipeline, which "
         "drops the Kafka reader's checkpointed residuals (see README, Runners)"
       )
-    local.tune_gc()
+    local.tune_process()
     return local.run(options, mode)
   return remote.run(options, mode)
 

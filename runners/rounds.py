@@ -193,7 +193,7 @@ class Launcher:
       figures = self.totals.add_result(result)
       del result
       # The round's pipeline, runner and bundles are garbage now, much of it in cycles;
-      # with the thresholds of local.tune_gc a full collection would hardly ever come on
+      # with the thresholds of local.tune_process a full collection would hardly ever come on
       # its own, so it comes here, once per round: memory stays flat over rounds.
       gc.collect()
     return figures

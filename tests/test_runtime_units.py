@@ -355,8 +355,11 @@ def test_a_rounds_metrics_are_read_after_thousands_of_bundles():
   assert telemetry.totals(result)["read"] == {"t": 1500}
 
 
-def test_tune_gc_freezes_the_imports_and_raises_the_thresholds():
+def test_tune_process_freezes_the_imports_raises_the_thresholds_and_shortens_sampling():
   import gc
+
+  from apache_beam.runners.worker import statesampler
+  from apache_beam.utils.counters import CounterFactory
 
   from runners import local
 
@@ -366,11 +369,17 @@ def test_tune_gc_freezes_the_imports_and_raises_the_thresholds():
   gc.set_threshold(700, 10, 10)  # Python's defaults
   frozen = gc.get_freeze_count()
   try:
-    local.tune_gc()
+    local.tune_process()
     assert gc.get_threshold() == local.GC_THRESHOLDS
     assert gc.get_threshold()[0] > 700
     # Beam's and the project's modules are loaded here: all of them out of the collector's reach.
     assert gc.get_freeze_count() > frozen
+    # Beam's bundle processors make their samplers without a period: they get the short one,
+    # and a bundle's end waits for a sampling thread that sleeps at most that long.
+    sampler = statesampler.StateSampler("stage", CounterFactory())
+    assert sampler.sampling_period_ms == local.STATE_SAMPLING_MS < 200
+    sampler.start()
+    sampler.stop()
   finally:
     gc.unfreeze()
     gc.set_threshold(*before)
