@@ -143,9 +143,9 @@ class SmartGridOptions(PipelineOptions):
     g.add_argument(
       "--sink_flush_rows",
       type=int,
-      default=5000,
+      default=20000,
       help="rows the sink buffers before a write, one transaction (also flushed at bundle "
-      "end). Default: 5000",
+      "end). Default: 20000",
     )
     g.add_argument(
       "--sink_retry_deadline_secs",
