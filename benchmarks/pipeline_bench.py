@@ -9,8 +9,8 @@ measures each of the following as a process of its own, from the beginning of th
   (0) pipeline ``--mode=batch``, 1 worker, over the first N/4 events (memory at a smaller size);
   (a) raw:      kafka-python, assign all partitions, poll(500) + json.loads;
   (b) loop:     kafka-python -> SQLite in batches of 100 (benchmarks.baselines); and the same
-                loop with the sink's guarantees (synchronous=FULL, one row per event_id): not
-                a goal, what those two cost on their own;
+                loop with the sink's guarantees (synchronous=FULL, one row per event_id) and
+                its transaction size: not a goal, what those two cost on their own;
   (c) reader:   ReadFromKafka(batched=True) | json.loads | count on FnApiRunner (unless
                 --no-reader);
   (d) pipeline ``--mode=batch`` (FnApiRunner, GroupIntoBatches(100), SQLite sink, commit after
@@ -35,6 +35,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
+from benchmarks.baselines import STRICT_COMMIT_ROWS
 from benchmarks.common import PIPELINE_MAIN, bench_broker, produce_smartgrid, sink_rows
 from benchmarks.measure import CommitWatch, Measured, run_measured
 
@@ -242,7 +243,7 @@ def run_all(bootstrap: str, work: Path, n: int, with_reader: bool) -> dict:
     "kafka-python -> SQLite loop, batches of 100", baseline("loop", bootstrap, topics, n, work), n
   )
   rows["strict_loop"] = _row(
-    "same loop, synchronous=FULL + unique event_id",
+    f"same loop, synchronous=FULL + unique event_id, commit / {STRICT_COMMIT_ROWS:,} rows",
     baseline("strict_loop", bootstrap, topics, n, work),
     n,
   )

@@ -132,3 +132,35 @@ def test_broker_start_prints_no_connection_errors(tmp_path):
   assert out.returncode == 0, out.stderr
   assert "started and stopped" in out.stdout
   assert "ECONNREFUSED" not in out.stderr and "ERROR" not in out.stderr, out.stderr
+
+
+def test_the_strict_loop_commits_as_rarely_as_the_sink_and_keeps_one_row_per_event(
+  kafka_bootstrap, make_topic, tmp_path, monkeypatch
+):
+  """The bench's floor for the sink's guarantees: every record read, one row per event_id
+  (a later copy of an event at another offset is not stored), and the last partial
+  transaction committed; its transaction size is the sink's default flush."""
+  import json
+  import sqlite3
+
+  from benchmarks import baselines
+  from pipelines.options import SmartGridOptions
+  from tests import support
+
+  assert baselines.STRICT_COMMIT_ROWS == SmartGridOptions([]).sink_flush_rows
+  monkeypatch.setattr(baselines, "STRICT_COMMIT_ROWS", 7)  # several commits and a partial one
+  topic = make_topic(partitions=2, prefix="strict")
+  events = [
+    {"event_id": f"e{i % 20}", "sensor_id": "s", "value": float(i), "timestamp": "t"}
+    for i in range(25)  # e0..e4 twice
+  ]
+  # one partition: the read order is the produce order, so the first copy is known
+  support.produce(kafka_bootstrap, topic, [(None, json.dumps(e)) for e in events], partition=1)
+  db = tmp_path / "strict.db"
+  assert baselines.sqlite_loop(kafka_bootstrap, [topic], 25, str(db), strict=True) == 25
+  conn = sqlite3.connect(db)
+  try:
+    rows = conn.execute("SELECT event_id, value FROM events ORDER BY value").fetchall()
+  finally:
+    conn.close()
+  assert rows == [(f"e{i}", float(i)) for i in range(20)]  # the first copy of each, no gap
