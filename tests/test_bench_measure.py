@@ -143,11 +143,12 @@ def test_the_strict_loop_commits_as_rarely_as_the_sink_and_keeps_one_row_per_eve
   import json
   import sqlite3
 
-  from benchmarks import baselines
+  from benchmarks import baselines, sink_bench
   from pipelines.options import SmartGridOptions
   from tests import support
 
   assert baselines.STRICT_COMMIT_ROWS == SmartGridOptions([]).sink_flush_rows
+  assert sink_bench.FLUSH_ROWS == SmartGridOptions([]).sink_flush_rows
   monkeypatch.setattr(baselines, "STRICT_COMMIT_ROWS", 7)  # several commits and a partial one
   topic = make_topic(partitions=2, prefix="strict")
   events = [
