@@ -368,6 +368,7 @@ def test_tune_process_freezes_the_imports_raises_the_thresholds_and_shortens_sam
   gc.unfreeze()
   gc.set_threshold(700, 10, 10)  # Python's defaults
   frozen = gc.get_freeze_count()
+  sampling_defaults = statesampler.StateSampler.__init__.__defaults__
   try:
     local.tune_process()
     assert gc.get_threshold() == local.GC_THRESHOLDS
@@ -383,6 +384,7 @@ def test_tune_process_freezes_the_imports_raises_the_thresholds_and_shortens_sam
   finally:
     gc.unfreeze()
     gc.set_threshold(*before)
+    statesampler.StateSampler.__init__.__defaults__ = sampling_defaults
 
 
 def test_round_sizes_start_small_grow_and_never_exceed_the_cap():
