@@ -19,8 +19,7 @@ import time
 
 from pipelines import smartgrid
 from pipelines.options import SmartGridOptions
-from transforms.kafka.client import without_bootstrap_backoff
-from transforms.kafka.config import materialize
+from transforms.kafka.client import open_consumer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -88,11 +87,9 @@ class KafkaView:
   """
 
   def __init__(self, o: SmartGridOptions, request_timeout_ms: int = 10000):
-    from kafka import KafkaConsumer
-
     config = smartgrid.kafka_client_config(o)
     config.update(bootstrap_timeout_ms=10000, request_timeout_ms=request_timeout_ms)
-    self._consumer = without_bootstrap_backoff(KafkaConsumer(**materialize(config)))
+    self._consumer = open_consumer(config)
     self._topics = (o.sensor_topic, o.meter_topic)
     self._shard = o.partition_shard
     self._lock = threading.Lock()

@@ -122,6 +122,9 @@ class _FakeConsumer:
   def __init__(self, **kwargs):
     _FakeConsumer.opened.append(kwargs)
 
+  def topics(self):
+    return set()
+
 
 def test_one_config_shape_is_checked_before_a_client_opens():
   config = consumer_config("a:1,b:2", "g", {"sasl_plain_password": FromEnv("PW")})
@@ -145,6 +148,29 @@ def test_new_consumer_reads_secrets_from_the_environment_only_when_it_opens(monk
   assert [o["sasl_plain_password"] for o in _FakeConsumer.opened] == ["first", "rotated"]
   assert config["sasl_plain_password"] == FromEnv("CONCEPTS_TEST_PW")  # never resolved in place
   assert _FakeConsumer.opened[0]["enable_auto_commit"] is False
+
+
+def test_the_launchers_and_the_audits_kafka_views_read_secrets_when_they_open(monkeypatch):
+  """Both views open their client as the pipeline does (``open_consumer``): a SASL password
+  reaches kafka-python as its value, never as the ``FromEnv`` reference."""
+  from runners.kafka_view import KafkaView
+  from tools.audit_kafka import KafkaView as AuditView
+
+  monkeypatch.setattr(kafka, "KafkaConsumer", _FakeConsumer)
+  _FakeConsumer.opened = []
+  monkeypatch.setenv("KAFKA_SASL_USERNAME", "user")
+  monkeypatch.setenv("KAFKA_SASL_PASSWORD", "secret")
+  o = SmartGridOptions(
+    [
+      "--bootstrap_servers=a:1",
+      "--kafka_security_protocol=SASL_PLAINTEXT",
+      "--kafka_sasl_mechanism=PLAIN",
+    ]
+  )
+  KafkaView(o)
+  AuditView(consumer_config("a:1", "g", {"sasl_plain_password": FromEnv("KAFKA_SASL_PASSWORD")}))
+  assert [c["sasl_plain_password"] for c in _FakeConsumer.opened] == ["secret", "secret"]
+  assert _FakeConsumer.opened[0]["sasl_plain_username"] == "user"
 
 
 def test_an_unreachable_broker_is_a_clear_error_naming_the_servers(monkeypatch):

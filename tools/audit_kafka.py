@@ -18,9 +18,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 
 from tools.ranges import RangeSet
+from transforms.kafka.client import open_consumer
 
 _LOGGER = logging.getLogger(__name__)
 # A partition whose position does not move for this long while short of its end fails the audit.
@@ -51,7 +52,7 @@ class KafkaView:
       auto_offset_reset="earliest",
       max_poll_records=5000,
     )
-    self._consumer = KafkaConsumer(**config)
+    self._consumer = open_consumer(config)  # SASL secrets: FromEnv references resolved here
 
   def close(self) -> None:
     self._consumer.close(autocommit=False)

@@ -10,8 +10,8 @@ picklable and safe to keep in a DoFn: secrets in it are ``FromEnv`` references, 
 
 The pool keeps a few idle consumers per config in this process, so that the next user of
 an equal config (the local launcher's next round, or the committer after offsets were
-resolved) gets a connected client instead of bootstrapping a new one: about 0.1 s and
-a metadata round trip each, three times a round before the pool.
+resolved) gets a connected client instead of bootstrapping a new one (a connection, an API
+version exchange and a metadata round trip each), three times a round before the pool.
 """
 
 from __future__ import annotations
@@ -52,14 +52,21 @@ def check_client_config(config: ClientConfig, *, needs_group: bool = False) -> N
     raise ValueError("committing offsets needs a consumer group: set --group_id")
 
 
-def new_consumer(config: ClientConfig):
+def open_consumer(config: ClientConfig):
   """A KafkaConsumer for config, its ``FromEnv`` secrets read now from this process's
-  environment; ``KafkaUnavailableError`` when no broker answers in time."""
+  environment, its first topic metadata asked for at once (``without_bootstrap_backoff``).
+  The one place the project opens a kafka-python consumer; kafka-python's errors pass."""
   from kafka import KafkaConsumer
+
+  return without_bootstrap_backoff(KafkaConsumer(**materialize(config)))
+
+
+def new_consumer(config: ClientConfig):
+  """``open_consumer``, with ``KafkaUnavailableError`` when no broker answers in time."""
   from kafka.errors import KafkaError
 
   try:
-    return without_bootstrap_backoff(KafkaConsumer(**materialize(config)))
+    return open_consumer(config)
   except KafkaError as e:
     raise KafkaUnavailableError(
       f"cannot reach Kafka at {','.join(config['bootstrap_servers'])} within "
