@@ -584,14 +584,7 @@ def _read_split_after_the_poll(consumer, fn) -> tuple[list, OffsetRange]:
     return records
 
   consumer.poll = poll_then_split
-  out = list(
-    fn.process(
-      PartitionRead("t", 0, 0, 10),
-      tracker=RestrictionTrackerView(safe),
-      watermark=KafkaWatermarkEstimator(None),
-    )
-  )
-  safe.check_done()
+  out, _, _ = _run(fn, PartitionRead("t", 0, 0, 10), safe)
   ((_, residual),) = split
   return out, residual
 
@@ -656,8 +649,14 @@ def _reader(
   return fn
 
 
-def _run(fn, read: PartitionRead, restriction: OffsetRange, watermark=None):
-  safe = ThreadsafeRestrictionTracker(KafkaOffsetTracker(restriction))
+def _run(fn, read: PartitionRead, restriction, watermark=None):
+  """Runs fn over read as the runner would; ``restriction``: an OffsetRange, or a tracker the
+  test made itself (to split it or record its claims). -> (outputs, residual, watermark)."""
+  safe = (
+    restriction
+    if isinstance(restriction, ThreadsafeRestrictionTracker)
+    else ThreadsafeRestrictionTracker(KafkaOffsetTracker(restriction))
+  )
   watermark = watermark or KafkaWatermarkEstimator(None)
   out = list(
     fn.process(
@@ -887,14 +886,7 @@ def test_process_claims_once_per_poll_batch_the_last_offset_it_keeps():
       return super().try_claim(position)
 
   safe = ThreadsafeRestrictionTracker(Recording(OffsetRange(0, 7)))
-  out = list(
-    fn.process(
-      PartitionRead("t", 0, 0, 7),
-      tracker=RestrictionTrackerView(safe),
-      watermark=KafkaWatermarkEstimator(None),
-    )
-  )
-  safe.check_done()
+  out, _, _ = _run(fn, PartitionRead("t", 0, 0, 7), safe)
   assert [tv.value.offset for tv in out] == [0, 1, 2, 5, 6]
   assert [tv.value.covers_from for tv in out] == [0, 1, 2, 3, 6]
   assert claims == [2, 6, 7]

@@ -122,13 +122,14 @@ def stored_offsets_sql() -> str:
 
 
 # Per connection, measured by benchmarks/sink_bench.py. The event_id index takes its keys
-# (UUIDs) at random, so a flush of 1,000 rows dirties about one of its pages per row, and
-# that page goes to the WAL at COMMIT. Checkpointing every 10,000 WAL pages (not 1,000)
-# copies a page that many flushes changed once, not once per flush: the largest gain.
-# Durability is the same: every COMMIT still syncs the WAL. The WAL file is cut back to
-# 64 MiB after a checkpoint. An 8 MiB page cache (default 2 MiB) saves most page reads;
-# 32 or 64 MiB measured no faster (the OS cache serves the rest) at up to 25 MB more RSS,
-# and mmap_size measured slower.
+# (UUIDs) at random, so a small transaction dirties about one of its pages per row, and
+# that page goes to the WAL at COMMIT (hence --sink_flush_rows' 20,000 rows a transaction:
+# benchmarks/PROFILE.md, section 9). Checkpointing every 10,000 WAL pages (not 1,000)
+# copies a page that many flushes changed once, not once per flush. Durability is the
+# same: every COMMIT still syncs the WAL. The WAL file is cut back to 64 MiB after a
+# checkpoint. An 8 MiB page cache (default 2 MiB) saves most page reads up to a few
+# hundred thousand rows; 32 MiB saves 1.6 µs a row more at 1M rows but took a worker to
+# 262 MB peak RSS, over its 250 MB budget; mmap_size measured slower.
 _SPEED_PRAGMAS = (
   "PRAGMA cache_size=-8192",  # KiB: 8 MiB
   "PRAGMA wal_autocheckpoint=10000",  # pages
