@@ -16,6 +16,7 @@ setuptools.setup(
     "crc32c",
     "python-snappy",
     "lz4",
+    "aiokafka>=0.14,<0.15",  # its compiled record decoder (a private module: a narrow range)
     "confluent-kafka[avro,schemaregistry]>=2.16,<3",
     "fastavro>=1.13,<2",
     "google-cloud-bigquery>=3.47,<4",

@@ -55,10 +55,13 @@ def check_client_config(config: ClientConfig, *, needs_group: bool = False) -> N
 def open_consumer(config: ClientConfig):
   """A KafkaConsumer for config, its ``FromEnv`` secrets read now from this process's
   environment, its first topic metadata asked for at once (``without_bootstrap_backoff``).
+  Its record batches are decoded in C (``transforms.kafka.decode.use_native_decoder``).
   The one place the project opens a kafka-python consumer; kafka-python's errors pass."""
   from kafka import KafkaConsumer
 
-  return without_bootstrap_backoff(KafkaConsumer(**materialize(config)))
+  from transforms.kafka.decode import use_native_decoder
+
+  return use_native_decoder(without_bootstrap_backoff(KafkaConsumer(**materialize(config))))
 
 
 def new_consumer(config: ClientConfig):
