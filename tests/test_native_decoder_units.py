@@ -174,3 +174,25 @@ def test_a_consumer_gets_the_decoder_only_for_its_own_fetcher():
   assert decode.use_native_decoder(one) is one
   assert one._fetcher.PartitionRecords is NATIVE
   assert other._fetcher.PartitionRecords is Fetcher.PartitionRecords
+
+
+class _Tagged:
+  """A kafka-python 3.0 deserializer: deserialize(topic, headers, data)."""
+
+  def __init__(self, tag: bytes):
+    self.tag = tag
+
+  def deserialize(self, topic, headers, data):
+    return None if data is None else (topic, len(headers or ()), self.tag + data)
+
+
+def test_deserializers_see_what_kafka_pythons_decoder_gives_them():
+  records = [
+    (1, None if i % 4 == 0 else b"k%d" % i, b"v%d" % i, [("h", b"x")] * (i % 3)) for i in range(40)
+  ]
+  data = v2_batch(0, records, CODECS["lz4"]) + v1_batch(40, records, CODECS["gzip"])
+  kwargs = {"key_deserializer": _Tagged(b"key:"), "value_deserializer": _Tagged(b"value:")}
+  stock, native = both(data, **kwargs)
+  assert len(native) == 80
+  assert native == stock
+  assert native[1].value == ("readings", 1, b"value:v1") and native[1].key[2] == b"key:k1"

@@ -99,36 +99,43 @@ class NativePartitionRecords(Fetcher.PartitionRecords):
 
   def _unpack_native(self, tp, batch, key_deserializer, value_deserializer):
     topic, partition, epoch = tp.topic, tp.partition, self.leader_epoch
+    deserialize = key_deserializer is not None or value_deserializer is not None
+    new_record = tuple.__new__  # skips the NamedTuple's Python-level __new__
     self.bytes_read += len(batch._buffer)
     try:
       for r in NativeBatch(batch._buffer):
         key, value, headers, offset = r.key, r.value, r.headers, r.offset
         self.records_read += 1
         self.next_fetch_offset = offset + 1
-        yield ConsumerRecord(
+        fields = (
           topic,
           partition,
           epoch,
           offset,
           r.timestamp,
           r.timestamp_type,
-          key
-          if key_deserializer is None
-          else self._deserialize(key_deserializer, topic, headers, key),
-          value
-          if value_deserializer is None
-          else self._deserialize(value_deserializer, topic, headers, value),
+          key,
+          value,
           headers,
           None,  # v2 records carry no checksum of their own
           -1 if key is None else len(key),
           -1 if value is None else len(value),
-          _header_size(headers),
+          _header_size(headers) if headers else -1,
         )
+        if deserialize:
+          fields = self._deserialized(topic, fields, key_deserializer, value_deserializer)
+        yield new_record(ConsumerRecord, fields)
     except NativeError as e:
       raise CorruptRecordError(
         f"Record batch for partition {tp} at offset {batch.base_offset} cannot be decoded: "
         f"{type(e).__name__}: {e}"
       ) from e
+
+  def _deserialized(self, topic, fields, key_deserializer, value_deserializer) -> tuple:
+    key, value, headers = fields[6:9]
+    key = self._deserialize(key_deserializer, topic, headers, key)
+    value = self._deserialize(value_deserializer, topic, headers, value)
+    return (*fields[:6], key, value, *fields[8:])
 
   def _unpack_legacy(self, tp, batch, key_deserializer, value_deserializer):
     # Formats v0/v1 (brokers before 0.11, or topics still holding such records).
@@ -152,11 +159,9 @@ class NativePartitionRecords(Fetcher.PartitionRecords):
         r.checksum,
         -1 if r.key is None else len(r.key),
         -1 if r.value is None else len(r.value),
-        _header_size(r.headers),
+        _header_size(r.headers) if r.headers else -1,
       )
 
 
 def _header_size(headers) -> int:
-  if not headers:
-    return -1
   return sum(len(k.encode("utf-8")) + (0 if v is None else len(v)) for k, v in headers)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from operator import itemgetter
 
 from transforms.rows import ROW_TYPES, coordinates, offset_of, partition_of, stored
 from transforms.sinks.base import DuplicateEvent
@@ -149,6 +150,11 @@ class SqliteStore:
     self.busy_timeout_ms = busy_timeout_ms
     self._conn: sqlite3.Connection | None = None
     self._sql = {name: insert_sql(t) for name, t in TABLES.items()}
+    self._dedup_key = {
+      name: itemgetter(ROW_TYPES[name].index(t.dedup_column))
+      for name, t in TABLES.items()
+      if t.dedup_column is not None
+    }
 
   def __getstate__(self):
     return {"path": self.path, "busy_timeout_ms": self.busy_timeout_ms}
@@ -221,7 +227,7 @@ class SqliteStore:
     try:
       conn.execute("BEGIN IMMEDIATE")
       before = conn.total_changes
-      conn.executemany(sql, params)
+      conn.executemany(sql, self._insert_order(table, params))
       skipped = len(rows) - (conn.total_changes - before)
       duplicates = self._duplicates(table, rows) if skipped else []
       conn.execute("COMMIT")
@@ -249,6 +255,18 @@ class SqliteStore:
         conn.execute("ROLLBACK")
       raise
     return rejected
+
+  def _insert_order(self, table: str, params: list) -> list:
+    """params in event_id order: the unique index's pages are then visited in turn, not at
+    random (benchmarks/PROFILE.md, section 10). The sort is stable, so of two copies in one
+    write the earlier still goes in first and wins."""
+    key = self._dedup_key.get(table)
+    if key is None:
+      return params
+    try:
+      return sorted(params, key=key)
+    except TypeError:  # a row without an event_id: NOT NULL refuses it, row by row
+      return params
 
   def _duplicates(self, table: str, rows: list) -> list:
     """Rows the insert skipped although their coordinates are not stored: later copies of an
