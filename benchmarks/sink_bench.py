@@ -43,7 +43,7 @@ TOPICS = {SENSOR_TABLE: "smartgrid-sensor-data", METER_TABLE: "smartgrid-meter-d
 PARTITIONS = 4
 BATCH = 100
 WINDOW_US = 60_000_000
-FLUSH_ROWS = 20_000  # --sink_flush_rows' default (a test checks they agree)
+FLUSH_ROWS = 40_000  # --sink_flush_rows' default (a test checks they agree)
 START = 1_780_000_000.0  # a fixed time: the same rows every run
 
 

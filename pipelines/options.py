@@ -143,9 +143,10 @@ class SmartGridOptions(PipelineOptions):
     g.add_argument(
       "--sink_flush_rows",
       type=int,
-      default=20000,
+      default=40000,
       help="rows the sink buffers before a write, one transaction (also flushed at bundle "
-      "end). Default: 20000",
+      "end). Larger writes cost less per row (fewer index pages rewritten) and hold more "
+      "memory, about 0.6 KB a row. Default: 40000",
     )
     g.add_argument(
       "--sink_retry_deadline_secs",

@@ -91,7 +91,7 @@ def test_first_copy_of_an_event_wins_and_later_copies_are_reported(store):
 def test_sqlite_pragmas_for_speed_keep_every_write_synced(store):
   # a larger page cache, fewer checkpoints; every COMMIT still syncs the WAL
   pragma = store._conn.execute
-  assert pragma("PRAGMA cache_size").fetchone()[0] == -8192
+  assert pragma("PRAGMA cache_size").fetchone()[0] == -2048
   assert pragma("PRAGMA wal_autocheckpoint").fetchone()[0] == 10000
   assert pragma("PRAGMA synchronous").fetchone()[0] == 2
 

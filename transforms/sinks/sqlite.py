@@ -122,17 +122,17 @@ def stored_offsets_sql() -> str:
   )
 
 
-# Per connection, measured by benchmarks/sink_bench.py. The event_id index takes its keys
-# (UUIDs) at random, so a small transaction dirties about one of its pages per row, and
-# that page goes to the WAL at COMMIT (hence --sink_flush_rows' 20,000 rows a transaction:
-# benchmarks/PROFILE.md, section 9). Checkpointing every 10,000 WAL pages (not 1,000)
-# copies a page that many flushes changed once, not once per flush. Durability is the
-# same: every COMMIT still syncs the WAL. The WAL file is cut back to 64 MiB after a
-# checkpoint. An 8 MiB page cache (default 2 MiB) saves most page reads up to a few
-# hundred thousand rows; 32 MiB saves 1.6 µs a row more at 1M rows but took a worker to
-# 262 MB peak RSS, over its 250 MB budget; mmap_size measured slower.
+# Per connection, measured by benchmarks/sink_bench.py and the pipeline bench. The event_id
+# index takes its keys (UUIDs) at random: a transaction dirties about one of its pages per row,
+# and that page goes to the WAL at COMMIT. Larger transactions (--sink_flush_rows' 40,000 rows)
+# and rows inserted in event_id order (SqliteStore._insert_order) write each page fewer times
+# and find it in the cache (benchmarks/PROFILE.md, sections 9 and 10). With sorted inserts
+# SQLite's default 2 MiB page cache is as fast as 8 MiB, 6 MiB less a connection. Checkpointing
+# every 10,000 WAL pages (not 1,000) copies a page that many flushes changed once, not once per
+# flush. Durability is the same: every COMMIT still syncs the WAL. The WAL file is cut back to
+# 64 MiB after a checkpoint. mmap_size measured slower.
 _SPEED_PRAGMAS = (
-  "PRAGMA cache_size=-8192",  # KiB: 8 MiB
+  "PRAGMA cache_size=-2048",  # KiB: 2 MiB
   "PRAGMA wal_autocheckpoint=10000",  # pages
   "PRAGMA journal_size_limit=67108864",  # bytes
   "PRAGMA temp_store=MEMORY",
@@ -222,12 +222,13 @@ class SqliteStore:
     if self._conn is None:
       self.open()
     sql = self._sql[table]
-    params = [stored(row) + (written_at,) for row in rows]
+    tail = (written_at,)
     conn = self._conn
     try:
       conn.execute("BEGIN IMMEDIATE")
       before = conn.total_changes
-      conn.executemany(sql, self._insert_order(table, params))
+      # One row's parameters at a time: a list of them would hold the write twice in memory.
+      conn.executemany(sql, (stored(row) + tail for row in self._insert_order(table, rows)))
       skipped = len(rows) - (conn.total_changes - before)
       duplicates = self._duplicates(table, rows) if skipped else []
       conn.execute("COMMIT")
@@ -242,9 +243,9 @@ class SqliteStore:
     rejected = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-      for row, p in zip(rows, params):
+      for row in rows:
         try:
-          conn.execute(sql, p)
+          conn.execute(sql, stored(row) + tail)
         except sqlite3.IntegrityError as e:
           rejected.append((row, str(e)))
       bad = {id(row) for row, _ in rejected}
@@ -256,17 +257,17 @@ class SqliteStore:
       raise
     return rejected
 
-  def _insert_order(self, table: str, params: list) -> list:
-    """params in event_id order: the unique index's pages are then visited in turn, not at
+  def _insert_order(self, table: str, rows: list) -> list:
+    """rows in event_id order: the unique index's pages are then visited in turn, not at
     random (benchmarks/PROFILE.md, section 10). The sort is stable, so of two copies in one
     write the earlier still goes in first and wins."""
     key = self._dedup_key.get(table)
     if key is None:
-      return params
+      return rows
     try:
-      return sorted(params, key=key)
+      return sorted(rows, key=key)
     except TypeError:  # a row without an event_id: NOT NULL refuses it, row by row
-      return params
+      return rows
 
   def _duplicates(self, table: str, rows: list) -> list:
     """Rows the insert skipped although their coordinates are not stored: later copies of an
