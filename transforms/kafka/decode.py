@@ -4,11 +4,12 @@ kafka-python decodes the v2 record format in pure Python: varints, a record obje
 ``ConsumerRecord`` per record. That is ≈ 3.5 µs of the raw consumer's ≈ 9.8 µs a record
 (benchmarks/PROFILE.md, section 10). aiokafka, the asyncio client that forked from kafka-python,
 ships the same record format compiled (Cython, ``aiokafka.record._crecords``).
-``use_native_decoder(consumer)`` has the consumer's fetcher decode each v2 data batch with it.
-Everything else stays kafka-python's: fetching, positions, the batch CRC check,
-``read_committed`` filtering (aborted transactions, control batches), decompression of the
-older v0/v1 formats, and the records it returns (``ConsumerRecord``, equal field for field:
-``tests/test_native_decoder_integration.py`` reads the same topics both ways).
+``use_native_decoder(consumer)`` has the consumer's fetcher decode each v2 data batch with it
+(and decompress it: gzip by the standard library, snappy, lz4 and zstd by cramjam). Everything
+else stays kafka-python's: fetching, positions, the batch CRC check, ``read_committed``
+filtering (aborted transactions, control batches), the older v0/v1 formats, and the records it
+returns (``ConsumerRecord``, equal field for field: ``tests/test_native_decoder_units.py``
+decodes batches both ways, ``tests/test_native_decoder_integration.py`` reads topics both ways).
 
 It replaces one method of kafka-python's ``Fetcher.PartitionRecords``, in a subclass given to
 that consumer's fetcher only, and only for the kafka-python series it was written against
