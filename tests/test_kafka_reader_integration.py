@@ -51,6 +51,14 @@ class _Collect(beam.DoFn):
     _SINKS[self._name].append((element, timestamp))
 
 
+def an_hour_ago_ms() -> int:
+  """A record timestamp for tests that set their own: recent, so within the broker's
+  retention (168 h). Older ones made a rare flake: a segment whose first record is older
+  than segment.ms rolls at the next append, and the retention check, every 5 minutes,
+  could delete it between the test's produce and its read (log start moved past them)."""
+  return (int(time.time()) - 3600) * 1000
+
+
 def _sink(name: str) -> list:
   _SINKS[name] = []
   return _SINKS[name]
@@ -205,6 +213,7 @@ def test_bounded_read_returns_exactly_the_produced_records(kafka_bootstrap, make
     for i, (pc, (_, v)) in enumerate(zip(plain, events))
   }
   headers = [("trace", b"abc"), ("empty", b"")]
+  stamp = an_hour_ago_ms() + 123
   for p in range(4):
     stamped = support.produce(
       kafka_bootstrap,
@@ -212,10 +221,10 @@ def test_bounded_read_returns_exactly_the_produced_records(kafka_bootstrap, make
       [(None, f"p{p}-{j}") for j in range(3)],
       partition=p,
       headers=headers,
-      timestamp_ms=1_600_000_000_123 + p,
+      timestamp_ms=stamp + p,
     )
     for j, pc in enumerate(stamped):
-      expected[pc] = (None, f"p{p}-{j}".encode(), 1_600_000_000_123 + p, tuple(headers))
+      expected[pc] = (None, f"p{p}-{j}".encode(), stamp + p, tuple(headers))
   assert len({p for p, _ in expected}) == 4
 
   records = run_read(lambda p: p | ReadFromKafka(kafka_bootstrap, topic, stop="end"))
@@ -405,7 +414,7 @@ def test_start_committed_reads_from_the_group_offsets_and_commits_nothing(
 
 def test_start_timestamp(kafka_bootstrap, make_topic):
   topic = make_topic(partitions=2)
-  base = 1_700_000_000_000
+  base = an_hour_ago_ms()
   for p in range(2):
     for i in range(10):
       support.produce(
@@ -637,7 +646,7 @@ def test_unbounded_read_drain_then_resume_without_gap(kafka_bootstrap, make_topi
 
 def test_stop_at_timestamp_then_resume_from_saved_offsets(kafka_bootstrap, make_topic):
   topic = make_topic(partitions=2)
-  base = 1_700_000_000_000
+  base = an_hour_ago_ms()
   for p in range(2):
     support.produce(
       kafka_bootstrap,
