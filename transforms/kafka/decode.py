@@ -75,10 +75,12 @@ class NativePartitionRecords(Fetcher.PartitionRecords):
         )
       if batch.magic < 2:
         yield from self._unpack_legacy(tp, batch, key_deserializer, value_deserializer)
-      elif self._skips(batch):
-        self.next_fetch_offset = batch.next_offset
       else:
-        yield from self._unpack_native(tp, batch, key_deserializer, value_deserializer)
+        self.leader_epoch = batch.leader_epoch
+        if self._skips(batch):
+          self.next_fetch_offset = batch.next_offset
+        else:
+          yield from self._unpack_native(tp, batch, key_deserializer, value_deserializer)
       batch = records.next_batch()
     # v2 keeps a batch's last offset even when compaction removed its last record: going
     # on from there never fetches the same batch again.
@@ -89,7 +91,6 @@ class NativePartitionRecords(Fetcher.PartitionRecords):
   def _skips(self, batch) -> bool:
     """Whether a v2 batch is left out: a control batch, or an aborted transaction's
     (``read_committed``). Keeps the aborted producers as kafka-python does."""
-    self.leader_epoch = batch.leader_epoch
     if self.isolation_level == IsolationLevel.READ_COMMITTED and batch.has_producer_id():
       self._consume_aborted_transactions_up_to(batch.last_offset)
       if self._contains_abort_marker(batch):
