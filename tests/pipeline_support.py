@@ -400,15 +400,7 @@ def produce_transactions(
   Returns the (topic, partition, offset) of the committed records only: aborted records
   and the commit/abort markers take offsets that no record covers.
   """
-  import uuid  # pylint: disable=import-outside-toplevel
-
-  producer = KafkaProducer(
-    bootstrap_servers=bootstrap,
-    transactional_id=f"tx-{uuid.uuid4().hex}",
-    enable_idempotence=True,
-    acks="all",
-  )
-  producer.init_transactions()
+  producer = support.transactional_producer(bootstrap)
   kept: list[tuple[str, int, int]] = []
   try:
     events = list(events)

@@ -16,10 +16,15 @@ def unique_topic(prefix: str = "t") -> str:
   return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def create_topic(bootstrap: str, name: str, partitions: int = 1) -> str:
+def create_topic(
+  bootstrap: str, name: str, partitions: int = 1, configs: dict[str, str] | None = None
+) -> str:
+  """Creates a topic (with these topic-level ``configs``) and waits for its metadata."""
   admin = KafkaAdminClient(bootstrap_servers=bootstrap)
   try:
-    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    admin.create_topics(
+      [NewTopic(name, num_partitions=partitions, replication_factor=1, topic_configs=configs or {})]
+    )
   finally:
     admin.close()
   wait_for(lambda: len(partitions_of(bootstrap, name)) == partitions, what=f"topic {name} metadata")
@@ -68,6 +73,19 @@ def produce(
     return [(m.partition, m.offset) for m in (f.get(timeout=30) for f in futures)]
   finally:
     producer.close()
+
+
+def transactional_producer(bootstrap: str, **config) -> KafkaProducer:
+  """An idempotent kafka-python producer with a fresh transactional id, initialised."""
+  producer = KafkaProducer(
+    bootstrap_servers=bootstrap,
+    transactional_id=f"tx-{uuid.uuid4().hex}",
+    enable_idempotence=True,
+    acks="all",
+    **config,
+  )
+  producer.init_transactions()
+  return producer
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:

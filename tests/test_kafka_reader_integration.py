@@ -311,17 +311,6 @@ def test_batched_read_emits_each_poll_as_one_batch_with_the_same_records(
   assert_tiles(batched, dict.fromkeys(range(3), 0), last)
 
 
-def _transactional_producer(bootstrap: str) -> KafkaProducer:
-  producer = KafkaProducer(
-    bootstrap_servers=bootstrap,
-    transactional_id=f"tx-{uuid.uuid4().hex}",
-    enable_idempotence=True,
-    acks="all",
-  )
-  producer.init_transactions()
-  return producer
-
-
 def _transaction(
   producer: KafkaProducer, topic: str, partition: int, keys: list[str], commit: bool
 ) -> list[int]:
@@ -346,7 +335,7 @@ def test_transactions_only_committed_records_and_covers_tile_the_log(kafka_boots
   and skips them again, which costs nothing.
   """
   topic = make_topic(partitions=2)
-  producer = _transactional_producer(kafka_bootstrap)
+  producer = support.transactional_producer(kafka_bootstrap)
   try:
     committed = {}
     committed[0] = _transaction(producer, topic, 0, ["a0", "a1", "a2"], commit=True)

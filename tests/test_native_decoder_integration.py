@@ -10,11 +10,9 @@ broker stamps the time (LogAppendTime), where a record's timestamp is its batch'
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from tests import support
 from tests.test_codecs_integration import CODECS, PRODUCERS, messages
@@ -59,14 +57,7 @@ def both_ways(bootstrap: str, topic: str, isolation: str) -> tuple[list, list]:
 def produce_transactions(bootstrap: str, topic: str, partitions: int) -> tuple[int, int]:
   """Transactions of 5 records in every partition, every third one aborted.
   Returns (committed, aborted) record counts."""
-  producer = KafkaProducer(
-    bootstrap_servers=bootstrap,
-    transactional_id=f"tx-{uuid.uuid4().hex}",
-    enable_idempotence=True,
-    acks="all",
-    compression_type="lz4",
-  )
-  producer.init_transactions()
+  producer = support.transactional_producer(bootstrap, compression_type="lz4")
   counts = [0, 0]
   try:
     for n in range(9):
@@ -102,22 +93,11 @@ def test_codecs_clients_and_transactions_decode_alike(kafka_bootstrap, make_topi
 
 
 def test_log_append_time_is_the_batch_time(kafka_bootstrap):
-  topic = support.unique_topic("native-lat")
-  admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-  try:
-    admin.create_topics(
-      [
-        NewTopic(
-          topic,
-          num_partitions=1,
-          replication_factor=1,
-          topic_configs={"message.timestamp.type": "LogAppendTime"},
-        )
-      ]
-    )
-  finally:
-    admin.close()
-  support.wait_for(lambda: support.partitions_of(kafka_bootstrap, topic), what="topic metadata")
+  topic = support.create_topic(
+    kafka_bootstrap,
+    support.unique_topic("native-lat"),
+    configs={"message.timestamp.type": "LogAppendTime"},
+  )
   producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=20)
   for i in range(50):
     producer.send(topic, value=b"%d" % i, timestamp_ms=1_000 + i)  # the broker replaces these
